@@ -1,0 +1,44 @@
+//! Draft heads: the [`DraftHead`] trait, the shipped [`RecurrentDrafter`] and beam search.
+
+use burn::tensor::{Int, Tensor, backend::Backend};
+
+use crate::error::Result;
+
+/// Beams proposed for one round.
+#[derive(Debug, Clone)]
+pub struct DraftBeams<B: Backend> {
+    /// Draft tokens, the first column being the given first token `g0`; beam 0 is the best.
+    /// Shape `[batch, beam_width, beam_length]`.
+    pub tokens: Tensor<B, 3, Int>,
+    /// Log-probability under the drafter's (warped) distribution of each drafted token
+    /// (columns 1..), needed only by the reference-parity acceptance.
+    /// Shape `[batch, beam_width, beam_length - 1]`.
+    pub token_log_probs: Tensor<B, 3>,
+}
+
+/// What a draft head is asked for in one round.
+#[derive(Debug, Clone)]
+pub struct DraftRequest<B: Backend> {
+    /// The target's last-layer hidden state (after the final norm) at the last accepted token.
+    /// Shape `[batch, hidden]`.
+    pub context: Tensor<B, 2>,
+    /// The first token of every beam, chosen from the target's own logits. Shape `[batch]`.
+    pub first_tokens: Tensor<B, 1, Int>,
+    /// Number of beams M (≥ 1).
+    pub beam_width: usize,
+    /// Tokens per beam C, counting the first token (≥ 1).
+    pub beam_length: usize,
+}
+
+/// Anything that proposes draft beams from the target's hidden state.
+pub trait DraftHead<B: Backend> {
+    /// Width of the target hidden state this head reads.
+    fn hidden_size(&self) -> usize;
+    /// Vocabulary size of the proposals.
+    fn vocab_size(&self) -> usize;
+    /// How many draft steps the head was trained for, if known: beam lengths above
+    /// `trained_steps + 1` are rejected.
+    fn trained_steps(&self) -> Option<usize>;
+    /// Proposes `beam_width` beams of `beam_length` tokens per batch row.
+    fn propose(&self, request: DraftRequest<B>) -> Result<DraftBeams<B>>;
+}

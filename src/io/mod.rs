@@ -1,0 +1,14 @@
+//! Weight files: GGUF (llama.cpp) and Hugging Face safetensors directories.
+
+/// A source of named f32 weights, addressed by their Hugging Face tensor names
+/// (`model.layers.0.self_attn.q_proj.weight`, ...).
+///
+/// Shapes are the HF (PyTorch) shapes, row-major: a linear layer's weight is `[out, in]`.
+/// Quantised formats are dequantised on the fly; GGUF's RoPE permutation of the Q/K
+/// projections is undone so both formats yield identical tensors.
+pub trait WeightSource {
+    /// The tensor called `hf_name`, dequantised to f32, with its shape.
+    fn tensor(&self, hf_name: &str) -> crate::Result<(Vec<f32>, Vec<usize>)>;
+    /// Whether the source has a tensor of that name.
+    fn contains(&self, hf_name: &str) -> bool;
+}

@@ -1,0 +1,266 @@
+//! A pre-allocated key/value cache with per-row lengths, speculative append and commit.
+//!
+//! The cache stores, per layer, keys and values of shape `[batch, kv_heads, capacity, head_dim]`.
+//! Slot order is not position order: positions are applied (RoPE) before keys are cached, so a
+//! row's committed slots `0..len` can hold tokens at any positions. A forward pass appends a
+//! *pending block* of `T` slots at `used()..used()+T` (the same slots for every row); afterwards
+//! [`KvCache::commit`] keeps a chosen subset of that block per row, moving the kept slots to sit
+//! right after the row's committed prefix, and discards the rest by resetting the length. Nothing
+//! else is copied, so a speculative round costs `O(accepted)` cache traffic, not `O(cache)`.
+
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+use crate::error::{Error, Result};
+
+/// Additive attention bias value for masked-out entries. Large and finite, so that a fully masked
+/// (padding) row softmaxes to a uniform distribution instead of NaN.
+pub const MASKED: f32 = -1.0e9;
+
+/// Per-layer key/value storage for a batch of sequences.
+#[derive(Debug)]
+pub struct KvCache<B: Backend> {
+    keys: Vec<Option<Tensor<B, 4>>>,
+    values: Vec<Option<Tensor<B, 4>>>,
+    lengths: Vec<usize>,
+    pending: usize,
+    capacity: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Allocates an empty cache.
+    ///
+    /// # Shapes
+    /// Each layer gets keys and values of `[batch, kv_heads, capacity, head_dim]`.
+    pub fn new(
+        num_layers: usize,
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        device: &B::Device,
+    ) -> Self {
+        let make = || Some(Tensor::<B, 4>::zeros([batch, kv_heads, capacity, head_dim], device));
+        Self {
+            keys: (0..num_layers).map(|_| make()).collect(),
+            values: (0..num_layers).map(|_| make()).collect(),
+            lengths: vec![0; batch],
+            pending: 0,
+            capacity,
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Number of sequences.
+    pub fn batch_size(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Total slots per row.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Committed length of each row.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+
+    /// The first slot of the next pending block: the longest committed row.
+    pub fn used(&self) -> usize {
+        self.lengths.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Slots of the block appended since the last commit/rollback.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Slots still free after the committed prefix of the longest row.
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.used()
+    }
+
+    /// Fails unless a block of `block_len` slots fits after the committed prefix.
+    pub fn ensure_room(&self, block_len: usize) -> Result<()> {
+        let required = self.used() + block_len;
+        if required > self.capacity {
+            return Err(Error::ContextOverflow {
+                prompt_len: self.used(),
+                required,
+                max_context: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes one layer's keys and values for the pending block and returns the keys and values
+    /// of all slots up to the end of the block. Called by models once per layer and forward; every
+    /// layer of one forward must append the same number of slots.
+    ///
+    /// # Shapes
+    /// - `keys`, `values`: `[batch, kv_heads, T, head_dim]`
+    /// - returns two tensors of `[batch, kv_heads, used() + T, head_dim]`
+    pub fn append(
+        &mut self,
+        layer: usize,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Result<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let [batch, heads, block, dim] = keys.dims();
+        if batch != self.batch_size() || heads != self.kv_heads || dim != self.head_dim {
+            return Err(Error::InvalidConfig(format!(
+                "cache holds [{}, {}, _, {}] but layer {layer} appends [{batch}, {heads}, {block}, {dim}]",
+                self.batch_size(),
+                self.kv_heads,
+                self.head_dim
+            )));
+        }
+        if layer >= self.keys.len() {
+            return Err(Error::InvalidConfig(format!(
+                "layer {layer} out of range for a cache of {} layers",
+                self.keys.len()
+            )));
+        }
+        self.ensure_room(block)?;
+        let start = self.used();
+        let end = start + block;
+        // Take the tensors out so that the write happens on a uniquely owned buffer (in place)
+        // rather than on a shared one (which would copy the whole cache).
+        let cached_k = self.keys[layer].take().expect("cache layer present");
+        let cached_v = self.values[layer].take().expect("cache layer present");
+        let cached_k = cached_k.slice_assign([0..batch, 0..heads, start..end, 0..dim], keys);
+        let cached_v = cached_v.slice_assign([0..batch, 0..heads, start..end, 0..dim], values);
+        let visible_k = cached_k.clone().slice([0..batch, 0..heads, 0..end, 0..dim]);
+        let visible_v = cached_v.clone().slice([0..batch, 0..heads, 0..end, 0..dim]);
+        self.keys[layer] = Some(cached_k);
+        self.values[layer] = Some(cached_v);
+        if layer == 0 {
+            self.pending = block;
+        }
+        Ok((visible_k, visible_v))
+    }
+
+    /// Keeps, for each row, the listed slots of the pending block (indices relative to the block
+    /// start, in the order they should be stored) and discards the rest of the block.
+    pub fn commit(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        if keep.len() != self.batch_size() {
+            return Err(Error::InvalidConfig(format!(
+                "commit got {} rows for a batch of {}",
+                keep.len(),
+                self.batch_size()
+            )));
+        }
+        let block_start = self.used();
+        for (row, kept) in keep.iter().enumerate() {
+            if let Some(&bad) = kept.iter().find(|&&k| k >= self.pending) {
+                return Err(Error::InvalidConfig(format!(
+                    "commit keeps slot {bad} of a pending block of {}",
+                    self.pending
+                )));
+            }
+            let dest = self.lengths[row];
+            if dest + kept.len() > self.capacity {
+                return Err(Error::ContextOverflow {
+                    prompt_len: dest,
+                    required: dest + kept.len(),
+                    max_context: self.capacity,
+                });
+            }
+            // Already in place (e.g. plain decoding of a full-length row): nothing to move.
+            let in_place = kept
+                .iter()
+                .enumerate()
+                .all(|(i, &k)| block_start + k == dest + i);
+            if !kept.is_empty() && !in_place {
+                self.move_slots(row, kept.iter().map(|&k| block_start + k).collect(), dest);
+            }
+            self.lengths[row] = dest + kept.len();
+        }
+        self.pending = 0;
+        Ok(())
+    }
+
+    /// Discards the pending block.
+    pub fn rollback(&mut self) {
+        self.pending = 0;
+    }
+
+    /// Forgets everything (the memory stays allocated).
+    pub fn reset(&mut self) {
+        self.lengths.iter_mut().for_each(|l| *l = 0);
+        self.pending = 0;
+    }
+
+    fn move_slots(&mut self, row: usize, sources: Vec<usize>, dest: usize) {
+        let count = sources.len();
+        let device = self.keys[0].as_ref().expect("cache layer present").device();
+        let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
+            TensorData::new(
+                sources.iter().map(|&s| s as i64).collect::<Vec<_>>(),
+                [count],
+            ),
+            &device,
+        );
+        let (heads, dim) = (self.kv_heads, self.head_dim);
+        for store in [&mut self.keys, &mut self.values] {
+            for slot in store.iter_mut() {
+                let cache = slot.take().expect("cache layer present");
+                let rows = cache
+                    .clone()
+                    .slice([row..row + 1, 0..heads, 0..self.capacity, 0..dim])
+                    .select(2, index.clone());
+                *slot = Some(cache.slice_assign([row..row + 1, 0..heads, dest..dest + count, 0..dim], rows));
+            }
+        }
+    }
+
+    /// The additive attention bias for a pending block of `block_len` tokens.
+    ///
+    /// Row `b` sees its committed slots `0..lengths[b]`; inside the block, token `t` sees token
+    /// `s` where `block_mask[b][t * block_len + s]` is true (`None` means causal). Padding slots
+    /// between a short row's prefix and the block are masked.
+    ///
+    /// # Shapes
+    /// returns `[batch, 1, block_len, used() + block_len]`
+    pub fn attention_bias(
+        &self,
+        block_len: usize,
+        block_mask: Option<&[Vec<bool>]>,
+        device: &B::Device,
+    ) -> Tensor<B, 4> {
+        let used = self.used();
+        let width = used + block_len;
+        let batch = self.batch_size();
+        let mut bias = vec![MASKED; batch * block_len * width];
+        for b in 0..batch {
+            for t in 0..block_len {
+                let row = &mut bias[(b * block_len + t) * width..(b * block_len + t + 1) * width];
+                row[..self.lengths[b]].iter_mut().for_each(|v| *v = 0.0);
+                for s in 0..block_len {
+                    let visible = match block_mask {
+                        Some(mask) => mask[b][t * block_len + s],
+                        None => s <= t,
+                    };
+                    if visible {
+                        row[used + s] = 0.0;
+                    }
+                }
+            }
+        }
+        Tensor::from_data(TensorData::new(bias, [batch, 1, block_len, width]), device)
+    }
+
+    /// Whether a block needs no bias at all: a single row with a causal block, where every
+    /// context slot is visible (plain decoding and batch-1 prefill).
+    pub fn bias_is_trivial(&self, block_mask: Option<&[Vec<bool>]>, block_len: usize) -> bool {
+        block_mask.is_none() && self.batch_size() == 1 && block_len == 1
+    }
+}

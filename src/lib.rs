@@ -1,0 +1,14 @@
+//! # redrafter
+//!
+//! Recurrent Drafter (ReDrafter, arXiv 2403.09919) speculative decoding on Burn.
+
+pub mod drafter;
+pub mod error;
+pub mod io;
+pub mod kv_cache;
+pub mod models;
+pub mod target;
+
+pub use error::{Error, Result};
+pub use kv_cache::KvCache;
+pub use target::{Block, TargetModel};

@@ -1,0 +1,3 @@
+//! Target model implementations.
+
+pub mod llama;
