@@ -4,6 +4,7 @@
 
 pub mod drafter;
 pub mod error;
+pub mod hub;
 pub mod io;
 pub mod kv_cache;
 pub mod models;
