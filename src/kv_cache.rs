@@ -53,6 +53,16 @@ impl<B: Backend> KvCache<B> {
         }
     }
 
+    /// Converts the storage to another float type (e.g. `F16` for a half-precision model).
+    pub fn cast(mut self, dtype: burn::tensor::DType) -> Self {
+        for store in [&mut self.keys, &mut self.values] {
+            for slot in store.iter_mut() {
+                *slot = slot.take().map(|t| t.cast(dtype));
+            }
+        }
+        self
+    }
+
     /// Number of sequences.
     pub fn batch_size(&self) -> usize {
         self.lengths.len()
@@ -191,6 +201,32 @@ impl<B: Backend> KvCache<B> {
     /// Discards the pending block.
     pub fn rollback(&mut self) {
         self.pending = 0;
+    }
+
+    /// Keeps only the listed rows (in that order), e.g. to stop spending work on finished
+    /// sequences. Copies the kept rows once.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch_size()) {
+            return Err(Error::InvalidConfig(format!(
+                "row {bad} out of range for a batch of {}",
+                self.batch_size()
+            )));
+        }
+        if rows.len() == self.batch_size() && rows.iter().enumerate().all(|(i, &r)| i == r) {
+            return Ok(());
+        }
+        let device = self.keys[0].as_ref().expect("cache layer present").device();
+        let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            &device,
+        );
+        for store in [&mut self.keys, &mut self.values] {
+            for slot in store.iter_mut() {
+                *slot = slot.take().map(|t| t.select(0, index.clone()));
+            }
+        }
+        self.lengths = rows.iter().map(|&r| self.lengths[r]).collect();
+        Ok(())
     }
 
     /// Forgets everything (the memory stays allocated).

@@ -2,14 +2,22 @@
 //!
 //! Recurrent Drafter (ReDrafter, arXiv 2403.09919) speculative decoding on Burn.
 
+pub mod backend;
+pub mod decoder;
 pub mod drafter;
 pub mod error;
+pub mod generate;
 pub mod hub;
 pub mod io;
 pub mod kv_cache;
 pub mod models;
+pub mod sampling;
+pub mod stats;
 pub mod target;
 
 pub use error::{Error, Result};
+pub use generate::{GenerationConfig, GenerationOutput, generate};
 pub use kv_cache::KvCache;
+pub use sampling::Sampling;
+pub use stats::Stats;
 pub use target::{Block, TargetModel};

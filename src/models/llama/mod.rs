@@ -1,5 +1,15 @@
-//! Llama-architecture target model (Llama 2/3, SmolLM2, Mistral-style GQA models).
+//! Llama-architecture target model (Llama 2/3, SmolLM2 and other GQA Llamas).
 
+mod attention;
 mod config;
+mod mlp;
+mod model;
+mod norm;
+mod rope;
 
+pub use attention::Attention;
 pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use mlp::Mlp;
+pub use model::{Llama, LlamaLayer, LlamaLoadOptions};
+pub use norm::RmsNorm;
+pub use rope::{RotaryEmbedding, inverse_frequencies};

@@ -1,0 +1,572 @@
+//! The speculative decoder: recurrent beam drafting, dynamic tree attention, acceptance on the
+//! device and KV commit, with one host↔device synchronisation per round.
+//!
+//! # One round
+//!
+//! 1. The beams of this round were drafted at the end of the previous round and read back
+//!    together with its acceptance result (the round's single readback).
+//! 2. The host packs each row's beams into a prefix tree ([`DraftTree`]) — microseconds — and
+//!    uploads tokens, positions and the attention bias.
+//! 3. The target verifies the packed tree in one forward against the KV cache.
+//! 4. Still on the device: the target's verdict at every tree node (argmax, or one sample per
+//!    node for exact sampling), each beam's accepted length, the best beam, the bonus token and
+//!    the hidden state at the last accepted token; the draft head then proposes the next beams
+//!    from that state — no host round-trip in between.
+//! 5. One readback brings (best beam, accepted length, bonus, next beams); the host emits the
+//!    tokens and commits the accepted path's KV slots.
+
+use std::time::Instant;
+
+use burn::tensor::{Distribution, Int, Tensor, Transaction, activation::softmax, backend::Backend};
+use serde::{Deserialize, Serialize};
+
+use crate::drafter::{DraftHead, DraftRequest};
+use crate::error::{Error, Result};
+use crate::generate::{GenerationConfig, GenerationOutput, RowOutput, int_tensor, ints, prefill, validate_prompts};
+use crate::sampling::Sampling;
+use crate::stats::Stats;
+use crate::target::{Block, TargetModel};
+use crate::tree::{DraftTree, PackedBatch};
+
+/// How drafted tokens are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Acceptance {
+    /// Lossless at temperature 0: output equals plain greedy decoding token for token.
+    Greedy,
+    /// Medusa-style typical acceptance (lossy): a drafted token `x` is accepted where
+    /// `p(x) > min(epsilon, delta * exp(-H(p)))`.
+    Typical { epsilon: f32, delta: f32 },
+    /// Lossless sampling at temperature > 0: the tree is walked with one target sample per node,
+    /// so every emitted token is exactly a sample of the target's distribution.
+    Exact,
+    /// The published rule (accept while `u < p/q` per beam, keep the best beam). Kept for
+    /// comparison; **not** distribution-exact, because beam-search drafts are not samples of q.
+    ReferenceParity,
+}
+
+impl Acceptance {
+    /// Typical acceptance with the usual Medusa constants (ε = 0.3, δ = 0.09).
+    pub fn typical() -> Self {
+        Acceptance::Typical {
+            epsilon: 0.3,
+            delta: 0.09,
+        }
+    }
+}
+
+impl std::str::FromStr for Acceptance {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "greedy" => Ok(Acceptance::Greedy),
+            "typical" => Ok(Acceptance::typical()),
+            "exact" => Ok(Acceptance::Exact),
+            "reference" | "reference-parity" => Ok(Acceptance::ReferenceParity),
+            other => Err(Error::InvalidSettings(format!(
+                "unknown acceptance `{other}` (expected greedy, typical, exact or reference-parity)"
+            ))),
+        }
+    }
+}
+
+/// Settings of a speculative generation, built fluently:
+///
+/// ```
+/// use redrafter::decoder::{Acceptance, SpeculativeConfig};
+/// let config = SpeculativeConfig::default()
+///     .beam_width(16)
+///     .beam_length(5)
+///     .acceptance(Acceptance::Exact)
+///     .temperature(0.7)
+///     .seed(42)
+///     .max_new_tokens(256)
+///     .stop_tokens(vec![2]);
+/// assert_eq!(config.beam_width, 16);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeculativeConfig {
+    /// Beams per round (M).
+    pub beam_width: usize,
+    /// Tokens per beam, the first (already chosen) token included (C).
+    pub beam_length: usize,
+    pub acceptance: Acceptance,
+    pub generation: GenerationConfig,
+}
+
+impl Default for SpeculativeConfig {
+    fn default() -> Self {
+        Self {
+            beam_width: 16,
+            beam_length: 5,
+            acceptance: Acceptance::Greedy,
+            generation: GenerationConfig::default(),
+        }
+    }
+}
+
+impl SpeculativeConfig {
+    pub fn beam_width(mut self, m: usize) -> Self {
+        self.beam_width = m;
+        self
+    }
+    pub fn beam_length(mut self, c: usize) -> Self {
+        self.beam_length = c;
+        self
+    }
+    pub fn acceptance(mut self, acceptance: Acceptance) -> Self {
+        self.acceptance = acceptance;
+        self
+    }
+    /// Sets the temperature (0 = greedy).
+    pub fn temperature(mut self, t: f32) -> Self {
+        self.generation.sampling = Sampling::with_temperature(t);
+        self
+    }
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.generation.seed = seed;
+        self
+    }
+    pub fn max_new_tokens(mut self, n: usize) -> Self {
+        self.generation.max_new_tokens = n;
+        self
+    }
+    pub fn stop_tokens(mut self, stop: impl Into<Vec<u32>>) -> Self {
+        self.generation.stop_tokens = stop.into();
+        self
+    }
+    /// Replaces the shared generation settings.
+    pub fn generation(mut self, generation: GenerationConfig) -> Self {
+        self.generation = generation;
+        self
+    }
+
+    fn temperature_value(&self) -> f32 {
+        self.generation.sampling.temperature
+    }
+}
+
+/// Accelerates a [`TargetModel`] with a [`DraftHead`].
+pub struct SpeculativeDecoder<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> {
+    target: &'a T,
+    drafter: &'a D,
+    config: SpeculativeConfig,
+    _backend: std::marker::PhantomData<B>,
+}
+
+/// Per-round results read back from the device.
+struct RoundResult {
+    best_beam: Vec<usize>,
+    accepted: Vec<usize>,
+    bonus: Vec<u32>,
+    beams: Vec<u32>,
+}
+
+impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, B, T, D> {
+    /// Checks that the drafter fits the target and that the settings can work.
+    pub fn new(target: &'a T, drafter: &'a D, config: SpeculativeConfig) -> Result<Self> {
+        if drafter.hidden_size() != target.hidden_size() {
+            return Err(Error::DrafterMismatch {
+                what: "hidden size".into(),
+                drafter: drafter.hidden_size(),
+                target: target.hidden_size(),
+            });
+        }
+        if drafter.vocab_size() != target.vocab_size() {
+            return Err(Error::DrafterMismatch {
+                what: "vocabulary size".into(),
+                drafter: drafter.vocab_size(),
+                target: target.vocab_size(),
+            });
+        }
+        if config.beam_width == 0 {
+            return Err(Error::InvalidSettings("beam width must be at least 1".into()));
+        }
+        if config.beam_length == 0 {
+            return Err(Error::InvalidSettings(
+                "beam length must be at least 1 (it counts the first token)".into(),
+            ));
+        }
+        if let Some(steps) = drafter.trained_steps()
+            && config.beam_length > steps + 1
+        {
+            return Err(Error::InvalidSettings(format!(
+                "beam length {} needs {} draft steps, but the drafter was trained for {steps}",
+                config.beam_length,
+                config.beam_length - 1
+            )));
+        }
+        config.generation.sampling.validate()?;
+        let t = config.temperature_value();
+        match config.acceptance {
+            Acceptance::Greedy if t != 0.0 => {
+                return Err(Error::InvalidSettings(format!(
+                    "greedy acceptance needs temperature 0, got {t}; use exact acceptance to sample"
+                )));
+            }
+            Acceptance::Typical { epsilon, delta } if !(epsilon > 0.0 && delta > 0.0) => {
+                return Err(Error::InvalidSettings(
+                    "typical acceptance needs epsilon > 0 and delta > 0".into(),
+                ));
+            }
+            _ => {}
+        }
+        if config.generation.sampling.top_k.is_some() || config.generation.sampling.top_p.is_some() {
+            return Err(Error::InvalidSettings(
+                "top-k / top-p are supported by plain decoding only".into(),
+            ));
+        }
+        Ok(Self {
+            target,
+            drafter,
+            config,
+            _backend: std::marker::PhantomData,
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SpeculativeConfig {
+        &self.config
+    }
+
+    /// Largest packed tree a round can produce.
+    pub fn max_tree_len(&self) -> usize {
+        1 + self.config.beam_width * (self.config.beam_length - 1)
+    }
+
+    /// Generates a continuation of each prompt. `on_tokens(row, tokens)` receives each row's
+    /// new tokens as soon as a round accepts them.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        mut on_tokens: impl FnMut(usize, &[u32]),
+    ) -> Result<GenerationOutput> {
+        let config = &self.config;
+        let gen_config = &config.generation;
+        let (m, c) = (config.beam_width, config.beam_length);
+        validate_prompts(
+            prompts,
+            self.target.vocab_size(),
+            self.target.max_context(),
+            gen_config.max_new_tokens,
+            c,
+        )?;
+        let start = Instant::now();
+        let device = self.target.device();
+        B::seed(&device, gen_config.seed);
+        let batch = prompts.len();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let capacity = longest + gen_config.max_new_tokens + c + self.max_tree_len();
+        let mut cache = self.target.new_cache(batch, capacity);
+        let mut stats = Stats {
+            accepted_at_depth: vec![0; c.saturating_sub(1)],
+            ..Stats::default()
+        };
+        let mut rows = vec![RowOutput::default(); batch];
+        if gen_config.max_new_tokens == 0 {
+            return Ok(GenerationOutput { tokens: vec![Vec::new(); batch], stats });
+        }
+
+        // Prefill, first token and first beams: one readback.
+        let hidden = prefill(self.target, &mut cache, prompts)?;
+        let logits = self.target.logits(hidden.clone().unsqueeze_dim::<3>(1));
+        let first = self.choose(logits).reshape([batch]);
+        let draft_start = Instant::now();
+        let beams = self.drafter.propose(DraftRequest {
+            context: hidden,
+            first_tokens: first.clone(),
+            beam_width: m,
+            beam_length: c,
+        })?;
+        let data = Transaction::default()
+            .register(first)
+            .register(beams.tokens.clone())
+            .execute();
+        stats.syncs += 1;
+        stats.draft_time += draft_start.elapsed();
+        stats.prefill_time = start.elapsed();
+        let first: Vec<u32> = ints(&data[0]).into_iter().map(|t| t as u32).collect();
+        let mut host_beams: Vec<u32> = ints(&data[1]).into_iter().map(|t| t as u32).collect();
+        let mut device_beams = beams;
+        for (b, row) in rows.iter_mut().enumerate() {
+            if row.push(&first[b..b + 1], gen_config) == 1 {
+                stats.new_tokens += 1;
+                on_tokens(b, &first[b..b + 1]);
+            }
+        }
+        // `active[i]` is the original row of batch slot i; finished rows leave the batch.
+        let mut active: Vec<usize> = (0..batch).collect();
+        self.retire_finished(&rows, &mut active, &mut cache, &mut host_beams, &mut device_beams)?;
+
+        while !active.is_empty() {
+            let live = active.len();
+            // Tree packing and upload.
+            let tree_start = Instant::now();
+            let trees = (0..live)
+                .map(|i| DraftTree::pack(&host_beams[i * m * c..(i + 1) * m * c], m, c))
+                .collect::<Result<Vec<_>>>()?;
+            let packed = PackedBatch::new(trees)?;
+            let tree_len = packed.max_len();
+            let starts: Vec<usize> = cache.lengths().to_vec();
+            let block = Block {
+                tokens: int_tensor(packed.tokens(0).into_iter().collect(), [live, tree_len], &device),
+                positions: int_tensor(packed.positions(&starts), [live, tree_len], &device),
+                bias: Some(cache.attention_bias(tree_len, Some(&packed.block_masks()), &device)),
+            };
+            let unpacker: Vec<i64> = packed
+                .trees()
+                .iter()
+                .flat_map(|t| t.unpacker().iter().map(|&u| u as i64))
+                .collect();
+            let unpacker_t = int_tensor::<B, 2>(unpacker, [live, m * c], &device);
+            stats.tree_time += tree_start.elapsed();
+
+            // Verification and on-device acceptance, then the next beams.
+            let verify_start = Instant::now();
+            let hidden = self.target.forward(&block, &mut cache)?;
+            let logits = self.target.logits(hidden.clone());
+            let (best_beam, accepted, bonus, next_context) =
+                self.accept_on_device(&packed, hidden, logits, &device_beams, unpacker_t)?;
+            let next_beams = self.drafter.propose(DraftRequest {
+                context: next_context,
+                first_tokens: bonus.clone().reshape([live]),
+                beam_width: m,
+                beam_length: c,
+            })?;
+            let data = Transaction::default()
+                .register(best_beam)
+                .register(accepted)
+                .register(bonus)
+                .register(next_beams.tokens.clone())
+                .execute();
+            stats.syncs += 1;
+            stats.verify_time += verify_start.elapsed();
+
+            let accept_start = Instant::now();
+            let result = RoundResult {
+                best_beam: ints(&data[0]).into_iter().map(|v| v as usize).collect(),
+                accepted: ints(&data[1]).into_iter().map(|v| v as usize).collect(),
+                bonus: ints(&data[2]).into_iter().map(|v| v as u32).collect(),
+                beams: ints(&data[3]).into_iter().map(|v| v as u32).collect(),
+            };
+            let mut keep = Vec::with_capacity(live);
+            stats.target_forwards += 1;
+            for i in 0..live {
+                let (beam, n) = (result.best_beam[i], result.accepted[i]);
+                if beam >= m || n >= c {
+                    return Err(Error::Backend(format!(
+                        "acceptance read back beam {beam} / length {n} outside {m}×{c}"
+                    )));
+                }
+                let tree = &packed.trees()[i];
+                let path: Vec<usize> = (0..=n).map(|k| tree.unpacker()[beam * c + k]).collect();
+                keep.push(path);
+                stats.row_rounds += 1;
+                stats.forward_tokens += n + 1;
+                stats.packed_tokens += tree.len();
+                for d in 0..n {
+                    stats.accepted_at_depth[d] += 1;
+                }
+                let mut emitted: Vec<u32> = host_beams[(i * m + beam) * c + 1..(i * m + beam) * c + 1 + n].to_vec();
+                emitted.push(result.bonus[i]);
+                let row = active[i];
+                let taken = rows[row].push(&emitted, gen_config);
+                if taken > 0 {
+                    stats.new_tokens += taken;
+                    on_tokens(row, &emitted[..taken]);
+                }
+            }
+            cache.commit(&keep)?;
+            host_beams = result.beams;
+            device_beams = next_beams;
+            let before = active.clone();
+            self.retire_finished(&rows, &mut active, &mut cache, &mut host_beams, &mut device_beams)?;
+            if active.len() != before.len() {
+                tracing::debug!(remaining = active.len(), "rows finished");
+            }
+            stats.accept_time += accept_start.elapsed();
+        }
+        stats.total_time = start.elapsed();
+        Ok(GenerationOutput {
+            tokens: rows.into_iter().map(|r| r.tokens).collect(),
+            stats,
+        })
+    }
+
+    /// Chooses a token from logits on the device: argmax at temperature 0, else a Gumbel-max
+    /// sample (an exact draw from softmax(logits / T)).
+    ///
+    /// # Shapes
+    /// `[batch, T, vocab]` to `[batch, T]`
+    fn choose(&self, logits: Tensor<B, 3>) -> Tensor<B, 2, Int> {
+        let t = self.config.temperature_value();
+        let [batch, len, _] = logits.dims();
+        if t == 0.0 {
+            return logits.argmax(2).reshape([batch, len]);
+        }
+        let uniform = logits
+            .random_like(Distribution::Uniform(0.0, 1.0))
+            .clamp(1e-7, 1.0 - 1e-7);
+        let gumbel = uniform.log().neg().log().neg();
+        logits.div_scalar(t).add(gumbel).argmax(2).reshape([batch, len])
+    }
+
+    /// Computes, on the device, each row's best beam, its accepted draft count, the bonus token
+    /// and the hidden state at the last accepted node.
+    ///
+    /// # Shapes
+    /// - `hidden`: `[live, L, H]`, `logits`: `[live, L, V]`, `unpacker`: `[live, M·C]`
+    /// - returns `[live, 1]` ints (best beam, accepted count, bonus) and `[live, H]`
+    #[allow(clippy::type_complexity)]
+    fn accept_on_device(
+        &self,
+        packed: &PackedBatch,
+        hidden: Tensor<B, 3>,
+        logits: Tensor<B, 3>,
+        beams: &crate::drafter::DraftBeams<B>,
+        unpacker: Tensor<B, 2, Int>,
+    ) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2>)> {
+        let (m, c) = (self.config.beam_width, self.config.beam_length);
+        let [live, len, vocab] = logits.dims();
+        let hidden_size = hidden.dims()[2];
+        let device = logits.device();
+        let temperature = self.config.temperature_value();
+        let verdict = self.choose(logits.clone());
+
+        // ok[b, i, k]: beam i's token k+1 is accepted at depth k.
+        let ok: Option<Tensor<B, 3>> = if c == 1 {
+            None
+        } else {
+            let drafted = beams.tokens.clone().slice([0..live, 0..m, 1..c]);
+            Some(match self.config.acceptance {
+                Acceptance::Greedy | Acceptance::Exact => verdict
+                    .clone()
+                    .gather(1, unpacker.clone())
+                    .reshape([live, m, c])
+                    .slice([0..live, 0..m, 0..c - 1])
+                    .equal(drafted)
+                    .float(),
+                Acceptance::Typical { epsilon, delta } => {
+                    let t = if temperature > 0.0 { temperature } else { 1.0 };
+                    let probs = softmax(logits.div_scalar(t), 2);
+                    let entropy = probs
+                        .clone()
+                        .mul(probs.clone().clamp_min(1e-30).log())
+                        .sum_dim(2)
+                        .neg()
+                        .reshape([live, len]);
+                    let child = self.child_probabilities(packed, probs, vocab, &device);
+                    let threshold = entropy.neg().exp().mul_scalar(delta).clamp_max(epsilon);
+                    let parents = self.parent_index(packed, &device);
+                    let acceptable = child.greater(threshold.gather(1, parents)).float();
+                    acceptable
+                        .gather(1, unpacker.clone())
+                        .reshape([live, m, c])
+                        .slice([0..live, 0..m, 1..c])
+                }
+                Acceptance::ReferenceParity => {
+                    let t = if temperature > 0.0 { temperature } else { 1.0 };
+                    let probs = softmax(logits.div_scalar(t), 2);
+                    let child = self.child_probabilities(packed, probs, vocab, &device);
+                    let target_p = child
+                        .gather(1, unpacker.clone())
+                        .reshape([live, m, c])
+                        .slice([0..live, 0..m, 1..c]);
+                    let draft_q = beams.token_log_probs.clone().exp();
+                    let uniform = draft_q.random_like(Distribution::Uniform(0.0, 1.0));
+                    uniform.mul(draft_q).lower(target_p).float()
+                }
+            })
+        };
+
+        let (best_n, best_beam) = match ok {
+            None => (
+                Tensor::<B, 2, Int>::zeros([live, 1], &device),
+                Tensor::<B, 2, Int>::zeros([live, 1], &device),
+            ),
+            Some(ok) => {
+                let run = ok.cumprod(2).sum_dim(2).reshape([live, m]);
+                let (n, beam) = run.max_dim_with_indices(1);
+                (n.int(), beam)
+            }
+        };
+        let end_index = best_beam.clone().mul_scalar(c as i64).add(best_n.clone());
+        let end_node = unpacker.gather(1, end_index);
+        let bonus = verdict.gather(1, end_node.clone());
+        let row_offsets = int_tensor::<B, 1>((0..live).map(|b| (b * len) as i64).collect(), [live], &device);
+        let flat_end = end_node.reshape([live]).add(row_offsets);
+        let next_context = hidden
+            .reshape([live * len, hidden_size])
+            .select(0, flat_end);
+        Ok((best_beam, best_n, bonus, next_context))
+    }
+
+    /// Index of each packed node's parent (the root points at itself).
+    fn parent_index(&self, packed: &PackedBatch, device: &B::Device) -> Tensor<B, 2, Int> {
+        let len = packed.max_len();
+        let mut parents = Vec::with_capacity(packed.trees().len() * len);
+        for tree in packed.trees() {
+            for node in 0..len {
+                let parent = if node < tree.len() { tree.parent(node).unwrap_or(node) } else { node };
+                parents.push(parent as i64);
+            }
+        }
+        int_tensor(parents, [packed.trees().len(), len], device)
+    }
+
+    /// `child[b, node]` = probability of the node's token under its parent's distribution.
+    fn child_probabilities(
+        &self,
+        packed: &PackedBatch,
+        probs: Tensor<B, 3>,
+        vocab: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        let live = packed.trees().len();
+        let len = packed.max_len();
+        let mut index = Vec::with_capacity(live * len);
+        for (b, tree) in packed.trees().iter().enumerate() {
+            for node in 0..len {
+                let (parent, token) = if node < tree.len() {
+                    (tree.parent(node).unwrap_or(node), tree.tokens()[node] as usize)
+                } else {
+                    (node, 0)
+                };
+                index.push(((b * len + parent) * vocab + token) as i64);
+            }
+        }
+        probs
+            .reshape([live * len * vocab])
+            .select(0, int_tensor(index, [live * len], device))
+            .reshape([live, len])
+    }
+
+    /// Drops finished rows from the batch (cache, beams) so they stop costing work.
+    fn retire_finished(
+        &self,
+        rows: &[RowOutput],
+        active: &mut Vec<usize>,
+        cache: &mut crate::kv_cache::KvCache<B>,
+        host_beams: &mut Vec<u32>,
+        device_beams: &mut crate::drafter::DraftBeams<B>,
+    ) -> Result<()> {
+        let keep: Vec<usize> = (0..active.len()).filter(|&i| !rows[active[i]].done).collect();
+        if keep.len() == active.len() {
+            return Ok(());
+        }
+        let per_row = self.config.beam_width * self.config.beam_length;
+        *active = keep.iter().map(|&i| active[i]).collect();
+        if keep.is_empty() {
+            return Ok(());
+        }
+        cache.retain_rows(&keep)?;
+        *host_beams = keep
+            .iter()
+            .flat_map(|&i| host_beams[i * per_row..(i + 1) * per_row].iter().copied())
+            .collect();
+        let device = self.target.device();
+        let index = int_tensor::<B, 1>(keep.iter().map(|&i| i as i64).collect(), [keep.len()], &device);
+        device_beams.tokens = device_beams.tokens.clone().select(0, index.clone());
+        device_beams.token_log_probs = device_beams.token_log_probs.clone().select(0, index);
+        Ok(())
+    }
+}

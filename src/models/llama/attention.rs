@@ -1,0 +1,83 @@
+//! Grouped-query self-attention with a fused QKV projection, against a [`KvCache`].
+
+use burn::module::{Module, Param};
+use burn::tensor::{Tensor, activation::softmax, backend::Backend};
+
+use super::rope::RotaryEmbedding;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+
+/// GQA attention. Q, K and V come from one matmul (fewer kernel launches per layer, which is
+/// what bounds small models on GPU); the 1/sqrt(head_dim) score scale is folded into the Q
+/// columns at load time.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `[hidden, (heads + 2 * kv_heads) * head_dim]`, columns ordered Q | K | V.
+    pub qkv: Param<Tensor<B, 2>>,
+    /// `[heads * head_dim, hidden]`
+    pub output: Param<Tensor<B, 2>>,
+    #[module(skip)]
+    pub heads: usize,
+    #[module(skip)]
+    pub kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Attends the block to the cached context and to itself.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, T, hidden]` (already normalised)
+    /// - `cos`, `sin`: `[batch, 1, T, head_dim / 2]`
+    /// - `bias`: `[batch, 1, T, used + T]` or `None` (T = 1, every slot visible)
+    /// - returns `[batch, T, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        bias: Option<&Tensor<B, 4>>,
+        layer: usize,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let [batch, len, hidden] = x.dims();
+        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        let groups = heads / kv_heads;
+
+        let qkv = x
+            .reshape([batch * len, hidden])
+            .matmul(self.qkv.val())
+            .reshape([batch, len, heads + 2 * kv_heads, dim])
+            .swap_dims(1, 2);
+        // Rotate Q and K together: one set of RoPE ops instead of two.
+        let qk = qkv.clone().slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
+        let qk = RotaryEmbedding::apply(qk, cos, sin);
+        let q = qk.clone().slice([0..batch, 0..heads, 0..len, 0..dim]);
+        let k = qk.slice([0..batch, heads..heads + kv_heads, 0..len, 0..dim]);
+        let v = qkv.slice([0..batch, heads + kv_heads..heads + 2 * kv_heads, 0..len, 0..dim]);
+
+        let (keys, values) = cache.append(layer, k, v)?;
+        let slots = keys.dims()[2];
+
+        // Query heads of a group share one KV head: fold the group into the row dimension
+        // instead of repeating K and V.
+        let q = q.reshape([batch, kv_heads, groups * len, dim]);
+        let scores = q.matmul(keys.swap_dims(2, 3));
+        let scores = match bias {
+            Some(bias) => scores
+                .reshape([batch, kv_heads, groups, len, slots])
+                .add(bias.clone().unsqueeze_dim::<5>(1))
+                .reshape([batch, kv_heads, groups * len, slots]),
+            None => scores,
+        };
+        let probs = softmax(scores, 3);
+        let out = probs
+            .matmul(values)
+            .reshape([batch, heads, len, dim])
+            .swap_dims(1, 2)
+            .reshape([batch * len, heads * dim])
+            .matmul(self.output.val());
+        Ok(out.reshape([batch, len, hidden]))
+    }
+}

@@ -1,0 +1,298 @@
+//! The Llama decoder stack and its [`TargetModel`] implementation.
+
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+
+use super::attention::Attention;
+use super::config::LlamaConfig;
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::rope::RotaryEmbedding;
+use crate::error::{Error, Result};
+use crate::io::WeightSource;
+use crate::kv_cache::KvCache;
+use crate::target::{Block, TargetModel};
+
+/// How to materialise a Llama model on a device.
+#[derive(Debug, Clone)]
+pub struct LlamaLoadOptions {
+    /// Float type of weights and activations (`F32`, or `F16`/`BF16` on GPUs).
+    pub dtype: DType,
+    /// Longest context to support; defaults to the configuration's `max_position_embeddings`.
+    pub max_context: Option<usize>,
+}
+
+impl Default for LlamaLoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            max_context: None,
+        }
+    }
+}
+
+/// One transformer block: pre-norm attention and pre-norm SwiGLU, each with a residual.
+#[derive(Module, Debug)]
+pub struct LlamaLayer<B: Backend> {
+    pub input_norm: RmsNorm<B>,
+    pub attention: Attention<B>,
+    pub post_attention_norm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// A Llama-architecture causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<LlamaLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `[hidden, vocab]` (for tied embeddings, a transposed copy of `embed_tokens`, so the
+    /// LM head is a plain row-major matmul).
+    pub lm_head: Param<Tensor<B, 2>>,
+    rope: RotaryEmbedding<B>,
+    #[module(skip)]
+    config: LlamaConfig,
+    #[module(skip)]
+    max_context: usize,
+}
+
+/// Reads a 2-D weight, checks its HF shape `[rows, cols]` and returns it transposed
+/// (`[cols, rows]`, row-major), the layout `x.matmul(w)` wants.
+fn load_transposed(
+    weights: &dyn WeightSource,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<f32>> {
+    let (data, shape) = weights.tensor(name)?;
+    if shape != [rows, cols] {
+        return Err(Error::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: vec![rows, cols],
+            found: shape,
+        });
+    }
+    let mut out = vec![0.0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    Ok(out)
+}
+
+fn load_vector(weights: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    let (data, shape) = weights.tensor(name)?;
+    if shape != [len] {
+        return Err(Error::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: vec![len],
+            found: shape,
+        });
+    }
+    Ok(data)
+}
+
+/// Concatenates row-major matrices with equal row counts along the columns.
+fn concat_columns(parts: &[(&[f32], usize)], rows: usize) -> Vec<f32> {
+    let total: usize = parts.iter().map(|(_, cols)| cols).sum();
+    let mut out = Vec::with_capacity(rows * total);
+    for r in 0..rows {
+        for (data, cols) in parts {
+            out.extend_from_slice(&data[r * cols..(r + 1) * cols]);
+        }
+    }
+    out
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model from named weights (HF names), checking every shape against `config`.
+    pub fn from_weights(
+        config: LlamaConfig,
+        weights: &dyn WeightSource,
+        options: &LlamaLoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let h = config.hidden_size;
+        let d = config.head_dim();
+        let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
+        let inter = config.intermediate_size;
+        let vocab = config.vocab_size;
+        let dtype = options.dtype;
+        let matrix = |data: Vec<f32>, rows: usize, cols: usize| {
+            let t = Tensor::<B, 2>::from_data(TensorData::new(data, [rows, cols]), device);
+            Param::from_tensor(if dtype == DType::F32 { t } else { t.cast(dtype) })
+        };
+        let vector = |data: Vec<f32>| {
+            let len = data.len();
+            let t = Tensor::<B, 1>::from_data(TensorData::new(data, [len]), device);
+            if dtype == DType::F32 { t } else { t.cast(dtype) }
+        };
+
+        let (embed, shape) = weights.tensor("model.embed_tokens.weight")?;
+        if shape != [vocab, h] {
+            return Err(Error::ShapeMismatch {
+                tensor: "model.embed_tokens.weight".into(),
+                expected: vec![vocab, h],
+                found: shape,
+            });
+        }
+        let head_t = if config.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            let mut t = vec![0.0f32; embed.len()];
+            for v in 0..vocab {
+                for c in 0..h {
+                    t[c * vocab + v] = embed[v * h + c];
+                }
+            }
+            t
+        } else {
+            load_transposed(weights, "lm_head.weight", vocab, h)?
+        };
+
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut q = load_transposed(weights, &format!("{p}.self_attn.q_proj.weight"), heads * d, h)?;
+            q.iter_mut().for_each(|w| *w *= scale);
+            let k = load_transposed(weights, &format!("{p}.self_attn.k_proj.weight"), kv_heads * d, h)?;
+            let v = load_transposed(weights, &format!("{p}.self_attn.v_proj.weight"), kv_heads * d, h)?;
+            let qkv = concat_columns(&[(&q, heads * d), (&k, kv_heads * d), (&v, kv_heads * d)], h);
+            let o = load_transposed(weights, &format!("{p}.self_attn.o_proj.weight"), h, heads * d)?;
+            let gate = load_transposed(weights, &format!("{p}.mlp.gate_proj.weight"), inter, h)?;
+            let up = load_transposed(weights, &format!("{p}.mlp.up_proj.weight"), inter, h)?;
+            let gate_up = concat_columns(&[(&gate, inter), (&up, inter)], h);
+            let down = load_transposed(weights, &format!("{p}.mlp.down_proj.weight"), h, inter)?;
+            let input_norm = load_vector(weights, &format!("{p}.input_layernorm.weight"), h)?;
+            let post_norm = load_vector(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
+            layers.push(LlamaLayer {
+                input_norm: RmsNorm::new(vector(input_norm), config.rms_norm_eps),
+                attention: Attention {
+                    qkv: matrix(qkv, h, (heads + 2 * kv_heads) * d),
+                    output: matrix(o, heads * d, h),
+                    heads,
+                    kv_heads,
+                    head_dim: d,
+                },
+                post_attention_norm: RmsNorm::new(vector(post_norm), config.rms_norm_eps),
+                mlp: Mlp {
+                    gate_up: matrix(gate_up, h, 2 * inter),
+                    down: matrix(down, inter, h),
+                },
+            });
+        }
+        let norm = load_vector(weights, "model.norm.weight", h)?;
+        let max_context = options
+            .max_context
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings.max(1));
+        let mut rope = RotaryEmbedding::new(&config, max_context, device);
+        if dtype != DType::F32 {
+            rope = rope.cast(dtype);
+        }
+        tracing::debug!(layers = layers.len(), hidden = h, vocab, ?dtype, "llama model loaded");
+        Ok(Self {
+            embed_tokens: matrix(embed, vocab, h),
+            layers,
+            norm: RmsNorm::new(vector(norm), config.rms_norm_eps),
+            lm_head: matrix(head_t, h, vocab),
+            rope,
+            config,
+            max_context,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+}
+
+impl<B: Backend> TargetModel<B> for Llama<B> {
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    fn device(&self) -> B::Device {
+        self.embed_tokens.device()
+    }
+
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
+        let mut cache = KvCache::new(
+            self.config.num_hidden_layers,
+            batch,
+            self.config.num_key_value_heads,
+            self.config.head_dim(),
+            capacity,
+            &self.device(),
+        );
+        if self.embed_tokens.val().dtype() != DType::F32 {
+            cache = cache.cast(self.embed_tokens.val().dtype());
+        }
+        cache
+    }
+
+    fn forward(&self, block: &Block<B>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        let [batch, len] = block.tokens.dims();
+        if batch != cache.batch_size() {
+            return Err(Error::InvalidConfig(format!(
+                "block of batch {batch} against a cache of batch {}",
+                cache.batch_size()
+            )));
+        }
+        cache.ensure_room(len)?;
+        let hidden = self.config.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .val()
+            .select(0, block.tokens.clone().reshape([batch * len]))
+            .reshape([batch, len, hidden]);
+        let (cos, sin) = self.rope.tables(&block.positions);
+        let dtype = self.embed_tokens.val().dtype();
+        let bias = match &block.bias {
+            Some(bias) => Some(bias.clone()),
+            None if len > 1 || batch > 1 => Some(cache.attention_bias(len, None, &self.device())),
+            None => None,
+        }
+        .map(|b| if b.dtype() == dtype { b } else { b.cast(dtype) });
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = layer.attention.forward(
+                layer.input_norm.forward(x.clone()),
+                &cos,
+                &sin,
+                bias.as_ref(),
+                i,
+                cache,
+            )?;
+            x = x.add(attn);
+            x = x.clone().add(layer.mlp.forward(layer.post_attention_norm.forward(x)));
+        }
+        Ok(self.norm.forward(x))
+    }
+
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, len, h] = hidden.dims();
+        hidden
+            .reshape([batch * len, h])
+            .matmul(self.lm_head.val())
+            .reshape([batch, len, self.config.vocab_size])
+    }
+
+    fn input_embedding(&self) -> Tensor<B, 2> {
+        self.embed_tokens.val()
+    }
+
+    fn output_embedding(&self) -> Tensor<B, 2> {
+        self.lm_head.val().transpose()
+    }
+}

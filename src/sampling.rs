@@ -1,0 +1,174 @@
+//! Token selection settings and host-side sampling from a logit row.
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How the next token is chosen from the target's distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// `0` means greedy (argmax); otherwise logits are divided by it before sampling.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (plain decoding only).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches `p` (plain decoding only).
+    pub top_p: Option<f32>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl Sampling {
+    /// Argmax decoding.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        }
+    }
+
+    /// Plain sampling at a temperature.
+    pub fn with_temperature(temperature: f32) -> Self {
+        Self {
+            temperature,
+            ..Self::greedy()
+        }
+    }
+
+    /// Whether this is argmax decoding.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Rejects settings that cannot describe a distribution.
+    pub fn validate(&self) -> Result<()> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(Error::InvalidSettings(format!(
+                "temperature must be finite and ≥ 0, got {}",
+                self.temperature
+            )));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::InvalidSettings("top_k must be ≥ 1".into()));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(Error::InvalidSettings(format!("top_p must be in (0, 1], got {p}")));
+        }
+        Ok(())
+    }
+}
+
+/// Index of the largest value (first on ties).
+pub fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Draws a token from one row of logits with temperature, top-k and top-p.
+pub fn sample_logits(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) -> u32 {
+    if sampling.is_greedy() || logits.is_empty() {
+        return argmax(logits) as u32;
+    }
+    let mut candidates: Vec<(usize, f32)> = logits
+        .iter()
+        .map(|&l| l / sampling.temperature)
+        .enumerate()
+        .collect();
+    if sampling.top_k.is_some() || sampling.top_p.is_some() {
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
+    if let Some(k) = sampling.top_k {
+        candidates.truncate(k.max(1));
+    }
+    let max = candidates
+        .iter()
+        .map(|c| c.1)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut weights: Vec<f64> = candidates.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    if let Some(p) = sampling.top_p {
+        let mut acc = 0.0;
+        let mut keep = weights.len();
+        for (i, w) in weights.iter().enumerate() {
+            acc += w / total;
+            if acc >= p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        weights.truncate(keep);
+        candidates.truncate(keep);
+    }
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (c, w) in candidates.iter().zip(&weights) {
+        if u < *w {
+            return c.0 as u32;
+        }
+        u -= w;
+    }
+    candidates.last().map(|c| c.0 as u32).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn greedy_takes_first_max() {
+        assert_eq!(sample_logits(&[1.0, 3.0, 3.0], &Sampling::greedy(), &mut StdRng::seed_from_u64(0)), 1);
+    }
+
+    #[test]
+    fn sampling_matches_softmax_frequencies() {
+        let logits = [0.0f32, 1.0, 2.0, -1.0];
+        let sampling = Sampling::with_temperature(1.0);
+        let mut rng = StdRng::seed_from_u64(7);
+        let n = 200_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            counts[sample_logits(&logits, &sampling, &mut rng) as usize] += 1;
+        }
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        for (i, &l) in logits.iter().enumerate() {
+            let p = (l as f64).exp() / z;
+            let freq = counts[i] as f64 / n as f64;
+            // 5 standard deviations of a binomial proportion.
+            let sd = (p * (1.0 - p) / n as f64).sqrt();
+            assert!((freq - p).abs() < 5.0 * sd, "token {i}: {freq} vs {p}");
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_support() {
+        let logits = [0.0f32, 5.0, 4.9, -3.0];
+        let mut rng = StdRng::seed_from_u64(1);
+        let top_k = Sampling { top_k: Some(2), ..Sampling::with_temperature(1.0) };
+        let top_p = Sampling { top_p: Some(0.5), ..Sampling::with_temperature(1.0) };
+        for _ in 0..2000 {
+            assert!(matches!(sample_logits(&logits, &top_k, &mut rng), 1 | 2));
+            assert_eq!(sample_logits(&logits, &top_p, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn invalid_settings_are_rejected() {
+        assert!(Sampling::with_temperature(-1.0).validate().is_err());
+        assert!(Sampling { top_k: Some(0), ..Sampling::greedy() }.validate().is_err());
+        assert!(Sampling { top_p: Some(1.5), ..Sampling::greedy() }.validate().is_err());
+    }
+}
