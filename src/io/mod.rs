@@ -1,5 +1,17 @@
 //! Weight files: GGUF (llama.cpp) and Hugging Face safetensors directories.
 
+pub mod dequant;
+pub mod gguf;
+mod gguf_weights;
+mod hf;
+
+pub use dequant::GgmlType;
+pub use gguf::{GgufFile, GgufTensorInfo, MetadataValue};
+pub use gguf_weights::{
+    GgufWeights, gguf_to_hf_name, hf_to_gguf_name, permute_rope_rows, unpermute_rope_rows,
+};
+pub use hf::HfWeights;
+
 /// A source of named f32 weights, addressed by their Hugging Face tensor names
 /// (`model.layers.0.self_attn.q_proj.weight`, ...).
 ///
