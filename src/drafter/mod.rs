@@ -4,6 +4,19 @@ use burn::tensor::{Int, Tensor, backend::Backend};
 
 use crate::error::Result;
 
+mod beam_search;
+mod checkpoint;
+mod recurrent;
+#[cfg(test)]
+mod tests;
+
+pub use beam_search::{BeamSearchOutput, LOG_ZERO, WARP_TOP_K};
+pub use checkpoint::{CONFIG_METADATA_KEY, CheckpointDType, read_checkpoint_config};
+pub use recurrent::{
+    DEFAULT_NUM_DRAFT_LAYERS, DEFAULT_TRAINED_STEPS, DraftHeadKind, RecurrentDrafter,
+    RecurrentDrafterConfig, ResBlock,
+};
+
 /// Beams proposed for one round.
 #[derive(Debug, Clone)]
 pub struct DraftBeams<B: Backend> {

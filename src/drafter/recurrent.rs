@@ -1,0 +1,492 @@
+//! The recurrent draft head of ReDrafter (SPEC §1): configuration, parameters and the two
+//! building blocks ([`RecurrentDrafter::step`], [`RecurrentDrafter::head_logits`]) that both
+//! beam search and training are made of.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::target::TargetModel;
+
+/// Residual blocks of the published recipe.
+pub const DEFAULT_NUM_DRAFT_LAYERS: usize = 2;
+/// Draft steps the published recipe trains for.
+pub const DEFAULT_TRAINED_STEPS: usize = 5;
+
+/// How the draft head turns its `exit_dim` features into vocabulary logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftHeadKind {
+    /// The reference head: its own `exit_dim → vocab` projection (no bias).
+    #[default]
+    Separate,
+    /// Our small head for large vocabularies: `exit_dim → hidden` (no bias), then the target's
+    /// frozen output embedding, so the head costs `exit_dim·H` instead of `exit_dim·V` parameters.
+    Tied,
+}
+
+/// Configuration of a [`RecurrentDrafter`].
+///
+/// Serialises to JSON with these field names. Deserialising also accepts the reference
+/// implementation's `config.json` (`hidden_size`, `vocab_size`, `exit_dim`, `num_draft_layers`,
+/// `rnn`; other keys are ignored); absent fields take the defaults of [`Self::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ConfigRepr")]
+pub struct RecurrentDrafterConfig {
+    /// Width `H` of the target hidden state (and of the token embeddings and the RNN state).
+    pub hidden_size: usize,
+    /// Vocabulary size `V`, shared with the target.
+    pub vocab_size: usize,
+    /// Width of the residual blocks. Default `2H`, which makes `input_proj` unnecessary.
+    pub exit_dim: usize,
+    /// Number of residual blocks. Default 2.
+    pub num_draft_layers: usize,
+    /// `true`: `s_t = SiLU(W·e + U·s + b)`; `false`: `s_t = s + e`. Default `true`.
+    pub rnn: bool,
+    /// Vocabulary head kind. Default [`DraftHeadKind::Separate`].
+    pub head: DraftHeadKind,
+    /// Draft steps the head was trained for; beams longer than `trained_steps + 1` are refused.
+    /// `None` means unknown (no limit). Default `Some(5)`.
+    pub trained_steps: Option<usize>,
+}
+
+/// Wire form of [`RecurrentDrafterConfig`]: `exit_dim` defaults to `2H`, which a plain serde
+/// default cannot express.
+#[derive(Deserialize)]
+struct ConfigRepr {
+    hidden_size: usize,
+    vocab_size: usize,
+    #[serde(default)]
+    exit_dim: Option<usize>,
+    #[serde(default = "default_num_draft_layers")]
+    num_draft_layers: usize,
+    #[serde(default = "default_rnn")]
+    rnn: bool,
+    #[serde(default)]
+    head: DraftHeadKind,
+    #[serde(default = "default_trained_steps")]
+    trained_steps: Option<usize>,
+}
+
+fn default_num_draft_layers() -> usize {
+    DEFAULT_NUM_DRAFT_LAYERS
+}
+fn default_rnn() -> bool {
+    true
+}
+fn default_trained_steps() -> Option<usize> {
+    Some(DEFAULT_TRAINED_STEPS)
+}
+
+impl From<ConfigRepr> for RecurrentDrafterConfig {
+    fn from(r: ConfigRepr) -> Self {
+        Self {
+            hidden_size: r.hidden_size,
+            vocab_size: r.vocab_size,
+            exit_dim: r.exit_dim.unwrap_or(2 * r.hidden_size),
+            num_draft_layers: r.num_draft_layers,
+            rnn: r.rnn,
+            head: r.head,
+            trained_steps: r.trained_steps,
+        }
+    }
+}
+
+impl RecurrentDrafterConfig {
+    /// The published recipe for a target of hidden size `hidden_size` and vocabulary
+    /// `vocab_size`: `exit_dim = 2H`, 2 residual blocks, RNN on, separate head, 5 trained steps.
+    pub fn new(hidden_size: usize, vocab_size: usize) -> Self {
+        Self {
+            hidden_size,
+            vocab_size,
+            exit_dim: 2 * hidden_size,
+            num_draft_layers: DEFAULT_NUM_DRAFT_LAYERS,
+            rnn: true,
+            head: DraftHeadKind::Separate,
+            trained_steps: Some(DEFAULT_TRAINED_STEPS),
+        }
+    }
+
+    /// Sets the residual-block width.
+    pub fn with_exit_dim(mut self, exit_dim: usize) -> Self {
+        self.exit_dim = exit_dim;
+        self
+    }
+
+    /// Sets the number of residual blocks.
+    pub fn with_num_draft_layers(mut self, num_draft_layers: usize) -> Self {
+        self.num_draft_layers = num_draft_layers;
+        self
+    }
+
+    /// Turns the recurrent update on or off.
+    pub fn with_rnn(mut self, rnn: bool) -> Self {
+        self.rnn = rnn;
+        self
+    }
+
+    /// Sets the vocabulary head kind.
+    pub fn with_head(mut self, head: DraftHeadKind) -> Self {
+        self.head = head;
+        self
+    }
+
+    /// Sets the number of trained draft steps (`None`: unknown, no limit).
+    pub fn with_trained_steps(mut self, trained_steps: Option<usize>) -> Self {
+        self.trained_steps = trained_steps;
+        self
+    }
+
+    /// Whether the head needs `input_proj` (only when `exit_dim != 2H`, as in the reference).
+    pub fn has_input_proj(&self) -> bool {
+        self.exit_dim != 2 * self.hidden_size
+    }
+
+    /// Output width of the last head layer: `V` for the separate head, `H` for the tied one.
+    pub fn head_out_dim(&self) -> usize {
+        match self.head {
+            DraftHeadKind::Separate => self.vocab_size,
+            DraftHeadKind::Tied => self.hidden_size,
+        }
+    }
+
+    /// Checks that every size is usable.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("hidden_size", self.hidden_size),
+            ("vocab_size", self.vocab_size),
+            ("exit_dim", self.exit_dim),
+        ] {
+            if value == 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "draft head {name} must be positive"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a drafter with Burn's default initialisers (Kaiming-uniform, drawn from the
+    /// backend's global RNG). Embeddings are not attached yet: see
+    /// [`RecurrentDrafter::with_embeddings`].
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<RecurrentDrafter<B>> {
+        self.validate()?;
+        let linear = |d_in: usize, d_out: usize, bias: bool| -> Linear<B> {
+            LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+        };
+        Ok(self.assemble(linear))
+    }
+
+    /// Creates a drafter whose weights depend only on `seed` (and the configuration): they are
+    /// drawn on the host from a seeded [`StdRng`] with the same distribution as [`Self::init`],
+    /// so the result does not depend on the backend's global RNG, on other threads drawing from
+    /// it, or on the device. Use it for tests and for reproducible random drafters.
+    pub fn init_seeded<B: Backend>(
+        &self,
+        seed: u64,
+        device: &B::Device,
+    ) -> Result<RecurrentDrafter<B>> {
+        self.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let linear = |d_in: usize, d_out: usize, bias: bool| -> Linear<B> {
+            // Burn's default Linear initialiser: U(-k, k) with k = 1/sqrt(d_in).
+            let bound = 1.0 / (d_in as f32).sqrt();
+            let mut sample = |n: usize| -> Vec<f32> {
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            let weight = sample(d_in * d_out);
+            let bias = bias.then(|| sample(d_out));
+            Linear {
+                weight: Param::from_data(TensorData::new(weight, [d_in, d_out]), device),
+                bias: bias.map(|b| Param::from_data(TensorData::new(b, [d_out]), device)),
+            }
+        };
+        Ok(self.assemble(linear))
+    }
+
+    /// Builds the module from a linear-layer factory called in a fixed order (so seeded
+    /// initialisation is reproducible).
+    pub(crate) fn assemble<B: Backend>(
+        &self,
+        mut linear: impl FnMut(usize, usize, bool) -> Linear<B>,
+    ) -> RecurrentDrafter<B> {
+        let h = self.hidden_size;
+        let (rnn_w, rnn_u) = if self.rnn {
+            (Some(linear(h, h, false)), Some(linear(h, h, true)))
+        } else {
+            (None, None)
+        };
+        let input_proj = self
+            .has_input_proj()
+            .then(|| linear(2 * h, self.exit_dim, true));
+        let res_blocks = (0..self.num_draft_layers)
+            .map(|_| ResBlock {
+                linear: linear(self.exit_dim, self.exit_dim, true),
+            })
+            .collect();
+        let head = linear(self.exit_dim, self.head_out_dim(), false);
+        RecurrentDrafter {
+            rnn_w,
+            rnn_u,
+            input_proj,
+            res_blocks,
+            head,
+            input_embedding: None,
+            output_embedding: None,
+            config: self.clone(),
+        }
+    }
+}
+
+/// One residual block of the head: `x + SiLU(Linear(x))`, width `exit_dim`.
+#[derive(Module, Debug)]
+pub struct ResBlock<B: Backend> {
+    pub(crate) linear: Linear<B>,
+}
+
+impl<B: Backend> ResBlock<B> {
+    /// # Shapes
+    /// `[..., exit_dim]` to `[..., exit_dim]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        x.clone() + silu(self.linear.forward(x))
+    }
+}
+
+/// The recurrent draft head (SPEC §1).
+///
+/// A Burn [`Module`]: the trainable parameters are [`Param`]s (`rnn_w`, `rnn_u`, `input_proj`,
+/// the residual blocks and the vocabulary head), so the same type trains under `Autodiff<B>`.
+/// The target's input embedding `E` and (for the tied head) output embedding are *frozen and
+/// shared*: they are held as plain tensors, not parameters, so optimisers never see them and
+/// checkpoints never store them. Attach them with [`Self::with_embeddings`] or
+/// [`Self::with_target`] (the `load` functions do it for you).
+#[derive(Module, Debug)]
+pub struct RecurrentDrafter<B: Backend> {
+    pub(crate) rnn_w: Option<Linear<B>>,
+    pub(crate) rnn_u: Option<Linear<B>>,
+    pub(crate) input_proj: Option<Linear<B>>,
+    pub(crate) res_blocks: Vec<ResBlock<B>>,
+    pub(crate) head: Linear<B>,
+    /// The target's input embedding `[V, H]` (frozen, not a parameter).
+    pub(crate) input_embedding: Option<Tensor<B, 2>>,
+    /// The target's output embedding `[V, H]`, kept only for the tied head.
+    pub(crate) output_embedding: Option<Tensor<B, 2>>,
+    #[module(skip)]
+    pub(crate) config: RecurrentDrafterConfig,
+}
+
+impl<B: Backend> RecurrentDrafter<B> {
+    /// The configuration the drafter was built from.
+    pub fn config(&self) -> &RecurrentDrafterConfig {
+        &self.config
+    }
+
+    /// Whether the target's embeddings are attached (needed by `propose` and, for the tied
+    /// head, by [`Self::head_logits`]).
+    pub fn has_embeddings(&self) -> bool {
+        self.input_embedding.is_some()
+            && (self.config.head == DraftHeadKind::Separate || self.output_embedding.is_some())
+    }
+
+    /// Attaches the target's frozen embeddings. `output_embedding` is the LM head as rows per
+    /// token; it is kept only by the tied head.
+    ///
+    /// # Shapes
+    /// `input_embedding`, `output_embedding`: `[V, H]`
+    ///
+    /// # Errors
+    /// [`Error::DrafterMismatch`] if either table's vocabulary or width differs from the
+    /// drafter's configuration.
+    pub fn with_embeddings(
+        mut self,
+        input_embedding: Tensor<B, 2>,
+        output_embedding: Tensor<B, 2>,
+    ) -> Result<Self> {
+        self.check_table("input embedding", &input_embedding)?;
+        self.check_table("output embedding", &output_embedding)?;
+        self.input_embedding = Some(input_embedding);
+        // The separate head never reads it; dropping the handle keeps no extra reference alive.
+        self.output_embedding =
+            (self.config.head == DraftHeadKind::Tied).then_some(output_embedding);
+        Ok(self)
+    }
+
+    /// Checks the drafter against `target` and attaches its embeddings.
+    ///
+    /// # Errors
+    /// [`Error::DrafterMismatch`] if hidden size or vocabulary differ.
+    pub fn with_target<T: TargetModel<B>>(self, target: &T) -> Result<Self> {
+        check_fits(&self.config, target.hidden_size(), target.vocab_size())?;
+        self.with_embeddings(target.input_embedding(), target.output_embedding())
+    }
+
+    fn check_table(&self, what: &str, table: &Tensor<B, 2>) -> Result<()> {
+        let [v, h] = table.dims();
+        if h != self.config.hidden_size {
+            return Err(Error::DrafterMismatch {
+                what: format!("hidden size ({what} width)"),
+                drafter: self.config.hidden_size,
+                target: h,
+            });
+        }
+        if v != self.config.vocab_size {
+            return Err(Error::DrafterMismatch {
+                what: format!("vocabulary size ({what} rows)"),
+                drafter: self.config.vocab_size,
+                target: v,
+            });
+        }
+        Ok(())
+    }
+
+    /// The attached input embedding table.
+    ///
+    /// # Shapes
+    /// `[V, H]`
+    pub fn input_embedding(&self) -> Result<&Tensor<B, 2>> {
+        self.input_embedding.as_ref().ok_or_else(|| {
+            Error::InvalidConfig(
+                "the draft head has no input embedding attached; call with_embeddings or \
+                 with_target first"
+                    .into(),
+            )
+        })
+    }
+
+    /// Dtype the parameters compute in; inputs of another float dtype are cast to it.
+    pub fn param_dtype(&self) -> DType {
+        self.head.weight.val().dtype()
+    }
+
+    /// Looks up token embeddings in the target's (frozen) input table.
+    ///
+    /// # Shapes
+    /// `tokens`: `[N]` to `[N, H]`
+    ///
+    /// Token ids must be below `V`; like every Burn `select`, out-of-range ids are not checked
+    /// on all backends.
+    pub fn embed(&self, tokens: Tensor<B, 1, Int>) -> Result<Tensor<B, 2>> {
+        Ok(self.input_embedding()?.clone().select(0, tokens))
+    }
+
+    /// One recurrent update: `s_t = SiLU(W·e + U·s + b_U)`, or `s_t = s + e` with `rnn = false`.
+    ///
+    /// # Shapes
+    /// `state`, `token_embedding`: `[..., H]` (same shape) to `[..., H]`
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if the shapes differ or the last dim is not `H`.
+    pub fn step<const D: usize>(
+        &self,
+        state: Tensor<B, D>,
+        token_embedding: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>> {
+        let h = self.config.hidden_size;
+        check_last_dim("state", &state.dims(), h)?;
+        if state.dims() != token_embedding.dims() {
+            return Err(Error::ShapeMismatch {
+                tensor: "token_embedding".into(),
+                expected: state.dims().to_vec(),
+                found: token_embedding.dims().to_vec(),
+            });
+        }
+        Ok(match (&self.rnn_w, &self.rnn_u) {
+            (Some(w), Some(u)) => silu(w.forward(token_embedding) + u.forward(state)),
+            _ => state + token_embedding,
+        })
+    }
+
+    /// Draft logits from the context `h` and the recurrent state: `lm_head([h; s])` (context
+    /// first, state second), before any warping.
+    ///
+    /// # Shapes
+    /// `context`, `state`: `[..., H]` (same shape) to `[..., V]`
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] on inconsistent shapes; [`Error::InvalidConfig`] for a tied
+    /// head without an attached output embedding.
+    pub fn head_logits<const D: usize>(
+        &self,
+        context: Tensor<B, D>,
+        state: Tensor<B, D>,
+    ) -> Result<Tensor<B, D>> {
+        check_last_dim("context", &context.dims(), self.config.hidden_size)?;
+        if context.dims() != state.dims() {
+            return Err(Error::ShapeMismatch {
+                tensor: "state".into(),
+                expected: context.dims().to_vec(),
+                found: state.dims().to_vec(),
+            });
+        }
+        let x = Tensor::cat(vec![context, state], D - 1);
+        let mut x = match &self.input_proj {
+            Some(proj) => proj.forward(x),
+            None => x,
+        };
+        for block in &self.res_blocks {
+            x = block.forward(x);
+        }
+        let x = self.head.forward(x);
+        match self.config.head {
+            DraftHeadKind::Separate => Ok(x),
+            DraftHeadKind::Tied => {
+                let table = self.output_embedding.as_ref().ok_or_else(|| {
+                    Error::InvalidConfig(
+                        "the tied draft head needs the target's output embedding; call \
+                         with_embeddings or with_target first"
+                            .into(),
+                    )
+                })?;
+                // [.., H] x [H, V]: the table is stored as rows per token, as the target has it.
+                // The cast is free when the drafter computes in the target's dtype (the fast
+                // setup); otherwise it converts the table on every call.
+                let table = table.clone().cast(x.dtype());
+                Ok(burn::tensor::module::linear(x, table.transpose(), None))
+            }
+        }
+    }
+}
+
+/// Checks a drafter configuration against a target's hidden size and vocabulary.
+pub(crate) fn check_fits(
+    config: &RecurrentDrafterConfig,
+    target_hidden: usize,
+    target_vocab: usize,
+) -> Result<()> {
+    if config.hidden_size != target_hidden {
+        return Err(Error::DrafterMismatch {
+            what: "hidden size".into(),
+            drafter: config.hidden_size,
+            target: target_hidden,
+        });
+    }
+    if config.vocab_size != target_vocab {
+        return Err(Error::DrafterMismatch {
+            what: "vocabulary size".into(),
+            drafter: config.vocab_size,
+            target: target_vocab,
+        });
+    }
+    Ok(())
+}
+
+fn check_last_dim(tensor: &str, dims: &[usize], expected: usize) -> Result<()> {
+    if dims.last() != Some(&expected) {
+        let mut want = dims.to_vec();
+        if let Some(last) = want.last_mut() {
+            *last = expected;
+        }
+        return Err(Error::ShapeMismatch {
+            tensor: tensor.into(),
+            expected: want,
+            found: dims.to_vec(),
+        });
+    }
+    Ok(())
+}
