@@ -2,6 +2,7 @@
 
 mod attention;
 mod config;
+mod load;
 mod mlp;
 mod model;
 mod norm;
@@ -9,6 +10,7 @@ mod rope;
 
 pub use attention::Attention;
 pub use config::{Llama3RopeScaling, LlamaConfig};
+pub use load::load_llama;
 pub use mlp::Mlp;
 pub use model::{Llama, LlamaLayer, LlamaLoadOptions};
 pub use norm::RmsNorm;
