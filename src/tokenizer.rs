@@ -2,7 +2,7 @@
 //!
 //! [`Tokenizer`] wraps the Hugging Face `tokenizers` crate. It loads a `tokenizer.json`
 //! ([`Tokenizer::from_file`], [`Tokenizer::from_hf_dir`]) or rebuilds the same tokenizer from
-//! the vocabulary a GGUF file carries (`Tokenizer::from_gguf`).
+//! the vocabulary a GGUF file carries ([`Tokenizer::from_gguf`]).
 //!
 //! A GGUF stores tokens, merges and a pre-tokenizer *name* (`tokenizer.ggml.pre`), not the
 //! normalizer / pre-tokenizer pipeline of `tokenizer.json`; `pre_tokenizer_for` maps the names
@@ -65,7 +65,7 @@ impl std::fmt::Debug for Tokenizer {
 
 /// The tokenizer description a GGUF file carries, already read out of its metadata.
 ///
-/// `Tokenizer::from_gguf` fills this from the `tokenizer.ggml.*` keys; building one by hand
+/// [`Tokenizer::from_gguf`] fills this from the `tokenizer.ggml.*` keys; building one by hand
 /// lets a tokenizer be made without a GGUF file.
 #[derive(Debug, Clone, Default)]
 pub struct GgufTokenizerParts {
@@ -177,6 +177,11 @@ impl Tokenizer {
             "loaded Hugging Face tokenizer"
         );
         Ok(tokenizer)
+    }
+
+    /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
+    pub fn from_gguf(gguf: &crate::io::gguf::GgufFile) -> Result<Self> {
+        Self::from_gguf_parts(gguf_parts(gguf)?)
     }
 
     /// Builds a byte-level BPE tokenizer from a GGUF vocabulary.
@@ -673,9 +678,109 @@ fn chat_template_source(dir: &Path, config: Option<&serde_json::Value>) -> Resul
         .and_then(from_value))
 }
 
+/// Reads the `tokenizer.*` metadata of a GGUF file.
+fn gguf_parts(gguf: &crate::io::gguf::GgufFile) -> Result<GgufTokenizerParts> {
+    use crate::io::gguf::MetadataValue;
+
+    let require = |key: &str| {
+        gguf.metadata(key)
+            .ok_or_else(|| Error::MissingMetadata(key.to_string()))
+    };
+    let wrong_type = |key: &str, expected: &str| {
+        Error::Tokenizer(format!("GGUF metadata `{key}` is not {expected}"))
+    };
+    let string = |key: &str| -> Result<Option<String>> {
+        gguf.metadata(key)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| wrong_type(key, "a string"))
+            })
+            .transpose()
+    };
+    let strings = |key: &str, required: bool| -> Result<Vec<String>> {
+        let value = match gguf.metadata(key) {
+            Some(value) => value,
+            None if required => return Err(Error::MissingMetadata(key.to_string())),
+            None => return Ok(Vec::new()),
+        };
+        value
+            .as_array()
+            .ok_or_else(|| wrong_type(key, "an array"))?
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| wrong_type(key, "an array of strings"))
+            })
+            .collect()
+    };
+    let id = |key: &str| -> Result<Option<u32>> {
+        gguf.metadata(key)
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .ok_or_else(|| wrong_type(key, "a token id"))
+            })
+            .transpose()
+    };
+    let integer = |v: &MetadataValue| -> Option<i32> {
+        match *v {
+            MetadataValue::I8(x) => Some(x.into()),
+            MetadataValue::U8(x) => Some(x.into()),
+            MetadataValue::I16(x) => Some(x.into()),
+            MetadataValue::U16(x) => Some(x.into()),
+            MetadataValue::I32(x) => Some(x),
+            MetadataValue::U32(x) => i32::try_from(x).ok(),
+            MetadataValue::I64(x) => i32::try_from(x).ok(),
+            MetadataValue::U64(x) => i32::try_from(x).ok(),
+            _ => None,
+        }
+    };
+
+    let model = require("tokenizer.ggml.model")?
+        .as_str()
+        .ok_or_else(|| wrong_type("tokenizer.ggml.model", "a string"))?
+        .to_string();
+    if model != "gpt2" {
+        // Fail before copying a vocabulary that cannot be used.
+        return Err(Error::Tokenizer(format!(
+            "unsupported GGUF tokenizer model `{model}`: only byte-level BPE (`gpt2`) is supported; \
+             load the model's tokenizer.json with Tokenizer::from_hf_dir instead"
+        )));
+    }
+    let token_types = match gguf.metadata("tokenizer.ggml.token_type") {
+        None => Vec::new(),
+        Some(value) => value
+            .as_array()
+            .ok_or_else(|| wrong_type("tokenizer.ggml.token_type", "an array"))?
+            .iter()
+            .map(|v| integer(v).ok_or_else(|| wrong_type("tokenizer.ggml.token_type", "integers")))
+            .collect::<Result<_>>()?,
+    };
+    Ok(GgufTokenizerParts {
+        model,
+        pre: string("tokenizer.ggml.pre")?,
+        tokens: strings("tokenizer.ggml.tokens", true)?,
+        token_types,
+        merges: strings("tokenizer.ggml.merges", true)?,
+        bos: id("tokenizer.ggml.bos_token_id")?,
+        eos: id("tokenizer.ggml.eos_token_id")?,
+        eot: id("tokenizer.ggml.eot_token_id")?,
+        unk: id("tokenizer.ggml.unknown_token_id")?,
+        pad: id("tokenizer.ggml.padding_token_id")?,
+        add_bos: gguf
+            .metadata("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+        chat_template: string("tokenizer.chat_template")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::sync::OnceLock;
 
     use serde_json::json;
 
@@ -1119,5 +1224,112 @@ mod tests {
             Tokenizer::from_file(dir.0.join("tokenizer.json")),
             Err(Error::Tokenizer(_))
         ));
+    }
+
+    // ---- SmolLM2-135M-Instruct, against ids from transformers (scripts/make_tokenizer_fixtures.py)
+
+    fn smollm2() -> &'static Tokenizer {
+        static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+        TOKENIZER.get_or_init(|| {
+            let path =
+                crate::hub::smollm2_instruct_gguf().expect("SmolLM2 GGUF (downloaded with pip)");
+            let gguf = crate::io::gguf::GgufFile::open(&path).expect("open GGUF");
+            Tokenizer::from_gguf(&gguf).expect("tokenizer from GGUF")
+        })
+    }
+
+    fn fixture() -> serde_json::Value {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_cases.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn ids(value: &serde_json::Value) -> Vec<u32> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    #[test]
+    fn smollm2_special_tokens() {
+        let tok = smollm2();
+        assert_eq!(tok.vocab_size(), 49152);
+        assert_eq!(tok.eos_token_ids(), &[2]);
+        assert_eq!(tok.bos_token_id(), Some(1));
+        assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+        assert_eq!(
+            tok.vocab_size(),
+            fixture()["vocab_size"].as_u64().unwrap() as usize
+        );
+    }
+
+    #[test]
+    fn smollm2_encode_matches_transformers() {
+        let tok = smollm2();
+        let cases = fixture()["cases"].as_array().unwrap().clone();
+        assert!(cases.len() >= 30);
+        for case in &cases {
+            let text = case["text"].as_str().unwrap();
+            let expected = ids(&case["ids"]);
+            assert_eq!(
+                tok.encode(text, false).unwrap(),
+                expected,
+                "encode({text:?})"
+            );
+            // SmolLM2 adds no BOS.
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                expected,
+                "encode({text:?}, special)"
+            );
+            assert_eq!(
+                tok.decode(&expected, false).unwrap(),
+                case["decoded"].as_str().unwrap()
+            );
+            assert_eq!(tok.decode(&expected, false).unwrap(), text, "round trip");
+            assert_eq!(
+                tok.decode(&expected, true).unwrap(),
+                case["decoded_skip_special"].as_str().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn smollm2_stream_decoding_matches_decode() {
+        let tok = smollm2();
+        let mut held_back = 0;
+        for case in fixture()["cases"].as_array().unwrap() {
+            let ids = ids(&case["ids"]);
+            for skip in [false, true] {
+                let (streamed, pending) = stream(tok, &ids, skip);
+                assert_eq!(
+                    streamed,
+                    tok.decode(&ids, skip).unwrap(),
+                    "{:?}",
+                    case["text"]
+                );
+                held_back += pending;
+            }
+        }
+        // Emoji and CJK split across byte-level tokens must have been held back somewhere.
+        assert!(held_back > 0);
+    }
+
+    #[test]
+    fn smollm2_chat_template_matches_transformers() {
+        let tok = smollm2();
+        for chat in fixture()["chats"].as_array().unwrap() {
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(chat["messages"].clone()).unwrap();
+            let add = chat["add_generation_prompt"].as_bool().unwrap();
+            assert_eq!(
+                tok.apply_chat_template(&messages, add).unwrap(),
+                chat["prompt"].as_str().unwrap()
+            );
+            assert_eq!(tok.encode_chat(&messages, add).unwrap(), ids(&chat["ids"]));
+        }
     }
 }
