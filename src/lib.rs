@@ -3,6 +3,7 @@
 //! Recurrent Drafter (ReDrafter, arXiv 2403.09919) speculative decoding on Burn.
 
 pub mod backend;
+pub mod chat_template;
 pub mod decoder;
 pub mod drafter;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod models;
 pub mod sampling;
 pub mod stats;
 pub mod target;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use generate::{GenerationConfig, GenerationOutput, generate};
