@@ -2,6 +2,7 @@
 //!
 //! Recurrent Drafter (ReDrafter, arXiv 2403.09919) speculative decoding on Burn.
 
+pub mod accept;
 pub mod backend;
 pub mod chat_template;
 pub mod decoder;
@@ -16,6 +17,7 @@ pub mod sampling;
 pub mod stats;
 pub mod target;
 pub mod tokenizer;
+pub mod tree;
 
 pub use error::{Error, Result};
 pub use generate::{GenerationConfig, GenerationOutput, generate};
