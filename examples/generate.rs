@@ -150,7 +150,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
     let output = match &args.drafter {
         None => generate(&model, &prompts, &generation, &mut on_tokens)?,
         Some(path) => {
-            let drafter = RecurrentDrafter::<B>::load_for_target(path, &model, &device)
+            let drafter = RecurrentDrafter::<B>::load_for_target(path, &model)
                 .with_context(|| format!("loading drafter {}", path.display()))?;
             let acceptance = match &args.acceptance {
                 Some(a) => a.parse()?,

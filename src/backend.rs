@@ -61,3 +61,24 @@ impl std::str::FromStr for BackendKind {
         }
     }
 }
+
+/// The default WGPU device, checked to be usable.
+///
+/// Burn initialises the adapter lazily and panics when none exists; this probes it once and turns
+/// that into an error that says what to install.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device() -> Result<burn::backend::wgpu::WgpuDevice> {
+    let device = burn::backend::wgpu::WgpuDevice::default();
+    let probe = device.clone();
+    let usable = std::panic::catch_unwind(move || {
+        burn::tensor::Tensor::<Wgpu, 1>::ones([1], &probe).into_data()
+    });
+    match usable {
+        Ok(_) => Ok(device),
+        Err(_) => Err(Error::Backend(
+            "the wgpu backend found no usable adapter: install a Vulkan driver and loader \
+             (on Debian: `apt-get install libvulkan1 mesa-vulkan-drivers` for a software one)"
+                .into(),
+        )),
+    }
+}

@@ -309,7 +309,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let starts: Vec<usize> = cache.lengths().to_vec();
             let block = Block {
                 tokens: int_tensor(packed.tokens(0).into_iter().collect(), [live, tree_len], &device),
-                positions: int_tensor(packed.positions(&starts), [live, tree_len], &device),
+                positions: int_tensor(packed.positions(&starts)?, [live, tree_len], &device),
                 bias: Some(cache.attention_bias(tree_len, Some(&packed.block_masks()), &device)),
             };
             let unpacker: Vec<i64> = packed
