@@ -1,0 +1,141 @@
+//! Lossless greedy speculative decoding on the real SmolLM2-135M-Instruct: the output must equal
+//! plain greedy decoding token for token.
+
+mod common;
+
+use std::cell::Cell;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use common::{B, smollm2};
+use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+use redrafter::drafter::{DraftBeams, DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig};
+use redrafter::tokenizer::{ChatMessage, Tokenizer};
+use redrafter::{GenerationConfig, Result, TargetModel, generate};
+
+const NEW_TOKENS: usize = 128;
+
+fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
+    [
+        "Write a short poem about the sea.",
+        "List three facts about the planet Mars and explain each briefly.",
+        "What is a binary search tree? Give a code example in Python.",
+    ]
+    .iter()
+    .map(|q| tokenizer.encode_chat(&[ChatMessage::user(*q)], true).unwrap())
+    .collect()
+}
+
+fn greedy(max_new_tokens: usize) -> GenerationConfig {
+    // No stop tokens: every row runs the full length, so the comparison covers ≥ 128 tokens.
+    GenerationConfig::default().with_max_new_tokens(max_new_tokens)
+}
+
+#[test]
+fn random_drafter_greedy_equals_plain_greedy_single_and_batched() {
+    let (model, tokenizer) = smollm2();
+    let prompts = prompts(&tokenizer);
+    let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    assert!(lengths.windows(2).any(|w| w[0] != w[1]), "prompts of different lengths");
+    let expected = generate(&model, &prompts, &greedy(NEW_TOKENS), |_, _| {}).unwrap();
+
+    let drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(7, &model.device())
+        .unwrap()
+        .with_target(&model)
+        .unwrap();
+    let config = SpeculativeConfig::default()
+        .beam_width(4)
+        .beam_length(4)
+        .acceptance(Acceptance::Greedy)
+        .generation(greedy(NEW_TOKENS));
+    let decoder = SpeculativeDecoder::new(&model, &drafter, config).unwrap();
+
+    // One row at a time.
+    let single = decoder.generate(&prompts[..1], |_, _| {}).unwrap();
+    assert_eq!(single.tokens[0], expected.tokens[0]);
+    assert_eq!(single.tokens[0].len(), NEW_TOKENS);
+
+    // Batch of three prompts of different lengths; streaming delivers the same tokens.
+    let mut streamed = vec![Vec::new(); prompts.len()];
+    let batched = decoder
+        .generate(&prompts, |row, tokens| streamed[row].extend_from_slice(tokens))
+        .unwrap();
+    for (row, (got, want)) in batched.tokens.iter().zip(&expected.tokens).enumerate() {
+        assert_eq!(got, want, "row {row}");
+        assert_eq!(&streamed[row], want, "streamed row {row}");
+    }
+    assert!(batched.stats.tau() >= 1.0);
+    assert_eq!(batched.stats.syncs, batched.stats.target_forwards + 1, "one readback per round");
+}
+
+/// Proposes the target's own greedy continuation in beam 0 and junk in the other beams.
+struct OracleDrafter {
+    continuation: Vec<u32>,
+    cursor: Cell<usize>,
+    hidden: usize,
+    vocab: usize,
+}
+
+impl DraftHead<B> for OracleDrafter {
+    fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn trained_steps(&self) -> Option<usize> {
+        None
+    }
+    fn propose(&self, request: DraftRequest<B>) -> Result<DraftBeams<B>> {
+        let device = request.context.device();
+        let first: Vec<i64> = request.first_tokens.into_data().iter::<i64>().collect();
+        let (m, c) = (request.beam_width, request.beam_length);
+        let at = self.cursor.get();
+        assert_eq!(first, vec![self.continuation[at] as i64], "the decoder is where the oracle expects");
+        let mut tokens = Vec::with_capacity(m * c);
+        for beam in 0..m {
+            for depth in 0..c {
+                let token = if beam == 0 || depth == 0 {
+                    self.continuation[at + depth]
+                } else {
+                    ((at * 31 + beam * 17 + depth * 7) % self.vocab) as u32
+                };
+                tokens.push(token as i64);
+            }
+        }
+        self.cursor.set(at + c);
+        Ok(DraftBeams {
+            tokens: Tensor::<B, 3, Int>::from_data(TensorData::new(tokens, [1, m, c]), &device),
+            token_log_probs: Tensor::zeros([1, m, c - 1], &device),
+        })
+    }
+}
+
+#[test]
+fn oracle_drafter_reaches_tau_equal_to_beam_length() {
+    let (model, tokenizer) = smollm2();
+    let prompt = prompts(&tokenizer).swap_remove(1);
+    let beam_length = 5;
+    let reference = generate(&model, std::slice::from_ref(&prompt), &greedy(NEW_TOKENS + 2 * beam_length), |_, _| {})
+        .unwrap()
+        .tokens
+        .remove(0);
+    let oracle = OracleDrafter {
+        continuation: reference.clone(),
+        cursor: Cell::new(0),
+        hidden: model.hidden_size(),
+        vocab: model.vocab_size(),
+    };
+    let config = SpeculativeConfig::default()
+        .beam_width(8)
+        .beam_length(beam_length)
+        .generation(greedy(NEW_TOKENS));
+    let output = SpeculativeDecoder::new(&model, &oracle, config)
+        .unwrap()
+        .generate(std::slice::from_ref(&prompt), |_, _| {})
+        .unwrap();
+    assert_eq!(output.tokens[0], reference[..NEW_TOKENS]);
+    assert_eq!(output.stats.tau(), beam_length as f64, "every draft accepted");
+    assert!(output.stats.acceptance_rate_per_depth().iter().all(|&r| r == 1.0));
+}
