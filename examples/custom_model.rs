@@ -23,7 +23,13 @@ type B = redrafter::backend::Cpu;
 fn main() -> Result<()> {
     let device = Default::default();
     B::seed(&device, 42);
-    let config = ToyConfig { vocab: 32, hidden: 32, heads: 4, layers: 2, max_len: 128 };
+    let config = ToyConfig {
+        vocab: 32,
+        hidden: 32,
+        heads: 4,
+        layers: 2,
+        max_len: 128,
+    };
     let model = ToyModel::<B>::new(config, 4.0, &device);
 
     // A draft head sized for the target, sharing its (frozen) embeddings.
@@ -38,7 +44,10 @@ fn main() -> Result<()> {
     let speculative = SpeculativeDecoder::new(
         &model,
         &drafter,
-        SpeculativeConfig::default().beam_width(8).beam_length(4).generation(generation),
+        SpeculativeConfig::default()
+            .beam_width(8)
+            .beam_length(4)
+            .generation(generation),
     )?
     .generate(&prompts, |_, _| {})?;
 
@@ -47,6 +56,9 @@ fn main() -> Result<()> {
         println!("row {row}: speculative {b:?}");
     }
     anyhow::ensure!(plain.tokens == speculative.tokens, "greedy outputs differ");
-    println!("identical; τ = {:.2} (an untrained drafter is rarely right)", speculative.stats.tau());
+    println!(
+        "identical; τ = {:.2} (an untrained drafter is rarely right)",
+        speculative.stats.tau()
+    );
     Ok(())
 }

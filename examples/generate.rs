@@ -82,7 +82,9 @@ fn main() -> Result<()> {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => run::<redrafter::backend::Cuda>(&args, Default::default()),
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?),
+        BackendKind::Wgpu => {
+            run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?)
+        }
         #[allow(unreachable_patterns)]
         other => bail!("backend {other:?} is not compiled in"),
     }

@@ -41,7 +41,12 @@ impl<B: Backend> KvCache<B> {
         capacity: usize,
         device: &B::Device,
     ) -> Self {
-        let make = || Some(Tensor::<B, 4>::zeros([batch, kv_heads, capacity, head_dim], device));
+        let make = || {
+            Some(Tensor::<B, 4>::zeros(
+                [batch, kv_heads, capacity, head_dim],
+                device,
+            ))
+        };
         Self {
             keys: (0..num_layers).map(|_| make()).collect(),
             values: (0..num_layers).map(|_| make()).collect(),
@@ -217,7 +222,10 @@ impl<B: Backend> KvCache<B> {
         }
         let device = self.keys[0].as_ref().expect("cache layer present").device();
         let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
-            TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            TensorData::new(
+                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [rows.len()],
+            ),
             &device,
         );
         for store in [&mut self.keys, &mut self.values] {
@@ -253,7 +261,9 @@ impl<B: Backend> KvCache<B> {
                     .clone()
                     .slice([row..row + 1, 0..heads, 0..self.capacity, 0..dim])
                     .select(2, index.clone());
-                *slot = Some(cache.slice_assign([row..row + 1, 0..heads, dest..dest + count, 0..dim], rows));
+                *slot = Some(
+                    cache.slice_assign([row..row + 1, 0..heads, dest..dest + count, 0..dim], rows),
+                );
             }
         }
     }

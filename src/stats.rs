@@ -46,7 +46,11 @@ impl Stats {
     /// Emitted tokens per second of wall time, prefill included.
     pub fn tokens_per_second(&self) -> f64 {
         let secs = self.total_time.as_secs_f64();
-        if secs > 0.0 { self.new_tokens as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.new_tokens as f64 / secs
+        } else {
+            0.0
+        }
     }
 
     /// Emitted tokens per second of decoding, prefill excluded.
@@ -63,7 +67,13 @@ impl Stats {
     pub fn acceptance_rate_per_depth(&self) -> Vec<f64> {
         self.accepted_at_depth
             .iter()
-            .map(|&c| if self.row_rounds == 0 { 0.0 } else { c as f64 / self.row_rounds as f64 })
+            .map(|&c| {
+                if self.row_rounds == 0 {
+                    0.0
+                } else {
+                    c as f64 / self.row_rounds as f64
+                }
+            })
             .collect()
     }
 
@@ -74,9 +84,14 @@ impl Stats {
         self.forward_tokens += other.forward_tokens;
         self.row_rounds += other.row_rounds;
         if self.accepted_at_depth.len() < other.accepted_at_depth.len() {
-            self.accepted_at_depth.resize(other.accepted_at_depth.len(), 0);
+            self.accepted_at_depth
+                .resize(other.accepted_at_depth.len(), 0);
         }
-        for (a, b) in self.accepted_at_depth.iter_mut().zip(&other.accepted_at_depth) {
+        for (a, b) in self
+            .accepted_at_depth
+            .iter_mut()
+            .zip(&other.accepted_at_depth)
+        {
             *a += b;
         }
         self.packed_tokens += other.packed_tokens;

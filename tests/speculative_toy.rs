@@ -46,15 +46,27 @@ fn next_distribution(model: &ToyModel<B>, prefix: &[u32]) -> Vec<f64> {
     let mut cache = model.new_cache(1, len);
     let block = Block {
         tokens: Tensor::<B, 2, Int>::from_data(
-            TensorData::new(prefix.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, len]),
+            TensorData::new(
+                prefix.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [1, len],
+            ),
             &device,
         ),
-        positions: Tensor::from_data(TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]), &device),
+        positions: Tensor::from_data(
+            TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
+            &device,
+        ),
         bias: None,
     };
     let hidden = model.forward(&block, &mut cache).unwrap();
-    let logits = model.logits(hidden).slice([0..1, len - 1..len, 0..TOY.vocab]);
-    softmax(logits, 2).into_data().iter::<f32>().map(|p| p as f64).collect()
+    let logits = model
+        .logits(hidden)
+        .slice([0..1, len - 1..len, 0..TOY.vocab]);
+    softmax(logits, 2)
+        .into_data()
+        .iter::<f32>()
+        .map(|p| p as f64)
+        .collect()
 }
 
 /// Exact probability of every continuation of `depth` tokens.
@@ -103,7 +115,12 @@ fn chi_square(joint: &HashMap<Vec<u32>, f64>, samples: &[Vec<u32>]) -> (f64, usi
     (stat, cells - 1)
 }
 
-fn sample_sequences(model: &ToyModel<B>, acceptance: Acceptance, calls: u64, rows: usize) -> Vec<Vec<u32>> {
+fn sample_sequences(
+    model: &ToyModel<B>,
+    acceptance: Acceptance,
+    calls: u64,
+    rows: usize,
+) -> Vec<Vec<u32>> {
     let drafter = drafter(model, 3);
     let prompt = vec![1u32, 4, 2];
     let mut samples = Vec::new();
@@ -116,7 +133,9 @@ fn sample_sequences(model: &ToyModel<B>, acceptance: Acceptance, calls: u64, row
             .seed(1000 + call)
             .max_new_tokens(3);
         let decoder = SpeculativeDecoder::new(model, &drafter, config).unwrap();
-        let out = decoder.generate(&vec![prompt.clone(); rows], |_, _| {}).unwrap();
+        let out = decoder
+            .generate(&vec![prompt.clone(); rows], |_, _| {})
+            .unwrap();
         samples.extend(out.tokens);
     }
     samples
@@ -130,8 +149,14 @@ fn exact_sampling_matches_the_target_distribution() {
     let (stat, dof) = chi_square(&joint, &samples);
     // χ²(dof) has mean dof and sd sqrt(2 dof): 5 standard deviations is a p-value near 1e-6.
     let bound = dof as f64 + 5.0 * (2.0 * dof as f64).sqrt();
-    eprintln!("exact sampling: χ² = {stat:.1}, {dof} dof, {} samples", samples.len());
-    assert!(stat < bound, "χ² = {stat:.1} with {dof} dof exceeds {bound:.1}");
+    eprintln!(
+        "exact sampling: χ² = {stat:.1}, {dof} dof, {} samples",
+        samples.len()
+    );
+    assert!(
+        stat < bound,
+        "χ² = {stat:.1} with {dof} dof exceeds {bound:.1}"
+    );
 }
 
 #[test]
@@ -141,8 +166,14 @@ fn reference_parity_mode_is_measurably_biased() {
     let samples = sample_sequences(&model, Acceptance::ReferenceParity, 40, 500);
     let (stat, dof) = chi_square(&joint, &samples);
     let bound = dof as f64 + 10.0 * (2.0 * dof as f64).sqrt();
-    eprintln!("reference parity: χ² = {stat:.1}, {dof} dof, {} samples", samples.len());
-    assert!(stat > bound, "χ² = {stat:.1} with {dof} dof: the p/q rule should be biased here");
+    eprintln!(
+        "reference parity: χ² = {stat:.1}, {dof} dof, {} samples",
+        samples.len()
+    );
+    assert!(
+        stat > bound,
+        "χ² = {stat:.1} with {dof} dof: the p/q rule should be biased here"
+    );
 }
 
 #[test]
@@ -153,8 +184,14 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
     let config = GenerationConfig::default().with_max_new_tokens(20);
     let expected = generate(&model, &prompts, &config, |_, _| {}).unwrap();
     for (m, c) in [(1, 2), (3, 3), (6, 4)] {
-        let spec = SpeculativeConfig::default().beam_width(m).beam_length(c).generation(config.clone());
-        let out = SpeculativeDecoder::new(&model, &drafter, spec).unwrap().generate(&prompts, |_, _| {}).unwrap();
+        let spec = SpeculativeConfig::default()
+            .beam_width(m)
+            .beam_length(c)
+            .generation(config.clone());
+        let out = SpeculativeDecoder::new(&model, &drafter, spec)
+            .unwrap()
+            .generate(&prompts, |_, _| {})
+            .unwrap();
         assert_eq!(out.tokens, expected.tokens, "M={m} C={c}");
     }
 }
@@ -164,22 +201,39 @@ fn bad_settings_and_inputs_are_typed_errors() {
     let model = toy(1);
     let d = drafter(&model, 1);
     let make = |config: SpeculativeConfig| SpeculativeDecoder::new(&model, &d, config).err();
-    assert!(matches!(make(SpeculativeConfig::default().beam_width(0)), Some(Error::InvalidSettings(_))));
-    assert!(matches!(make(SpeculativeConfig::default().beam_length(0)), Some(Error::InvalidSettings(_))));
-    // Trained for 5 draft steps: a beam of 7 tokens needs 6.
-    assert!(matches!(make(SpeculativeConfig::default().beam_length(7)), Some(Error::InvalidSettings(_))));
     assert!(matches!(
-        make(SpeculativeConfig::default().acceptance(Acceptance::Greedy).temperature(0.7)),
+        make(SpeculativeConfig::default().beam_width(0)),
+        Some(Error::InvalidSettings(_))
+    ));
+    assert!(matches!(
+        make(SpeculativeConfig::default().beam_length(0)),
+        Some(Error::InvalidSettings(_))
+    ));
+    // Trained for 5 draft steps: a beam of 7 tokens needs 6.
+    assert!(matches!(
+        make(SpeculativeConfig::default().beam_length(7)),
+        Some(Error::InvalidSettings(_))
+    ));
+    assert!(matches!(
+        make(
+            SpeculativeConfig::default()
+                .acceptance(Acceptance::Greedy)
+                .temperature(0.7)
+        ),
         Some(Error::InvalidSettings(_))
     ));
 
     // A drafter built for another target.
-    let other = RecurrentDrafterConfig::new(TOY.hidden * 2, TOY.vocab).init_seeded::<B>(0, &model.device()).unwrap();
+    let other = RecurrentDrafterConfig::new(TOY.hidden * 2, TOY.vocab)
+        .init_seeded::<B>(0, &model.device())
+        .unwrap();
     assert!(matches!(
         SpeculativeDecoder::new(&model, &other, SpeculativeConfig::default()).err(),
         Some(Error::DrafterMismatch { .. })
     ));
-    let other_vocab = RecurrentDrafterConfig::new(TOY.hidden, TOY.vocab + 3).init_seeded::<B>(0, &model.device()).unwrap();
+    let other_vocab = RecurrentDrafterConfig::new(TOY.hidden, TOY.vocab + 3)
+        .init_seeded::<B>(0, &model.device())
+        .unwrap();
     assert!(matches!(
         SpeculativeDecoder::new(&model, &other_vocab, SpeculativeConfig::default()).err(),
         Some(Error::DrafterMismatch { .. })
@@ -188,16 +242,34 @@ fn bad_settings_and_inputs_are_typed_errors() {
     let decoder = SpeculativeDecoder::new(
         &model,
         &d,
-        SpeculativeConfig::default().beam_width(3).beam_length(4).max_new_tokens(8),
+        SpeculativeConfig::default()
+            .beam_width(3)
+            .beam_length(4)
+            .max_new_tokens(8),
     )
     .unwrap();
     // 22 + 8 new tokens leaves no room for a 4-token beam in a 32-token context.
     let long = vec![vec![1u32; 22]];
-    assert!(matches!(decoder.generate(&long, |_, _| {}), Err(Error::ContextOverflow { .. })));
-    assert!(matches!(decoder.generate(&[vec![1, 99]], |_, _| {}), Err(Error::TokenOutOfRange { token: 99, .. })));
-    assert!(matches!(decoder.generate(&[vec![]], |_, _| {}), Err(Error::EmptyInput(_))));
-    assert!(matches!(decoder.generate(&[], |_, _| {}), Err(Error::EmptyInput(_))));
+    assert!(matches!(
+        decoder.generate(&long, |_, _| {}),
+        Err(Error::ContextOverflow { .. })
+    ));
+    assert!(matches!(
+        decoder.generate(&[vec![1, 99]], |_, _| {}),
+        Err(Error::TokenOutOfRange { token: 99, .. })
+    ));
+    assert!(matches!(
+        decoder.generate(&[vec![]], |_, _| {}),
+        Err(Error::EmptyInput(_))
+    ));
+    assert!(matches!(
+        decoder.generate(&[], |_, _| {}),
+        Err(Error::EmptyInput(_))
+    ));
     // Plain decoding validates the same way.
     let plain = GenerationConfig::default().with_max_new_tokens(40);
-    assert!(matches!(generate(&model, &[vec![1]], &plain, |_, _| {}), Err(Error::ContextOverflow { .. })));
+    assert!(matches!(
+        generate(&model, &[vec![1]], &plain, |_, _| {}),
+        Err(Error::ContextOverflow { .. })
+    ));
 }
