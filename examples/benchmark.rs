@@ -28,8 +28,9 @@ struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Drafter checkpoint, or `random` for an untrained tied drafter (measures pure overhead).
+    /// Without it only the autoregressive baseline runs.
     #[arg(long)]
-    drafter: String,
+    drafter: Option<String>,
     #[arg(long, default_value = "benches/data/mt_bench_question.jsonl")]
     prompts: PathBuf,
     #[arg(long, default_value = "turns")]
@@ -195,6 +196,7 @@ fn summarize(
             "tree": stats.tree_time.as_secs_f64(),
             "verify": stats.verify_time.as_secs_f64(),
             "accept": stats.accept_time.as_secs_f64(),
+                    "readback": stats.readback_time.as_secs_f64(),
         }),
         greedy_mismatches: mismatches,
     }
@@ -210,13 +212,15 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         ..Default::default()
     };
     let (model, tokenizer): (Llama<B>, _) = load_llama(&model_path, &options, &device)?;
-    let drafter = if args.drafter == "random" {
-        RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
-            .with_head(DraftHeadKind::Tied)
-            .init_seeded::<B>(0, &device)?
-            .with_target(&model)?
-    } else {
-        RecurrentDrafter::load_for_target(&args.drafter, &model)?
+    let drafter = match args.drafter.as_deref() {
+        None => None,
+        Some("random") => Some(
+            RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+                .with_head(DraftHeadKind::Tied)
+                .init_seeded::<B>(0, &device)?
+                .with_target(&model)?,
+        ),
+        Some(path) => Some(RecurrentDrafter::load_for_target(path, &model)?),
     };
     let prompts = read_prompts(args, &tokenizer)?;
     let eos = tokenizer.eos_token_ids().to_vec();
@@ -264,6 +268,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             ar_tps = Some(result.tokens_per_second);
             results.push(result);
         }
+        let Some(drafter) = &drafter else { continue };
         let acceptance = if temperature == 0.0 {
             Acceptance::Greedy
         } else {
@@ -276,7 +281,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     .beam_length(beam_length)
                     .acceptance(acceptance)
                     .generation(generation.clone());
-                let decoder = SpeculativeDecoder::new(&model, &drafter, config)?;
+                let decoder = SpeculativeDecoder::new(&model, drafter, config)?;
                 for prompt in prompts.iter().take(args.warmup) {
                     decoder.generate(std::slice::from_ref(prompt), |_, _| {})?;
                 }
@@ -307,7 +312,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     mismatches.clone(),
                 );
                 eprintln!(
-                    "ReDrafter M={beam_width:<2} C={beam_length} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, packed {:.1}, split draft/tree/verify/accept {:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+                    "ReDrafter M={beam_width:<2} C={beam_length} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
                     result.tokens_per_second,
                     result
                         .speedup_over_ar
@@ -318,6 +323,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     stats.draft_time.as_secs_f64(),
                     stats.tree_time.as_secs_f64(),
                     stats.verify_time.as_secs_f64(),
+                    stats.readback_time.as_secs_f64(),
                     stats.accept_time.as_secs_f64(),
                     mismatches
                 );

@@ -191,6 +191,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     "tree": stats.tree_time.as_secs_f64(),
                     "verify": stats.verify_time.as_secs_f64(),
                     "accept": stats.accept_time.as_secs_f64(),
+                    "readback": stats.readback_time.as_secs_f64(),
                     "total": stats.total_time.as_secs_f64(),
                 },
             },

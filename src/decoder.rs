@@ -344,12 +344,16 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let logits = self.target.logits(hidden.clone());
             let (best_beam, accepted, bonus, next_context) =
                 self.accept_on_device(&packed, hidden, logits, &device_beams, unpacker_t)?;
+            stats.verify_time += verify_start.elapsed();
+            let draft_start = Instant::now();
             let next_beams = self.drafter.propose(DraftRequest {
                 context: next_context,
                 first_tokens: bonus.clone().reshape([live]),
                 beam_width: m,
                 beam_length: c,
             })?;
+            stats.draft_time += draft_start.elapsed();
+            let readback_start = Instant::now();
             let data = Transaction::default()
                 .register(best_beam)
                 .register(accepted)
@@ -357,7 +361,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 .register(next_beams.tokens.clone())
                 .execute();
             stats.syncs += 1;
-            stats.verify_time += verify_start.elapsed();
+            stats.readback_time += readback_start.elapsed();
 
             let accept_start = Instant::now();
             let result = RoundResult {

@@ -6,9 +6,10 @@ use serde::Serialize;
 
 /// What a generation call did and how long each part took.
 ///
-/// On asynchronous backends (CUDA, WGPU) device work is only waited for at readbacks, so time is
-/// charged to the phase that waited: `verify` includes the device time of drafting and
-/// verification that the round's single readback waited for.
+/// Phases are timed on the host. On synchronous backends (the CPU ones) that is the real cost of
+/// each phase. On asynchronous backends (CUDA, WGPU) the host only enqueues work and waits at the
+/// round's single readback, so `draft` and `verify` then measure launch overhead and
+/// `readback` absorbs the device time still outstanding.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
     /// Tokens emitted (all rows), the prefill's first token included.
@@ -30,6 +31,8 @@ pub struct Stats {
     pub tree_time: Duration,
     pub verify_time: Duration,
     pub accept_time: Duration,
+    /// Time spent waiting for the round's readback.
+    pub readback_time: Duration,
     pub total_time: Duration,
 }
 
@@ -101,6 +104,7 @@ impl Stats {
         self.tree_time += other.tree_time;
         self.verify_time += other.verify_time;
         self.accept_time += other.accept_time;
+        self.readback_time += other.readback_time;
         self.total_time += other.total_time;
     }
 }
