@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use redrafter::backend::BackendKind;
 use redrafter::drafter::{CheckpointDType, DraftHeadKind, RecurrentDrafterConfig};
 use redrafter::models::llama::{Llama, LlamaLoadOptions, load_llama};
@@ -244,6 +244,16 @@ fn bar(len: u64, template: &str) -> ProgressBar {
     bar
 }
 
+/// Prints a line above the bar, or plainly when the bar is hidden (no terminal), where
+/// indicatif would drop it.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 fn generate_data<B: Backend>(args: &GenerateArgs, device: B::Device) -> Result<()> {
     if args
         .prompts
@@ -324,9 +334,17 @@ fn generate_data<B: Backend>(args: &GenerateArgs, device: B::Device) -> Result<(
     let on_progress = |p: &redrafter::train::data::DataProgress| {
         progress.set_position(p.done as u64);
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        progress.set_message(format!("{:.0} tok/s", p.new_tokens as f64 / secs));
+        let rate = format!("{:.0} tok/s", p.new_tokens as f64 / secs);
+        // Without a terminal (logs on a GPU box) the bar is hidden: print a line per batch.
+        if progress.is_hidden() && p.done > p.resumed {
+            eprintln!("generate: {}/{} prompts, {rate}", p.done, p.total);
+        }
+        progress.set_message(rate);
         if p.resumed > 0 && p.done == p.resumed {
-            progress.println(format!("resuming: {} prompts already written", p.resumed));
+            say(
+                &progress,
+                format!("resuming: {} prompts already written", p.resumed),
+            );
         }
     };
     let manifest = if reference_field.is_some() {
@@ -415,16 +433,23 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
         }
     );
 
-    let steps_bar = bar(
+    // The cache bar (if any) fills before training starts; both live in one MultiProgress so
+    // they do not overwrite each other.
+    let bars = MultiProgress::new();
+    let cache_bar = if config.hidden_cache == HiddenCache::Off {
+        ProgressBar::hidden()
+    } else {
+        bars.add(bar(
+            0,
+            "{prefix} [{bar:40}] {pos}/{len} sequences {elapsed_precise}",
+        ))
+    };
+    cache_bar.set_prefix("hidden");
+    let steps_bar = bars.add(bar(
         0,
         "{prefix} [{bar:40}] {pos}/{len} steps {elapsed_precise} (eta {eta}) {msg}",
-    );
+    ));
     steps_bar.set_prefix("train");
-    let cache_bar = bar(
-        0,
-        "{prefix} [{bar:40}] {pos}/{len} sequences {elapsed_precise}",
-    );
-    cache_bar.set_prefix("hidden");
     let report = train_drafter(
         &model,
         &drafter,
@@ -441,14 +466,17 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
             } => {
                 steps_bar.set_length(total_steps as u64);
                 steps_bar.set_position(start_step as u64);
-                steps_bar.println(format!(
-                    "{total_steps} steps ({steps_per_epoch} per epoch){}",
-                    if start_step > 0 {
-                        format!(", resuming at {start_step}")
-                    } else {
-                        String::new()
-                    }
-                ));
+                say(
+                    &steps_bar,
+                    format!(
+                        "{total_steps} steps ({steps_per_epoch} per epoch){}",
+                        if start_step > 0 {
+                            format!(", resuming at {start_step}")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                );
             }
             TrainEvent::CachingHidden { done, total } => {
                 cache_bar.set_length(total as u64);
@@ -459,7 +487,7 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
             }
             TrainEvent::Step(step) => {
                 steps_bar.set_position(step.step as u64);
-                steps_bar.set_message(format!(
+                let message = format!(
                     "loss {:.3} [{}] lr {:.2e}",
                     step.loss,
                     step.step_loss
@@ -468,20 +496,31 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(" "),
                     step.learning_rate
-                ));
+                );
+                // Without a terminal the bar is hidden: log every 10th step instead.
+                if steps_bar.is_hidden() && (step.step % 10 == 0 || step.step == step.total_steps) {
+                    eprintln!("step {}/{}: {message}", step.step, step.total_steps);
+                }
+                steps_bar.set_message(message);
             }
-            TrainEvent::Eval { step, report } => steps_bar.println(format!(
-                "step {step}: eval loss {:.3}, top-1 per step [{}], τ(beam 1) ≈ {:.2}",
-                report.loss,
-                report
-                    .step_accuracy
-                    .iter()
-                    .map(|a| format!("{a:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                1.0 + report.mean_accepted
-            )),
+            TrainEvent::Eval { step, report } => say(
+                &steps_bar,
+                format!(
+                    "step {step}: eval loss {:.3}, top-1 per step [{}], τ(beam 1) ≈ {:.2}",
+                    report.loss,
+                    report
+                        .step_accuracy
+                        .iter()
+                        .map(|a| format!("{a:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    1.0 + report.mean_accepted
+                ),
+            ),
             TrainEvent::Checkpoint { step, path } => {
+                if steps_bar.is_hidden() {
+                    eprintln!("checkpoint {step} → {}", path.display());
+                }
                 steps_bar.set_message(format!("checkpoint {step} → {}", path.display()))
             }
         },

@@ -193,9 +193,11 @@ pub struct EvalReport {
     /// Top-1 accuracy per draft step (teacher-forced: earlier tokens are the true ones).
     pub step_accuracy: Vec<f64>,
     /// Mean number of leading draft steps whose top-1 prediction is right, over the positions
-    /// where step 1 is trained. When the data is the target's greedy output, this is exactly
-    /// the mean accepted draft length of greedy decoding with one beam of length `K + 1`, so
-    /// `1 + mean_accepted` estimates τ at beam width 1.
+    /// where step 1 is trained. When the data is the target's greedy output, this is the
+    /// number of drafts greedy decoding with one beam of length `K + 1` would accept at each
+    /// position (teacher forcing changes nothing along a correct chain), averaged over all
+    /// positions rather than over the round boundaries decoding visits; `1 + mean_accepted`
+    /// estimates τ at beam width 1, and wider beams do better.
     pub mean_accepted: f64,
     /// Positions counted in `mean_accepted`.
     pub positions: usize,

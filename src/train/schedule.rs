@@ -17,7 +17,13 @@ pub struct LrSchedule {
 impl LrSchedule {
     /// The recipe's schedule: `warmup_fraction` of `total_steps` warming up, decay to 0.
     pub fn cosine_with_warmup(peak: f64, warmup_fraction: f64, total_steps: usize) -> Self {
-        let warmup_steps = (total_steps as f64 * warmup_fraction.clamp(0.0, 1.0)).round() as usize;
+        let mut warmup_steps =
+            (total_steps as f64 * warmup_fraction.clamp(0.0, 1.0)).round() as usize;
+        // Short runs still warm up for a step: Adam's first update moves every weight by about
+        // the full learning rate, which can overshoot on large hidden states.
+        if warmup_fraction > 0.0 && total_steps > 1 {
+            warmup_steps = warmup_steps.max(1);
+        }
         Self {
             peak,
             min: 0.0,
@@ -55,6 +61,7 @@ mod tests {
         for step in 10..99 {
             assert!(s.at(step + 1) <= s.at(step));
         }
+        assert_eq!(LrSchedule::cosine_with_warmup(1.0, 0.1, 4).warmup_steps, 1);
         // No warmup at all.
         assert_eq!(LrSchedule::cosine_with_warmup(1.0, 0.0, 10).at(0), 1.0);
     }
