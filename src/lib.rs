@@ -17,6 +17,8 @@ pub mod sampling;
 pub mod stats;
 pub mod target;
 pub mod tokenizer;
+#[cfg(feature = "train")]
+pub mod train;
 pub mod tree;
 
 pub use error::{Error, Result};

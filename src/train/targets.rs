@@ -1,0 +1,196 @@
+//! Teacher-forcing layout: which (position, draft step) pairs are trained and on which label.
+//!
+//! # Indexing (SPEC §6)
+//!
+//! For a sequence `x_0 … x_{L-1}` with target hidden states `H_t`, draft step `i = 1..=K` at
+//! context position `t` computes
+//!
+//! ```text
+//! s^(0)_t = 0,   s^(i)_t = f(s^(i-1)_t, E[x_{t+i}]),   logits^(i)_t = head([H_t; s^(i)_t])
+//! ```
+//!
+//! and is trained to predict `x_{t+i+1}`. This is what inference does: the context is the
+//! hidden state at the last accepted token `t`, the first beam token `g0 = x_{t+1}` comes from
+//! the target's own logits at `t`, and draft step 1 embeds `g0` and predicts `x_{t+2}`.
+//!
+//! A pair is trained when its label `x_{t+i+1}` exists (`t+i+1 < L`) and is a response token
+//! (`t+i+1 ≥ prompt_len`); prompt and padding labels are never trained.
+//!
+//! # Grids
+//!
+//! Step `i` only needs the positions `t < T - i - 1` of a batch padded to width `T`, so the
+//! recurrent state is computed on a grid of width `W_i = T - i - 1` that shrinks by one per step
+//! (step `i + 1`'s grid is a prefix of step `i`'s). [`StepTargets::rows`] index that grid
+//! row-major, so the draft head runs on trained pairs only.
+
+use super::dataset::Sequence;
+
+/// The trained pairs of one draft step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepTargets {
+    /// Width `W_i = T - i - 1` of this step's grid (0 when the batch is too short).
+    pub grid_width: usize,
+    /// Trained pairs as flat indices `n * grid_width + t` into the `[N, W_i]` grid.
+    pub rows: Vec<i64>,
+    /// Their labels `x^n_{t+i+1}`.
+    pub labels: Vec<i64>,
+}
+
+/// One micro-batch laid out for teacher forcing over `steps` draft steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeacherForcing {
+    /// Sequences N.
+    pub batch: usize,
+    /// Padded width T (longest sequence).
+    pub width: usize,
+    /// Right-padded tokens (padding id 0). Length `N·T`.
+    pub tokens: Vec<i64>,
+    /// Length of each sequence.
+    pub lengths: Vec<usize>,
+    /// Draft steps `1..=K`, in order.
+    pub steps: Vec<StepTargets>,
+}
+
+impl TeacherForcing {
+    /// Lays out `sequences` (right-padded) for `steps` draft steps.
+    pub fn new(sequences: &[&Sequence], steps: usize) -> Self {
+        let batch = sequences.len();
+        let width = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut tokens = vec![0i64; batch * width];
+        for (n, seq) in sequences.iter().enumerate() {
+            for (t, &token) in seq.tokens.iter().enumerate() {
+                tokens[n * width + t] = token as i64;
+            }
+        }
+        let steps = (1..=steps)
+            .map(|i| {
+                let grid_width = width.saturating_sub(i + 1);
+                let mut rows = Vec::new();
+                let mut labels = Vec::new();
+                for (n, seq) in sequences.iter().enumerate() {
+                    // Labels j = t + i + 1 in [max(prompt_len, i + 1), len).
+                    let first = seq.prompt_len.max(i + 1);
+                    for j in first..seq.len() {
+                        let t = j - i - 1;
+                        rows.push((n * grid_width + t) as i64);
+                        labels.push(seq.tokens[j] as i64);
+                    }
+                }
+                StepTargets {
+                    grid_width,
+                    rows,
+                    labels,
+                }
+            })
+            .collect();
+        Self {
+            batch,
+            width,
+            tokens,
+            lengths: sequences.iter().map(|s| s.len()).collect(),
+            steps,
+        }
+    }
+
+    /// Trained pairs per draft step.
+    pub fn counts(&self) -> Vec<usize> {
+        self.steps.iter().map(|s| s.rows.len()).collect()
+    }
+
+    /// Padded tokens `N·T` (what the target and the embedding lookups process).
+    pub fn padded_tokens(&self) -> usize {
+        self.batch * self.width
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn seq(tokens: &[u32], prompt_len: usize) -> Sequence {
+        Sequence {
+            tokens: tokens.to_vec(),
+            prompt_len,
+        }
+    }
+
+    /// (n, step, t, label) for every trained pair, by the definition.
+    fn naive(sequences: &[&Sequence], steps: usize) -> BTreeSet<(usize, usize, usize, u32)> {
+        let mut pairs = BTreeSet::new();
+        for (n, s) in sequences.iter().enumerate() {
+            for i in 1..=steps {
+                for t in 0..s.len() {
+                    let label = t + i + 1;
+                    if label < s.len() && label >= s.prompt_len {
+                        pairs.insert((n, i, t, s.tokens[label]));
+                    }
+                }
+            }
+        }
+        pairs
+    }
+
+    fn decoded(layout: &TeacherForcing) -> BTreeSet<(usize, usize, usize, u32)> {
+        let mut pairs = BTreeSet::new();
+        for (k, step) in layout.steps.iter().enumerate() {
+            for (&row, &label) in step.rows.iter().zip(&step.labels) {
+                let (n, t) = (
+                    row as usize / step.grid_width,
+                    row as usize % step.grid_width,
+                );
+                // The embedded tokens x_{t+1..=t+i} must lie inside the grid's input range.
+                assert!(t + k + 1 < layout.width);
+                assert!(pairs.insert((n, k + 1, t, label as u32)), "duplicate pair");
+            }
+        }
+        pairs
+    }
+
+    #[test]
+    fn hand_made_example() {
+        // prompt [10, 11], response [12, 13, 14]; second row shorter and padded.
+        let a = seq(&[10, 11, 12, 13, 14], 2);
+        let b = seq(&[20, 21, 22], 1);
+        let layout = TeacherForcing::new(&[&a, &b], 2);
+        assert_eq!(layout.width, 5);
+        assert_eq!(layout.tokens, vec![10, 11, 12, 13, 14, 20, 21, 22, 0, 0]);
+        // Step 1 (grid width 3): row a, t = 0, 1, 2 → labels 12, 13, 14 (t = 0 embeds the prompt
+        // token 11 and predicts the first response token but one); row b, t = 0 → label 22
+        // (label 21 at t = -1 does not exist).
+        assert_eq!(layout.steps[0].grid_width, 3);
+        assert_eq!(layout.steps[0].rows, vec![0, 1, 2, 3]);
+        assert_eq!(layout.steps[0].labels, vec![12, 13, 14, 22]);
+        // Step 2 (grid width 2): row a, t = 0, 1 → labels 13, 14; row b has none (t + 3 ≥ 3).
+        assert_eq!(layout.steps[1].grid_width, 2);
+        assert_eq!(layout.steps[1].rows, vec![0, 1]);
+        assert_eq!(layout.steps[1].labels, vec![13, 14]);
+        assert_eq!(layout.counts(), vec![4, 2]);
+    }
+
+    #[test]
+    fn matches_the_naive_loop() {
+        let mut state = 12345u64;
+        let mut next = |m: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % m
+        };
+        for _ in 0..50 {
+            let n = 1 + next(5) as usize;
+            let steps = 1 + next(6) as usize;
+            let sequences: Vec<Sequence> = (0..n)
+                .map(|_| {
+                    let len = 2 + next(12) as usize;
+                    let prompt_len = 1 + next(len as u64 - 1) as usize;
+                    let tokens: Vec<u32> = (0..len).map(|_| next(50) as u32).collect();
+                    seq(&tokens, prompt_len)
+                })
+                .collect();
+            let refs: Vec<&Sequence> = sequences.iter().collect();
+            let layout = TeacherForcing::new(&refs, steps);
+            assert_eq!(decoded(&layout), naive(&refs, steps));
+        }
+    }
+}

@@ -1,0 +1,856 @@
+//! The training loop (SPEC §6): frozen target on the inner backend `B`, drafter on
+//! `Autodiff<B>`, teacher forcing over all positions, AdamW with warmup + cosine, gradient
+//! accumulation over token-bounded micro-batches, periodic evaluation and checkpoints.
+//!
+//! # One optimiser step
+//!
+//! 1. The next `batch_size` sequences of the epoch's seeded shuffle are sorted by length and cut
+//!    into micro-batches of at most `micro_batch_tokens` padded tokens.
+//! 2. Per micro-batch: one batched, causal target forward (a fresh KV cache) gives the
+//!    final-norm hidden states `[N, T, H]` (or they come from the hidden-state cache); they
+//!    enter the autodiff graph as constants ([`Tensor::from_inner`]); the teacher-forced loss
+//!    ([`teacher_forced_loss`]) is back-propagated and the gradients accumulated.
+//! 3. One readback of the step's loss; a non-finite loss stops training with
+//!    [`Error::NonFiniteLoss`] before the optimiser touches the weights.
+//! 4. AdamW steps with the scheduled learning rate.
+//!
+//! Nothing else synchronises with the device during a step.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use burn::backend::Autodiff;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::dataset::Sequence;
+use super::loss::{EvalCounts, EvalReport, evaluate_batch, teacher_forced_loss};
+use super::schedule::LrSchedule;
+use super::state::{
+    CheckpointPaths, DraftOptimizer, STATE_VERSION, TrainState, load_optimizer,
+    save_drafter_checked, save_optimizer,
+};
+use super::targets::TeacherForcing;
+use crate::drafter::{CheckpointDType, RecurrentDrafter, RecurrentDrafterConfig};
+use crate::error::{Error, Result};
+use crate::target::{Block, TargetModel};
+
+/// The backend the drafter trains on.
+pub type TrainBackend<B> = Autodiff<B>;
+
+/// Where the target's hidden states of the dataset are kept between epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenCache {
+    /// Recompute them for every micro-batch (no memory, one target forward per micro-batch).
+    #[default]
+    Off,
+    /// Compute once, keep in host memory as f32 (`4·H` bytes per token; 2.3 KB for SmolLM2),
+    /// upload per micro-batch.
+    Host,
+    /// Compute once, keep on the device (same size, in device memory).
+    Device,
+}
+
+impl std::str::FromStr for HiddenCache {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "off" | "none" => Ok(Self::Off),
+            "host" => Ok(Self::Host),
+            "device" => Ok(Self::Device),
+            other => Err(Error::InvalidSettings(format!(
+                "unknown hidden-state cache `{other}` (expected off, host or device)"
+            ))),
+        }
+    }
+}
+
+/// Training settings. The defaults follow the published recipe where it applies (AdamW,
+/// lr 1e-3, no weight decay, 10% warmup, cosine, 2 epochs, 5 draft steps).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Draft steps K trained per position (the beam length at inference is at most K + 1).
+    pub draft_steps: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Fraction of the steps spent warming up linearly.
+    pub warmup_fraction: f64,
+    /// Passes over the training set (ignored when `max_steps` is set).
+    pub epochs: usize,
+    /// Total optimiser steps; overrides `epochs` (the data is cycled as needed).
+    pub max_steps: Option<usize>,
+    /// Sequences per optimiser step (the recipe uses 128).
+    pub batch_size: usize,
+    /// Padded tokens (`N·T`) per micro-batch: bounds memory. The target forward holds
+    /// `N·T` activations, the drafter about `12·K·P·V` bytes of logits for `P ≤ N·T` trained
+    /// pairs per step. Gradients of a step's micro-batches are accumulated.
+    pub micro_batch_tokens: usize,
+    /// Sequences are truncated to this many tokens (prompt + response).
+    pub max_seq_len: usize,
+    /// Clip each parameter's gradient to this L2 norm (Burn clips per tensor).
+    pub grad_clip_norm: Option<f32>,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Where hidden states are kept between epochs.
+    pub hidden_cache: HiddenCache,
+    /// Seed of the initial weights and of the data order.
+    pub seed: u64,
+    /// Continue from the checkpoint at the output path if there is one.
+    pub resume: bool,
+    /// Also keep the drafter with the best held-out `mean_accepted`.
+    pub keep_best: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            draft_steps: crate::drafter::DEFAULT_TRAINED_STEPS,
+            learning_rate: 1e-3,
+            weight_decay: 0.0,
+            warmup_fraction: 0.1,
+            epochs: 2,
+            max_steps: None,
+            batch_size: 32,
+            micro_batch_tokens: 8192,
+            max_seq_len: 2048,
+            grad_clip_norm: None,
+            eval_every: 100,
+            checkpoint_every: 100,
+            hidden_cache: HiddenCache::Off,
+            seed: 0,
+            resume: false,
+            keep_best: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects settings that cannot train.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidSettings(m.into()));
+        if self.draft_steps == 0 {
+            return bad("draft_steps must be at least 1");
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad("learning_rate must be finite and positive");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay must be finite and ≥ 0");
+        }
+        if !(0.0..=1.0).contains(&self.warmup_fraction) {
+            return bad("warmup_fraction must be in [0, 1]");
+        }
+        if self.batch_size == 0 || self.micro_batch_tokens == 0 {
+            return bad("batch_size and micro_batch_tokens must be at least 1");
+        }
+        if self.max_seq_len < 2 {
+            return bad("max_seq_len must be at least 2");
+        }
+        if self.max_steps.is_none() && self.epochs == 0 {
+            return bad("give at least one epoch or a step count");
+        }
+        if self
+            .grad_clip_norm
+            .is_some_and(|c| !(c.is_finite() && c > 0.0))
+        {
+            return bad("grad_clip_norm must be finite and positive");
+        }
+        Ok(())
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Steps done, this one included.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Epoch of this step (0-based).
+    pub epoch: usize,
+    /// Training loss: sum over draft steps of the mean cross-entropy.
+    pub loss: f64,
+    /// Mean cross-entropy per draft step.
+    pub step_loss: Vec<f64>,
+    /// Learning rate applied.
+    pub learning_rate: f64,
+    /// Sequences in the step.
+    pub sequences: usize,
+    /// Response tokens trained at draft step 1.
+    pub trained_positions: usize,
+    /// Padded tokens the target processed (0 when cached).
+    pub target_tokens: usize,
+    pub micro_batches: usize,
+}
+
+/// Progress events of [`train_drafter`], for progress bars and logs.
+#[derive(Debug)]
+pub enum TrainEvent<'a> {
+    /// Training starts at `start_step` (nonzero when resumed).
+    Started {
+        start_step: usize,
+        total_steps: usize,
+        steps_per_epoch: usize,
+    },
+    /// Hidden-state cache filling: `done` of `total` sequences.
+    CachingHidden { done: usize, total: usize },
+    /// An optimiser step finished.
+    Step(&'a StepReport),
+    /// A held-out evaluation finished after `step` steps.
+    Eval { step: usize, report: &'a EvalReport },
+    /// A checkpoint was written after `step` steps.
+    Checkpoint { step: usize, path: &'a Path },
+}
+
+/// What a training run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// Step the run started from (0, or the resumed step).
+    pub start_step: usize,
+    /// Steps done in total.
+    pub steps: usize,
+    /// Loss of this run's first and last step.
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    /// Final held-out evaluation (if there is an eval set).
+    pub eval: Option<EvalReport>,
+    /// Best held-out `mean_accepted`.
+    pub best_eval: Option<f64>,
+    /// Whether a resumed run restored the AdamW moments (else they restarted from zero).
+    pub optimizer_restored: bool,
+    pub elapsed: Duration,
+}
+
+/// Trains a draft head for `target` on `train` (evaluating on `eval`) and writes it to `out`
+/// (plus the checkpoint files of [`CheckpointPaths`]).
+///
+/// The target stays on `B` and is never differentiated; the drafter trains on `Autodiff<B>` in
+/// f32 (a half-precision target's hidden states and embeddings are cast). `save_dtype` is the
+/// element type of the written drafter; keep F32 if you intend to resume.
+///
+/// # Errors
+/// - [`Error::InvalidSettings`] for unusable settings, [`Error::Data`] for an empty training set;
+/// - [`Error::NonFiniteLoss`] when the loss (or a parameter at a checkpoint) stops being
+///   finite — the last written checkpoint is left as it was;
+/// - [`Error::DrafterMismatch`] / [`Error::InvalidConfig`] if the drafter does not fit the
+///   target, or a checkpoint to resume has another configuration;
+/// - target, I/O and checkpoint errors.
+#[allow(clippy::too_many_arguments)]
+pub fn train_drafter<B: Backend, T: TargetModel<B>>(
+    target: &T,
+    drafter_config: &RecurrentDrafterConfig,
+    train: &[Sequence],
+    eval: &[Sequence],
+    out: impl AsRef<Path>,
+    config: &TrainConfig,
+    save_dtype: CheckpointDType,
+    mut on_event: impl FnMut(TrainEvent<'_>),
+) -> Result<TrainReport> {
+    config.validate()?;
+    if train.is_empty() {
+        return Err(Error::Data("no training sequences".into()));
+    }
+    let started = Instant::now();
+    let device = target.device();
+    let paths = CheckpointPaths::new(out);
+    let drafter_config = drafter_config
+        .clone()
+        .with_trained_steps(Some(config.draft_steps));
+    let max_len = config.max_seq_len.min(target.max_context());
+    let train = truncated(train, max_len);
+    let eval = truncated(eval, max_len);
+    check_tokens(&train, target.vocab_size())?;
+    check_tokens(&eval, target.vocab_size())?;
+
+    let steps_per_epoch = train.len().div_ceil(config.batch_size);
+    let total_steps = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
+    let schedule =
+        LrSchedule::cosine_with_warmup(config.learning_rate, config.warmup_fraction, total_steps);
+
+    // The drafter's frozen tables, as autodiff constants in f32.
+    let input_embedding =
+        Tensor::<TrainBackend<B>, 2>::from_inner(target.input_embedding().cast(DType::F32));
+    let output_embedding =
+        Tensor::<TrainBackend<B>, 2>::from_inner(target.output_embedding().cast(DType::F32));
+    let mut optimizer: DraftOptimizer<TrainBackend<B>> = AdamWConfig::new()
+        .with_weight_decay(config.weight_decay as f32)
+        // PyTorch's AdamW default, which the recipe used (Burn defaults to 1e-5).
+        .with_epsilon(1e-8)
+        .with_grad_clipping(config.grad_clip_norm.map(GradientClippingConfig::Norm))
+        .init();
+
+    let mut state = TrainState {
+        version: STATE_VERSION,
+        step: 0,
+        epoch: 0,
+        total_steps,
+        steps_per_epoch,
+        last_loss: None,
+        last_eval: None,
+        best_eval: None,
+        best_step: None,
+        train_sequences: train.len(),
+        eval_sequences: eval.len(),
+        drafter: drafter_config.clone(),
+        config: config.clone(),
+    };
+    let resumed = if config.resume {
+        TrainState::read(&paths.state)?
+    } else {
+        None
+    };
+    let mut optimizer_restored = false;
+    let mut drafter = match resumed {
+        Some(previous) => {
+            if previous.drafter != drafter_config {
+                return Err(Error::InvalidConfig(format!(
+                    "{} was trained with drafter {:?}; asked for {:?}",
+                    paths.state.display(),
+                    previous.drafter,
+                    drafter_config
+                )));
+            }
+            if previous.total_steps != total_steps {
+                tracing::warn!(
+                    before = previous.total_steps,
+                    now = total_steps,
+                    "resuming with another step count: the learning-rate schedule changes"
+                );
+            }
+            let drafter =
+                RecurrentDrafter::<TrainBackend<B>>::load_parameters(&paths.drafter, &device)?
+                    .with_embeddings(input_embedding, output_embedding)?;
+            if drafter.config() != &drafter_config {
+                return Err(Error::InvalidConfig(format!(
+                    "{} holds drafter {:?}; asked for {:?}",
+                    paths.drafter.display(),
+                    drafter.config(),
+                    drafter_config
+                )));
+            }
+            if paths.optimizer.exists() {
+                optimizer = match load_optimizer(
+                    optimizer.clone(),
+                    &drafter,
+                    &paths.optimizer,
+                    &device,
+                ) {
+                    Ok(loaded) => {
+                        optimizer_restored = true;
+                        loaded
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "optimiser state not restored; AdamW moments restart");
+                        optimizer
+                    }
+                };
+            }
+            tracing::info!(step = previous.step, path = %paths.drafter.display(), "resuming training");
+            state.step = previous.step;
+            state.best_eval = previous.best_eval;
+            state.best_step = previous.best_step;
+            state.last_loss = previous.last_loss;
+            state.last_eval = previous.last_eval;
+            drafter
+        }
+        // `with_embeddings` checks the tables against the configuration's sizes.
+        None => drafter_config
+            .init_seeded::<TrainBackend<B>>(config.seed, &device)?
+            .with_embeddings(input_embedding, output_embedding)?,
+    };
+    let start_step = state.step;
+    on_event(TrainEvent::Started {
+        start_step,
+        total_steps,
+        steps_per_epoch,
+    });
+
+    let hidden_total = if config.hidden_cache == HiddenCache::Off {
+        0
+    } else {
+        train.len() + eval.len()
+    };
+    let mut cached = 0;
+    let mut caching = |done: usize| {
+        cached += done;
+        on_event(TrainEvent::CachingHidden {
+            done: cached,
+            total: hidden_total,
+        });
+    };
+    let train_hidden = HiddenStore::build(target, &train, config, &mut caching)?;
+    let eval_hidden = HiddenStore::build(target, &eval, config, &mut caching)?;
+
+    let mut report = TrainReport {
+        start_step,
+        steps: start_step,
+        first_loss: None,
+        last_loss: state.last_loss,
+        eval: state.last_eval.clone(),
+        best_eval: state.best_eval,
+        optimizer_restored,
+        elapsed: Duration::ZERO,
+    };
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    for step in start_step..total_steps {
+        let epoch = step / steps_per_epoch;
+        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            order = Some((epoch, epoch_order(train.len(), config.seed, epoch)));
+        }
+        let (_, indices) = order.as_ref().expect("order set above");
+        let within = step % steps_per_epoch;
+        let batch = &indices
+            [within * config.batch_size..((within + 1) * config.batch_size).min(indices.len())];
+
+        let micro = micro_batches(&train, batch, config.micro_batch_tokens);
+        let layouts: Vec<TeacherForcing> = micro
+            .iter()
+            .map(|ids| {
+                TeacherForcing::new(
+                    &ids.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
+                    config.draft_steps,
+                )
+            })
+            .collect();
+        let mut normalizers = vec![0usize; config.draft_steps];
+        for layout in &layouts {
+            for (n, c) in normalizers.iter_mut().zip(layout.counts()) {
+                *n += c;
+            }
+        }
+        let mut accumulator = GradientsAccumulator::<RecurrentDrafter<TrainBackend<B>>>::new();
+        let mut step_loss: Option<Tensor<B, 1>> = None;
+        let mut target_tokens = 0;
+        for (ids, layout) in micro.iter().zip(&layouts) {
+            if layout.counts().iter().all(|&c| c == 0) {
+                continue;
+            }
+            let hidden = train_hidden.get(target, &train, ids, layout.width)?;
+            if matches!(train_hidden, HiddenStore::Off) {
+                target_tokens += layout.padded_tokens();
+            }
+            let losses =
+                teacher_forced_loss(&drafter, Tensor::from_inner(hidden), layout, &normalizers)?;
+            let value = losses.clone().inner();
+            step_loss = Some(match step_loss {
+                None => value,
+                Some(sum) => sum + value,
+            });
+            let gradients = GradientsParams::from_grads(losses.sum().backward(), &drafter);
+            accumulator.accumulate(&drafter, gradients);
+        }
+        // The step's only readback.
+        let step_losses: Vec<f64> = match step_loss {
+            Some(losses) => losses.into_data().iter::<f64>().collect(),
+            None => vec![0.0; config.draft_steps],
+        };
+        let loss: f64 = step_losses.iter().sum();
+        if !loss.is_finite() {
+            tracing::error!(
+                step = step + 1,
+                loss,
+                "non-finite loss; stopping, the last checkpoint is kept"
+            );
+            return Err(Error::NonFiniteLoss {
+                step: step + 1,
+                loss,
+            });
+        }
+        let learning_rate = schedule.at(step);
+        drafter = optimizer.step(learning_rate, drafter, accumulator.grads());
+
+        state.step = step + 1;
+        state.epoch = (step + 1) / steps_per_epoch;
+        state.last_loss = Some(loss);
+        report.steps = step + 1;
+        report.first_loss.get_or_insert(loss);
+        report.last_loss = Some(loss);
+        let step_report = StepReport {
+            step: step + 1,
+            total_steps,
+            epoch,
+            loss,
+            step_loss: step_losses,
+            learning_rate,
+            sequences: batch.len(),
+            trained_positions: normalizers[0],
+            target_tokens,
+            micro_batches: micro.len(),
+        };
+        tracing::debug!(step = step + 1, loss, learning_rate, "step");
+        on_event(TrainEvent::Step(&step_report));
+
+        let last = step + 1 == total_steps;
+        let due = |every: usize| last || (every > 0 && (step + 1) % every == 0);
+        if due(config.eval_every) && !eval.is_empty() {
+            let inference = drafter.valid();
+            let result = evaluate_with(target, &inference, &eval, &eval_hidden, config)?;
+            if !result.loss.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    step: step + 1,
+                    loss: result.loss,
+                });
+            }
+            tracing::info!(
+                step = step + 1,
+                loss = result.loss,
+                mean_accepted = result.mean_accepted,
+                accuracy = ?result.step_accuracy,
+                "evaluation"
+            );
+            on_event(TrainEvent::Eval {
+                step: step + 1,
+                report: &result,
+            });
+            if state
+                .best_eval
+                .is_none_or(|best| result.mean_accepted > best)
+            {
+                state.best_eval = Some(result.mean_accepted);
+                state.best_step = Some(step + 1);
+                if config.keep_best {
+                    save_drafter_checked(&inference, &paths.best, save_dtype, step + 1)?;
+                }
+            }
+            report.best_eval = state.best_eval;
+            report.eval = Some(result.clone());
+            state.last_eval = Some(result);
+        }
+        if due(config.checkpoint_every) {
+            checkpoint(&drafter, &optimizer, &state, &paths, save_dtype)?;
+            on_event(TrainEvent::Checkpoint {
+                step: step + 1,
+                path: &paths.drafter,
+            });
+        }
+    }
+    if start_step >= total_steps {
+        tracing::info!(
+            step = start_step,
+            "nothing to train: the checkpoint is complete"
+        );
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Writes the optimiser state, the drafter and then the training state (which refers to both).
+fn checkpoint<B: Backend>(
+    drafter: &RecurrentDrafter<TrainBackend<B>>,
+    optimizer: &DraftOptimizer<TrainBackend<B>>,
+    state: &TrainState,
+    paths: &CheckpointPaths,
+    dtype: CheckpointDType,
+) -> Result<()> {
+    let inference = drafter.valid();
+    // Checked first so that a diverged drafter writes nothing at all.
+    save_drafter_checked(&inference, &paths.drafter, dtype, state.step)?;
+    save_optimizer(optimizer, drafter, &paths.optimizer)?;
+    state.write(&paths.state)?;
+    tracing::info!(step = state.step, path = %paths.drafter.display(), "checkpoint");
+    Ok(())
+}
+
+/// Evaluates `drafter` on `sequences` (teacher-forced, see [`EvalReport`]), running the target
+/// for their hidden states in micro-batches of at most `micro_batch_tokens` padded tokens.
+///
+/// # Errors
+/// [`Error::InvalidSettings`] for `draft_steps == 0`; target and drafter errors.
+pub fn evaluate_drafter<B: Backend, T: TargetModel<B>>(
+    target: &T,
+    drafter: &RecurrentDrafter<B>,
+    sequences: &[Sequence],
+    draft_steps: usize,
+    micro_batch_tokens: usize,
+) -> Result<EvalReport> {
+    let config = TrainConfig {
+        draft_steps,
+        micro_batch_tokens,
+        ..TrainConfig::default()
+    };
+    config.validate()?;
+    let sequences = truncated(sequences, target.max_context());
+    evaluate_with(target, drafter, &sequences, &HiddenStore::Off, &config)
+}
+
+fn evaluate_with<B: Backend, T: TargetModel<B>>(
+    target: &T,
+    drafter: &RecurrentDrafter<B>,
+    sequences: &[Sequence],
+    hidden: &HiddenStore<B>,
+    config: &TrainConfig,
+) -> Result<EvalReport> {
+    let all: Vec<usize> = (0..sequences.len()).collect();
+    let mut counts = EvalCounts::default();
+    for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
+        let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
+        let layout = TeacherForcing::new(&refs, config.draft_steps);
+        let states = hidden.get(target, sequences, &ids, layout.width)?;
+        counts.merge(&evaluate_batch(drafter, states, &layout)?);
+    }
+    Ok(counts.report())
+}
+
+/// Runs the target on right-padded sequences (causal attention, a fresh cache) and returns the
+/// final-norm hidden states in f32.
+///
+/// # Shapes
+/// returns `[N, width, H]`
+pub fn target_hidden_states<B: Backend, T: TargetModel<B>>(
+    target: &T,
+    sequences: &[&Sequence],
+    width: usize,
+) -> Result<Tensor<B, 3>> {
+    let device = target.device();
+    let n = sequences.len();
+    if n == 0 || width == 0 {
+        return Err(Error::EmptyInput("no tokens to run the target on".into()));
+    }
+    let mut tokens = vec![0i64; n * width];
+    for (row, seq) in sequences.iter().enumerate() {
+        for (t, &token) in seq.tokens.iter().take(width).enumerate() {
+            tokens[row * width + t] = token as i64;
+        }
+    }
+    // Every row starts at position 0; padding continues the count and is never read (causal
+    // attention keeps it out of real tokens' context).
+    let positions: Vec<i64> = (0..n).flat_map(|_| 0..width as i64).collect();
+    let block = Block {
+        tokens: Tensor::<B, 2, Int>::from_data(TensorData::new(tokens, [n, width]), &device),
+        positions: Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [n, width]), &device),
+        // None = causal over the (empty) cache: exactly right for right-padded rows.
+        bias: None,
+    };
+    let mut cache = target.new_cache(n, width);
+    let hidden = target.forward(&block, &mut cache)?;
+    Ok(hidden.cast(DType::F32))
+}
+
+/// Hidden states of a sequence set, recomputed or cached.
+enum HiddenStore<B: Backend> {
+    Off,
+    /// Per sequence, `len·H` f32 values.
+    Host {
+        hidden_size: usize,
+        states: Vec<Vec<f32>>,
+    },
+    /// Per sequence, `[len, H]`.
+    Device(Vec<Tensor<B, 2>>),
+}
+
+impl<B: Backend> HiddenStore<B> {
+    /// Fills the cache the configuration asks for, reporting sequences done.
+    fn build<T: TargetModel<B>>(
+        target: &T,
+        sequences: &[Sequence],
+        config: &TrainConfig,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Self> {
+        if config.hidden_cache == HiddenCache::Off || sequences.is_empty() {
+            return Ok(Self::Off);
+        }
+        let h = target.hidden_size();
+        let mut host: Vec<Vec<f32>> = vec![Vec::new(); sequences.len()];
+        let mut device: Vec<Option<Tensor<B, 2>>> = vec![None; sequences.len()];
+        let all: Vec<usize> = (0..sequences.len()).collect();
+        for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
+            let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
+            let width = refs.iter().map(|s| s.len()).max().unwrap_or(0);
+            let hidden = target_hidden_states(target, &refs, width)?;
+            match config.hidden_cache {
+                HiddenCache::Host => {
+                    let values: Vec<f32> = hidden.into_data().iter::<f32>().collect();
+                    for (row, &i) in ids.iter().enumerate() {
+                        let start = row * width * h;
+                        host[i] = values[start..start + sequences[i].len() * h].to_vec();
+                    }
+                }
+                HiddenCache::Device => {
+                    for (row, &i) in ids.iter().enumerate() {
+                        let len = sequences[i].len();
+                        device[i] = Some(
+                            hidden
+                                .clone()
+                                .slice([row..row + 1, 0..len, 0..h])
+                                .reshape([len, h]),
+                        );
+                    }
+                }
+                HiddenCache::Off => unreachable!("handled above"),
+            }
+            progress(ids.len());
+        }
+        Ok(match config.hidden_cache {
+            HiddenCache::Host => Self::Host {
+                hidden_size: h,
+                states: host,
+            },
+            _ => Self::Device(
+                device
+                    .into_iter()
+                    .map(|t| t.expect("every sequence cached"))
+                    .collect(),
+            ),
+        })
+    }
+
+    /// Hidden states of the sequences `ids`, right-padded with zeros to `width`.
+    ///
+    /// # Shapes
+    /// returns `[ids.len(), width, H]`
+    fn get<T: TargetModel<B>>(
+        &self,
+        target: &T,
+        sequences: &[Sequence],
+        ids: &[usize],
+        width: usize,
+    ) -> Result<Tensor<B, 3>> {
+        match self {
+            Self::Off => {
+                let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
+                target_hidden_states(target, &refs, width)
+            }
+            Self::Host {
+                hidden_size,
+                states,
+            } => {
+                let h = *hidden_size;
+                let mut values = vec![0.0f32; ids.len() * width * h];
+                for (row, &i) in ids.iter().enumerate() {
+                    let state = &states[i];
+                    values[row * width * h..row * width * h + state.len()].copy_from_slice(state);
+                }
+                Ok(Tensor::from_data(
+                    TensorData::new(values, [ids.len(), width, h]),
+                    &target.device(),
+                ))
+            }
+            Self::Device(states) => {
+                let rows: Vec<Tensor<B, 3>> = ids
+                    .iter()
+                    .map(|&i| {
+                        let state = states[i].clone();
+                        let [len, h] = state.dims();
+                        let state = if len < width {
+                            let padding = Tensor::zeros([width - len, h], &state.device());
+                            Tensor::cat(vec![state, padding], 0)
+                        } else {
+                            state
+                        };
+                        state.unsqueeze_dim::<3>(0)
+                    })
+                    .collect();
+                Ok(Tensor::cat(rows, 0))
+            }
+        }
+    }
+}
+
+/// Sequences truncated to `max_len`, dropping those left without a response token.
+fn truncated(sequences: &[Sequence], max_len: usize) -> Vec<Sequence> {
+    sequences
+        .iter()
+        .filter_map(|s| {
+            if s.len() <= max_len {
+                Some(s.clone())
+            } else {
+                Sequence::new(
+                    &s.tokens[..s.prompt_len.min(s.len())],
+                    &s.tokens[s.prompt_len..],
+                    max_len,
+                )
+            }
+        })
+        .collect()
+}
+
+fn check_tokens(sequences: &[Sequence], vocab_size: usize) -> Result<()> {
+    for s in sequences {
+        if let Some(&token) = s.tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(Error::TokenOutOfRange { token, vocab_size });
+        }
+    }
+    Ok(())
+}
+
+/// The epoch's seeded permutation of `0..n`.
+fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng =
+        StdRng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Cuts `batch` (indices into `sequences`) into micro-batches of at most `token_budget` padded
+/// tokens: longest first, each micro-batch as many sequences as fit (at least one).
+pub(crate) fn micro_batches(
+    sequences: &[Sequence],
+    batch: &[usize],
+    token_budget: usize,
+) -> Vec<Vec<usize>> {
+    let mut sorted = batch.to_vec();
+    sorted.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut width = 0;
+    for i in sorted {
+        let len = sequences[i].len();
+        let new_width = width.max(len);
+        if !current.is_empty() && (current.len() + 1) * new_width > token_budget {
+            out.push(std::mem::take(&mut current));
+            width = 0;
+        }
+        width = width.max(len);
+        current.push(i);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_respect_the_budget_and_keep_everything() {
+        let seqs: Vec<Sequence> = [5, 9, 3, 12, 7, 7, 2]
+            .iter()
+            .map(|&len| Sequence::new(&[1], &vec![2; len - 1], 100).unwrap())
+            .collect();
+        let all: Vec<usize> = (0..seqs.len()).collect();
+        let micro = micro_batches(&seqs, &all, 24);
+        let mut seen: Vec<usize> = micro.concat();
+        seen.sort();
+        assert_eq!(seen, all);
+        for ids in &micro {
+            let width = ids.iter().map(|&i| seqs[i].len()).max().unwrap();
+            assert!(ids.len() == 1 || ids.len() * width <= 24, "{micro:?}");
+        }
+        // A sequence longer than the budget still gets a micro-batch of its own.
+        assert_eq!(micro_batches(&seqs, &[3], 4), vec![vec![3]]);
+    }
+
+    #[test]
+    fn epoch_orders_are_seeded_permutations() {
+        let a = epoch_order(50, 1, 0);
+        assert_eq!(a, epoch_order(50, 1, 0));
+        assert_ne!(a, epoch_order(50, 1, 1));
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,378 @@
+//! Draft-head training end to end on a tiny random target (CPU): self-distillation data, training,
+//! τ with the speculative decoder, checkpoints, resume and divergence handling.
+#![cfg(feature = "train")]
+
+#[path = "../examples/common/toy_model.rs"]
+mod toy_model;
+
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+use redrafter::drafter::{
+    CheckpointDType, DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig,
+};
+use redrafter::train::data::{
+    DataCounts, DataGenConfig, MANIFEST_VERSION, Manifest, PromptSource, ResponseSource,
+    TargetIdentity, TokenizedPrompt, generate_dataset,
+};
+use redrafter::train::state::{CheckpointPaths, TrainState};
+use redrafter::train::{Sequence, TrainConfig, load_training_data, split_eval, train_drafter};
+use redrafter::{Block, Error, GenerationConfig, KvCache, TargetModel, generate};
+use toy_model::{ToyConfig, ToyModel};
+
+type B = redrafter::backend::Cpu;
+
+const TOY: ToyConfig = ToyConfig {
+    vocab: 64,
+    hidden: 32,
+    heads: 4,
+    layers: 2,
+    max_len: 128,
+};
+/// LM-head scale of the toy target: peaked enough that its greedy continuations follow
+/// learnable patterns rather than near-ties.
+const SHARPNESS: f32 = 4.0;
+const NEW_TOKENS: usize = 24;
+const DRAFT_STEPS: usize = 3;
+
+/// The backend RNG is global: build models one at a time so each gets the same weights.
+static MODEL_LOCK: Mutex<()> = Mutex::new(());
+
+fn toy() -> ToyModel<B> {
+    let _guard = MODEL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let device = Default::default();
+    B::seed(&device, 11);
+    ToyModel::new(TOY, SHARPNESS, &device)
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("redrafter-train-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn random_prompts(count: usize, seed: u64) -> Vec<TokenizedPrompt> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|index| {
+            let len = rng.random_range(3..9);
+            TokenizedPrompt {
+                index,
+                ids: (0..len)
+                    .map(|_| rng.random_range(0..TOY.vocab as u32))
+                    .collect(),
+                reference_ids: None,
+            }
+        })
+        .collect()
+}
+
+fn greedy() -> GenerationConfig {
+    GenerationConfig::default().with_max_new_tokens(NEW_TOKENS)
+}
+
+/// Generates the toy target's greedy answers to `count` random prompts into `dir`.
+fn make_dataset(model: &ToyModel<B>, dir: &Path, count: usize) -> Manifest {
+    let config = DataGenConfig {
+        generation: greedy(),
+        batch_size: 32,
+        ..DataGenConfig::default()
+    };
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        target: TargetIdentity::named("toy", TOY.hidden, TOY.vocab),
+        source: PromptSource {
+            path: "random".into(),
+            sha256: None,
+            fields: "ids".into(),
+            reference_field: None,
+            system: None,
+        },
+        responses: ResponseSource::Generated,
+        generation: config.generation.clone(),
+        max_prompt_tokens: config.max_prompt_tokens,
+        counts: DataCounts::default(),
+    };
+    generate_dataset(
+        model,
+        &random_prompts(count, 1),
+        dir,
+        manifest,
+        &config,
+        |_| {},
+    )
+    .unwrap()
+}
+
+fn drafter_config() -> RecurrentDrafterConfig {
+    RecurrentDrafterConfig::new(TOY.hidden, TOY.vocab).with_head(DraftHeadKind::Separate)
+}
+
+fn tau<D: redrafter::drafter::DraftHead<B>>(
+    model: &ToyModel<B>,
+    drafter: &D,
+    prompts: &[Vec<u32>],
+) -> f64 {
+    let config = SpeculativeConfig::default()
+        .beam_width(4)
+        .beam_length(DRAFT_STEPS + 1)
+        .acceptance(Acceptance::Greedy)
+        .generation(greedy());
+    let decoder = SpeculativeDecoder::new(model, drafter, config).unwrap();
+    let output = decoder.generate(prompts, |_, _| {}).unwrap();
+    // Lossless: whatever the drafter, greedy speculative output is plain greedy output.
+    let plain = generate(model, prompts, &greedy(), |_, _| {}).unwrap();
+    assert_eq!(output.tokens, plain.tokens);
+    output.stats.tau()
+}
+
+#[test]
+fn self_distillation_raises_tau_on_held_out_prompts() {
+    let started = std::time::Instant::now();
+    let model = toy();
+    let dir = temp_dir("tau");
+    let manifest = make_dataset(&model, &dir.join("data"), 96);
+    assert_eq!(manifest.counts.written, 96);
+    assert_eq!(manifest.counts.response_tokens, 96 * NEW_TOKENS);
+    let data = load_training_data(&[dir.join("data")], 256, TOY.vocab).unwrap();
+    let (train, eval) = split_eval(data.sequences, 0.1, 0);
+    let config = TrainConfig {
+        draft_steps: DRAFT_STEPS,
+        learning_rate: 3e-3,
+        max_steps: Some(300),
+        batch_size: 8,
+        eval_every: 100,
+        checkpoint_every: 0,
+        ..TrainConfig::default()
+    };
+    let out = dir.join("drafter.safetensors");
+    let mut evals = Vec::new();
+    let report = train_drafter(
+        &model,
+        &drafter_config(),
+        &train,
+        &eval,
+        &out,
+        &config,
+        CheckpointDType::F32,
+        |event| {
+            if let redrafter::train::TrainEvent::Eval { report, .. } = event {
+                evals.push(report.mean_accepted);
+            }
+        },
+    )
+    .unwrap();
+    let (first, last) = (report.first_loss.unwrap(), report.last_loss.unwrap());
+    eprintln!(
+        "loss {first:.3} → {last:.3}, eval mean accepted {evals:?}, {:?}",
+        started.elapsed()
+    );
+    assert!(
+        last < 0.5 * first,
+        "training loss did not drop enough: {first} → {last}"
+    );
+    assert_eq!(evals.len(), 3);
+
+    let held_out: Vec<Vec<u32>> = random_prompts(8, 99).into_iter().map(|p| p.ids).collect();
+    let untrained = drafter_config()
+        .with_trained_steps(Some(DRAFT_STEPS))
+        .init_seeded::<B>(config.seed, &model.device())
+        .unwrap()
+        .with_target(&model)
+        .unwrap();
+    let trained = RecurrentDrafter::<B>::load_for_target(&out, &model).unwrap();
+    let (before, after) = (
+        tau(&model, &untrained, &held_out),
+        tau(&model, &trained, &held_out),
+    );
+    eprintln!(
+        "τ untrained {before:.3}, trained {after:.3}; {:?}",
+        started.elapsed()
+    );
+    assert!(after - before > 0.3, "τ {before} → {after}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A target that turns its hidden states into NaN from the `fail_after`-th forward on.
+struct FailingTarget<'a> {
+    inner: &'a ToyModel<B>,
+    forwards: Cell<usize>,
+    fail_after: usize,
+}
+
+impl TargetModel<B> for FailingTarget<'_> {
+    fn hidden_size(&self) -> usize {
+        self.inner.hidden_size()
+    }
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn device(&self) -> burn::tensor::Device<B> {
+        self.inner.device()
+    }
+    fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
+        self.inner.new_cache(batch, capacity)
+    }
+    fn forward(&self, block: &Block<B>, cache: &mut KvCache<B>) -> redrafter::Result<Tensor<B, 3>> {
+        let hidden = self.inner.forward(block, cache)?;
+        self.forwards.set(self.forwards.get() + 1);
+        Ok(if self.forwards.get() > self.fail_after {
+            hidden.mul_scalar(f32::NAN)
+        } else {
+            hidden
+        })
+    }
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.inner.logits(hidden)
+    }
+    fn input_embedding(&self) -> Tensor<B, 2> {
+        self.inner.input_embedding()
+    }
+    fn output_embedding(&self) -> Tensor<B, 2> {
+        self.inner.output_embedding()
+    }
+}
+
+fn small_config(max_steps: usize) -> TrainConfig {
+    TrainConfig {
+        draft_steps: DRAFT_STEPS,
+        max_steps: Some(max_steps),
+        batch_size: 4,
+        eval_every: 0,
+        checkpoint_every: 3,
+        ..TrainConfig::default()
+    }
+}
+
+fn small_data(model: &ToyModel<B>, dir: &Path) -> (Vec<Sequence>, Vec<Sequence>) {
+    make_dataset(model, &dir.join("data"), 24);
+    let data = load_training_data(&[dir.join("data")], 256, TOY.vocab).unwrap();
+    split_eval(data.sequences, 0.1, 0)
+}
+
+fn weights(path: &Path, model: &ToyModel<B>) -> Vec<f32> {
+    let drafter = RecurrentDrafter::<B>::load_for_target(path, model).unwrap();
+    let probe = Tensor::<B, 2>::ones([1, TOY.hidden], &model.device());
+    let state = drafter.step(probe.clone(), probe.clone()).unwrap();
+    drafter
+        .head_logits(probe, state)
+        .unwrap()
+        .into_data()
+        .iter::<f32>()
+        .collect()
+}
+
+#[test]
+fn divergence_keeps_the_last_checkpoint_and_resume_continues_exactly() {
+    let model = toy();
+    let dir = temp_dir("resume");
+    let (train, eval) = small_data(&model, &dir);
+    let out = dir.join("drafter.safetensors");
+    let paths = CheckpointPaths::new(&out);
+    let config = small_config(12);
+
+    // Run 1 diverges at step 8 (one target forward per step): the step-6 checkpoint survives.
+    let failing = FailingTarget {
+        inner: &model,
+        forwards: Cell::new(0),
+        fail_after: 7,
+    };
+    let err = train_drafter(
+        &failing,
+        &drafter_config(),
+        &train,
+        &eval,
+        &out,
+        &config,
+        CheckpointDType::F32,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::NonFiniteLoss { step: 8, .. }),
+        "{err:?}"
+    );
+    assert_eq!(TrainState::read(&paths.state).unwrap().unwrap().step, 6);
+    let drafter_bytes = std::fs::read(&paths.drafter).unwrap();
+    let state_bytes = std::fs::read(&paths.state).unwrap();
+
+    // A run that diverges at once writes nothing either.
+    let nan = FailingTarget {
+        inner: &model,
+        forwards: Cell::new(0),
+        fail_after: 0,
+    };
+    let resume = TrainConfig {
+        resume: true,
+        ..config.clone()
+    };
+    let err = train_drafter(
+        &nan,
+        &drafter_config(),
+        &train,
+        &eval,
+        &out,
+        &resume,
+        CheckpointDType::F32,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::NonFiniteLoss { step: 7, .. }),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read(&paths.drafter).unwrap(), drafter_bytes);
+    assert_eq!(std::fs::read(&paths.state).unwrap(), state_bytes);
+
+    // Run 2 resumes at step 6 (weights and AdamW moments) and finishes.
+    let report = train_drafter(
+        &model,
+        &drafter_config(),
+        &train,
+        &eval,
+        &out,
+        &resume,
+        CheckpointDType::F32,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!((report.start_step, report.steps), (6, 12));
+    assert!(report.optimizer_restored);
+    assert_eq!(TrainState::read(&paths.state).unwrap().unwrap().step, 12);
+
+    // It ends where an uninterrupted run ends.
+    let straight = dir.join("straight.safetensors");
+    train_drafter(
+        &model,
+        &drafter_config(),
+        &train,
+        &eval,
+        &straight,
+        &config,
+        CheckpointDType::F32,
+        |_| {},
+    )
+    .unwrap();
+    let (resumed, uninterrupted) = (weights(&out, &model), weights(&straight, &model));
+    let diff = resumed
+        .iter()
+        .zip(&uninterrupted)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "resumed and uninterrupted runs differ by {diff}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
