@@ -273,3 +273,29 @@ fn bad_settings_and_inputs_are_typed_errors() {
         Err(Error::ContextOverflow { .. })
     ));
 }
+
+#[test]
+fn typical_acceptance_thresholds_bound_the_accepted_length() {
+    let model = toy(5);
+    let drafter = drafter(&model, 9);
+    let prompts = vec![vec![1u32, 2, 3], vec![4, 0]];
+    let run = |epsilon: f32, delta: f32| {
+        let config = SpeculativeConfig::default()
+            .beam_width(3)
+            .beam_length(4)
+            .acceptance(Acceptance::Typical { epsilon, delta })
+            .temperature(1.0)
+            .seed(3)
+            .max_new_tokens(13);
+        let out = SpeculativeDecoder::new(&model, &drafter, config)
+            .unwrap()
+            .generate(&prompts, |_, _| {})
+            .unwrap();
+        assert!(out.tokens.iter().all(|row| row.len() == 13 && row.iter().all(|&t| (t as usize) < TOY.vocab)));
+        out.stats.tau()
+    };
+    // A threshold above any probability accepts nothing: one token per forward.
+    assert_eq!(run(10.0, 10.0), 1.0);
+    // A threshold below every drafted token's probability accepts every beam in full.
+    assert_eq!(run(1e-12, 1e-12), 4.0);
+}
