@@ -28,8 +28,9 @@ struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Drafter checkpoint, or `random` for an untrained tied drafter (measures pure overhead).
+    /// Without it only the autoregressive baseline runs.
     #[arg(long)]
-    drafter: String,
+    drafter: Option<String>,
     #[arg(long, default_value = "benches/data/mt_bench_question.jsonl")]
     prompts: PathBuf,
     #[arg(long, default_value = "turns")]
@@ -98,7 +99,9 @@ fn main() -> Result<()> {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => run::<redrafter::backend::Cuda>(&args, Default::default()),
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?),
+        BackendKind::Wgpu => {
+            run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?)
+        }
         #[allow(unreachable_patterns)]
         other => bail!("backend {other:?} is not compiled in"),
     }
@@ -108,9 +111,13 @@ fn read_prompts(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(&args.prompts)
         .with_context(|| format!("reading {}", args.prompts.display()))?;
     let mut prompts = Vec::new();
-    for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let value: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("line {} is not JSON", line_no + 1))?;
+    for (line_no, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("line {} is not JSON", line_no + 1))?;
         let field = &value[&args.field];
         let content = match field {
             serde_json::Value::String(s) => s.clone(),
@@ -118,7 +125,9 @@ fn read_prompts(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>> {
                 .first()
                 .and_then(|v| v.as_str())
                 .map(str::to_string)
-                .with_context(|| format!("line {}: `{}` is an empty list", line_no + 1, args.field))?,
+                .with_context(|| {
+                    format!("line {}: `{}` is an empty list", line_no + 1, args.field)
+                })?,
             _ => bail!("line {}: no text field `{}`", line_no + 1, args.field),
         };
         prompts.push(tokenizer.encode_chat(&[ChatMessage::user(content)], true)?);
@@ -161,7 +170,11 @@ fn summarize(
     mismatches: Vec<usize>,
 ) -> ModeResult {
     let secs = stats.total_time.as_secs_f64();
-    let tps = if secs > 0.0 { stats.new_tokens as f64 / secs } else { 0.0 };
+    let tps = if secs > 0.0 {
+        stats.new_tokens as f64 / secs
+    } else {
+        0.0
+    };
     let rounds = stats.row_rounds.max(1) as f64;
     ModeResult {
         mode,
@@ -183,6 +196,7 @@ fn summarize(
             "tree": stats.tree_time.as_secs_f64(),
             "verify": stats.verify_time.as_secs_f64(),
             "accept": stats.accept_time.as_secs_f64(),
+                    "readback": stats.readback_time.as_secs_f64(),
         }),
         greedy_mismatches: mismatches,
     }
@@ -198,13 +212,15 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         ..Default::default()
     };
     let (model, tokenizer): (Llama<B>, _) = load_llama(&model_path, &options, &device)?;
-    let drafter = if args.drafter == "random" {
-        RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
-            .with_head(DraftHeadKind::Tied)
-            .init_seeded::<B>(0, &device)?
-            .with_target(&model)?
-    } else {
-        RecurrentDrafter::load_for_target(&args.drafter, &model)?
+    let drafter = match args.drafter.as_deref() {
+        None => None,
+        Some("random") => Some(
+            RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+                .with_head(DraftHeadKind::Tied)
+                .init_seeded::<B>(0, &device)?
+                .with_target(&model)?,
+        ),
+        Some(path) => Some(RecurrentDrafter::load_for_target(path, &model)?),
     };
     let prompts = read_prompts(args, &tokenizer)?;
     let eos = tokenizer.eos_token_ids().to_vec();
@@ -240,11 +256,19 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 bar.inc(1);
             }
             bar.finish_and_clear();
-            let result = summarize("ar".into(), (0, 0, temperature), &stats, prompts.len(), None, vec![]);
+            let result = summarize(
+                "ar".into(),
+                (0, 0, temperature),
+                &stats,
+                prompts.len(),
+                None,
+                vec![],
+            );
             eprintln!("AR  T={temperature}: {:.1} tok/s", result.tokens_per_second);
             ar_tps = Some(result.tokens_per_second);
             results.push(result);
         }
+        let Some(drafter) = &drafter else { continue };
         let acceptance = if temperature == 0.0 {
             Acceptance::Greedy
         } else {
@@ -257,17 +281,23 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     .beam_length(beam_length)
                     .acceptance(acceptance)
                     .generation(generation.clone());
-                let decoder = SpeculativeDecoder::new(&model, &drafter, config)?;
+                let decoder = SpeculativeDecoder::new(&model, drafter, config)?;
                 for prompt in prompts.iter().take(args.warmup) {
                     decoder.generate(std::slice::from_ref(prompt), |_, _| {})?;
                 }
-                let bar = progress(prompts.len(), &format!("ReDrafter M={beam_width} C={beam_length} T={temperature}"));
+                let bar = progress(
+                    prompts.len(),
+                    &format!("ReDrafter M={beam_width} C={beam_length} T={temperature}"),
+                );
                 let mut stats = Stats::default();
                 let mut mismatches = Vec::new();
                 for (i, prompt) in prompts.iter().enumerate() {
                     let out = decoder.generate(std::slice::from_ref(prompt), |_, _| {})?;
                     stats.merge(&out.stats);
-                    if temperature == 0.0 && !ar_outputs.is_empty() && out.tokens[0] != ar_outputs[i] {
+                    if temperature == 0.0
+                        && !ar_outputs.is_empty()
+                        && out.tokens[0] != ar_outputs[i]
+                    {
                         mismatches.push(i);
                     }
                     bar.inc(1);
@@ -282,14 +312,18 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     mismatches.clone(),
                 );
                 eprintln!(
-                    "ReDrafter M={beam_width:<2} C={beam_length} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, packed {:.1}, split draft/tree/verify/accept {:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+                    "ReDrafter M={beam_width:<2} C={beam_length} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
                     result.tokens_per_second,
-                    result.speedup_over_ar.map(|s| format!("{s:.2}×")).unwrap_or("-".into()),
+                    result
+                        .speedup_over_ar
+                        .map(|s| format!("{s:.2}×"))
+                        .unwrap_or("-".into()),
                     result.tau,
                     result.mean_packed_tokens,
                     stats.draft_time.as_secs_f64(),
                     stats.tree_time.as_secs_f64(),
                     stats.verify_time.as_secs_f64(),
+                    stats.readback_time.as_secs_f64(),
                     stats.accept_time.as_secs_f64(),
                     mismatches
                 );

@@ -82,7 +82,9 @@ fn main() -> Result<()> {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => run::<redrafter::backend::Cuda>(&args, Default::default()),
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?),
+        BackendKind::Wgpu => {
+            run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?)
+        }
         #[allow(unreachable_patterns)]
         other => bail!("backend {other:?} is not compiled in"),
     }
@@ -189,6 +191,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     "tree": stats.tree_time.as_secs_f64(),
                     "verify": stats.verify_time.as_secs_f64(),
                     "accept": stats.accept_time.as_secs_f64(),
+                    "readback": stats.readback_time.as_secs_f64(),
                     "total": stats.total_time.as_secs_f64(),
                 },
             },

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::drafter::{DraftHead, DraftRequest};
 use crate::error::{Error, Result};
-use crate::generate::{GenerationConfig, GenerationOutput, RowOutput, int_tensor, ints, prefill, validate_prompts};
+use crate::generate::{
+    GenerationConfig, GenerationOutput, RowOutput, int_tensor, ints, prefill, validate_prompts,
+};
 use crate::sampling::Sampling;
 use crate::stats::Stats;
 use crate::target::{Block, TargetModel};
@@ -179,7 +181,9 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             });
         }
         if config.beam_width == 0 {
-            return Err(Error::InvalidSettings("beam width must be at least 1".into()));
+            return Err(Error::InvalidSettings(
+                "beam width must be at least 1".into(),
+            ));
         }
         if config.beam_length == 0 {
             return Err(Error::InvalidSettings(
@@ -210,7 +214,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             }
             _ => {}
         }
-        if config.generation.sampling.top_k.is_some() || config.generation.sampling.top_p.is_some() {
+        if config.generation.sampling.top_k.is_some() || config.generation.sampling.top_p.is_some()
+        {
             return Err(Error::InvalidSettings(
                 "top-k / top-p are supported by plain decoding only".into(),
             ));
@@ -263,7 +268,10 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         };
         let mut rows = vec![RowOutput::default(); batch];
         if gen_config.max_new_tokens == 0 {
-            return Ok(GenerationOutput { tokens: vec![Vec::new(); batch], stats });
+            return Ok(GenerationOutput {
+                tokens: vec![Vec::new(); batch],
+                stats,
+            });
         }
 
         // Prefill, first token and first beams: one readback.
@@ -295,7 +303,13 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         }
         // `active[i]` is the original row of batch slot i; finished rows leave the batch.
         let mut active: Vec<usize> = (0..batch).collect();
-        self.retire_finished(&rows, &mut active, &mut cache, &mut host_beams, &mut device_beams)?;
+        self.retire_finished(
+            &rows,
+            &mut active,
+            &mut cache,
+            &mut host_beams,
+            &mut device_beams,
+        )?;
 
         while !active.is_empty() {
             let live = active.len();
@@ -308,7 +322,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let tree_len = packed.max_len();
             let starts: Vec<usize> = cache.lengths().to_vec();
             let block = Block {
-                tokens: int_tensor(packed.tokens(0).into_iter().collect(), [live, tree_len], &device),
+                tokens: int_tensor(
+                    packed.tokens(0).into_iter().collect(),
+                    [live, tree_len],
+                    &device,
+                ),
                 positions: int_tensor(packed.positions(&starts)?, [live, tree_len], &device),
                 bias: Some(cache.attention_bias(tree_len, Some(&packed.block_masks()), &device)),
             };
@@ -326,12 +344,16 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let logits = self.target.logits(hidden.clone());
             let (best_beam, accepted, bonus, next_context) =
                 self.accept_on_device(&packed, hidden, logits, &device_beams, unpacker_t)?;
+            stats.verify_time += verify_start.elapsed();
+            let draft_start = Instant::now();
             let next_beams = self.drafter.propose(DraftRequest {
                 context: next_context,
                 first_tokens: bonus.clone().reshape([live]),
                 beam_width: m,
                 beam_length: c,
             })?;
+            stats.draft_time += draft_start.elapsed();
+            let readback_start = Instant::now();
             let data = Transaction::default()
                 .register(best_beam)
                 .register(accepted)
@@ -339,7 +361,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 .register(next_beams.tokens.clone())
                 .execute();
             stats.syncs += 1;
-            stats.verify_time += verify_start.elapsed();
+            stats.readback_time += readback_start.elapsed();
 
             let accept_start = Instant::now();
             let result = RoundResult {
@@ -366,7 +388,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 for d in 0..n {
                     stats.accepted_at_depth[d] += 1;
                 }
-                let mut emitted: Vec<u32> = host_beams[(i * m + beam) * c + 1..(i * m + beam) * c + 1 + n].to_vec();
+                let mut emitted: Vec<u32> =
+                    host_beams[(i * m + beam) * c + 1..(i * m + beam) * c + 1 + n].to_vec();
                 emitted.push(result.bonus[i]);
                 let row = active[i];
                 let taken = rows[row].push(&emitted, gen_config);
@@ -379,7 +402,13 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             host_beams = result.beams;
             device_beams = next_beams;
             let before = active.clone();
-            self.retire_finished(&rows, &mut active, &mut cache, &mut host_beams, &mut device_beams)?;
+            self.retire_finished(
+                &rows,
+                &mut active,
+                &mut cache,
+                &mut host_beams,
+                &mut device_beams,
+            )?;
             if active.len() != before.len() {
                 tracing::debug!(remaining = active.len(), "rows finished");
             }
@@ -407,7 +436,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             .random_like(Distribution::Uniform(0.0, 1.0))
             .clamp(1e-7, 1.0 - 1e-7);
         let gumbel = uniform.log().neg().log().neg();
-        logits.div_scalar(t).add(gumbel).argmax(2).reshape([batch, len])
+        logits
+            .div_scalar(t)
+            .add(gumbel)
+            .argmax(2)
+            .reshape([batch, len])
     }
 
     /// Computes, on the device, each row's best beam, its accepted draft count, the bonus token
@@ -424,7 +457,12 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         logits: Tensor<B, 3>,
         beams: &crate::drafter::DraftBeams<B>,
         unpacker: Tensor<B, 2, Int>,
-    ) -> Result<(Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 2>)> {
+    ) -> Result<(
+        Tensor<B, 2, Int>,
+        Tensor<B, 2, Int>,
+        Tensor<B, 2, Int>,
+        Tensor<B, 2>,
+    )> {
         let (m, c) = (self.config.beam_width, self.config.beam_length);
         let [live, len, vocab] = logits.dims();
         let hidden_size = hidden.dims()[2];
@@ -492,7 +530,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let end_index = best_beam.clone().mul_scalar(c as i64).add(best_n.clone());
         let end_node = unpacker.gather(1, end_index);
         let bonus = verdict.gather(1, end_node.clone());
-        let row_offsets = int_tensor::<B, 1>((0..live).map(|b| (b * len) as i64).collect(), [live], &device);
+        let row_offsets = int_tensor::<B, 1>(
+            (0..live).map(|b| (b * len) as i64).collect(),
+            [live],
+            &device,
+        );
         let flat_end = end_node.reshape([live]).add(row_offsets);
         let next_context = hidden
             .reshape([live * len, hidden_size])
@@ -506,7 +548,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let mut parents = Vec::with_capacity(packed.trees().len() * len);
         for tree in packed.trees() {
             for node in 0..len {
-                let parent = if node < tree.len() { tree.parent(node).unwrap_or(node) } else { node };
+                let parent = if node < tree.len() {
+                    tree.parent(node).unwrap_or(node)
+                } else {
+                    node
+                };
                 parents.push(parent as i64);
             }
         }
@@ -527,7 +573,10 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         for (b, tree) in packed.trees().iter().enumerate() {
             for node in 0..len {
                 let (parent, token) = if node < tree.len() {
-                    (tree.parent(node).unwrap_or(node), tree.tokens()[node] as usize)
+                    (
+                        tree.parent(node).unwrap_or(node),
+                        tree.tokens()[node] as usize,
+                    )
                 } else {
                     (node, 0)
                 };
@@ -549,7 +598,9 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         host_beams: &mut Vec<u32>,
         device_beams: &mut crate::drafter::DraftBeams<B>,
     ) -> Result<()> {
-        let keep: Vec<usize> = (0..active.len()).filter(|&i| !rows[active[i]].done).collect();
+        let keep: Vec<usize> = (0..active.len())
+            .filter(|&i| !rows[active[i]].done)
+            .collect();
         if keep.len() == active.len() {
             return Ok(());
         }
@@ -564,7 +615,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             .flat_map(|&i| host_beams[i * per_row..(i + 1) * per_row].iter().copied())
             .collect();
         let device = self.target.device();
-        let index = int_tensor::<B, 1>(keep.iter().map(|&i| i as i64).collect(), [keep.len()], &device);
+        let index = int_tensor::<B, 1>(
+            keep.iter().map(|&i| i as i64).collect(),
+            [keep.len()],
+            &device,
+        );
         device_beams.tokens = device_beams.tokens.clone().select(0, index.clone());
         device_beams.token_log_probs = device_beams.token_log_probs.clone().select(0, index);
         Ok(())

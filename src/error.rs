@@ -22,7 +22,9 @@ pub enum Error {
     InvalidGguf(String),
 
     /// A weight file ended before the data it announces.
-    #[error("truncated file: {what} needs {needed} bytes at offset {offset}, but the file has {file_len}")]
+    #[error(
+        "truncated file: {what} needs {needed} bytes at offset {offset}, but the file has {file_len}"
+    )]
     Truncated {
         what: String,
         offset: u64,
@@ -75,7 +77,9 @@ pub enum Error {
     TokenOutOfRange { token: u32, vocab_size: usize },
 
     /// The prompt (plus what must be generated or verified) does not fit the context window.
-    #[error("prompt of {prompt_len} tokens needs {required} positions, but the context holds {max_context}")]
+    #[error(
+        "prompt of {prompt_len} tokens needs {required} positions, but the context holds {max_context}"
+    )]
     ContextOverflow {
         prompt_len: usize,
         required: usize,
@@ -91,7 +95,9 @@ pub enum Error {
     InvalidSettings(String),
 
     /// A draft head that does not fit the target model.
-    #[error("drafter does not fit the target: {what} is {drafter} in the drafter but {target} in the target")]
+    #[error(
+        "drafter does not fit the target: {what} is {drafter} in the drafter but {target} in the target"
+    )]
     DrafterMismatch {
         what: String,
         drafter: usize,

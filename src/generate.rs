@@ -209,7 +209,13 @@ pub fn generate<B: Backend, M: TargetModel<B>>(
     mut on_tokens: impl FnMut(usize, &[u32]),
 ) -> Result<GenerationOutput> {
     config.sampling.validate()?;
-    validate_prompts(prompts, model.vocab_size(), model.max_context(), config.max_new_tokens, 0)?;
+    validate_prompts(
+        prompts,
+        model.vocab_size(),
+        model.max_context(),
+        config.max_new_tokens,
+        0,
+    )?;
     let start = Instant::now();
     let device = model.device();
     let batch = prompts.len();
@@ -219,14 +225,19 @@ pub fn generate<B: Backend, M: TargetModel<B>>(
     let mut stats = Stats::default();
     let mut rows = vec![RowOutput::default(); batch];
     if config.max_new_tokens == 0 {
-        return Ok(GenerationOutput { tokens: vec![Vec::new(); batch], stats });
+        return Ok(GenerationOutput {
+            tokens: vec![Vec::new(); batch],
+            stats,
+        });
     }
 
     let mut hidden = prefill(model, &mut cache, prompts)?;
     let mut lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let mut first = true;
     loop {
-        let logits = model.logits(hidden.unsqueeze_dim::<3>(1)).squeeze_dim::<2>(1);
+        let logits = model
+            .logits(hidden.unsqueeze_dim::<3>(1))
+            .squeeze_dim::<2>(1);
         let next = select_tokens(logits, &config.sampling, &mut rng);
         stats.syncs += 1;
         if first {
@@ -268,7 +279,11 @@ pub fn generate<B: Backend, M: TargetModel<B>>(
 
 /// Picks one token per row: argmax on the device (one small readback) when greedy, otherwise
 /// reads the logit rows back and samples on the host with the seeded generator.
-fn select_tokens<B: Backend>(logits: Tensor<B, 2>, sampling: &Sampling, rng: &mut StdRng) -> Vec<u32> {
+fn select_tokens<B: Backend>(
+    logits: Tensor<B, 2>,
+    sampling: &Sampling,
+    rng: &mut StdRng,
+) -> Vec<u32> {
     let [batch, vocab] = logits.dims();
     if sampling.is_greedy() {
         let ids = logits.argmax(1).into_data();

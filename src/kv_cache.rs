@@ -1,6 +1,8 @@
 //! A pre-allocated key/value cache with per-row lengths, speculative append and commit.
 //!
-//! The cache stores, per layer, keys and values of shape `[batch, kv_heads, capacity, head_dim]`.
+//! The cache stores keys and values of all layers in one tensor each,
+//! `[layers, batch, kv_heads, capacity, head_dim]`, so that committing a round moves the accepted
+//! slots of every layer with two gathers instead of two per layer.
 //! Slot order is not position order: positions are applied (RoPE) before keys are cached, so a
 //! row's committed slots `0..len` can hold tokens at any positions. A forward pass appends a
 //! *pending block* of `T` slots at `used()..used()+T` (the same slots for every row); afterwards
@@ -19,8 +21,9 @@ pub const MASKED: f32 = -1.0e9;
 /// Per-layer key/value storage for a batch of sequences.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
-    keys: Vec<Option<Tensor<B, 4>>>,
-    values: Vec<Option<Tensor<B, 4>>>,
+    keys: Option<Tensor<B, 5>>,
+    values: Option<Tensor<B, 5>>,
+    num_layers: usize,
     lengths: Vec<usize>,
     pending: usize,
     capacity: usize,
@@ -32,7 +35,7 @@ impl<B: Backend> KvCache<B> {
     /// Allocates an empty cache.
     ///
     /// # Shapes
-    /// Each layer gets keys and values of `[batch, kv_heads, capacity, head_dim]`.
+    /// Keys and values of `[num_layers, batch, kv_heads, capacity, head_dim]`.
     pub fn new(
         num_layers: usize,
         batch: usize,
@@ -41,10 +44,16 @@ impl<B: Backend> KvCache<B> {
         capacity: usize,
         device: &B::Device,
     ) -> Self {
-        let make = || Some(Tensor::<B, 4>::zeros([batch, kv_heads, capacity, head_dim], device));
+        let make = || {
+            Some(Tensor::<B, 5>::zeros(
+                [num_layers, batch, kv_heads, capacity, head_dim],
+                device,
+            ))
+        };
         Self {
-            keys: (0..num_layers).map(|_| make()).collect(),
-            values: (0..num_layers).map(|_| make()).collect(),
+            keys: make(),
+            values: make(),
+            num_layers,
             lengths: vec![0; batch],
             pending: 0,
             capacity,
@@ -55,10 +64,8 @@ impl<B: Backend> KvCache<B> {
 
     /// Converts the storage to another float type (e.g. `F16` for a half-precision model).
     pub fn cast(mut self, dtype: burn::tensor::DType) -> Self {
-        for store in [&mut self.keys, &mut self.values] {
-            for slot in store.iter_mut() {
-                *slot = slot.take().map(|t| t.cast(dtype));
-            }
+        for slot in [&mut self.keys, &mut self.values] {
+            *slot = slot.take().map(|t| t.cast(dtype));
         }
         self
     }
@@ -90,7 +97,7 @@ impl<B: Backend> KvCache<B> {
 
     /// Number of layers.
     pub fn num_layers(&self) -> usize {
-        self.keys.len()
+        self.num_layers
     }
 
     /// Slots still free after the committed prefix of the longest row.
@@ -133,10 +140,10 @@ impl<B: Backend> KvCache<B> {
                 self.head_dim
             )));
         }
-        if layer >= self.keys.len() {
+        if layer >= self.num_layers {
             return Err(Error::InvalidConfig(format!(
                 "layer {layer} out of range for a cache of {} layers",
-                self.keys.len()
+                self.num_layers
             )));
         }
         self.ensure_room(block)?;
@@ -144,14 +151,16 @@ impl<B: Backend> KvCache<B> {
         let end = start + block;
         // Take the tensors out so that the write happens on a uniquely owned buffer (in place)
         // rather than on a shared one (which would copy the whole cache).
-        let cached_k = self.keys[layer].take().expect("cache layer present");
-        let cached_v = self.values[layer].take().expect("cache layer present");
-        let cached_k = cached_k.slice_assign([0..batch, 0..heads, start..end, 0..dim], keys);
-        let cached_v = cached_v.slice_assign([0..batch, 0..heads, start..end, 0..dim], values);
-        let visible_k = cached_k.clone().slice([0..batch, 0..heads, 0..end, 0..dim]);
-        let visible_v = cached_v.clone().slice([0..batch, 0..heads, 0..end, 0..dim]);
-        self.keys[layer] = Some(cached_k);
-        self.values[layer] = Some(cached_v);
+        let region = [layer..layer + 1, 0..batch, 0..heads, start..end, 0..dim];
+        let cached_k = self.keys.take().expect("cache storage present");
+        let cached_v = self.values.take().expect("cache storage present");
+        let cached_k = cached_k.slice_assign(region.clone(), keys.unsqueeze_dim(0));
+        let cached_v = cached_v.slice_assign(region, values.unsqueeze_dim(0));
+        let visible = [layer..layer + 1, 0..batch, 0..heads, 0..end, 0..dim];
+        let visible_k = cached_k.clone().slice(visible.clone()).squeeze_dim::<4>(0);
+        let visible_v = cached_v.clone().slice(visible).squeeze_dim::<4>(0);
+        self.keys = Some(cached_k);
+        self.values = Some(cached_v);
         if layer == 0 {
             self.pending = block;
         }
@@ -215,15 +224,16 @@ impl<B: Backend> KvCache<B> {
         if rows.len() == self.batch_size() && rows.iter().enumerate().all(|(i, &r)| i == r) {
             return Ok(());
         }
-        let device = self.keys[0].as_ref().expect("cache layer present").device();
+        let device = self.keys.as_ref().expect("cache storage present").device();
         let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
-            TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            TensorData::new(
+                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [rows.len()],
+            ),
             &device,
         );
-        for store in [&mut self.keys, &mut self.values] {
-            for slot in store.iter_mut() {
-                *slot = slot.take().map(|t| t.select(0, index.clone()));
-            }
+        for slot in [&mut self.keys, &mut self.values] {
+            *slot = slot.take().map(|t| t.select(1, index.clone()));
         }
         self.lengths = rows.iter().map(|&r| self.lengths[r]).collect();
         Ok(())
@@ -237,7 +247,7 @@ impl<B: Backend> KvCache<B> {
 
     fn move_slots(&mut self, row: usize, sources: Vec<usize>, dest: usize) {
         let count = sources.len();
-        let device = self.keys[0].as_ref().expect("cache layer present").device();
+        let device = self.keys.as_ref().expect("cache storage present").device();
         let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
             TensorData::new(
                 sources.iter().map(|&s| s as i64).collect::<Vec<_>>(),
@@ -245,16 +255,25 @@ impl<B: Backend> KvCache<B> {
             ),
             &device,
         );
-        let (heads, dim) = (self.kv_heads, self.head_dim);
-        for store in [&mut self.keys, &mut self.values] {
-            for slot in store.iter_mut() {
-                let cache = slot.take().expect("cache layer present");
-                let rows = cache
-                    .clone()
-                    .slice([row..row + 1, 0..heads, 0..self.capacity, 0..dim])
-                    .select(2, index.clone());
-                *slot = Some(cache.slice_assign([row..row + 1, 0..heads, dest..dest + count, 0..dim], rows));
-            }
+        let (layers, heads, dim) = (self.num_layers, self.kv_heads, self.head_dim);
+        for slot in [&mut self.keys, &mut self.values] {
+            let cache = slot.take().expect("cache storage present");
+            // The gathered rows are a new tensor, so the write below is on a uniquely owned
+            // cache again (in place).
+            let rows = cache
+                .clone()
+                .slice([0..layers, row..row + 1, 0..heads, 0..self.capacity, 0..dim])
+                .select(3, index.clone());
+            *slot = Some(cache.slice_assign(
+                [
+                    0..layers,
+                    row..row + 1,
+                    0..heads,
+                    dest..dest + count,
+                    0..dim,
+                ],
+                rows,
+            ));
         }
     }
 

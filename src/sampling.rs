@@ -59,7 +59,9 @@ impl Sampling {
         if let Some(p) = self.top_p
             && !(p > 0.0 && p <= 1.0)
         {
-            return Err(Error::InvalidSettings(format!("top_p must be in (0, 1], got {p}")));
+            return Err(Error::InvalidSettings(format!(
+                "top_p must be in (0, 1], got {p}"
+            )));
         }
         Ok(())
     }
@@ -96,7 +98,10 @@ pub fn sample_logits(logits: &[f32], sampling: &Sampling, rng: &mut impl Rng) ->
         .iter()
         .map(|c| c.1)
         .fold(f32::NEG_INFINITY, f32::max);
-    let mut weights: Vec<f64> = candidates.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+    let mut weights: Vec<f64> = candidates
+        .iter()
+        .map(|c| ((c.1 - max) as f64).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     if let Some(p) = sampling.top_p {
         let mut acc = 0.0;
@@ -130,7 +135,14 @@ mod tests {
 
     #[test]
     fn greedy_takes_first_max() {
-        assert_eq!(sample_logits(&[1.0, 3.0, 3.0], &Sampling::greedy(), &mut StdRng::seed_from_u64(0)), 1);
+        assert_eq!(
+            sample_logits(
+                &[1.0, 3.0, 3.0],
+                &Sampling::greedy(),
+                &mut StdRng::seed_from_u64(0)
+            ),
+            1
+        );
     }
 
     #[test]
@@ -157,8 +169,14 @@ mod tests {
     fn top_k_and_top_p_restrict_support() {
         let logits = [0.0f32, 5.0, 4.9, -3.0];
         let mut rng = StdRng::seed_from_u64(1);
-        let top_k = Sampling { top_k: Some(2), ..Sampling::with_temperature(1.0) };
-        let top_p = Sampling { top_p: Some(0.5), ..Sampling::with_temperature(1.0) };
+        let top_k = Sampling {
+            top_k: Some(2),
+            ..Sampling::with_temperature(1.0)
+        };
+        let top_p = Sampling {
+            top_p: Some(0.5),
+            ..Sampling::with_temperature(1.0)
+        };
         for _ in 0..2000 {
             assert!(matches!(sample_logits(&logits, &top_k, &mut rng), 1 | 2));
             assert_eq!(sample_logits(&logits, &top_p, &mut rng), 1);
@@ -168,7 +186,21 @@ mod tests {
     #[test]
     fn invalid_settings_are_rejected() {
         assert!(Sampling::with_temperature(-1.0).validate().is_err());
-        assert!(Sampling { top_k: Some(0), ..Sampling::greedy() }.validate().is_err());
-        assert!(Sampling { top_p: Some(1.5), ..Sampling::greedy() }.validate().is_err());
+        assert!(
+            Sampling {
+                top_k: Some(0),
+                ..Sampling::greedy()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            Sampling {
+                top_p: Some(1.5),
+                ..Sampling::greedy()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -6,9 +6,10 @@ use serde::Serialize;
 
 /// What a generation call did and how long each part took.
 ///
-/// On asynchronous backends (CUDA, WGPU) device work is only waited for at readbacks, so time is
-/// charged to the phase that waited: `verify` includes the device time of drafting and
-/// verification that the round's single readback waited for.
+/// Phases are timed on the host. On synchronous backends (the CPU ones) that is the real cost of
+/// each phase. On asynchronous backends (CUDA, WGPU) the host only enqueues work and waits at the
+/// round's single readback, so `draft` and `verify` then measure launch overhead and
+/// `readback` absorbs the device time still outstanding.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stats {
     /// Tokens emitted (all rows), the prefill's first token included.
@@ -30,6 +31,8 @@ pub struct Stats {
     pub tree_time: Duration,
     pub verify_time: Duration,
     pub accept_time: Duration,
+    /// Time spent waiting for the round's readback.
+    pub readback_time: Duration,
     pub total_time: Duration,
 }
 
@@ -46,7 +49,11 @@ impl Stats {
     /// Emitted tokens per second of wall time, prefill included.
     pub fn tokens_per_second(&self) -> f64 {
         let secs = self.total_time.as_secs_f64();
-        if secs > 0.0 { self.new_tokens as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.new_tokens as f64 / secs
+        } else {
+            0.0
+        }
     }
 
     /// Emitted tokens per second of decoding, prefill excluded.
@@ -63,7 +70,13 @@ impl Stats {
     pub fn acceptance_rate_per_depth(&self) -> Vec<f64> {
         self.accepted_at_depth
             .iter()
-            .map(|&c| if self.row_rounds == 0 { 0.0 } else { c as f64 / self.row_rounds as f64 })
+            .map(|&c| {
+                if self.row_rounds == 0 {
+                    0.0
+                } else {
+                    c as f64 / self.row_rounds as f64
+                }
+            })
             .collect()
     }
 
@@ -74,9 +87,14 @@ impl Stats {
         self.forward_tokens += other.forward_tokens;
         self.row_rounds += other.row_rounds;
         if self.accepted_at_depth.len() < other.accepted_at_depth.len() {
-            self.accepted_at_depth.resize(other.accepted_at_depth.len(), 0);
+            self.accepted_at_depth
+                .resize(other.accepted_at_depth.len(), 0);
         }
-        for (a, b) in self.accepted_at_depth.iter_mut().zip(&other.accepted_at_depth) {
+        for (a, b) in self
+            .accepted_at_depth
+            .iter_mut()
+            .zip(&other.accepted_at_depth)
+        {
             *a += b;
         }
         self.packed_tokens += other.packed_tokens;
@@ -86,6 +104,7 @@ impl Stats {
         self.tree_time += other.tree_time;
         self.verify_time += other.verify_time;
         self.accept_time += other.accept_time;
+        self.readback_time += other.readback_time;
         self.total_time += other.total_time;
     }
 }

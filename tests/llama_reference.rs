@@ -8,7 +8,12 @@ use common::{B, ids, reference, smollm2};
 use redrafter::{Block, GenerationConfig, TargetModel, generate};
 
 fn floats(value: &serde_json::Value) -> Vec<f32> {
-    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -24,7 +29,10 @@ fn logits_and_hidden_states_match_transformers() {
         let mut cache = model.new_cache(1, len);
         let block = Block {
             tokens: Tensor::<B, 2, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, len]),
+                burn::tensor::TensorData::new(
+                    prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                    [1, len],
+                ),
                 &device,
             ),
             positions: Tensor::from_data(
@@ -42,24 +50,51 @@ fn logits_and_hidden_states_match_transformers() {
             let pos = position["pos"].as_u64().unwrap() as usize;
             let row = &logits[pos * vocab..(pos + 1) * vocab];
             let argmax = redrafter::sampling::argmax(row);
-            assert_eq!(argmax as u64, position["argmax"].as_u64().unwrap(), "{} pos {pos}", case["name"]);
+            assert_eq!(
+                argmax as u64,
+                position["argmax"].as_u64().unwrap(),
+                "{} pos {pos}",
+                case["name"]
+            );
             for (probe, expected) in probes.iter().zip(floats(&position["probe_values"])) {
                 let diff = (row[*probe as usize] - expected).abs();
                 worst = worst.max(diff);
-                assert!(diff < 2e-3, "{} pos {pos} id {probe}: {} vs {expected}", case["name"], row[*probe as usize]);
+                assert!(
+                    diff < 2e-3,
+                    "{} pos {pos} id {probe}: {} vs {expected}",
+                    case["name"],
+                    row[*probe as usize]
+                );
             }
             for pair in position["top"].as_array().unwrap() {
-                let (id, value) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
+                let (id, value) = (
+                    pair[0].as_u64().unwrap() as usize,
+                    pair[1].as_f64().unwrap() as f32,
+                );
                 let diff = (row[id] - value).abs();
                 worst = worst.max(diff);
-                assert!(diff < 2e-3, "{} pos {pos} top id {id}: {} vs {value}", case["name"], row[id]);
+                assert!(
+                    diff < 2e-3,
+                    "{} pos {pos} top id {id}: {} vs {value}",
+                    case["name"],
+                    row[id]
+                );
             }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let lse = max + row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| ((v - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln() as f32;
             assert!((lse - position["logsumexp"].as_f64().unwrap() as f32).abs() < 2e-3);
             let hrow = &hidden[pos * h..(pos + 1) * h];
             for (got, expected) in hrow.iter().zip(floats(&position["hidden_first16"])) {
-                assert!((got - expected).abs() < 1e-3, "{} pos {pos} hidden: {got} vs {expected}", case["name"]);
+                assert!(
+                    (got - expected).abs() < 1e-3,
+                    "{} pos {pos} hidden: {got} vs {expected}",
+                    case["name"]
+                );
             }
         }
     }
@@ -79,10 +114,17 @@ fn greedy_generation_matches_transformers() {
         let messages: Vec<redrafter::chat_template::ChatMessage> =
             serde_json::from_value(case["messages"].clone()).unwrap();
         let prompt = ids(&case["prompt_ids"]);
-        assert_eq!(tokenizer.encode_chat(&messages, true).unwrap(), prompt, "{}", case["name"]);
+        assert_eq!(
+            tokenizer.encode_chat(&messages, true).unwrap(),
+            prompt,
+            "{}",
+            case["name"]
+        );
         prompts.push(prompt);
     }
-    let config = GenerationConfig::default().with_max_new_tokens(80).with_stop_tokens(vec![eos]);
+    let config = GenerationConfig::default()
+        .with_max_new_tokens(80)
+        .with_stop_tokens(vec![eos]);
     // Batch of all prompts at once (different lengths): exercises padding and per-row masks.
     let batched = generate(&model, &prompts, &config, |_, _| {}).unwrap();
     for (case, got) in cases.iter().zip(&batched.tokens) {
@@ -93,6 +135,11 @@ fn greedy_generation_matches_transformers() {
     // And one at a time.
     for (case, prompt) in cases.iter().zip(&prompts).take(2) {
         let single = generate(&model, std::slice::from_ref(prompt), &config, |_, _| {}).unwrap();
-        assert_eq!(single.tokens[0], ids(&case["new_ids"]), "{} (single)", case["name"]);
+        assert_eq!(
+            single.tokens[0],
+            ids(&case["new_ids"]),
+            "{} (single)",
+            case["name"]
+        );
     }
 }

@@ -8,7 +8,9 @@ use std::cell::Cell;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{B, smollm2};
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
-use redrafter::drafter::{DraftBeams, DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig};
+use redrafter::drafter::{
+    DraftBeams, DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig,
+};
 use redrafter::tokenizer::{ChatMessage, Tokenizer};
 use redrafter::{GenerationConfig, Result, TargetModel, generate};
 
@@ -21,7 +23,11 @@ fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
         "What is a binary search tree? Give a code example in Python.",
     ]
     .iter()
-    .map(|q| tokenizer.encode_chat(&[ChatMessage::user(*q)], true).unwrap())
+    .map(|q| {
+        tokenizer
+            .encode_chat(&[ChatMessage::user(*q)], true)
+            .unwrap()
+    })
     .collect()
 }
 
@@ -35,7 +41,10 @@ fn random_drafter_greedy_equals_plain_greedy_single_and_batched() {
     let (model, tokenizer) = smollm2();
     let prompts = prompts(&tokenizer);
     let lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
-    assert!(lengths.windows(2).any(|w| w[0] != w[1]), "prompts of different lengths");
+    assert!(
+        lengths.windows(2).any(|w| w[0] != w[1]),
+        "prompts of different lengths"
+    );
     let expected = generate(&model, &prompts, &greedy(NEW_TOKENS), |_, _| {}).unwrap();
 
     let drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
@@ -59,14 +68,20 @@ fn random_drafter_greedy_equals_plain_greedy_single_and_batched() {
     // Batch of three prompts of different lengths; streaming delivers the same tokens.
     let mut streamed = vec![Vec::new(); prompts.len()];
     let batched = decoder
-        .generate(&prompts, |row, tokens| streamed[row].extend_from_slice(tokens))
+        .generate(&prompts, |row, tokens| {
+            streamed[row].extend_from_slice(tokens)
+        })
         .unwrap();
     for (row, (got, want)) in batched.tokens.iter().zip(&expected.tokens).enumerate() {
         assert_eq!(got, want, "row {row}");
         assert_eq!(&streamed[row], want, "streamed row {row}");
     }
     assert!(batched.stats.tau() >= 1.0);
-    assert_eq!(batched.stats.syncs, batched.stats.target_forwards + 1, "one readback per round");
+    assert_eq!(
+        batched.stats.syncs,
+        batched.stats.target_forwards + 1,
+        "one readback per round"
+    );
 }
 
 /// Proposes the target's own greedy continuation in beam 0 and junk in the other beams.
@@ -92,7 +107,11 @@ impl DraftHead<B> for OracleDrafter {
         let first: Vec<i64> = request.first_tokens.into_data().iter::<i64>().collect();
         let (m, c) = (request.beam_width, request.beam_length);
         let at = self.cursor.get();
-        assert_eq!(first, vec![self.continuation[at] as i64], "the decoder is where the oracle expects");
+        assert_eq!(
+            first,
+            vec![self.continuation[at] as i64],
+            "the decoder is where the oracle expects"
+        );
         let mut tokens = Vec::with_capacity(m * c);
         for beam in 0..m {
             for depth in 0..c {
@@ -117,10 +136,15 @@ fn oracle_drafter_reaches_tau_equal_to_beam_length() {
     let (model, tokenizer) = smollm2();
     let prompt = prompts(&tokenizer).swap_remove(1);
     let beam_length = 5;
-    let reference = generate(&model, std::slice::from_ref(&prompt), &greedy(NEW_TOKENS + 2 * beam_length), |_, _| {})
-        .unwrap()
-        .tokens
-        .remove(0);
+    let reference = generate(
+        &model,
+        std::slice::from_ref(&prompt),
+        &greedy(NEW_TOKENS + 2 * beam_length),
+        |_, _| {},
+    )
+    .unwrap()
+    .tokens
+    .remove(0);
     let oracle = OracleDrafter {
         continuation: reference.clone(),
         cursor: Cell::new(0),
@@ -136,6 +160,16 @@ fn oracle_drafter_reaches_tau_equal_to_beam_length() {
         .generate(std::slice::from_ref(&prompt), |_, _| {})
         .unwrap();
     assert_eq!(output.tokens[0], reference[..NEW_TOKENS]);
-    assert_eq!(output.stats.tau(), beam_length as f64, "every draft accepted");
-    assert!(output.stats.acceptance_rate_per_depth().iter().all(|&r| r == 1.0));
+    assert_eq!(
+        output.stats.tau(),
+        beam_length as f64,
+        "every draft accepted"
+    );
+    assert!(
+        output
+            .stats
+            .acceptance_rate_per_depth()
+            .iter()
+            .all(|&r| r == 1.0)
+    );
 }

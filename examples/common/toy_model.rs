@@ -46,7 +46,11 @@ impl<B: Backend> ToyModel<B> {
     pub fn new(config: ToyConfig, sharpness: f32, device: &B::Device) -> Self {
         let h = config.hidden;
         let init = |rows: usize, cols: usize, scale: f32| {
-            Param::from_tensor(Tensor::random([rows, cols], Distribution::Normal(0.0, scale as f64), device))
+            Param::from_tensor(Tensor::random(
+                [rows, cols],
+                Distribution::Normal(0.0, scale as f64),
+                device,
+            ))
         };
         let layer_scale = 1.0 / (h as f32).sqrt();
         Self {
@@ -87,7 +91,14 @@ impl<B: Backend> TargetModel<B> for ToyModel<B> {
     }
     fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
         let head_dim = self.hidden_size() / self.heads;
-        KvCache::new(self.layers.len(), batch, self.heads, head_dim, capacity, &self.device())
+        KvCache::new(
+            self.layers.len(),
+            batch,
+            self.heads,
+            head_dim,
+            capacity,
+            &self.device(),
+        )
     }
 
     fn forward(&self, block: &Block<B>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
@@ -120,7 +131,9 @@ impl<B: Backend> TargetModel<B> for ToyModel<B> {
                     .swap_dims(1, 2)
             };
             let (keys, values) = cache.append(i, part(1), part(2))?;
-            let mut scores = part(0).matmul(keys.swap_dims(2, 3)).div_scalar((dim as f32).sqrt());
+            let mut scores = part(0)
+                .matmul(keys.swap_dims(2, 3))
+                .div_scalar((dim as f32).sqrt());
             if let Some(bias) = &bias {
                 scores = scores.add(bias.clone());
             }
@@ -130,8 +143,12 @@ impl<B: Backend> TargetModel<B> for ToyModel<B> {
                 .reshape([batch * len, h])
                 .matmul(layer.out.val());
             x = x.add(attended.reshape([batch, len, h]));
-            let mlp = activation::gelu(Self::normalize(x.clone()).reshape([batch * len, h]).matmul(layer.up.val()))
-                .matmul(layer.down.val());
+            let mlp = activation::gelu(
+                Self::normalize(x.clone())
+                    .reshape([batch * len, h])
+                    .matmul(layer.up.val()),
+            )
+            .matmul(layer.down.val());
             x = x.add(mlp.reshape([batch, len, h]));
         }
         Ok(Self::normalize(x))

@@ -9,7 +9,7 @@
 //! # How it is computed
 //!
 //! Instead of materialising `M·V` scores, each beam selects its top `max(50, M)` logits once
-//! (a grouped top-k, see [`top_k`], instead of sorting the vocabulary). A beam's candidates are
+//! (a single `argtopk` reduction, see [`top_k`], instead of sorting the vocabulary). A beam's candidates are
 //! ordered by its own log-probabilities and the global top-`M` takes at most `M` from one beam,
 //! so only each beam's first `min(M, V)` candidates can win: the global top-`M` runs over
 //! `M·min(M, V)` scores. The normaliser only needs the kept top-50 (everything else adds
@@ -33,7 +33,7 @@
 //!
 //! # Ties
 //!
-//! Exactly equal real scores are ordered by the backend's (unstable) sort; the reference's
+//! Exactly equal real scores are ordered by the backend's `argtopk` (lower index first on the GPU backends); the reference's
 //! warp keeps every logit tied with the 50th, here exactly 50 are kept. Both differ only on
 //! exact float ties.
 //!
@@ -340,6 +340,27 @@ impl<B: Backend> RecurrentDrafter<B> {
 
 /// The `k` largest entries of each row and their column indices, sorted descending.
 ///
+/// On the CubeCL backends (CUDA, WGPU, ROCm; fused or not) this is the backend's `argtopk`
+/// reduction, a single kernel: Burn 0.21 has no GPU sort, so sorting there would read the tensor
+/// back to the host — a synchronisation inside the draft loop. The CPU backends have no
+/// `argtopk` but sort cheaply, so they use [`top_k_by_sorting`].
+///
+/// # Shapes
+/// `[N, V]` to (`[N, k]`, `[N, k]`), `k ≤ V`
+pub(crate) fn top_k<B: Backend>(
+    values: Tensor<B, 2>,
+    k: usize,
+) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let width = values.dims()[1];
+    if k < width && B::name(&values.device()).contains("cubecl") {
+        let index = values.clone().argtopk(k, 1);
+        return (values.gather(1, index.clone()), index);
+    }
+    top_k_by_sorting(values, k)
+}
+
+/// [`top_k`] for backends without an `argtopk` kernel (the CPU ones).
+///
 /// Sorting whole vocabulary rows dominates a draft step on the CPU (a 49k-entry sort per beam
 /// costs about as much as the head's matrix product). Instead, the row is cut into `G` groups of
 /// `S` columns: the top `k` entries lie in the `k` groups with the largest maxima (those maxima
@@ -350,7 +371,7 @@ impl<B: Backend> RecurrentDrafter<B> {
 ///
 /// # Shapes
 /// `[N, V]` to (`[N, k]`, `[N, k]`), `k ≤ V`
-pub(crate) fn top_k<B: Backend>(
+fn top_k_by_sorting<B: Backend>(
     values: Tensor<B, 2>,
     k: usize,
 ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {

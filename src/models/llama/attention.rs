@@ -51,11 +51,18 @@ impl<B: Backend> Attention<B> {
             .reshape([batch, len, heads + 2 * kv_heads, dim])
             .swap_dims(1, 2);
         // Rotate Q and K together: one set of RoPE ops instead of two.
-        let qk = qkv.clone().slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
+        let qk = qkv
+            .clone()
+            .slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
         let qk = RotaryEmbedding::apply(qk, cos, sin);
         let q = qk.clone().slice([0..batch, 0..heads, 0..len, 0..dim]);
         let k = qk.slice([0..batch, heads..heads + kv_heads, 0..len, 0..dim]);
-        let v = qkv.slice([0..batch, heads + kv_heads..heads + 2 * kv_heads, 0..len, 0..dim]);
+        let v = qkv.slice([
+            0..batch,
+            heads + kv_heads..heads + 2 * kv_heads,
+            0..len,
+            0..dim,
+        ]);
 
         let (keys, values) = cache.append(layer, k, v)?;
         let slots = keys.dims()[2];

@@ -23,17 +23,26 @@ pub fn load_llama<B: Backend>(
         let config = LlamaConfig::from_hf_config(path)?;
         let weights = HfWeights::open(path)?;
         let tokenizer = Tokenizer::from_hf_dir(path)?;
-        (Llama::from_weights(config, &weights, options, device)?, tokenizer)
+        (
+            Llama::from_weights(config, &weights, options, device)?,
+            tokenizer,
+        )
     } else if path.is_file() {
         let file = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let config = LlamaConfig::from_gguf(&file)?;
         let weights = GgufWeights::new(file, config.clone());
-        (Llama::from_weights(config, &weights, options, device)?, tokenizer)
+        (
+            Llama::from_weights(config, &weights, options, device)?,
+            tokenizer,
+        )
     } else {
         return Err(Error::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or directory"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such model file or directory",
+            ),
         ));
     };
     if loaded.1.vocab_size() > loaded.0.config().vocab_size {

@@ -123,12 +123,20 @@ impl<B: Backend> Llama<B> {
         let dtype = options.dtype;
         let matrix = |data: Vec<f32>, rows: usize, cols: usize| {
             let t = Tensor::<B, 2>::from_data(TensorData::new(data, [rows, cols]), device);
-            Param::from_tensor(if dtype == DType::F32 { t } else { t.cast(dtype) })
+            Param::from_tensor(if dtype == DType::F32 {
+                t
+            } else {
+                t.cast(dtype)
+            })
         };
         let vector = |data: Vec<f32>| {
             let len = data.len();
             let t = Tensor::<B, 1>::from_data(TensorData::new(data, [len]), device);
-            if dtype == DType::F32 { t } else { t.cast(dtype) }
+            if dtype == DType::F32 {
+                t
+            } else {
+                t.cast(dtype)
+            }
         };
 
         let (embed, shape) = weights.tensor("model.embed_tokens.weight")?;
@@ -155,18 +163,42 @@ impl<B: Backend> Llama<B> {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut q = load_transposed(weights, &format!("{p}.self_attn.q_proj.weight"), heads * d, h)?;
+            let mut q = load_transposed(
+                weights,
+                &format!("{p}.self_attn.q_proj.weight"),
+                heads * d,
+                h,
+            )?;
             q.iter_mut().for_each(|w| *w *= scale);
-            let k = load_transposed(weights, &format!("{p}.self_attn.k_proj.weight"), kv_heads * d, h)?;
-            let v = load_transposed(weights, &format!("{p}.self_attn.v_proj.weight"), kv_heads * d, h)?;
-            let qkv = concat_columns(&[(&q, heads * d), (&k, kv_heads * d), (&v, kv_heads * d)], h);
-            let o = load_transposed(weights, &format!("{p}.self_attn.o_proj.weight"), h, heads * d)?;
+            let k = load_transposed(
+                weights,
+                &format!("{p}.self_attn.k_proj.weight"),
+                kv_heads * d,
+                h,
+            )?;
+            let v = load_transposed(
+                weights,
+                &format!("{p}.self_attn.v_proj.weight"),
+                kv_heads * d,
+                h,
+            )?;
+            let qkv = concat_columns(
+                &[(&q, heads * d), (&k, kv_heads * d), (&v, kv_heads * d)],
+                h,
+            );
+            let o = load_transposed(
+                weights,
+                &format!("{p}.self_attn.o_proj.weight"),
+                h,
+                heads * d,
+            )?;
             let gate = load_transposed(weights, &format!("{p}.mlp.gate_proj.weight"), inter, h)?;
             let up = load_transposed(weights, &format!("{p}.mlp.up_proj.weight"), inter, h)?;
             let gate_up = concat_columns(&[(&gate, inter), (&up, inter)], h);
             let down = load_transposed(weights, &format!("{p}.mlp.down_proj.weight"), h, inter)?;
             let input_norm = load_vector(weights, &format!("{p}.input_layernorm.weight"), h)?;
-            let post_norm = load_vector(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
+            let post_norm =
+                load_vector(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
             layers.push(LlamaLayer {
                 input_norm: RmsNorm::new(vector(input_norm), config.rms_norm_eps),
                 attention: Attention {
@@ -192,7 +224,13 @@ impl<B: Backend> Llama<B> {
         if dtype != DType::F32 {
             rope = rope.cast(dtype);
         }
-        tracing::debug!(layers = layers.len(), hidden = h, vocab, ?dtype, "llama model loaded");
+        tracing::debug!(
+            layers = layers.len(),
+            hidden = h,
+            vocab,
+            ?dtype,
+            "llama model loaded"
+        );
         Ok(Self {
             embed_tokens: matrix(embed, vocab, h),
             layers,
@@ -275,7 +313,9 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
                 cache,
             )?;
             x = x.add(attn);
-            x = x.clone().add(layer.mlp.forward(layer.post_attention_norm.forward(x)));
+            x = x
+                .clone()
+                .add(layer.mlp.forward(layer.post_attention_norm.forward(x)));
         }
         Ok(self.norm.forward(x))
     }

@@ -23,7 +23,12 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// `[..., hidden]` to `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
         let weight = self.weight.val().unsqueeze::<D>();
         x.div(rms).mul(weight)
     }

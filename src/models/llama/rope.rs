@@ -39,7 +39,8 @@ fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
     } else if wavelen > low_wavelen {
         freq / s.factor
     } else {
-        let smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        let smooth =
+            (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
         (1.0 - smooth) * freq / s.factor + smooth * freq
     }
 }

@@ -1,0 +1,275 @@
+//! Speculative decoding on a tiny custom model wrapped as a `TargetModel` (the same wrapper as
+//! examples/custom_model.rs): exact sampling is distribution-exact, the reference-parity rule is
+//! not, and bad settings are typed errors.
+
+#[path = "../examples/common/toy_model.rs"]
+mod toy_model;
+
+use std::collections::HashMap;
+
+use burn::tensor::{Int, Tensor, TensorData, activation::softmax};
+use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig};
+use redrafter::{Block, Error, GenerationConfig, TargetModel, generate};
+use toy_model::{ToyConfig, ToyModel};
+
+type B = redrafter::backend::Cpu;
+
+const TOY: ToyConfig = ToyConfig {
+    vocab: 6,
+    hidden: 16,
+    heads: 2,
+    layers: 1,
+    max_len: 32,
+};
+
+fn toy(seed: u64) -> ToyModel<B> {
+    use burn::tensor::backend::Backend;
+    let device = Default::default();
+    B::seed(&device, seed);
+    ToyModel::new(TOY, 2.0, &device)
+}
+
+fn drafter(model: &ToyModel<B>, seed: u64) -> RecurrentDrafter<B> {
+    RecurrentDrafterConfig::new(TOY.hidden, TOY.vocab)
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(seed, &model.device())
+        .unwrap()
+        .with_target(model)
+        .unwrap()
+}
+
+/// Next-token distribution after `prefix`, by a fresh full forward.
+fn next_distribution(model: &ToyModel<B>, prefix: &[u32]) -> Vec<f64> {
+    let device = model.device();
+    let len = prefix.len();
+    let mut cache = model.new_cache(1, len);
+    let block = Block {
+        tokens: Tensor::<B, 2, Int>::from_data(
+            TensorData::new(
+                prefix.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [1, len],
+            ),
+            &device,
+        ),
+        positions: Tensor::from_data(
+            TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
+            &device,
+        ),
+        bias: None,
+    };
+    let hidden = model.forward(&block, &mut cache).unwrap();
+    let logits = model
+        .logits(hidden)
+        .slice([0..1, len - 1..len, 0..TOY.vocab]);
+    softmax(logits, 2)
+        .into_data()
+        .iter::<f32>()
+        .map(|p| p as f64)
+        .collect()
+}
+
+/// Exact probability of every continuation of `depth` tokens.
+fn exact_joint(model: &ToyModel<B>, prompt: &[u32], depth: usize) -> HashMap<Vec<u32>, f64> {
+    let mut joint = HashMap::from([(Vec::new(), 1.0)]);
+    for _ in 0..depth {
+        let mut next = HashMap::new();
+        for (seq, p) in joint {
+            let mut prefix = prompt.to_vec();
+            prefix.extend(&seq);
+            for (token, q) in next_distribution(model, &prefix).into_iter().enumerate() {
+                let mut longer = seq.clone();
+                longer.push(token as u32);
+                next.insert(longer, p * q);
+            }
+        }
+        joint = next;
+    }
+    joint
+}
+
+/// Pearson χ² of observed sequences against the exact joint, merging cells expected below 5.
+/// Returns (statistic, degrees of freedom).
+fn chi_square(joint: &HashMap<Vec<u32>, f64>, samples: &[Vec<u32>]) -> (f64, usize) {
+    let n = samples.len() as f64;
+    let mut counts: HashMap<&[u32], f64> = HashMap::new();
+    for s in samples {
+        *counts.entry(s.as_slice()).or_default() += 1.0;
+    }
+    let (mut stat, mut cells) = (0.0, 0usize);
+    let (mut rare_expected, mut rare_observed) = (0.0, 0.0);
+    for (seq, &p) in joint {
+        let observed = counts.get(seq.as_slice()).copied().unwrap_or(0.0);
+        if p * n < 5.0 {
+            rare_expected += p * n;
+            rare_observed += observed;
+        } else {
+            stat += (observed - p * n).powi(2) / (p * n);
+            cells += 1;
+        }
+    }
+    if rare_expected > 0.0 {
+        stat += (rare_observed - rare_expected).powi(2) / rare_expected;
+        cells += 1;
+    }
+    (stat, cells - 1)
+}
+
+fn sample_sequences(
+    model: &ToyModel<B>,
+    acceptance: Acceptance,
+    calls: u64,
+    rows: usize,
+) -> Vec<Vec<u32>> {
+    let drafter = drafter(model, 3);
+    let prompt = vec![1u32, 4, 2];
+    let mut samples = Vec::new();
+    for call in 0..calls {
+        let config = SpeculativeConfig::default()
+            .beam_width(3)
+            .beam_length(3)
+            .acceptance(acceptance)
+            .temperature(1.0)
+            .seed(1000 + call)
+            .max_new_tokens(3);
+        let decoder = SpeculativeDecoder::new(model, &drafter, config).unwrap();
+        let out = decoder
+            .generate(&vec![prompt.clone(); rows], |_, _| {})
+            .unwrap();
+        samples.extend(out.tokens);
+    }
+    samples
+}
+
+#[test]
+fn exact_sampling_matches_the_target_distribution() {
+    let model = toy(11);
+    let joint = exact_joint(&model, &[1, 4, 2], 3);
+    let samples = sample_sequences(&model, Acceptance::Exact, 40, 500);
+    let (stat, dof) = chi_square(&joint, &samples);
+    // χ²(dof) has mean dof and sd sqrt(2 dof): 5 standard deviations is a p-value near 1e-6.
+    let bound = dof as f64 + 5.0 * (2.0 * dof as f64).sqrt();
+    eprintln!(
+        "exact sampling: χ² = {stat:.1}, {dof} dof, {} samples",
+        samples.len()
+    );
+    assert!(
+        stat < bound,
+        "χ² = {stat:.1} with {dof} dof exceeds {bound:.1}"
+    );
+}
+
+#[test]
+fn reference_parity_mode_is_measurably_biased() {
+    let model = toy(11);
+    let joint = exact_joint(&model, &[1, 4, 2], 3);
+    let samples = sample_sequences(&model, Acceptance::ReferenceParity, 40, 500);
+    let (stat, dof) = chi_square(&joint, &samples);
+    let bound = dof as f64 + 10.0 * (2.0 * dof as f64).sqrt();
+    eprintln!(
+        "reference parity: χ² = {stat:.1}, {dof} dof, {} samples",
+        samples.len()
+    );
+    assert!(
+        stat > bound,
+        "χ² = {stat:.1} with {dof} dof: the p/q rule should be biased here"
+    );
+}
+
+#[test]
+fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
+    let model = toy(5);
+    let drafter = drafter(&model, 9);
+    let prompts = vec![vec![1u32, 2, 3], vec![5, 0], vec![3, 3, 3, 1, 2]];
+    let config = GenerationConfig::default().with_max_new_tokens(20);
+    let expected = generate(&model, &prompts, &config, |_, _| {}).unwrap();
+    for (m, c) in [(1, 2), (3, 3), (6, 4)] {
+        let spec = SpeculativeConfig::default()
+            .beam_width(m)
+            .beam_length(c)
+            .generation(config.clone());
+        let out = SpeculativeDecoder::new(&model, &drafter, spec)
+            .unwrap()
+            .generate(&prompts, |_, _| {})
+            .unwrap();
+        assert_eq!(out.tokens, expected.tokens, "M={m} C={c}");
+    }
+}
+
+#[test]
+fn bad_settings_and_inputs_are_typed_errors() {
+    let model = toy(1);
+    let d = drafter(&model, 1);
+    let make = |config: SpeculativeConfig| SpeculativeDecoder::new(&model, &d, config).err();
+    assert!(matches!(
+        make(SpeculativeConfig::default().beam_width(0)),
+        Some(Error::InvalidSettings(_))
+    ));
+    assert!(matches!(
+        make(SpeculativeConfig::default().beam_length(0)),
+        Some(Error::InvalidSettings(_))
+    ));
+    // Trained for 5 draft steps: a beam of 7 tokens needs 6.
+    assert!(matches!(
+        make(SpeculativeConfig::default().beam_length(7)),
+        Some(Error::InvalidSettings(_))
+    ));
+    assert!(matches!(
+        make(
+            SpeculativeConfig::default()
+                .acceptance(Acceptance::Greedy)
+                .temperature(0.7)
+        ),
+        Some(Error::InvalidSettings(_))
+    ));
+
+    // A drafter built for another target.
+    let other = RecurrentDrafterConfig::new(TOY.hidden * 2, TOY.vocab)
+        .init_seeded::<B>(0, &model.device())
+        .unwrap();
+    assert!(matches!(
+        SpeculativeDecoder::new(&model, &other, SpeculativeConfig::default()).err(),
+        Some(Error::DrafterMismatch { .. })
+    ));
+    let other_vocab = RecurrentDrafterConfig::new(TOY.hidden, TOY.vocab + 3)
+        .init_seeded::<B>(0, &model.device())
+        .unwrap();
+    assert!(matches!(
+        SpeculativeDecoder::new(&model, &other_vocab, SpeculativeConfig::default()).err(),
+        Some(Error::DrafterMismatch { .. })
+    ));
+
+    let decoder = SpeculativeDecoder::new(
+        &model,
+        &d,
+        SpeculativeConfig::default()
+            .beam_width(3)
+            .beam_length(4)
+            .max_new_tokens(8),
+    )
+    .unwrap();
+    // 22 + 8 new tokens leaves no room for a 4-token beam in a 32-token context.
+    let long = vec![vec![1u32; 22]];
+    assert!(matches!(
+        decoder.generate(&long, |_, _| {}),
+        Err(Error::ContextOverflow { .. })
+    ));
+    assert!(matches!(
+        decoder.generate(&[vec![1, 99]], |_, _| {}),
+        Err(Error::TokenOutOfRange { token: 99, .. })
+    ));
+    assert!(matches!(
+        decoder.generate(&[vec![]], |_, _| {}),
+        Err(Error::EmptyInput(_))
+    ));
+    assert!(matches!(
+        decoder.generate(&[], |_, _| {}),
+        Err(Error::EmptyInput(_))
+    ));
+    // Plain decoding validates the same way.
+    let plain = GenerationConfig::default().with_max_new_tokens(40);
+    assert!(matches!(
+        generate(&model, &[vec![1]], &plain, |_, _| {}),
+        Err(Error::ContextOverflow { .. })
+    ));
+}
