@@ -43,7 +43,7 @@ impl Sequence {
 
     /// Number of response tokens.
     pub fn response_len(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+        self.tokens.len().saturating_sub(self.prompt_len)
     }
 }
 

@@ -258,9 +258,6 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
     mut on_event: impl FnMut(TrainEvent<'_>),
 ) -> Result<TrainReport> {
     config.validate()?;
-    if train.is_empty() {
-        return Err(Error::Data("no training sequences".into()));
-    }
     let started = Instant::now();
     let device = target.device();
     let paths = CheckpointPaths::new(out);
@@ -270,6 +267,11 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
     let max_len = config.max_seq_len.min(target.max_context());
     let train = truncated(train, max_len);
     let eval = truncated(eval, max_len);
+    if train.is_empty() {
+        return Err(Error::Data(
+            "no training sequence with a response token".into(),
+        ));
+    }
     check_tokens(&train, target.vocab_size())?;
     check_tokens(&eval, target.vocab_size())?;
 
@@ -762,14 +764,12 @@ fn truncated(sequences: &[Sequence], max_len: usize) -> Vec<Sequence> {
     sequences
         .iter()
         .filter_map(|s| {
-            if s.len() <= max_len {
+            // Sequences are public structs: a prompt length past the end means "no response".
+            let prompt_len = s.prompt_len.min(s.len());
+            if s.len() <= max_len && prompt_len < s.len() {
                 Some(s.clone())
             } else {
-                Sequence::new(
-                    &s.tokens[..s.prompt_len.min(s.len())],
-                    &s.tokens[s.prompt_len..],
-                    max_len,
-                )
+                Sequence::new(&s.tokens[..prompt_len], &s.tokens[prompt_len..], max_len)
             }
         })
         .collect()
