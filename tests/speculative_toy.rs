@@ -291,7 +291,11 @@ fn typical_acceptance_thresholds_bound_the_accepted_length() {
             .unwrap()
             .generate(&prompts, |_, _| {})
             .unwrap();
-        assert!(out.tokens.iter().all(|row| row.len() == 13 && row.iter().all(|&t| (t as usize) < TOY.vocab)));
+        assert!(
+            out.tokens
+                .iter()
+                .all(|row| row.len() == 13 && row.iter().all(|&t| (t as usize) < TOY.vocab))
+        );
         out.stats.tau()
     };
     // A threshold above any probability accepts nothing: one token per forward.
