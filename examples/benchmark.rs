@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{DType, backend::Backend};
+use burn::tensor::backend::Backend;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use redrafter::backend::BackendKind;
@@ -141,15 +141,6 @@ fn read_prompts(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>> {
     Ok(prompts)
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype `{other}`"),
-    })
-}
-
 fn progress(len: usize, label: &str) -> ProgressBar {
     let bar = ProgressBar::new(len as u64);
     bar.set_style(
@@ -208,7 +199,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         None => redrafter::hub::smollm2_instruct_gguf()?,
     };
     let options = LlamaLoadOptions {
-        dtype: parse_dtype(&args.dtype)?,
+        dtype: redrafter::backend::parse_float_dtype(&args.dtype)?,
         ..Default::default()
     };
     let (model, tokenizer): (Llama<B>, _) = load_llama(&model_path, &options, &device)?;

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{DType, backend::Backend};
+use burn::tensor::backend::Backend;
 use clap::Parser;
 use redrafter::backend::BackendKind;
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
@@ -90,22 +90,13 @@ fn main() -> Result<()> {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype `{other}` (f32, f16 or bf16)"),
-    })
-}
-
 fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
     let model_path = match &args.model {
         Some(p) => p.clone(),
         None => redrafter::hub::smollm2_instruct_gguf().context("fetching the default model")?,
     };
     let options = LlamaLoadOptions {
-        dtype: parse_dtype(&args.dtype)?,
+        dtype: redrafter::backend::parse_float_dtype(&args.dtype)?,
         ..Default::default()
     };
     let (model, tokenizer) = load_llama::<B>(&model_path, &options, &device)

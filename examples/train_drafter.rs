@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::DType;
 use burn::tensor::backend::Backend;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -208,15 +207,6 @@ fn run<B: Backend>(command: &Command, device: B::Device) -> Result<()> {
     }
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("unknown dtype `{other}` (f32, f16 or bf16)"),
-    })
-}
-
 fn load_target<B: Backend>(
     args: &TargetArgs,
     device: &B::Device,
@@ -226,7 +216,7 @@ fn load_target<B: Backend>(
         None => redrafter::hub::smollm2_instruct_gguf().context("fetching the default model")?,
     };
     let options = LlamaLoadOptions {
-        dtype: parse_dtype(&args.target_dtype)?,
+        dtype: redrafter::backend::parse_float_dtype(&args.target_dtype)?,
         ..Default::default()
     };
     let (model, tokenizer) = load_llama::<B>(&path, &options, device)

@@ -82,3 +82,16 @@ pub fn wgpu_device() -> Result<burn::backend::wgpu::WgpuDevice> {
         )),
     }
 }
+
+/// Parses a float type name as used on the command line: `f32`, `f16` or `bf16`.
+pub fn parse_float_dtype(name: &str) -> Result<burn::tensor::DType> {
+    use burn::tensor::DType;
+    match name.to_ascii_lowercase().as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::InvalidSettings(format!(
+            "unknown float type `{other}` (expected f32, f16 or bf16)"
+        ))),
+    }
+}
