@@ -405,7 +405,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             cache.commit(&keep)?;
             host_beams = result.beams;
             device_beams = next_beams;
-            let before = active.clone();
+            let live_before = active.len();
             self.retire_finished(
                 &rows,
                 &mut active,
@@ -413,7 +413,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 &mut host_beams,
                 &mut device_beams,
             )?;
-            if active.len() != before.len() {
+            if active.len() != live_before {
                 tracing::debug!(remaining = active.len(), "rows finished");
             }
             stats.accept_time += accept_start.elapsed();

@@ -13,6 +13,7 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::error::{Error, Result};
+use crate::generate::int_tensor;
 
 /// Additive attention bias value for masked-out entries. Large and finite, so that a fully masked
 /// (padding) row softmaxes to a uniform distribution instead of NaN.
@@ -225,11 +226,9 @@ impl<B: Backend> KvCache<B> {
             return Ok(());
         }
         let device = self.keys.as_ref().expect("cache storage present").device();
-        let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
-            TensorData::new(
-                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
-                [rows.len()],
-            ),
+        let index = int_tensor(
+            rows.iter().map(|&r| r as i64).collect(),
+            [rows.len()],
             &device,
         );
         for slot in [&mut self.keys, &mut self.values] {
@@ -248,11 +247,9 @@ impl<B: Backend> KvCache<B> {
     fn move_slots(&mut self, row: usize, sources: Vec<usize>, dest: usize) {
         let count = sources.len();
         let device = self.keys.as_ref().expect("cache storage present").device();
-        let index = Tensor::<B, 1, burn::tensor::Int>::from_data(
-            TensorData::new(
-                sources.iter().map(|&s| s as i64).collect::<Vec<_>>(),
-                [count],
-            ),
+        let index = int_tensor(
+            sources.iter().map(|&s| s as i64).collect(),
+            [count],
             &device,
         );
         let (layers, heads, dim) = (self.num_layers, self.kv_heads, self.head_dim);
