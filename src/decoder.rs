@@ -1,9 +1,8 @@
 //! The speculative decoder: recurrent beam drafting, dynamic tree attention, acceptance on the
 //! device and KV commit, with one explicit host↔device readback per round.
 //!
-//! (On the CubeCL GPU backends the draft head's top-k still goes through Burn's sort, which has
-//! no GPU kernel in Burn 0.21 and reads its input back to the host: see
-//! `drafter::beam_search::top_k`.)
+//! (The draft head's top-k avoids Burn's sort on GPU backends, which would read back to the host:
+//! see [`crate::drafter::TopKMethod`].)
 //!
 //! # One round
 //!

@@ -9,7 +9,7 @@
 //! # How it is computed
 //!
 //! Instead of materialising `M·V` scores, each beam selects its top `max(50, M)` logits once
-//! (a grouped top-k, see [`top_k`], instead of sorting the whole vocabulary). A beam's candidates are
+//! (a grouped top-k, see [`super::top_k`], instead of sorting the whole vocabulary). A beam's candidates are
 //! ordered by its own log-probabilities and the global top-`M` takes at most `M` from one beam,
 //! so only each beam's first `min(M, V)` candidates can win: the global top-`M` runs over
 //! `M·min(M, V)` scores. The normaliser only needs the kept top-50 (everything else adds
@@ -43,6 +43,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::recurrent::RecurrentDrafter;
+use super::top_k::top_k;
 use super::{DraftBeams, DraftHead, DraftRequest};
 use crate::error::{Error, Result};
 
@@ -262,7 +263,7 @@ impl<B: Backend> RecurrentDrafter<B> {
                 let total = (log_probs.clone().reshape([batch, width, dims.per_beam])
                     + scores.unsqueeze_dim::<3>(2))
                 .reshape([batch, candidates]);
-                let (top, index) = top_k(total, width); // [B, M], sorted
+                let (top, index) = top_k(total, width, self.top_k); // [B, M], sorted
                 scores = top;
                 let parent = index.clone().div_scalar(dims.per_beam as i64);
                 let token = ids.reshape([batch, candidates]).gather(1, index.clone());
@@ -313,7 +314,7 @@ impl<B: Backend> RecurrentDrafter<B> {
         let logits = self.head_logits(context, state.clone())?; // [N, V]
         let rows = logits.dims()[0];
 
-        let (sorted, ids) = top_k(logits, dims.kept.max(dims.per_beam));
+        let (sorted, ids) = top_k(logits, dims.kept.max(dims.per_beam), self.top_k);
         let ids = ids.narrow(1, 0, dims.per_beam);
 
         // Warp: subtract the row max (the first sorted value), normalise over the kept top-k.
@@ -336,64 +337,6 @@ impl<B: Backend> RecurrentDrafter<B> {
             ids,
         })
     }
-}
-
-/// The `k` largest entries of each row and their column indices, sorted descending.
-///
-/// Burn 0.21 has no GPU sort: on the CubeCL backends (CUDA, WGPU) a sort reads the tensor back
-/// and sorts on the host, a synchronisation inside the draft loop (measured on an H100: 9 ms per
-/// draft round at M = 1, docs/benchmarks.md). The backend's `argtopk` reduction would avoid it,
-/// but a build using it did not finish a single speculative benchmark on the H100, so it stays
-/// out until it is understood; see the closing notes of the benchmark issue.
-///
-/// Sorting whole vocabulary rows dominates a draft step on the CPU (a 49k-entry sort per beam
-/// costs about as much as the head's matrix product). Instead, the row is cut into `G` groups of
-/// `S` columns: the top `k` entries lie in the `k` groups with the largest maxima (those maxima
-/// are `k` entries at least as large as the `k`-th group maximum, so anything in another group
-/// is smaller than `k` entries). Sorting `G` maxima and then `k·S` candidates replaces sorting
-/// `V` values, ~15x fewer for `V = 49152`. Rows too short for that to pay, or a vocabulary
-/// without a suitable divisor, are sorted whole.
-///
-/// # Shapes
-/// `[N, V]` to (`[N, k]`, `[N, k]`), `k ≤ V`
-pub(crate) fn top_k<B: Backend>(
-    values: Tensor<B, 2>,
-    k: usize,
-) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
-    let [rows, width] = values.dims();
-    let Some(size) = top_k_group_size(width, k) else {
-        let (sorted, index) = values.sort_descending_with_indices(1);
-        return (sorted.narrow(1, 0, k), index.narrow(1, 0, k));
-    };
-    let groups = width / size;
-    let device = values.device();
-    // Row-major: group j of row i is row i·G + j.
-    let grouped = values.reshape([rows * groups, size]);
-    let maxima = grouped.clone().max_dim(1).reshape([rows, groups]);
-    let (_, best) = maxima.sort_descending_with_indices(1);
-    let best = best.narrow(1, 0, k); // [N, k] group ids
-    let offsets = Tensor::<B, 1, Int>::arange_step(0..(rows * groups) as i64, groups, &device)
-        .cast(best.dtype())
-        .reshape([rows, 1]);
-    let candidates = grouped
-        .select(0, (best.clone() + offsets).reshape([rows * k]))
-        .reshape([rows, k * size]);
-    let (sorted, position) = candidates.sort_descending_with_indices(1);
-    let (sorted, position) = (sorted.narrow(1, 0, k), position.narrow(1, 0, k));
-    let group = best.gather(1, position.clone().div_scalar(size as i64));
-    let index = group.mul_scalar(size as i64) + position.remainder_scalar(size as i64);
-    (sorted, index)
-}
-
-/// Group size `S` for [`top_k`]: a divisor of `width` near `sqrt(width / k)`, which balances
-/// the two sorts (`width / S` maxima, `k·S` candidates); `None` when whole rows are cheaper.
-fn top_k_group_size(width: usize, k: usize) -> Option<usize> {
-    let ideal = ((width / k.max(1)) as f64).sqrt().round().max(1.0) as usize;
-    let size = (0..=ideal / 2)
-        .flat_map(|d| [ideal + d, ideal.saturating_sub(d)])
-        .find(|&s| s > 1 && width.is_multiple_of(s))?;
-    let groups = width / size;
-    (groups >= k && groups + k * size <= width / 4).then_some(size)
 }
 
 impl<B: Backend> DraftHead<B> for RecurrentDrafter<B> {

@@ -301,6 +301,7 @@ fn load_checked<B: Backend>(
         input_embedding: None,
         output_embedding: None,
         config,
+        top_k: super::TopKMethod::Auto,
     })
 }
 

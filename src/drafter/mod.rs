@@ -9,6 +9,7 @@ mod checkpoint;
 mod recurrent;
 #[cfg(test)]
 mod tests;
+mod top_k;
 
 pub use beam_search::{BeamSearchOutput, LOG_ZERO, WARP_TOP_K};
 pub use checkpoint::{CONFIG_METADATA_KEY, CheckpointDType, read_checkpoint_config};
@@ -16,6 +17,7 @@ pub use recurrent::{
     DEFAULT_NUM_DRAFT_LAYERS, DEFAULT_TRAINED_STEPS, DraftHeadKind, RecurrentDrafter,
     RecurrentDrafterConfig, ResBlock,
 };
+pub use top_k::{TopKMethod, top_k};
 
 /// Beams proposed for one round.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! building blocks ([`RecurrentDrafter::step`], [`RecurrentDrafter::head_logits`]) that both
 //! beam search and training are made of.
 
+use super::TopKMethod;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
@@ -240,6 +241,7 @@ impl RecurrentDrafterConfig {
             input_embedding: None,
             output_embedding: None,
             config: self.clone(),
+            top_k: TopKMethod::Auto,
         }
     }
 }
@@ -279,12 +281,26 @@ pub struct RecurrentDrafter<B: Backend> {
     pub(crate) output_embedding: Option<Tensor<B, 2>>,
     #[module(skip)]
     pub(crate) config: RecurrentDrafterConfig,
+    /// How beam search selects its top-k (a runtime choice, not part of the checkpoint).
+    #[module(skip)]
+    pub(crate) top_k: TopKMethod,
 }
 
 impl<B: Backend> RecurrentDrafter<B> {
     /// The configuration the drafter was built from.
     pub fn config(&self) -> &RecurrentDrafterConfig {
         &self.config
+    }
+
+    /// Chooses how beam search selects its top-k candidates ([`TopKMethod::Auto`] unless set).
+    pub fn with_top_k(mut self, method: TopKMethod) -> Self {
+        self.top_k = method;
+        self
+    }
+
+    /// The top-k method set with [`Self::with_top_k`].
+    pub fn top_k_method(&self) -> TopKMethod {
+        self.top_k
     }
 
     /// Whether the target's embeddings are attached (needed by `propose` and, for the tied

@@ -432,6 +432,17 @@ fn beam_search_matches_dense_reference() {
     assert_matches_reference(&d, &[7, 4000], 3, 3);
 }
 
+/// The device-only rank selection (the GPU default) drafts exactly the reference beams too.
+#[test]
+fn beam_search_with_rank_top_k_matches_reference() {
+    use super::TopKMethod;
+    let d = drafter(&small_config(), 11).with_top_k(TopKMethod::Rank);
+    assert_matches_reference(&d, &[0, 4, 6], 3, 4);
+    let d = drafter(&RecurrentDrafterConfig::new(8, 4096), 13).with_top_k(TopKMethod::Rank);
+    assert_matches_reference(&d, &[7, 4000], 3, 3);
+    assert_matches_reference(&d, &[9], 16, 4);
+}
+
 #[test]
 fn beam_search_variants_match_reference() {
     let d = drafter(&small_config().with_rnn(false), 21);
@@ -813,7 +824,7 @@ fn grouped_top_k_matches_full_sort() {
         (2, 60, 50),
     ] {
         let values = random(rows, width, width as u64);
-        let (got_values, got_index) = super::beam_search::top_k(values.clone(), k);
+        let (got_values, got_index) = super::top_k(values.clone(), k, super::TopKMethod::Sort);
         assert_eq!(got_values.dims(), [rows, k]);
         let (sorted, index) = values.sort_descending_with_indices(1);
         assert_eq!(floats(got_values), floats(sorted.narrow(1, 0, k)));
