@@ -242,6 +242,68 @@ impl<B: Backend> Llama<B> {
         })
     }
 
+    /// Builds a model of `config`'s shape with random weights (normal, std 0.02; norms at 1),
+    /// generated on the device. For measuring costs of shapes whose weights are not at hand
+    /// (e.g. a 7B-shaped model on one GPU); its outputs are meaningless.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if `config` does not validate.
+    pub fn init_random(
+        config: LlamaConfig,
+        options: &LlamaLoadOptions,
+        device: &B::Device,
+    ) -> Result<Self> {
+        use burn::tensor::Distribution;
+        config.validate()?;
+        let h = config.hidden_size;
+        let d = config.head_dim();
+        let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
+        let inter = config.intermediate_size;
+        let vocab = config.vocab_size;
+        let dtype = options.dtype;
+        let matrix = |rows: usize, cols: usize| {
+            Param::from_tensor(
+                Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 0.02), device)
+                    .cast(dtype),
+            )
+        };
+        let ones = || Tensor::<B, 1>::ones([h], device).cast(dtype);
+        let layers = (0..config.num_hidden_layers)
+            .map(|_| LlamaLayer {
+                input_norm: RmsNorm::new(ones(), config.rms_norm_eps),
+                attention: Attention {
+                    qkv: matrix(h, (heads + 2 * kv_heads) * d),
+                    output: matrix(heads * d, h),
+                    heads,
+                    kv_heads,
+                    head_dim: d,
+                },
+                post_attention_norm: RmsNorm::new(ones(), config.rms_norm_eps),
+                mlp: Mlp {
+                    gate_up: matrix(h, 2 * inter),
+                    down: matrix(inter, h),
+                },
+            })
+            .collect();
+        let max_context = options
+            .max_context
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings.max(1));
+        let mut rope = RotaryEmbedding::new(&config, max_context, device);
+        if dtype != DType::F32 {
+            rope = rope.cast(dtype);
+        }
+        Ok(Self {
+            embed_tokens: matrix(vocab, h),
+            layers,
+            norm: RmsNorm::new(ones(), config.rms_norm_eps),
+            lm_head: matrix(h, vocab),
+            rope,
+            config,
+            max_context,
+        })
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &LlamaConfig {
         &self.config

@@ -1,0 +1,147 @@
+//! Criterion micro-benchmarks of the pieces of one speculative round on the default CPU backend:
+//! tree packing, a draft round (beam search), and one verification forward at packed lengths
+//! L ∈ {1, 8, 32, 64, 128}.
+//!
+//! ```text
+//! cargo bench --bench round
+//! cargo bench --bench round -- verify      # one group
+//! ```
+//! The models have SmolLM2-135M's shape with random weights (costs do not depend on the weights,
+//! and no download is needed). GPU figures come from `examples/profile.rs`, which measures the
+//! same pieces on any backend.
+
+use std::hint::black_box;
+
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use rand::{Rng, SeedableRng};
+use redrafter::drafter::{DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig};
+use redrafter::models::llama::{Llama, LlamaConfig, LlamaLoadOptions};
+use redrafter::tree::DraftTree;
+use redrafter::{Block, TargetModel};
+
+type B = redrafter::backend::Cpu;
+
+fn smollm2_shape() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 576,
+        intermediate_size: 1536,
+        num_hidden_layers: 30,
+        num_attention_heads: 9,
+        num_key_value_heads: 3,
+        vocab_size: 49152,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100_000.0,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: true,
+        rope_scaling: None,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+fn ints<const D: usize>(values: Vec<i64>, shape: [usize; D]) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::new(values, shape), &Default::default())
+}
+
+fn tree_packing(c: &mut Criterion) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut group = c.benchmark_group("pack");
+    let length = 5;
+    for width in [1, 4, 16, 64] {
+        // Beams sharing prefixes as drafted beams do: few distinct tokens per depth.
+        let beams: Vec<u32> = (0..width * length)
+            .map(|i| {
+                if i % length == 0 {
+                    7
+                } else {
+                    rng.random_range(0..4)
+                }
+            })
+            .collect();
+        group.bench_with_input(BenchmarkId::from_parameter(width), &beams, |b, beams| {
+            b.iter(|| DraftTree::pack(black_box(beams), width, length).expect("valid beams"))
+        });
+    }
+    group.finish();
+}
+
+fn model() -> Llama<B> {
+    let options = LlamaLoadOptions {
+        max_context: Some(512),
+        ..Default::default()
+    };
+    Llama::init_random(smollm2_shape(), &options, &Default::default()).expect("valid shape")
+}
+
+fn draft_round(c: &mut Criterion) {
+    let model = model();
+    let device = Default::default();
+    let drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(0, &device)
+        .and_then(|d| d.with_target(&model))
+        .expect("drafter fits the model");
+    let context = Tensor::<B, 2>::random(
+        [1, model.hidden_size()],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let mut group = c.benchmark_group("draft");
+    group.sample_size(10);
+    for width in [1, 4, 16] {
+        group.bench_function(BenchmarkId::from_parameter(width), |b| {
+            b.iter(|| {
+                let beams = drafter
+                    .propose(DraftRequest {
+                        context: context.clone(),
+                        first_tokens: ints(vec![42], [1]),
+                        beam_width: width,
+                        beam_length: 5,
+                    })
+                    .expect("valid request");
+                beams.tokens.into_data()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn verify_forward(c: &mut Criterion) {
+    let model = model();
+    let device = Default::default();
+    let context = 128;
+    let mut cache = model.new_cache(1, context + 129);
+    let prefill = Block {
+        tokens: ints(
+            (0..context as i64).map(|t| t * 7 % 49152).collect(),
+            [1, context],
+        ),
+        positions: ints((0..context as i64).collect(), [1, context]),
+        bias: Some(cache.attention_bias(context, None, &device)),
+    };
+    model.forward(&prefill, &mut cache).expect("prefill");
+    cache.commit(&[(0..context).collect()]).expect("commit");
+    let mut group = c.benchmark_group("verify");
+    group.sample_size(10);
+    for len in [1, 8, 32, 64, 128] {
+        let mask: Vec<bool> = (0..len * len).map(|i| i % len <= i / len).collect();
+        let block = Block {
+            tokens: ints((0..len as i64).map(|t| t * 13 % 49152).collect(), [1, len]),
+            positions: ints((context as i64..(context + len) as i64).collect(), [1, len]),
+            bias: Some(cache.attention_bias(len, Some(&[mask]), &device)),
+        };
+        group.bench_function(BenchmarkId::from_parameter(len), |b| {
+            b.iter(|| {
+                let hidden = model.forward(&block, &mut cache).expect("forward");
+                let best = model.logits(hidden).argmax(2).into_data();
+                cache.rollback();
+                best
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, tree_packing, draft_round, verify_forward);
+criterion_main!(benches);
