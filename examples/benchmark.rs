@@ -13,11 +13,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use redrafter::backend::BackendKind;
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
-use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig};
+use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig, TopKMethod};
 use redrafter::models::llama::{Llama, LlamaLoadOptions, load_llama};
 use redrafter::tokenizer::{ChatMessage, Tokenizer};
 use redrafter::{GenerationConfig, Sampling, Stats, TargetModel, generate};
@@ -35,9 +36,16 @@ struct Args {
     prompts: PathBuf,
     #[arg(long, default_value = "turns")]
     field: String,
-    /// Use only the first N prompts.
+    /// Use only the first N prompts (after `--skip`).
     #[arg(long)]
     limit: Option<usize>,
+    /// Skip the first N prompts of the file (to split a long run into parts).
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Prompts decoded together. Speed figures are for batch 1; a larger batch measures τ
+    /// (which greedy decoding does not change) in a fraction of the time.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     #[arg(long, value_delimiter = ',', default_value = "16")]
@@ -62,6 +70,9 @@ struct Args {
     no_baseline: bool,
     #[arg(long, default_value_t = 1)]
     max_mismatches: usize,
+    /// Draft head top-k: auto (rank selection on GPUs, sort on CPUs), sort or rank.
+    #[arg(long, default_value = "auto")]
+    top_k: String,
     /// Write all results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -84,6 +95,72 @@ struct ModeResult {
     syncs_per_round: f64,
     time_split_s: serde_json::Value,
     greedy_mismatches: Vec<usize>,
+    /// Where and by how much each mismatching output left the AR one.
+    divergences: Vec<Divergence>,
+}
+
+/// The first token where a speculative greedy output differs from the AR one, and the target's
+/// logits for both candidates from a third, independent forward over their common prefix: a
+/// margin near zero is a floating-point near-tie, a large one a bug.
+#[derive(Serialize, Clone, Debug)]
+struct Divergence {
+    prompt: usize,
+    position: usize,
+    ar_token: Option<u32>,
+    speculative_token: Option<u32>,
+    ar_logit: f32,
+    speculative_logit: f32,
+}
+
+fn divergence<B: Backend>(
+    model: &Llama<B>,
+    prompt_index: usize,
+    prompt: &[u32],
+    ar: &[u32],
+    speculative: &[u32],
+) -> Result<Divergence> {
+    let position = ar
+        .iter()
+        .zip(speculative)
+        .position(|(a, s)| a != s)
+        .unwrap_or(ar.len().min(speculative.len()));
+    let (ar_token, speculative_token) = (
+        ar.get(position).copied(),
+        speculative.get(position).copied(),
+    );
+    let context: Vec<i64> = prompt
+        .iter()
+        .chain(&ar[..position])
+        .map(|&t| t as i64)
+        .collect();
+    let device = model.device();
+    let len = context.len();
+    let mut cache = model.new_cache(1, len);
+    let block = redrafter::Block {
+        tokens: Tensor::from_data(TensorData::new(context, [1, len]), &device),
+        positions: Tensor::from_data(
+            TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
+            &device,
+        ),
+        bias: Some(cache.attention_bias(len, None, &device)),
+    };
+    let hidden = model.forward(&block, &mut cache)?.narrow(1, len - 1, 1);
+    let logits: Vec<f32> = model
+        .logits(hidden)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // A missing token (one output stopped earlier) is reported as the EOS decision it was.
+    let logit = |t: Option<u32>| t.map(|t| logits[t as usize]).unwrap_or(f32::NAN);
+    Ok(Divergence {
+        prompt: prompt_index,
+        position,
+        ar_token,
+        speculative_token,
+        ar_logit: logit(ar_token),
+        speculative_logit: logit(speculative_token),
+    })
 }
 
 fn main() -> Result<()> {
@@ -115,6 +192,7 @@ fn read_prompts(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>> {
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
+        .skip(args.skip)
     {
         let value: serde_json::Value = serde_json::from_str(line)
             .with_context(|| format!("line {} is not JSON", line_no + 1))?;
@@ -190,6 +268,7 @@ fn summarize(
                     "readback": stats.readback_time.as_secs_f64(),
         }),
         greedy_mismatches: mismatches,
+        divergences: Vec::new(),
     }
 }
 
@@ -202,6 +281,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         dtype: redrafter::backend::parse_float_dtype(&args.dtype)?,
         ..Default::default()
     };
+    let top_k: TopKMethod = args.top_k.parse()?;
     let (model, tokenizer): (Llama<B>, _) = load_llama(&model_path, &options, &device)?;
     let drafter = match args.drafter.as_deref() {
         None => None,
@@ -212,7 +292,8 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 .with_target(&model)?,
         ),
         Some(path) => Some(RecurrentDrafter::load_for_target(path, &model)?),
-    };
+    }
+    .map(|d| d.with_top_k(top_k));
     let prompts = read_prompts(args, &tokenizer)?;
     let eos = tokenizer.eos_token_ids().to_vec();
     eprintln!(
@@ -222,6 +303,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         args.backend,
         args.dtype
     );
+    let batch = args.batch_size.max(1);
     let mut results = Vec::new();
     let mut failed = false;
     for &temperature in &args.temperatures {
@@ -240,11 +322,11 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             }
             let bar = progress(prompts.len(), &format!("AR T={temperature}"));
             let mut stats = Stats::default();
-            for prompt in &prompts {
-                let out = generate(&model, std::slice::from_ref(prompt), &generation, |_, _| {})?;
+            for chunk in prompts.chunks(batch) {
+                let out = generate(&model, chunk, &generation, |_, _| {})?;
                 stats.merge(&out.stats);
-                ar_outputs.push(out.tokens.into_iter().next().unwrap_or_default());
-                bar.inc(1);
+                ar_outputs.extend(out.tokens);
+                bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
             let result = summarize(
@@ -258,6 +340,8 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             eprintln!("AR  T={temperature}: {:.1} tok/s", result.tokens_per_second);
             ar_tps = Some(result.tokens_per_second);
             results.push(result);
+            // Written after every mode, so a run cut short keeps what it measured.
+            write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
         }
         let Some(drafter) = &drafter else { continue };
         let acceptance = if temperature == 0.0 {
@@ -282,16 +366,25 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 );
                 let mut stats = Stats::default();
                 let mut mismatches = Vec::new();
-                for (i, prompt) in prompts.iter().enumerate() {
-                    let out = decoder.generate(std::slice::from_ref(prompt), |_, _| {})?;
+                let mut divergences = Vec::new();
+                for (c, chunk) in prompts.chunks(batch).enumerate() {
+                    let out = decoder.generate(chunk, |_, _| {})?;
                     stats.merge(&out.stats);
-                    if temperature == 0.0
-                        && !ar_outputs.is_empty()
-                        && out.tokens[0] != ar_outputs[i]
-                    {
-                        mismatches.push(i);
+                    for (j, tokens) in out.tokens.iter().enumerate() {
+                        let i = c * batch + j;
+                        if temperature == 0.0 && !ar_outputs.is_empty() && *tokens != ar_outputs[i]
+                        {
+                            mismatches.push(i);
+                            divergences.push(divergence(
+                                &model,
+                                i,
+                                &prompts[i],
+                                &ar_outputs[i],
+                                tokens,
+                            )?);
+                        }
                     }
-                    bar.inc(1);
+                    bar.inc(chunk.len() as u64);
                 }
                 bar.finish_and_clear();
                 let result = summarize(
@@ -302,6 +395,10 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     ar_tps,
                     mismatches.clone(),
                 );
+                let result = ModeResult {
+                    divergences: divergences.clone(),
+                    ..result
+                };
                 eprintln!(
                     "ReDrafter M={beam_width:<2} C={beam_length} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
                     result.tokens_per_second,
@@ -318,30 +415,62 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     stats.accept_time.as_secs_f64(),
                     mismatches
                 );
+                for d in &divergences {
+                    eprintln!(
+                        "  prompt {}: first difference at token {} (AR {:?} vs ReDrafter {:?}); a \
+                         fresh forward over the common prefix gives logits {:.4} vs {:.4} \
+                         (margin {:.4})",
+                        d.prompt,
+                        d.position,
+                        d.ar_token,
+                        d.speculative_token,
+                        d.ar_logit,
+                        d.speculative_logit,
+                        d.ar_logit - d.speculative_logit
+                    );
+                }
                 if mismatches.len() > args.max_mismatches {
                     eprintln!("greedy outputs differ from AR on prompts {mismatches:?}");
                     failed = true;
                 }
                 results.push(result);
+                write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
             }
         }
     }
-    let report = serde_json::json!({
-        "model": model_path,
-        "drafter": args.drafter,
-        "backend": args.backend,
-        "dtype": args.dtype,
-        "prompts_file": args.prompts,
-        "prompts": prompts.len(),
-        "max_new_tokens": args.max_new_tokens,
-        "results": results,
-    });
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
-    }
+    let report = write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
     println!("{}", serde_json::to_string(&report)?);
     if failed {
         std::process::exit(2);
     }
     Ok(())
+}
+
+/// The JSON report of everything measured so far, also written to `--out` if given.
+fn write_report<B: Backend>(
+    args: &Args,
+    model_path: &std::path::Path,
+    prompts: &[Vec<u32>],
+    top_k: TopKMethod,
+    device: &B::Device,
+    results: &[ModeResult],
+) -> Result<serde_json::Value> {
+    let report = serde_json::json!({
+        "model": model_path,
+        "drafter": args.drafter,
+        "backend": args.backend,
+        "device": B::name(device),
+        "dtype": args.dtype,
+        "top_k": format!("{:?}", top_k.resolve::<B>(device)).to_lowercase(),
+        "prompts_file": args.prompts,
+        "prompts": prompts.len(),
+        "skipped_prompts": args.skip,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "results": results,
+    });
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(report)
 }
