@@ -153,7 +153,7 @@ fn self_distillation_raises_tau_on_held_out_prompts() {
         checkpoint_every: 0,
         ..TrainConfig::default()
     };
-    let out = dir.join("drafter.safetensors");
+    let out = dir.join("not-yet-created").join("drafter.safetensors");
     let mut evals = Vec::new();
     let report = train_drafter(
         &model,

@@ -261,6 +261,10 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
     let started = Instant::now();
     let device = target.device();
     let paths = CheckpointPaths::new(out);
+    // The checkpoint files are written beside the output; its folder may not exist yet.
+    if let Some(dir) = paths.drafter.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let drafter_config = drafter_config
         .clone()
         .with_trained_steps(Some(config.draft_steps));
