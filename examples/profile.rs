@@ -14,16 +14,22 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+#[path = "common/backend.rs"]
+mod backend;
+#[path = "common/shapes.rs"]
+mod shapes;
+
 use anyhow::{Result, bail};
+use backend::run_on_backend;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Tensor};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
-use redrafter::backend::BackendKind;
 use redrafter::drafter::{
     DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig, TopKMethod,
 };
+use redrafter::generate::{int_tensor, prefill};
 use redrafter::models::llama::{Llama, LlamaConfig, LlamaLoadOptions};
 use redrafter::tree::DraftTree;
 use redrafter::{Block, TargetModel};
@@ -77,46 +83,16 @@ struct Row {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    backend::init_tracing();
     let args = Args::parse();
-    let kind: BackendKind = args.backend.parse()?;
-    match kind.ensure_compiled()? {
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
-        BackendKind::Cpu => run::<redrafter::backend::Cpu>(&args, Default::default()),
-        #[cfg(feature = "cuda")]
-        BackendKind::Cuda => run::<redrafter::backend::Cuda>(&args, Default::default()),
-        #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => {
-            run::<redrafter::backend::Wgpu>(&args, redrafter::backend::wgpu_device()?)
-        }
-        #[allow(unreachable_patterns)]
-        other => bail!("backend {other:?} is not compiled in"),
-    }
+    run_on_backend!(args.backend, run, &args)
 }
 
-/// The shapes this program knows, as HF configs.
+/// The shapes this program knows, by name.
 fn shape_config(name: &str) -> Result<LlamaConfig> {
-    let base = |hidden, inter, layers, heads, kv_heads, vocab, theta, tied| LlamaConfig {
-        hidden_size: hidden,
-        intermediate_size: inter,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        num_key_value_heads: kv_heads,
-        vocab_size: vocab,
-        rms_norm_eps: 1e-5,
-        rope_theta: theta,
-        max_position_embeddings: 4096,
-        tie_word_embeddings: tied,
-        rope_scaling: None,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
     Ok(match name {
-        "smollm2-135m" => base(576, 1536, 30, 9, 3, 49152, 100_000.0, true),
-        "llama2-7b" => base(4096, 11008, 32, 32, 32, 32000, 10_000.0, false),
+        "smollm2-135m" => shapes::smollm2_135m(),
+        "llama2-7b" => shapes::llama2_7b(),
         other => bail!("unknown shape `{other}` (known: smollm2-135m, llama2-7b)"),
     })
 }
@@ -137,14 +113,6 @@ fn time(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
     Ok((ms(times[times.len() / 2]), ms(times[0])))
 }
 
-fn ints<B: Backend, const D: usize>(
-    values: Vec<i64>,
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D, Int> {
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
-
 fn spinner(label: String) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("template"));
@@ -153,7 +121,24 @@ fn spinner(label: String) -> ProgressBar {
     bar
 }
 
-fn report(rows: &mut Vec<Row>, row: Row) {
+/// Prints a measurement and keeps it for the JSON report.
+fn report(
+    rows: &mut Vec<Row>,
+    what: &str,
+    shape: &str,
+    dtype: &str,
+    (size, detail): (usize, String),
+    (median_ms, min_ms): (f64, f64),
+) {
+    let row = Row {
+        what: what.into(),
+        shape: shape.into(),
+        dtype: dtype.into(),
+        size,
+        detail,
+        median_ms,
+        min_ms,
+    };
     eprintln!(
         "{:<8} {:<13} {:<4} {:>4} {:<14} median {:>9.3} ms  min {:>9.3} ms",
         row.what, row.shape, row.dtype, row.size, row.detail, row.median_ms, row.min_ms
@@ -179,20 +164,10 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
 
         // Verification forward at each packed length, against `context` cached tokens.
         let mut cache = model.new_cache(1, args.context + longest + 1);
-        let prompt: Vec<i64> = (0..args.context)
-            .map(|_| rng.random_range(0..vocab as i64))
+        let prompt: Vec<u32> = (0..args.context)
+            .map(|_| rng.random_range(0..vocab as u32))
             .collect();
-        let prefill = Block {
-            tokens: ints::<B, 2>(prompt, [1, args.context], &device),
-            positions: ints::<B, 2>(
-                (0..args.context as i64).collect(),
-                [1, args.context],
-                &device,
-            ),
-            bias: Some(cache.attention_bias(args.context, None, &device)),
-        };
-        model.forward(&prefill, &mut cache)?;
-        cache.commit(&[(0..args.context).collect()])?;
+        prefill(&model, &mut cache, &[prompt])?;
         for &len in &args.lengths {
             let bar = spinner(format!("{shape}: verify L = {len}"));
             // A chain: the mask's contents do not change the cost, only its size.
@@ -201,15 +176,15 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 .map(|_| rng.random_range(0..vocab as i64))
                 .collect();
             let block = Block {
-                tokens: ints::<B, 2>(tokens, [1, len], &device),
-                positions: ints::<B, 2>(
+                tokens: int_tensor::<B, 2>(tokens, [1, len], &device),
+                positions: int_tensor::<B, 2>(
                     (args.context as i64..(args.context + len) as i64).collect(),
                     [1, len],
                     &device,
                 ),
                 bias: Some(cache.attention_bias(len, Some(&[mask]), &device)),
             };
-            let (median_ms, min_ms) = time(args.warmup, args.reps, || {
+            let timing = time(args.warmup, args.reps, || {
                 let hidden = model.forward(&block, &mut cache)?;
                 let best = model.logits(hidden).argmax(2);
                 cache.rollback();
@@ -217,18 +192,8 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 Ok(())
             })?;
             bar.finish_and_clear();
-            report(
-                &mut rows,
-                Row {
-                    what: "verify".into(),
-                    shape: shape.clone(),
-                    dtype: args.dtype.clone(),
-                    size: len,
-                    detail: format!("context {}", args.context),
-                    median_ms,
-                    min_ms,
-                },
-            );
+            let size = (len, format!("context {}", args.context));
+            report(&mut rows, "verify", shape, &args.dtype, size, timing);
         }
 
         // Drafting and packing are measured for the head of the model they belong to.
@@ -249,8 +214,9 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     Distribution::Normal(0.0, 1.0),
                     &device,
                 );
-                let first = ints::<B, 1>(vec![rng.random_range(0..vocab as i64)], [1], &device);
-                let (median_ms, min_ms) = time(args.warmup, args.reps, || {
+                let first =
+                    int_tensor::<B, 1>(vec![rng.random_range(0..vocab as i64)], [1], &device);
+                let timing = time(args.warmup, args.reps, || {
                     let beams = drafter.propose(DraftRequest {
                         context: context.clone(),
                         first_tokens: first.clone(),
@@ -261,18 +227,11 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     Ok(())
                 })?;
                 bar.finish_and_clear();
-                report(
-                    &mut rows,
-                    Row {
-                        what: "draft".into(),
-                        shape: shape.clone(),
-                        dtype: args.dtype.clone(),
-                        size: width,
-                        detail: format!("{method:?} C={}", args.beam_length).to_lowercase(),
-                        median_ms,
-                        min_ms,
-                    },
+                let size = (
+                    width,
+                    format!("{method:?} C={}", args.beam_length).to_lowercase(),
                 );
+                report(&mut rows, "draft", shape, &args.dtype, size, timing);
             }
         }
         for &width in &args.beam_widths {
@@ -287,21 +246,17 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     }
                 })
                 .collect();
-            let (median_ms, min_ms) = time(args.warmup, args.reps.max(100), || {
+            let timing = time(args.warmup, args.reps.max(100), || {
                 DraftTree::pack(&beams, width, c)?;
                 Ok(())
             })?;
             report(
                 &mut rows,
-                Row {
-                    what: "pack".into(),
-                    shape: shape.clone(),
-                    dtype: "-".into(),
-                    size: width,
-                    detail: format!("C={c}"),
-                    median_ms,
-                    min_ms,
-                },
+                "pack",
+                shape,
+                "-",
+                (width, format!("C={c}")),
+                timing,
             );
         }
     }

@@ -102,7 +102,10 @@ pub(crate) fn validate_prompts(
 }
 
 /// Builds an integer tensor from host values.
-pub(crate) fn int_tensor<B: Backend, const D: usize>(
+///
+/// # Shapes
+/// `values.len()` must equal the product of `shape`.
+pub fn int_tensor<B: Backend, const D: usize>(
     values: Vec<i64>,
     shape: [usize; D],
     device: &B::Device,
@@ -119,12 +122,17 @@ pub(crate) fn ints(data: &TensorData) -> Vec<i64> {
 /// final-norm hidden state at each row's last prompt token.
 ///
 /// # Shapes
-/// returns `[batch, hidden]`
-pub(crate) fn prefill<B: Backend, M: TargetModel<B>>(
+/// `cache`: batch `prompts.len()`; returns `[batch, hidden]`
+///
+/// # Errors
+/// [`Error::EmptyInput`], [`Error::TokenOutOfRange`] or [`Error::ContextOverflow`] for bad
+/// prompts; the target's errors (e.g. a cache without room).
+pub fn prefill<B: Backend, M: TargetModel<B>>(
     model: &M,
     cache: &mut KvCache<B>,
     prompts: &[Vec<u32>],
 ) -> Result<Tensor<B, 2>> {
+    validate_prompts(prompts, model.vocab_size(), model.max_context(), 0, 0)?;
     let device = model.device();
     let batch = prompts.len();
     let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
