@@ -40,6 +40,37 @@ pub struct LlamaLayer<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
+impl<B: Backend> LlamaLayer<B> {
+    /// Assembles a block from its (already laid out) weights; head counts come from `config`.
+    ///
+    /// # Shapes
+    /// norms `[H]`, `qkv` `[H, (heads + 2·kv_heads)·D]`, `output` `[heads·D, H]`, `gate_up`
+    /// `[H, 2·I]`, `down` `[I, H]`
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        config: &LlamaConfig,
+        input_norm: Tensor<B, 1>,
+        qkv: Param<Tensor<B, 2>>,
+        output: Param<Tensor<B, 2>>,
+        post_attention_norm: Tensor<B, 1>,
+        gate_up: Param<Tensor<B, 2>>,
+        down: Param<Tensor<B, 2>>,
+    ) -> Self {
+        Self {
+            input_norm: RmsNorm::new(input_norm, config.rms_norm_eps),
+            attention: Attention {
+                qkv,
+                output,
+                heads: config.num_attention_heads,
+                kv_heads: config.num_key_value_heads,
+                head_dim: config.head_dim(),
+            },
+            post_attention_norm: RmsNorm::new(post_attention_norm, config.rms_norm_eps),
+            mlp: Mlp { gate_up, down },
+        }
+    }
+}
+
 /// A Llama-architecture causal language model.
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
@@ -199,31 +230,17 @@ impl<B: Backend> Llama<B> {
             let input_norm = load_vector(weights, &format!("{p}.input_layernorm.weight"), h)?;
             let post_norm =
                 load_vector(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
-            layers.push(LlamaLayer {
-                input_norm: RmsNorm::new(vector(input_norm), config.rms_norm_eps),
-                attention: Attention {
-                    qkv: matrix(qkv, h, (heads + 2 * kv_heads) * d),
-                    output: matrix(o, heads * d, h),
-                    heads,
-                    kv_heads,
-                    head_dim: d,
-                },
-                post_attention_norm: RmsNorm::new(vector(post_norm), config.rms_norm_eps),
-                mlp: Mlp {
-                    gate_up: matrix(gate_up, h, 2 * inter),
-                    down: matrix(down, inter, h),
-                },
-            });
+            layers.push(LlamaLayer::new(
+                &config,
+                vector(input_norm),
+                matrix(qkv, h, (heads + 2 * kv_heads) * d),
+                matrix(o, heads * d, h),
+                vector(post_norm),
+                matrix(gate_up, h, 2 * inter),
+                matrix(down, inter, h),
+            ));
         }
         let norm = load_vector(weights, "model.norm.weight", h)?;
-        let max_context = options
-            .max_context
-            .unwrap_or(config.max_position_embeddings)
-            .min(config.max_position_embeddings.max(1));
-        let mut rope = RotaryEmbedding::new(&config, max_context, device);
-        if dtype != DType::F32 {
-            rope = rope.cast(dtype);
-        }
         tracing::debug!(
             layers = layers.len(),
             hidden = h,
@@ -231,15 +248,15 @@ impl<B: Backend> Llama<B> {
             ?dtype,
             "llama model loaded"
         );
-        Ok(Self {
-            embed_tokens: matrix(embed, vocab, h),
-            layers,
-            norm: RmsNorm::new(vector(norm), config.rms_norm_eps),
-            lm_head: matrix(head_t, h, vocab),
-            rope,
+        Ok(Self::assemble(
             config,
-            max_context,
-        })
+            options,
+            device,
+            matrix(embed, vocab, h),
+            layers,
+            vector(norm),
+            matrix(head_t, h, vocab),
+        ))
     }
 
     /// Builds a model of `config`'s shape with random weights (normal, std 0.02; norms at 1),
@@ -269,39 +286,58 @@ impl<B: Backend> Llama<B> {
         };
         let ones = || Tensor::<B, 1>::ones([h], device).cast(dtype);
         let layers = (0..config.num_hidden_layers)
-            .map(|_| LlamaLayer {
-                input_norm: RmsNorm::new(ones(), config.rms_norm_eps),
-                attention: Attention {
-                    qkv: matrix(h, (heads + 2 * kv_heads) * d),
-                    output: matrix(heads * d, h),
-                    heads,
-                    kv_heads,
-                    head_dim: d,
-                },
-                post_attention_norm: RmsNorm::new(ones(), config.rms_norm_eps),
-                mlp: Mlp {
-                    gate_up: matrix(h, 2 * inter),
-                    down: matrix(inter, h),
-                },
+            .map(|_| {
+                LlamaLayer::new(
+                    &config,
+                    ones(),
+                    matrix(h, (heads + 2 * kv_heads) * d),
+                    matrix(heads * d, h),
+                    ones(),
+                    matrix(h, 2 * inter),
+                    matrix(inter, h),
+                )
             })
             .collect();
+        let (embed_tokens, lm_head) = (matrix(vocab, h), matrix(h, vocab));
+        Ok(Self::assemble(
+            config,
+            options,
+            device,
+            embed_tokens,
+            layers,
+            ones(),
+            lm_head,
+        ))
+    }
+
+    /// Completes a model from its weights: the RoPE tables for the supported context, in the
+    /// weights' float type.
+    fn assemble(
+        config: LlamaConfig,
+        options: &LlamaLoadOptions,
+        device: &B::Device,
+        embed_tokens: Param<Tensor<B, 2>>,
+        layers: Vec<LlamaLayer<B>>,
+        norm: Tensor<B, 1>,
+        lm_head: Param<Tensor<B, 2>>,
+    ) -> Self {
         let max_context = options
             .max_context
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings.max(1));
         let mut rope = RotaryEmbedding::new(&config, max_context, device);
-        if dtype != DType::F32 {
-            rope = rope.cast(dtype);
+        if options.dtype != DType::F32 {
+            rope = rope.cast(options.dtype);
         }
-        Ok(Self {
-            embed_tokens: matrix(vocab, h),
+        Self {
+            embed_tokens,
             layers,
-            norm: RmsNorm::new(ones(), config.rms_norm_eps),
-            lm_head: matrix(h, vocab),
+            norm: RmsNorm::new(norm, config.rms_norm_eps),
+            lm_head,
             rope,
             config,
             max_context,
-        })
+        }
     }
 
     /// The model's configuration.
