@@ -22,7 +22,9 @@ use redrafter::train::data::{
     TargetIdentity, TokenizedPrompt, generate_dataset,
 };
 use redrafter::train::state::{CheckpointPaths, TrainState};
-use redrafter::train::{Sequence, TrainConfig, load_training_data, split_eval, train_drafter};
+use redrafter::train::{
+    Sequence, TrainConfig, TrainReport, load_training_data, split_eval, train_drafter,
+};
 use redrafter::{Block, Error, GenerationConfig, KvCache, TargetModel, generate};
 use toy_model::{ToyConfig, ToyModel};
 
@@ -273,6 +275,26 @@ fn weights(path: &Path, model: &ToyModel<B>) -> Vec<f32> {
         .collect()
 }
 
+/// Trains the toy drafter on `target` with f32 checkpoints at `out`, ignoring progress events.
+fn train_quietly<T: TargetModel<B>>(
+    target: &T,
+    train: &[Sequence],
+    eval: &[Sequence],
+    out: &Path,
+    config: &TrainConfig,
+) -> redrafter::Result<TrainReport> {
+    train_drafter(
+        target,
+        &drafter_config(),
+        train,
+        eval,
+        out,
+        config,
+        CheckpointDType::F32,
+        |_| {},
+    )
+}
+
 #[test]
 fn divergence_keeps_the_last_checkpoint_and_resume_continues_exactly() {
     let model = toy();
@@ -288,17 +310,7 @@ fn divergence_keeps_the_last_checkpoint_and_resume_continues_exactly() {
         forwards: Cell::new(0),
         fail_after: 7,
     };
-    let err = train_drafter(
-        &failing,
-        &drafter_config(),
-        &train,
-        &eval,
-        &out,
-        &config,
-        CheckpointDType::F32,
-        |_| {},
-    )
-    .unwrap_err();
+    let err = train_quietly(&failing, &train, &eval, &out, &config).unwrap_err();
     assert!(
         matches!(err, Error::NonFiniteLoss { step: 8, .. }),
         "{err:?}"
@@ -317,17 +329,7 @@ fn divergence_keeps_the_last_checkpoint_and_resume_continues_exactly() {
         resume: true,
         ..config.clone()
     };
-    let err = train_drafter(
-        &nan,
-        &drafter_config(),
-        &train,
-        &eval,
-        &out,
-        &resume,
-        CheckpointDType::F32,
-        |_| {},
-    )
-    .unwrap_err();
+    let err = train_quietly(&nan, &train, &eval, &out, &resume).unwrap_err();
     assert!(
         matches!(err, Error::NonFiniteLoss { step: 7, .. }),
         "{err:?}"
@@ -336,34 +338,14 @@ fn divergence_keeps_the_last_checkpoint_and_resume_continues_exactly() {
     assert_eq!(std::fs::read(&paths.state).unwrap(), state_bytes);
 
     // Run 2 resumes at step 6 (weights and AdamW moments) and finishes.
-    let report = train_drafter(
-        &model,
-        &drafter_config(),
-        &train,
-        &eval,
-        &out,
-        &resume,
-        CheckpointDType::F32,
-        |_| {},
-    )
-    .unwrap();
+    let report = train_quietly(&model, &train, &eval, &out, &resume).unwrap();
     assert_eq!((report.start_step, report.steps), (6, 12));
     assert!(report.optimizer_restored);
     assert_eq!(TrainState::read(&paths.state).unwrap().unwrap().step, 12);
 
     // It ends where an uninterrupted run ends.
     let straight = dir.join("straight.safetensors");
-    train_drafter(
-        &model,
-        &drafter_config(),
-        &train,
-        &eval,
-        &straight,
-        &config,
-        CheckpointDType::F32,
-        |_| {},
-    )
-    .unwrap();
+    train_quietly(&model, &train, &eval, &straight, &config).unwrap();
     let (resumed, uninterrupted) = (weights(&out, &model), weights(&straight, &model));
     let diff = resumed
         .iter()

@@ -191,34 +191,20 @@ impl Manifest {
 
     /// Why `other` describes different data, if it does (counts are not compared).
     fn difference(&self, other: &Manifest) -> Option<String> {
-        if self.target != other.target {
-            return Some(format!("target {:?} vs {:?}", self.target, other.target));
+        fn differs<T: PartialEq + std::fmt::Debug>(what: &str, a: &T, b: &T) -> Option<String> {
+            (a != b).then(|| format!("{what} {a:?} vs {b:?}"))
         }
-        if self.source != other.source {
-            return Some(format!(
-                "prompt source {:?} vs {:?}",
-                self.source, other.source
-            ));
-        }
-        if self.responses != other.responses {
-            return Some(format!(
-                "responses {:?} vs {:?}",
-                self.responses, other.responses
-            ));
-        }
-        if self.generation != other.generation {
-            return Some(format!(
-                "generation settings {:?} vs {:?}",
-                self.generation, other.generation
-            ));
-        }
-        if self.max_prompt_tokens != other.max_prompt_tokens {
-            return Some(format!(
-                "max_prompt_tokens {} vs {}",
-                self.max_prompt_tokens, other.max_prompt_tokens
-            ));
-        }
-        None
+        differs("target", &self.target, &other.target)
+            .or_else(|| differs("prompt source", &self.source, &other.source))
+            .or_else(|| differs("responses", &self.responses, &other.responses))
+            .or_else(|| differs("generation settings", &self.generation, &other.generation))
+            .or_else(|| {
+                differs(
+                    "max_prompt_tokens",
+                    &self.max_prompt_tokens,
+                    &other.max_prompt_tokens,
+                )
+            })
     }
 }
 
