@@ -143,3 +143,67 @@ fn greedy_generation_matches_transformers() {
         );
     }
 }
+
+/// The model in half precision stays close to HF's fp32 logits: the same argmax where fp32 has a
+/// clear winner, and logits within the rounding of f16 activations. (An RMSNorm computed in f16
+/// overflows on SmolLM2's residual stream and fails this badly.)
+#[test]
+fn half_precision_logits_stay_close_to_transformers() {
+    use redrafter::models::llama::{LlamaLoadOptions, load_llama};
+    let path = redrafter::hub::smollm2_instruct_gguf().unwrap();
+    let options = LlamaLoadOptions {
+        dtype: burn::tensor::DType::F16,
+        max_context: Some(512),
+    };
+    let (model, _) = load_llama::<B>(&path, &options, &Default::default()).unwrap();
+    let fixture = reference();
+    let probes = ids(&fixture["probe_ids"]);
+    let device = model.device();
+    let vocab = model.vocab_size();
+    let mut worst = 0.0f32;
+    for case in fixture["logits"].as_array().unwrap() {
+        let prompt = ids(&case["ids"]);
+        let len = prompt.len();
+        let mut cache = model.new_cache(1, len);
+        let block = Block {
+            tokens: Tensor::<B, 2, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(
+                    prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                    [1, len],
+                ),
+                &device,
+            ),
+            positions: Tensor::from_data(
+                burn::tensor::TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
+                &device,
+            ),
+            bias: None,
+        };
+        let hidden = model.forward(&block, &mut cache).unwrap();
+        let logits: Vec<f32> = model
+            .logits(hidden)
+            .cast(burn::tensor::DType::F32)
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        for position in case["positions"].as_array().unwrap() {
+            let pos = position["pos"].as_u64().unwrap() as usize;
+            let row = &logits[pos * vocab..(pos + 1) * vocab];
+            let top = position["top"].as_array().unwrap();
+            let gap = top[0][1].as_f64().unwrap() - top[1][1].as_f64().unwrap();
+            if gap > 0.5 {
+                assert_eq!(
+                    redrafter::sampling::argmax(row) as u64,
+                    position["argmax"].as_u64().unwrap(),
+                    "{} pos {pos}",
+                    case["name"]
+                );
+            }
+            for (probe, expected) in probes.iter().zip(floats(&position["probe_values"])) {
+                worst = worst.max((row[*probe as usize] - expected).abs());
+            }
+        }
+    }
+    eprintln!("largest f16 logit difference to transformers: {worst:e}");
+    assert!(worst < 0.15, "f16 logits differ from fp32 by {worst}");
+}

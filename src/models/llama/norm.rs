@@ -1,35 +1,94 @@
 //! RMSNorm.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{DType, Tensor, backend::Backend};
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
+///
+/// The weight is optional: where a norm feeds a projection, the Llama loader multiplies the norm
+/// weight into the projection's rows instead (`(x ⊙ w) W = x (diag(w) W)`), which saves one
+/// element-wise kernel per norm — small models on GPUs are bound by kernel launches.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
-    pub weight: Param<Tensor<B, 1>>,
+    pub weight: Option<Param<Tensor<B, 1>>>,
     #[module(skip)]
     pub eps: f64,
 }
 
 impl<B: Backend> RmsNorm<B> {
-    /// Wraps a loaded weight vector.
+    /// A norm with a learned scale.
     pub fn new(weight: Tensor<B, 1>, eps: f64) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight: Some(Param::from_tensor(weight)),
             eps,
         }
     }
 
+    /// A norm whose scale was folded into the following projection.
+    pub fn unweighted(eps: f64) -> Self {
+        Self { weight: None, eps }
+    }
+
+    /// Half-precision inputs are normalised in f32 and cast back (as HF Transformers does): the
+    /// residual stream of real models holds entries whose square overflows f16 (|x| > 256), which
+    /// would turn the whole row into zeros.
+    ///
     /// # Shapes
     /// `[..., hidden]` to `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = if dtype == DType::F32 {
+            x
+        } else {
+            x.cast(DType::F32)
+        };
         let rms = x
             .clone()
             .square()
             .mean_dim(D - 1)
             .add_scalar(self.eps)
             .sqrt();
-        let weight = self.weight.val().unsqueeze::<D>();
-        x.div(rms).mul(weight)
+        let normalized = x.div(rms);
+        let normalized = if dtype == DType::F32 {
+            normalized
+        } else {
+            normalized.cast(dtype)
+        };
+        match &self.weight {
+            Some(weight) => normalized.mul(weight.val().unsqueeze::<D>()),
+            None => normalized,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{TensorData, Tolerance};
+
+    type B = crate::backend::Cpu;
+
+    #[test]
+    fn folding_the_weight_into_a_projection_is_exact() {
+        let device = Default::default();
+        let x = Tensor::<B, 2>::from_data(
+            TensorData::new(vec![0.5f32, -1.0, 2.0, 0.25, 3.0, -0.5], [2, 3]),
+            &device,
+        );
+        let weight =
+            Tensor::<B, 1>::from_data(TensorData::new(vec![0.5f32, 2.0, -1.5], [3]), &device);
+        let projection = Tensor::<B, 2>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, -2.0, 0.5, 0.25, 3.0], [3, 2]),
+            &device,
+        );
+        let weighted = RmsNorm::new(weight.clone(), 1e-5)
+            .forward(x.clone())
+            .matmul(projection.clone());
+        let folded = RmsNorm::<B>::unweighted(1e-5)
+            .forward(x)
+            .matmul(projection.mul(weight.unsqueeze_dim(1)));
+        weighted
+            .into_data()
+            .assert_approx_eq::<f32>(&folded.into_data(), Tolerance::default());
     }
 }
