@@ -3,7 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
-use super::rope::RotaryEmbedding;
+use super::rope::{RopeAngles, RotaryEmbedding};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 
@@ -29,14 +29,13 @@ impl<B: Backend> Attention<B> {
     ///
     /// # Shapes
     /// - `x`: `[batch, T, hidden]` (already normalised)
-    /// - `cos`, `sin`: `[batch, 1, T, head_dim / 2]`
+    /// - `rope`: angles of `[batch, 1, T, head_dim]`
     /// - `bias`: `[batch, 1, T, used + T]` or `None` (T = 1, every slot visible)
     /// - returns `[batch, T, hidden]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 4>,
-        sin: &Tensor<B, 4>,
+        rope: &RopeAngles<B>,
         bias: Option<&Tensor<B, 4>>,
         layer: usize,
         cache: &mut KvCache<B>,
@@ -54,7 +53,7 @@ impl<B: Backend> Attention<B> {
         let qk = qkv
             .clone()
             .slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
-        let qk = RotaryEmbedding::apply(qk, cos, sin);
+        let qk = RotaryEmbedding::apply(qk, rope);
         let q = qk.clone().slice([0..batch, 0..heads, 0..len, 0..dim]);
         let k = qk.slice([0..batch, heads..heads + kv_heads, 0..len, 0..dim]);
         let v = qkv.slice([

@@ -14,4 +14,4 @@ pub use load::load_llama;
 pub use mlp::Mlp;
 pub use model::{Llama, LlamaLayer, LlamaLoadOptions};
 pub use norm::RmsNorm;
-pub use rope::{RotaryEmbedding, inverse_frequencies};
+pub use rope::{RopeAngles, RotaryEmbedding, inverse_frequencies};

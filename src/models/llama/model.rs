@@ -42,22 +42,21 @@ pub struct LlamaLayer<B: Backend> {
 
 impl<B: Backend> LlamaLayer<B> {
     /// Assembles a block from its (already laid out) weights; head counts come from `config`.
+    /// The two norms' weights must already be folded into the rows of `qkv` and `gate_up`
+    /// (see [`fold_norm_into_rows`]).
     ///
     /// # Shapes
-    /// norms `[H]`, `qkv` `[H, (heads + 2·kv_heads)·D]`, `output` `[heads·D, H]`, `gate_up`
-    /// `[H, 2·I]`, `down` `[I, H]`
-    #[allow(clippy::too_many_arguments)]
+    /// `qkv` `[H, (heads + 2·kv_heads)·D]`, `output` `[heads·D, H]`, `gate_up` `[H, 2·I]`,
+    /// `down` `[I, H]`
     fn new(
         config: &LlamaConfig,
-        input_norm: Tensor<B, 1>,
         qkv: Param<Tensor<B, 2>>,
         output: Param<Tensor<B, 2>>,
-        post_attention_norm: Tensor<B, 1>,
         gate_up: Param<Tensor<B, 2>>,
         down: Param<Tensor<B, 2>>,
     ) -> Self {
         Self {
-            input_norm: RmsNorm::new(input_norm, config.rms_norm_eps),
+            input_norm: RmsNorm::unweighted(config.rms_norm_eps),
             attention: Attention {
                 qkv,
                 output,
@@ -65,9 +64,18 @@ impl<B: Backend> LlamaLayer<B> {
                 kv_heads: config.num_key_value_heads,
                 head_dim: config.head_dim(),
             },
-            post_attention_norm: RmsNorm::new(post_attention_norm, config.rms_norm_eps),
+            post_attention_norm: RmsNorm::unweighted(config.rms_norm_eps),
             mlp: Mlp { gate_up, down },
         }
+    }
+}
+
+/// Multiplies row `r` of a row-major `[rows, cols]` matrix by `norm[r]`: a norm weight followed
+/// by a projection equals the plain norm followed by the scaled projection.
+fn fold_norm_into_rows(matrix: &mut [f32], norm: &[f32]) {
+    let cols = matrix.len() / norm.len().max(1);
+    for (row, &scale) in matrix.chunks_mut(cols.max(1)).zip(norm) {
+        row.iter_mut().for_each(|w| *w *= scale);
     }
 }
 
@@ -213,7 +221,7 @@ impl<B: Backend> Llama<B> {
                 kv_heads * d,
                 h,
             )?;
-            let qkv = concat_columns(
+            let mut qkv = concat_columns(
                 &[(&q, heads * d), (&k, kv_heads * d), (&v, kv_heads * d)],
                 h,
             );
@@ -225,17 +233,17 @@ impl<B: Backend> Llama<B> {
             )?;
             let gate = load_transposed(weights, &format!("{p}.mlp.gate_proj.weight"), inter, h)?;
             let up = load_transposed(weights, &format!("{p}.mlp.up_proj.weight"), inter, h)?;
-            let gate_up = concat_columns(&[(&gate, inter), (&up, inter)], h);
+            let mut gate_up = concat_columns(&[(&gate, inter), (&up, inter)], h);
             let down = load_transposed(weights, &format!("{p}.mlp.down_proj.weight"), h, inter)?;
             let input_norm = load_vector(weights, &format!("{p}.input_layernorm.weight"), h)?;
             let post_norm =
                 load_vector(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
+            fold_norm_into_rows(&mut qkv, &input_norm);
+            fold_norm_into_rows(&mut gate_up, &post_norm);
             layers.push(LlamaLayer::new(
                 &config,
-                vector(input_norm),
                 matrix(qkv, h, (heads + 2 * kv_heads) * d),
                 matrix(o, heads * d, h),
-                vector(post_norm),
                 matrix(gate_up, h, 2 * inter),
                 matrix(down, inter, h),
             ));
@@ -289,10 +297,8 @@ impl<B: Backend> Llama<B> {
             .map(|_| {
                 LlamaLayer::new(
                     &config,
-                    ones(),
                     matrix(h, (heads + 2 * kv_heads) * d),
                     matrix(heads * d, h),
-                    ones(),
                     matrix(h, 2 * inter),
                     matrix(inter, h),
                 )
@@ -393,7 +399,7 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
             .val()
             .select(0, block.tokens.clone().reshape([batch * len]))
             .reshape([batch, len, hidden]);
-        let (cos, sin) = self.rope.tables(&block.positions);
+        let rope = self.rope.angles(&block.positions);
         let dtype = self.embed_tokens.val().dtype();
         let bias = match &block.bias {
             Some(bias) => Some(bias.clone()),
@@ -404,8 +410,7 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = layer.attention.forward(
                 layer.input_norm.forward(x.clone()),
-                &cos,
-                &sin,
+                &rope,
                 bias.as_ref(),
                 i,
                 cache,
