@@ -3,9 +3,8 @@
 
 mod common;
 
-use burn::tensor::Tensor;
-use common::{B, ids, reference, smollm2};
-use redrafter::{Block, GenerationConfig, TargetModel, generate};
+use common::{B, ids, prompt_hidden, reference, smollm2};
+use redrafter::{GenerationConfig, TargetModel, generate};
 
 fn floats(value: &serde_json::Value) -> Vec<f32> {
     value
@@ -21,27 +20,10 @@ fn logits_and_hidden_states_match_transformers() {
     let (model, _) = smollm2();
     let fixture = reference();
     let probes = ids(&fixture["probe_ids"]);
-    let device = model.device();
     let mut worst = 0.0f32;
     for case in fixture["logits"].as_array().unwrap() {
         let prompt = ids(&case["ids"]);
-        let len = prompt.len();
-        let mut cache = model.new_cache(1, len);
-        let block = Block {
-            tokens: Tensor::<B, 2, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(
-                    prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
-                    [1, len],
-                ),
-                &device,
-            ),
-            positions: Tensor::from_data(
-                burn::tensor::TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
-                &device,
-            ),
-            bias: None,
-        };
-        let hidden = model.forward(&block, &mut cache).unwrap();
+        let hidden = prompt_hidden(&model, &prompt);
         let logits = model.logits(hidden.clone());
         let logits: Vec<f32> = logits.into_data().iter::<f32>().collect();
         let hidden: Vec<f32> = hidden.into_data().iter::<f32>().collect();
@@ -158,28 +140,11 @@ fn half_precision_logits_stay_close_to_transformers() {
     let (model, _) = load_llama::<B>(&path, &options, &Default::default()).unwrap();
     let fixture = reference();
     let probes = ids(&fixture["probe_ids"]);
-    let device = model.device();
     let vocab = model.vocab_size();
     let mut worst = 0.0f32;
     for case in fixture["logits"].as_array().unwrap() {
         let prompt = ids(&case["ids"]);
-        let len = prompt.len();
-        let mut cache = model.new_cache(1, len);
-        let block = Block {
-            tokens: Tensor::<B, 2, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(
-                    prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
-                    [1, len],
-                ),
-                &device,
-            ),
-            positions: Tensor::from_data(
-                burn::tensor::TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
-                &device,
-            ),
-            bias: None,
-        };
-        let hidden = model.forward(&block, &mut cache).unwrap();
+        let hidden = prompt_hidden(&model, &prompt);
         let logits: Vec<f32> = model
             .logits(hidden)
             .cast(burn::tensor::DType::F32)

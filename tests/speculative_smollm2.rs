@@ -11,24 +11,20 @@ use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{
     DraftBeams, DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig,
 };
-use redrafter::tokenizer::{ChatMessage, Tokenizer};
+use redrafter::tokenizer::Tokenizer;
 use redrafter::{GenerationConfig, Result, TargetModel, generate};
 
 const NEW_TOKENS: usize = 128;
 
 fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
-    [
-        "Write a short poem about the sea.",
-        "List three facts about the planet Mars and explain each briefly.",
-        "What is a binary search tree? Give a code example in Python.",
-    ]
-    .iter()
-    .map(|q| {
-        tokenizer
-            .encode_chat(&[ChatMessage::user(*q)], true)
-            .unwrap()
-    })
-    .collect()
+    common::chat_prompts(
+        tokenizer,
+        &[
+            "Write a short poem about the sea.",
+            "List three facts about the planet Mars and explain each briefly.",
+            "What is a binary search tree? Give a code example in Python.",
+        ],
+    )
 }
 
 fn greedy(max_new_tokens: usize) -> GenerationConfig {

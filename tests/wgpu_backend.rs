@@ -10,13 +10,12 @@
 
 mod common;
 
-use burn::tensor::{Int, Tensor, TensorData};
 use redrafter::backend::{Wgpu, wgpu_device};
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::RecurrentDrafter;
 use redrafter::models::llama::{Llama, LlamaLoadOptions, load_llama};
-use redrafter::tokenizer::{ChatMessage, Tokenizer};
-use redrafter::{Block, GenerationConfig, TargetModel, generate};
+use redrafter::tokenizer::Tokenizer;
+use redrafter::{GenerationConfig, TargetModel, generate};
 
 const SHIPPED_DRAFTER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -43,22 +42,11 @@ fn smollm2_wgpu() -> (Llama<Wgpu>, Tokenizer) {
 }
 
 fn logits_of<B: burn::tensor::backend::Backend>(model: &Llama<B>, ids: &[u32]) -> Vec<f32> {
-    let device = model.device();
-    let len = ids.len();
-    let block = Block {
-        tokens: Tensor::<B, 2, Int>::from_data(
-            TensorData::new(ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, len]),
-            &device,
-        ),
-        positions: Tensor::from_data(
-            TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
-            &device,
-        ),
-        bias: None,
-    };
-    let mut cache = model.new_cache(1, len);
-    let hidden = model.forward(&block, &mut cache).expect("forward");
-    model.logits(hidden).into_data().iter::<f32>().collect()
+    model
+        .logits(common::prompt_hidden(model, ids))
+        .into_data()
+        .iter::<f32>()
+        .collect()
 }
 
 #[test]
@@ -105,14 +93,10 @@ fn logits_match_transformers_and_the_cpu_backend() {
 }
 
 fn chat_prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
-    ["Write a haiku about rain.", "What is 17 times 23? Explain."]
-        .iter()
-        .map(|q| {
-            tokenizer
-                .encode_chat(&[ChatMessage::user(*q)], true)
-                .unwrap()
-        })
-        .collect()
+    common::chat_prompts(
+        tokenizer,
+        &["Write a haiku about rain.", "What is 17 times 23? Explain."],
+    )
 }
 
 #[test]

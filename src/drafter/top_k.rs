@@ -200,6 +200,14 @@ mod tests {
 
     type B = crate::backend::Cpu;
 
+    fn floats(t: Tensor<B, 2>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    fn ints(t: Tensor<B, 2, Int>) -> Vec<i64> {
+        t.into_data().convert::<i64>().to_vec().unwrap()
+    }
+
     fn reference(row: &[f32], k: usize) -> Vec<(f32, usize)> {
         let mut pairs: Vec<(f32, usize)> = row.iter().copied().zip(0..).collect();
         pairs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -217,8 +225,7 @@ mod tests {
         let device = Default::default();
         let t = Tensor::<B, 2>::from_data(TensorData::new(data.clone(), [rows, width]), &device);
         let (v, i) = top_k(t, k, method);
-        let v: Vec<f32> = v.into_data().convert::<f32>().to_vec().unwrap();
-        let i: Vec<i64> = i.into_data().convert::<i64>().to_vec().unwrap();
+        let (v, i) = (floats(v), ints(i));
         for r in 0..rows {
             let want = reference(&data[r * width..(r + 1) * width], k);
             for (c, (wv, wi)) in want.into_iter().enumerate() {
@@ -247,24 +254,8 @@ mod tests {
         let values = Tensor::<B, 2>::random([10, 64], burn::tensor::Distribution::Default, &device);
         let (v, i) = rank_select_chunked(values.clone(), 5, 3 * 64 * 64);
         let (sorted, index) = values.sort_descending_with_indices(1);
-        assert_eq!(
-            i.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
-            index
-                .narrow(1, 0, 5)
-                .into_data()
-                .convert::<i64>()
-                .to_vec::<i64>()
-                .unwrap()
-        );
-        assert_eq!(
-            v.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-            sorted
-                .narrow(1, 0, 5)
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .unwrap()
-        );
+        assert_eq!(ints(i), ints(index.narrow(1, 0, 5)));
+        assert_eq!(floats(v), floats(sorted.narrow(1, 0, 5)));
     }
 
     #[test]
@@ -272,13 +263,7 @@ mod tests {
         let device = Default::default();
         let t = Tensor::<B, 2>::from_data([[1.0, 3.0, 3.0, 2.0, 3.0]], &device);
         let (v, i) = top_k(t, 4, TopKMethod::Rank);
-        assert_eq!(
-            i.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
-            vec![1, 2, 4, 3]
-        );
-        assert_eq!(
-            v.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
-            vec![3.0, 3.0, 3.0, 2.0]
-        );
+        assert_eq!(ints(i), vec![1, 2, 4, 3]);
+        assert_eq!(floats(v), vec![3.0, 3.0, 3.0, 2.0]);
     }
 }

@@ -160,22 +160,15 @@ impl<B: Backend> Llama<B> {
         let inter = config.intermediate_size;
         let vocab = config.vocab_size;
         let dtype = options.dtype;
+        // `cast` is free for f32 (it returns the tensor when the type already matches).
         let matrix = |data: Vec<f32>, rows: usize, cols: usize| {
-            let t = Tensor::<B, 2>::from_data(TensorData::new(data, [rows, cols]), device);
-            Param::from_tensor(if dtype == DType::F32 {
-                t
-            } else {
-                t.cast(dtype)
-            })
+            Param::from_tensor(
+                Tensor::<B, 2>::from_data(TensorData::new(data, [rows, cols]), device).cast(dtype),
+            )
         };
         let vector = |data: Vec<f32>| {
             let len = data.len();
-            let t = Tensor::<B, 1>::from_data(TensorData::new(data, [len]), device);
-            if dtype == DType::F32 {
-                t
-            } else {
-                t.cast(dtype)
-            }
+            Tensor::<B, 1>::from_data(TensorData::new(data, [len]), device).cast(dtype)
         };
 
         let (embed, shape) = weights.tensor("model.embed_tokens.weight")?;

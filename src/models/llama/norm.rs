@@ -36,24 +36,16 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// `[..., hidden]` to `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // `cast` returns the tensor itself when it already has the type (no kernel).
         let dtype = x.dtype();
-        let x = if dtype == DType::F32 {
-            x
-        } else {
-            x.cast(DType::F32)
-        };
+        let x = x.cast(DType::F32);
         let rms = x
             .clone()
             .square()
             .mean_dim(D - 1)
             .add_scalar(self.eps)
             .sqrt();
-        let normalized = x.div(rms);
-        let normalized = if dtype == DType::F32 {
-            normalized
-        } else {
-            normalized.cast(dtype)
-        };
+        let normalized = x.div(rms).cast(dtype);
         match &self.weight {
             Some(weight) => normalized.mul(weight.val().unsqueeze::<D>()),
             None => normalized,
