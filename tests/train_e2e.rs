@@ -356,5 +356,15 @@ fn divergence_keeps_the_last_checkpoint_and_resume_continues_exactly() {
         diff < 1e-4,
         "resumed and uninterrupted runs differ by {diff}"
     );
+
+    // A drafter without its state cannot be resumed: an error, not an overwrite.
+    std::fs::remove_file(&paths.state).unwrap();
+    let drafter_bytes = std::fs::read(&paths.drafter).unwrap();
+    let err = train_quietly(&model, &train, &eval, &out, &resume).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig(m) if m.contains("cannot resume")),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::read(&paths.drafter).unwrap(), drafter_bytes);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -107,7 +107,9 @@ pub struct TrainConfig {
     pub hidden_cache: HiddenCache,
     /// Seed of the initial weights and of the data order.
     pub seed: u64,
-    /// Continue from the checkpoint at the output path if there is one.
+    /// Continue from the checkpoint at the output path if there is one (its drafter and
+    /// `.train.json`; a drafter there without its state is an error, not a fresh start). A
+    /// larger `max_steps` than the checkpoint's continues training on a stretched schedule.
     pub resume: bool,
     /// Also keep the drafter with the best held-out `mean_accepted`.
     pub keep_best: bool,
@@ -312,7 +314,23 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         config: config.clone(),
     };
     let resumed = if config.resume {
-        TrainState::read(&paths.state)?
+        let previous = TrainState::read(&paths.state)?;
+        if previous.is_none() {
+            // Starting over would silently overwrite a drafter the user meant to continue.
+            if paths.drafter.exists() {
+                return Err(Error::InvalidConfig(format!(
+                    "cannot resume: {} exists but {} does not, so the step its training reached \
+                     is unknown (restore that file, or train into another output)",
+                    paths.drafter.display(),
+                    paths.state.display()
+                )));
+            }
+            tracing::warn!(
+                path = %paths.state.display(),
+                "nothing to resume; training from the start"
+            );
+        }
+        previous
     } else {
         None
     };

@@ -324,10 +324,8 @@ impl<B: Backend> Llama<B> {
             .max_context
             .unwrap_or(config.max_position_embeddings)
             .min(config.max_position_embeddings.max(1));
-        let mut rope = RotaryEmbedding::new(&config, max_context, device);
-        if options.dtype != DType::F32 {
-            rope = rope.cast(options.dtype);
-        }
+        // Casting to the tables' own type (f32) is free: Burn returns the tensor as it is.
+        let rope = RotaryEmbedding::new(&config, max_context, device).cast(options.dtype);
         Self {
             embed_tokens,
             layers,
@@ -363,18 +361,15 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
     }
 
     fn new_cache(&self, batch: usize, capacity: usize) -> KvCache<B> {
-        let mut cache = KvCache::new(
+        KvCache::new(
             self.config.num_hidden_layers,
             batch,
             self.config.num_key_value_heads,
             self.config.head_dim(),
             capacity,
             &self.device(),
-        );
-        if self.embed_tokens.val().dtype() != DType::F32 {
-            cache = cache.cast(self.embed_tokens.val().dtype());
-        }
-        cache
+        )
+        .cast(self.embed_tokens.val().dtype())
     }
 
     fn forward(&self, block: &Block<B>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
@@ -399,7 +394,7 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
             None if len > 1 || batch > 1 => Some(cache.attention_bias(len, None, &self.device())),
             None => None,
         }
-        .map(|b| if b.dtype() == dtype { b } else { b.cast(dtype) });
+        .map(|b| b.cast(dtype));
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = layer.attention.forward(
                 layer.input_norm.forward(x.clone()),
