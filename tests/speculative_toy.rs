@@ -2,15 +2,16 @@
 //! examples/custom_model.rs): exact sampling is distribution-exact, the reference-parity rule is
 //! not, and bad settings are typed errors.
 
+mod common;
 #[path = "../examples/common/toy_model.rs"]
 mod toy_model;
 
 use std::collections::HashMap;
 
-use burn::tensor::{Int, Tensor, TensorData, activation::softmax};
+use burn::tensor::activation::softmax;
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig};
-use redrafter::{Block, Error, GenerationConfig, TargetModel, generate};
+use redrafter::{Error, GenerationConfig, TargetModel, generate};
 use toy_model::{ToyConfig, ToyModel};
 
 type B = redrafter::backend::Cpu;
@@ -41,24 +42,8 @@ fn drafter(model: &ToyModel<B>, seed: u64) -> RecurrentDrafter<B> {
 
 /// Next-token distribution after `prefix`, by a fresh full forward.
 fn next_distribution(model: &ToyModel<B>, prefix: &[u32]) -> Vec<f64> {
-    let device = model.device();
     let len = prefix.len();
-    let mut cache = model.new_cache(1, len);
-    let block = Block {
-        tokens: Tensor::<B, 2, Int>::from_data(
-            TensorData::new(
-                prefix.iter().map(|&t| t as i64).collect::<Vec<_>>(),
-                [1, len],
-            ),
-            &device,
-        ),
-        positions: Tensor::from_data(
-            TensorData::new((0..len as i64).collect::<Vec<_>>(), [1, len]),
-            &device,
-        ),
-        bias: None,
-    };
-    let hidden = model.forward(&block, &mut cache).unwrap();
+    let hidden = common::prompt_hidden(model, prefix);
     let logits = model
         .logits(hidden)
         .slice([0..1, len - 1..len, 0..TOY.vocab]);

@@ -1,4 +1,5 @@
-//! Shared helpers for the integration tests that use the real SmolLM2-135M-Instruct model.
+//! Shared helpers for the integration tests, most of them about the real SmolLM2-135M-Instruct
+//! model.
 #![allow(dead_code)]
 
 use redrafter::models::llama::{Llama, LlamaLoadOptions, load_llama};
