@@ -24,7 +24,7 @@ use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig
 use redrafter::generate::prefill;
 use redrafter::models::llama::{Llama, LlamaLoadOptions, load_llama};
 use redrafter::tokenizer::{ChatMessage, Tokenizer};
-use redrafter::{GenerationConfig, Sampling, Stats, TargetModel, generate};
+use redrafter::{GenerationConfig, PromptLookup, Sampling, Stats, TargetModel, generate};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -55,6 +55,13 @@ struct Args {
     beam_widths: Vec<usize>,
     #[arg(long, value_delimiter = ',', default_value = "5")]
     beam_lengths: Vec<usize>,
+    /// Prompt-lookup beams added to the drafted ones (0 = pure ReDrafter); a list sweeps.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    lookup_beams: Vec<usize>,
+    /// Tokens per prompt-lookup beam when longer than the beam length (drafted beams are then
+    /// extended with guesses too).
+    #[arg(long)]
+    lookup_length: Option<usize>,
     /// Temperatures; 0 runs greedy acceptance, others exact sampling.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     temperatures: Vec<f32>,
@@ -86,6 +93,12 @@ struct ModeResult {
     mode: String,
     beam_width: usize,
     beam_length: usize,
+    /// Prompt-lookup beams next to the drafted ones.
+    lookup_beams: usize,
+    /// Tokens per beam of the verified tree (beam length, or the lookup length when longer).
+    tree_length: usize,
+    /// Fraction of rounds won by a prompt-lookup beam.
+    lookup_round_share: f64,
     temperature: f32,
     prompts: usize,
     new_tokens: usize,
@@ -225,6 +238,9 @@ fn summarize(
         mode,
         beam_width,
         beam_length,
+        lookup_beams: 0,
+        tree_length: beam_length,
+        lookup_round_share: stats.lookup_rounds as f64 / rounds,
         temperature,
         prompts,
         new_tokens: stats.new_tokens,
@@ -345,93 +361,103 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         } else {
             args.sampled_acceptance.parse()?
         };
-        for &beam_length in &args.beam_lengths {
-            for &beam_width in &args.beam_widths {
-                let config = SpeculativeConfig::default()
-                    .beam_width(beam_width)
-                    .beam_length(beam_length)
-                    .acceptance(acceptance)
-                    .generation(generation.clone());
-                let decoder = SpeculativeDecoder::new(&model, drafter, config)?;
-                for prompt in prompts.iter().take(args.warmup) {
-                    decoder.generate(std::slice::from_ref(prompt), |_, _| {})?;
-                }
-                let bar = progress(
-                    prompts.len(),
-                    &format!("ReDrafter M={beam_width} C={beam_length} T={temperature}"),
-                );
-                let mut stats = Stats::default();
-                let mut mismatches = Vec::new();
-                let mut divergences = Vec::new();
-                for (c, chunk) in prompts.chunks(batch).enumerate() {
-                    let out = decoder.generate(chunk, |_, _| {})?;
-                    stats.merge(&out.stats);
-                    for (j, tokens) in out.tokens.iter().enumerate() {
-                        let i = c * batch + j;
-                        if temperature == 0.0 && !ar_outputs.is_empty() && *tokens != ar_outputs[i]
-                        {
-                            mismatches.push(i);
-                            divergences.push(divergence(
-                                &model,
-                                i,
-                                &prompts[i],
-                                &ar_outputs[i],
-                                tokens,
-                            )?);
-                        }
+        let shapes = args.beam_lengths.iter().flat_map(|&c| {
+            args.beam_widths
+                .iter()
+                .flat_map(move |&m| args.lookup_beams.iter().map(move |&k| (c, m, k)))
+        });
+        for (beam_length, beam_width, lookup_beams) in shapes {
+            let config = SpeculativeConfig::default()
+                .beam_width(beam_width)
+                .beam_length(beam_length)
+                .lookup(PromptLookup {
+                    beam_length: args.lookup_length,
+                    ..PromptLookup::new(lookup_beams)
+                })
+                .acceptance(acceptance)
+                .generation(generation.clone());
+            let decoder = SpeculativeDecoder::new(&model, drafter, config)?;
+            for prompt in prompts.iter().take(args.warmup) {
+                decoder.generate(std::slice::from_ref(prompt), |_, _| {})?;
+            }
+            let bar = progress(
+                prompts.len(),
+                &format!("ReDrafter M={beam_width}+{lookup_beams} C={beam_length} T={temperature}"),
+            );
+            let mut stats = Stats::default();
+            let mut mismatches = Vec::new();
+            let mut divergences = Vec::new();
+            for (c, chunk) in prompts.chunks(batch).enumerate() {
+                let out = decoder.generate(chunk, |_, _| {})?;
+                stats.merge(&out.stats);
+                for (j, tokens) in out.tokens.iter().enumerate() {
+                    let i = c * batch + j;
+                    if temperature == 0.0 && !ar_outputs.is_empty() && *tokens != ar_outputs[i] {
+                        mismatches.push(i);
+                        divergences.push(divergence(
+                            &model,
+                            i,
+                            &prompts[i],
+                            &ar_outputs[i],
+                            tokens,
+                        )?);
                     }
-                    bar.inc(chunk.len() as u64);
                 }
-                bar.finish_and_clear();
-                let result = summarize(
-                    format!("redrafter-{acceptance:?}").to_lowercase(),
-                    (beam_width, beam_length, temperature),
-                    &stats,
-                    prompts.len(),
-                    ar_tps,
-                    mismatches.clone(),
-                );
-                let result = ModeResult {
-                    divergences: divergences.clone(),
-                    ..result
-                };
+                bar.inc(chunk.len() as u64);
+            }
+            bar.finish_and_clear();
+            let result = summarize(
+                format!("redrafter-{acceptance:?}").to_lowercase(),
+                (beam_width, beam_length, temperature),
+                &stats,
+                prompts.len(),
+                ar_tps,
+                mismatches.clone(),
+            );
+            let result = ModeResult {
+                divergences: divergences.clone(),
+                lookup_beams,
+                tree_length: decoder.config().tree_length(),
+                ..result
+            };
+            eprintln!(
+                "ReDrafter M={beam_width}+{lookup_beams} C={beam_length} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+                result.tree_length,
+                result.tokens_per_second,
+                result
+                    .speedup_over_ar
+                    .map(|s| format!("{s:.2}×"))
+                    .unwrap_or("-".into()),
+                result.tau,
+                100.0 * result.lookup_round_share,
+                result.mean_packed_tokens,
+                stats.draft_time.as_secs_f64(),
+                stats.tree_time.as_secs_f64(),
+                stats.verify_time.as_secs_f64(),
+                stats.readback_time.as_secs_f64(),
+                stats.accept_time.as_secs_f64(),
+                mismatches
+            );
+            for d in &divergences {
                 eprintln!(
-                    "ReDrafter M={beam_width:<2} C={beam_length} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
-                    result.tokens_per_second,
-                    result
-                        .speedup_over_ar
-                        .map(|s| format!("{s:.2}×"))
-                        .unwrap_or("-".into()),
-                    result.tau,
-                    result.mean_packed_tokens,
-                    stats.draft_time.as_secs_f64(),
-                    stats.tree_time.as_secs_f64(),
-                    stats.verify_time.as_secs_f64(),
-                    stats.readback_time.as_secs_f64(),
-                    stats.accept_time.as_secs_f64(),
-                    mismatches
-                );
-                for d in &divergences {
-                    eprintln!(
-                        "  prompt {}: first difference at token {} (AR {:?} vs ReDrafter {:?}); a \
+                    "  prompt {}: first difference at token {} (AR {:?} vs ReDrafter {:?}); a \
                          fresh forward over the common prefix gives logits {:.4} vs {:.4} \
                          (margin {:.4})",
-                        d.prompt,
-                        d.position,
-                        d.ar_token,
-                        d.speculative_token,
-                        d.ar_logit,
-                        d.speculative_logit,
-                        d.ar_logit - d.speculative_logit
-                    );
-                }
-                if mismatches.len() > args.max_mismatches {
-                    eprintln!("greedy outputs differ from AR on prompts {mismatches:?}");
-                    failed = true;
-                }
-                results.push(result);
-                write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
+                    d.prompt,
+                    d.position,
+                    d.ar_token,
+                    d.speculative_token,
+                    d.ar_logit,
+                    d.speculative_logit,
+                    d.ar_logit - d.speculative_logit
+                );
             }
+            if mismatches.len() > args.max_mismatches {
+                eprintln!("greedy outputs differ from AR on prompts {mismatches:?}");
+                failed = true;
+            }
+            results.push(result);
+            write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
         }
     }
     let report = write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;

@@ -21,7 +21,7 @@ use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::RecurrentDrafter;
 use redrafter::models::llama::{LlamaLoadOptions, load_llama};
 use redrafter::tokenizer::ChatMessage;
-use redrafter::{GenerationConfig, Sampling, TargetModel, generate};
+use redrafter::{GenerationConfig, PromptLookup, Sampling, TargetModel, generate};
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate text with a Llama model, optionally accelerated by ReDrafter")]
@@ -61,6 +61,13 @@ struct Args {
     /// greedy | typical | exact | reference-parity (default: greedy at temperature 0, else exact).
     #[arg(long)]
     acceptance: Option<String>,
+    /// Extra beams per round guessed by prompt lookup (copied from the prompt and output).
+    #[arg(long, default_value_t = 0)]
+    lookup_beams: usize,
+    /// Tokens per prompt-lookup beam when longer than --beam-length (drafted beams are then
+    /// extended with guesses too).
+    #[arg(long)]
+    lookup_length: Option<usize>,
     /// cpu | cuda | wgpu
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -138,9 +145,12 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 None if args.temperature == 0.0 => Acceptance::Greedy,
                 None => Acceptance::Exact,
             };
+            let mut lookup = PromptLookup::new(args.lookup_beams);
+            lookup.beam_length = args.lookup_length;
             let config = SpeculativeConfig::default()
                 .beam_width(args.beam_width)
                 .beam_length(args.beam_length)
+                .lookup(lookup)
                 .acceptance(acceptance)
                 .generation(generation);
             SpeculativeDecoder::new(&model, &drafter, config)?.generate(&prompts, &mut on_tokens)?
@@ -163,6 +173,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 "target_forwards": stats.target_forwards,
                 "new_tokens": stats.new_tokens,
                 "acceptance_per_depth": stats.acceptance_rate_per_depth(),
+                "lookup_rounds": stats.lookup_rounds,
                 "syncs": stats.syncs,
                 "time_s": {
                     "prefill": stats.prefill_time.as_secs_f64(),

@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::generate::{
     GenerationConfig, GenerationOutput, RowOutput, int_tensor, ints, prefill, validate_prompts,
 };
+use crate::lookup::PromptLookup;
 use crate::sampling::Sampling;
 use crate::stats::Stats;
 use crate::target::{Block, TargetModel};
@@ -96,6 +97,9 @@ pub struct SpeculativeConfig {
     pub beam_length: usize,
     pub acceptance: Acceptance,
     pub generation: GenerationConfig,
+    /// Extra beams guessed by prompt lookup, verified next to the drafted ones (`None`: off).
+    #[serde(default)]
+    pub lookup: Option<PromptLookup>,
 }
 
 impl Default for SpeculativeConfig {
@@ -105,6 +109,7 @@ impl Default for SpeculativeConfig {
             beam_length: 5,
             acceptance: Acceptance::Greedy,
             generation: GenerationConfig::default(),
+            lookup: None,
         }
     }
 }
@@ -139,6 +144,11 @@ impl SpeculativeConfig {
         self.generation.stop_tokens = stop.into();
         self
     }
+    /// Adds prompt-lookup beams ([`PromptLookup`]); `None` or zero beams turn it off.
+    pub fn lookup(mut self, lookup: impl Into<Option<PromptLookup>>) -> Self {
+        self.lookup = lookup.into().filter(|l| l.beams > 0);
+        self
+    }
     /// Replaces the shared generation settings.
     pub fn generation(mut self, generation: GenerationConfig) -> Self {
         self.generation = generation;
@@ -147,6 +157,19 @@ impl SpeculativeConfig {
 
     fn temperature_value(&self) -> f32 {
         self.generation.sampling.temperature
+    }
+
+    /// Tokens per beam of the verified tree: the drafted beam length, or the prompt-lookup
+    /// beams' when that is longer.
+    pub fn tree_length(&self) -> usize {
+        self.lookup
+            .and_then(|l| l.beam_length)
+            .map_or(self.beam_length, |l| l.max(self.beam_length))
+    }
+
+    /// Beams verified per round: the drafted ones plus the prompt-lookup ones.
+    pub fn total_beams(&self) -> usize {
+        self.beam_width + self.lookup.map_or(0, |l| l.beams)
     }
 }
 
@@ -203,6 +226,25 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             )));
         }
         config.generation.sampling.validate()?;
+        if let Some(lookup) = &config.lookup {
+            lookup.validate()?;
+            if let Some(length) = lookup.beam_length
+                && length < config.beam_length
+            {
+                return Err(Error::InvalidSettings(format!(
+                    "prompt lookup beams of {length} tokens are shorter than the drafted beams \
+                     ({}); they may be longer, not shorter",
+                    config.beam_length
+                )));
+            }
+            if config.acceptance == Acceptance::ReferenceParity {
+                return Err(Error::InvalidSettings(
+                    "reference-parity acceptance needs the draft head's probability of every \
+                     drafted token, which prompt-lookup beams do not have; turn lookup off"
+                        .into(),
+                ));
+            }
+        }
         let t = config.temperature_value();
         match config.acceptance {
             Acceptance::Greedy if t != 0.0 => {
@@ -238,7 +280,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
 
     /// Largest packed tree a round can produce.
     pub fn max_tree_len(&self) -> usize {
-        1 + self.config.beam_width * (self.config.beam_length - 1)
+        1 + self.config.total_beams() * (self.config.tree_length() - 1)
     }
 
     /// Generates a continuation of each prompt. `on_tokens(row, tokens)` receives each row's
@@ -250,23 +292,25 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     ) -> Result<GenerationOutput> {
         let config = &self.config;
         let gen_config = &config.generation;
+        // `c`: drafted beam length; `depth`: the tree's (longer when lookup beams are).
         let (m, c) = (config.beam_width, config.beam_length);
+        let (total, depth) = (config.total_beams(), config.tree_length());
         validate_prompts(
             prompts,
             self.target.vocab_size(),
             self.target.max_context(),
             gen_config.max_new_tokens,
-            c,
+            depth,
         )?;
         let start = Instant::now();
         let device = self.target.device();
         B::seed(&device, gen_config.seed);
         let batch = prompts.len();
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let capacity = longest + gen_config.max_new_tokens + c + self.max_tree_len();
+        let capacity = longest + gen_config.max_new_tokens + depth + self.max_tree_len();
         let mut cache = self.target.new_cache(batch, capacity);
         let mut stats = Stats {
-            accepted_at_depth: vec![0; c.saturating_sub(1)],
+            accepted_at_depth: vec![0; depth.saturating_sub(1)],
             ..Stats::default()
         };
         let mut rows = vec![RowOutput::default(); batch];
@@ -316,10 +360,32 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
 
         while !active.is_empty() {
             let live = active.len();
-            // Tree packing and upload.
+            // Prompt-lookup beams, tree packing and upload.
             let tree_start = Instant::now();
+            let (round_beams, round_tokens) = match &config.lookup {
+                None => (
+                    std::borrow::Cow::Borrowed(host_beams.as_slice()),
+                    device_beams.tokens.clone(),
+                ),
+                Some(lookup) => {
+                    let beams =
+                        self.with_lookup_beams(lookup, &host_beams, &active, prompts, &rows);
+                    let tokens = int_tensor::<B, 3>(
+                        beams.iter().map(|&t| t as i64).collect(),
+                        [live, total, depth],
+                        &device,
+                    );
+                    (std::borrow::Cow::Owned(beams), tokens)
+                }
+            };
             let trees = (0..live)
-                .map(|i| DraftTree::pack(&host_beams[i * m * c..(i + 1) * m * c], m, c))
+                .map(|i| {
+                    DraftTree::pack(
+                        &round_beams[i * total * depth..(i + 1) * total * depth],
+                        total,
+                        depth,
+                    )
+                })
                 .collect::<Result<Vec<_>>>()?;
             let packed = PackedBatch::new(trees)?;
             let tree_len = packed.max_len();
@@ -338,15 +404,21 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 .iter()
                 .flat_map(|t| t.unpacker().iter().map(|&u| u as i64))
                 .collect();
-            let unpacker_t = int_tensor::<B, 2>(unpacker, [live, m * c], &device);
+            let unpacker_t = int_tensor::<B, 2>(unpacker, [live, total * depth], &device);
             stats.tree_time += tree_start.elapsed();
 
             // Verification and on-device acceptance, then the next beams.
             let verify_start = Instant::now();
             let hidden = self.target.forward(&block, &mut cache)?;
             let logits = self.target.logits(hidden.clone());
-            let (best_beam, accepted, bonus, next_context) =
-                self.accept_on_device(&packed, hidden, logits, &device_beams, unpacker_t)?;
+            let (best_beam, accepted, bonus, next_context) = self.accept_on_device(
+                &packed,
+                hidden,
+                logits,
+                round_tokens,
+                &device_beams,
+                unpacker_t,
+            )?;
             stats.verify_time += verify_start.elapsed();
             let draft_start = Instant::now();
             let next_beams = self.drafter.propose(DraftRequest {
@@ -377,13 +449,16 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             stats.target_forwards += 1;
             for i in 0..live {
                 let (beam, n) = (result.best_beam[i], result.accepted[i]);
-                if beam >= m || n >= c {
+                if beam >= total || n >= depth {
                     return Err(Error::Backend(format!(
-                        "acceptance read back beam {beam} / length {n} outside {m}×{c}"
+                        "acceptance read back beam {beam} / length {n} outside {total}×{depth}"
                     )));
                 }
+                if beam >= m {
+                    stats.lookup_rounds += 1;
+                }
                 let tree = &packed.trees()[i];
-                let path: Vec<usize> = (0..=n).map(|k| tree.unpacker()[beam * c + k]).collect();
+                let path: Vec<usize> = (0..=n).map(|k| tree.unpacker()[beam * depth + k]).collect();
                 keep.push(path);
                 stats.row_rounds += 1;
                 stats.forward_tokens += n + 1;
@@ -391,8 +466,9 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 for d in 0..n {
                     stats.accepted_at_depth[d] += 1;
                 }
-                let mut emitted: Vec<u32> =
-                    host_beams[(i * m + beam) * c + 1..(i * m + beam) * c + 1 + n].to_vec();
+                let mut emitted: Vec<u32> = round_beams
+                    [(i * total + beam) * depth + 1..(i * total + beam) * depth + 1 + n]
+                    .to_vec();
                 emitted.push(result.bonus[i]);
                 let row = active[i];
                 let taken = rows[row].push(&emitted, gen_config);
@@ -402,6 +478,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 }
             }
             cache.commit(&keep)?;
+            drop(round_beams);
             host_beams = result.beams;
             device_beams = next_beams;
             let live_before = active.len();
@@ -450,7 +527,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     /// and the hidden state at the last accepted node.
     ///
     /// # Shapes
-    /// - `hidden`: `[live, L, H]`, `logits`: `[live, L, V]`, `unpacker`: `[live, M·C]`
+    /// - `hidden`: `[live, L, H]`, `logits`: `[live, L, V]`, `tokens`: `[live, M', C]` (the
+    ///   round's beams, prompt-lookup ones included), `unpacker`: `[live, M'·C]`
     /// - returns `[live, 1]` ints (best beam, accepted count, bonus) and `[live, H]`
     #[allow(clippy::type_complexity)]
     fn accept_on_device(
@@ -458,7 +536,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         packed: &PackedBatch,
         hidden: Tensor<B, 3>,
         logits: Tensor<B, 3>,
-        beams: &crate::drafter::DraftBeams<B>,
+        tokens: Tensor<B, 3, Int>,
+        drafted: &crate::drafter::DraftBeams<B>,
         unpacker: Tensor<B, 2, Int>,
     ) -> Result<(
         Tensor<B, 2, Int>,
@@ -466,7 +545,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         Tensor<B, 2, Int>,
         Tensor<B, 2>,
     )> {
-        let (m, c) = (self.config.beam_width, self.config.beam_length);
+        let [_, m, c] = tokens.dims();
         let [live, len, vocab] = logits.dims();
         let hidden_size = hidden.dims()[2];
         let device = logits.device();
@@ -477,14 +556,14 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let ok: Option<Tensor<B, 3>> = if c == 1 {
             None
         } else {
-            let drafted = beams.tokens.clone().slice([0..live, 0..m, 1..c]);
+            let drafted_tokens = tokens.slice([0..live, 0..m, 1..c]);
             Some(match self.config.acceptance {
                 Acceptance::Greedy | Acceptance::Exact => verdict
                     .clone()
                     .gather(1, unpacker.clone())
                     .reshape([live, m, c])
                     .slice([0..live, 0..m, 0..c - 1])
-                    .equal(drafted)
+                    .equal(drafted_tokens)
                     .float(),
                 Acceptance::Typical { epsilon, delta } => {
                     let t = if temperature > 0.0 { temperature } else { 1.0 };
@@ -512,7 +591,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                         .gather(1, unpacker.clone())
                         .reshape([live, m, c])
                         .slice([0..live, 0..m, 1..c]);
-                    let draft_q = beams.token_log_probs.clone().exp();
+                    // Only drafted beams here: `new` rejects prompt lookup with this rule.
+                    let draft_q = drafted.token_log_probs.clone().exp();
                     let uniform = draft_q.random_like(Distribution::Uniform(0.0, 1.0));
                     uniform.mul(draft_q).lower(target_p).float()
                 }
@@ -543,6 +623,66 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             .reshape([live * len, hidden_size])
             .select(0, flat_end);
         Ok((best_beam, best_n, bonus, next_context))
+    }
+
+    /// The round's beams per live row: the `M` drafted beams, then `lookup.beams` guesses from
+    /// the row's prompt and output. When the tree is deeper than the drafted beams, each drafted
+    /// beam is extended with a guess for the text it ends with (or its last token repeated,
+    /// where the text offers none). Rows with fewer guesses repeat drafted beam 0, which adds no
+    /// node to the packed tree.
+    ///
+    /// # Shapes
+    /// `drafted`: `[live, M, C]` flattened; returns `[live, M + lookup.beams, depth]` flattened
+    fn with_lookup_beams(
+        &self,
+        lookup: &PromptLookup,
+        drafted: &[u32],
+        active: &[usize],
+        prompts: &[Vec<u32>],
+        rows: &[RowOutput],
+    ) -> Vec<u32> {
+        let (m, c) = (self.config.beam_width, self.config.beam_length);
+        let depth = self.config.tree_length();
+        let total = m + lookup.beams;
+        let mut beams = Vec::with_capacity(active.len() * total * depth);
+        let mut history = Vec::new();
+        for (i, &row) in active.iter().enumerate() {
+            // The row's text so far; it ends with the beams' shared first token.
+            history.clear();
+            history.extend_from_slice(&prompts[row]);
+            history.extend_from_slice(&rows[row].tokens);
+            let row_start = beams.len();
+            for beam in drafted[i * m * c..(i + 1) * m * c].chunks(c) {
+                beams.extend_from_slice(beam);
+                if depth > c {
+                    let known = history.len();
+                    history.extend_from_slice(&beam[1..]);
+                    let extension = PromptLookup {
+                        beams: 1,
+                        ..*lookup
+                    }
+                    .candidates(&history, depth - c, &[])
+                    .pop()
+                    .unwrap_or_else(|| vec![beam[c - 1]; depth - c]);
+                    history.truncate(known);
+                    beams.extend_from_slice(&extension);
+                }
+            }
+            let own = &beams[row_start..];
+            let covered: Vec<&[u32]> = own.chunks(depth).map(|beam| &beam[1..]).collect();
+            let guesses = lookup.candidates(&history, depth - 1, &covered);
+            let (g0, first_beam) = (own[0], own[..depth].to_vec());
+            for k in 0..lookup.beams {
+                match guesses.get(k) {
+                    Some(guess) => {
+                        beams.push(g0);
+                        beams.extend_from_slice(guess);
+                    }
+                    None => beams.extend_from_slice(&first_beam),
+                }
+            }
+        }
+        beams
     }
 
     /// Index of each packed node's parent (the root points at itself).

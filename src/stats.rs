@@ -22,6 +22,8 @@ pub struct Stats {
     pub row_rounds: usize,
     /// `accepted_at_depth[d]`: row-rounds in which at least `d + 1` drafted tokens were accepted.
     pub accepted_at_depth: Vec<usize>,
+    /// Row-rounds whose accepted path was a prompt-lookup beam that beat every drafted beam.
+    pub lookup_rounds: usize,
     /// Packed tree tokens verified, summed over row-rounds (shows how much prefix sharing saved).
     pub packed_tokens: usize,
     /// Host↔device synchronisations (readbacks).
@@ -97,6 +99,7 @@ impl Stats {
         {
             *a += b;
         }
+        self.lookup_rounds += other.lookup_rounds;
         self.packed_tokens += other.packed_tokens;
         self.syncs += other.syncs;
         self.prefill_time += other.prefill_time;

@@ -12,7 +12,7 @@ use redrafter::drafter::{
     DraftBeams, DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig,
 };
 use redrafter::tokenizer::Tokenizer;
-use redrafter::{GenerationConfig, Result, TargetModel, generate};
+use redrafter::{GenerationConfig, PromptLookup, Result, TargetModel, generate};
 
 const NEW_TOKENS: usize = 128;
 
@@ -168,4 +168,47 @@ fn oracle_drafter_reaches_tau_equal_to_beam_length() {
             .iter()
             .all(|&r| r == 1.0)
     );
+}
+
+#[test]
+fn prompt_lookup_beams_are_lossless_and_carry_an_untrained_drafter() {
+    let (model, tokenizer) = smollm2();
+    let prompts = common::chat_prompts(
+        &tokenizer,
+        &[
+            "Repeat this sentence three times: The quick brown fox jumps over the lazy dog.",
+            "Write a short poem about the sea.",
+        ],
+    );
+    let new_tokens = 64;
+    let expected = generate(&model, &prompts, &greedy(new_tokens), |_, _| {}).unwrap();
+    // An untrained drafter is almost never right, so the τ above 1 comes from the guesses.
+    let drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(7, &model.device())
+        .unwrap()
+        .with_target(&model)
+        .unwrap();
+    // Lookup beams longer than the drafted ones: the drafted beams are extended by lookup too.
+    let config = SpeculativeConfig::default()
+        .beam_width(2)
+        .beam_length(4)
+        .lookup(PromptLookup::new(2).with_beam_length(7))
+        .generation(greedy(new_tokens));
+    let output = SpeculativeDecoder::new(&model, &drafter, config)
+        .unwrap()
+        .generate(&prompts, |_, _| {})
+        .unwrap();
+    for (row, (got, want)) in output.tokens.iter().zip(&expected.tokens).enumerate() {
+        assert_eq!(got, want, "row {row}");
+    }
+    let stats = &output.stats;
+    eprintln!(
+        "τ {:.2}, {} of {} row-rounds won by a lookup beam",
+        stats.tau(),
+        stats.lookup_rounds,
+        stats.row_rounds
+    );
+    assert!(stats.lookup_rounds > 0);
+    assert!(stats.tau() > 1.3, "τ {:.2}", stats.tau());
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use burn::tensor::activation::softmax;
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig};
-use redrafter::{Error, GenerationConfig, TargetModel, generate};
+use redrafter::{Error, GenerationConfig, PromptLookup, TargetModel, generate};
 use toy_model::{ToyConfig, ToyModel};
 
 type B = redrafter::backend::Cpu;
@@ -103,6 +103,7 @@ fn chi_square(joint: &HashMap<Vec<u32>, f64>, samples: &[Vec<u32>]) -> (f64, usi
 fn sample_sequences(
     model: &ToyModel<B>,
     acceptance: Acceptance,
+    lookup: Option<PromptLookup>,
     calls: u64,
     rows: usize,
 ) -> Vec<Vec<u32>> {
@@ -114,6 +115,7 @@ fn sample_sequences(
             .beam_width(3)
             .beam_length(3)
             .acceptance(acceptance)
+            .lookup(lookup)
             .temperature(1.0)
             .seed(1000 + call)
             .max_new_tokens(3);
@@ -130,25 +132,33 @@ fn sample_sequences(
 fn exact_sampling_matches_the_target_distribution() {
     let model = toy(11);
     let joint = exact_joint(&model, &[1, 4, 2], 3);
-    let samples = sample_sequences(&model, Acceptance::Exact, 40, 500);
-    let (stat, dof) = chi_square(&joint, &samples);
-    // χ²(dof) has mean dof and sd sqrt(2 dof): 5 standard deviations is a p-value near 1e-6.
-    let bound = dof as f64 + 5.0 * (2.0 * dof as f64).sqrt();
-    eprintln!(
-        "exact sampling: χ² = {stat:.1}, {dof} dof, {} samples",
-        samples.len()
-    );
-    assert!(
-        stat < bound,
-        "χ² = {stat:.1} with {dof} dof exceeds {bound:.1}"
-    );
+    // The same walk over a tree that also holds prompt-lookup guesses: the guesses depend only
+    // on tokens already emitted, so every emitted token stays an exact sample.
+    for lookup in [
+        None,
+        Some(PromptLookup::new(2)),
+        Some(PromptLookup::new(1).with_beam_length(5)),
+    ] {
+        let samples = sample_sequences(&model, Acceptance::Exact, lookup, 40, 500);
+        let (stat, dof) = chi_square(&joint, &samples);
+        // χ²(dof) has mean dof and sd sqrt(2 dof): 5 standard deviations is a p-value near 1e-6.
+        let bound = dof as f64 + 5.0 * (2.0 * dof as f64).sqrt();
+        eprintln!(
+            "exact sampling, lookup {lookup:?}: χ² = {stat:.1}, {dof} dof, {} samples",
+            samples.len()
+        );
+        assert!(
+            stat < bound,
+            "lookup {lookup:?}: χ² = {stat:.1} with {dof} dof exceeds {bound:.1}"
+        );
+    }
 }
 
 #[test]
 fn reference_parity_mode_is_measurably_biased() {
     let model = toy(11);
     let joint = exact_joint(&model, &[1, 4, 2], 3);
-    let samples = sample_sequences(&model, Acceptance::ReferenceParity, 40, 500);
+    let samples = sample_sequences(&model, Acceptance::ReferenceParity, None, 40, 500);
     let (stat, dof) = chi_square(&joint, &samples);
     let bound = dof as f64 + 10.0 * (2.0 * dof as f64).sqrt();
     eprintln!(
@@ -168,16 +178,49 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
     let prompts = vec![vec![1u32, 2, 3], vec![5, 0], vec![3, 3, 3, 1, 2]];
     let config = GenerationConfig::default().with_max_new_tokens(20);
     let expected = generate(&model, &prompts, &config, |_, _| {}).unwrap();
-    for (m, c) in [(1, 2), (3, 3), (6, 4)] {
+    // (M, C, lookup beams, lookup beam length): the last two extend the drafted beams too.
+    let shapes = [
+        (1, 2, 0, None),
+        (3, 3, 0, None),
+        (6, 4, 0, None),
+        (1, 4, 1, None),
+        (2, 5, 3, None),
+        (2, 2, 1, Some(6)),
+        (3, 4, 2, Some(5)),
+    ];
+    for (m, c, k, length) in shapes {
         let spec = SpeculativeConfig::default()
             .beam_width(m)
             .beam_length(c)
+            .lookup(PromptLookup {
+                beam_length: length,
+                ..PromptLookup::new(k)
+            })
             .generation(config.clone());
         let out = SpeculativeDecoder::new(&model, &drafter, spec)
             .unwrap()
             .generate(&prompts, |_, _| {})
             .unwrap();
-        assert_eq!(out.tokens, expected.tokens, "M={m} C={c}");
+        assert_eq!(
+            out.tokens, expected.tokens,
+            "M={m} C={c} lookup {k} × {length:?}"
+        );
+        if k > 0 {
+            // Six tokens repeat a lot: some rounds must be won by a guess from the text.
+            assert!(
+                out.stats.lookup_rounds > 0,
+                "M={m} C={c} lookup {k} × {length:?}"
+            );
+        }
+        if let Some(length) = length {
+            // Accepted runs reach past the drafted beams' length.
+            let depths = out.stats.acceptance_rate_per_depth();
+            assert_eq!(depths.len(), length - 1);
+            assert!(
+                depths[c - 1] > 0.0,
+                "M={m} C={c} lookup {k} × {length}: {depths:?}"
+            );
+        }
     }
 }
 
@@ -204,6 +247,29 @@ fn bad_settings_and_inputs_are_typed_errors() {
             SpeculativeConfig::default()
                 .acceptance(Acceptance::Greedy)
                 .temperature(0.7)
+        ),
+        Some(Error::InvalidSettings(_))
+    ));
+
+    // Prompt lookup: an empty n-gram range, and the p/q rule, which needs drafter probabilities.
+    assert!(matches!(
+        make(SpeculativeConfig::default().lookup(PromptLookup::new(2).with_ngrams(0, 3))),
+        Some(Error::InvalidSettings(_))
+    ));
+    assert!(matches!(
+        make(
+            SpeculativeConfig::default()
+                .beam_length(5)
+                .lookup(PromptLookup::new(2).with_beam_length(3))
+        ),
+        Some(Error::InvalidSettings(_))
+    ));
+    assert!(matches!(
+        make(
+            SpeculativeConfig::default()
+                .lookup(PromptLookup::new(2))
+                .acceptance(Acceptance::ReferenceParity)
+                .temperature(1.0)
         ),
         Some(Error::InvalidSettings(_))
     ));
