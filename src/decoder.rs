@@ -478,7 +478,6 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 }
             }
             cache.commit(&keep)?;
-            drop(round_beams);
             host_beams = result.beams;
             device_beams = next_beams;
             let live_before = active.len();
