@@ -8,8 +8,9 @@
 //!
 //! 1. The beams of this round were drafted at the end of the previous round and read back
 //!    together with its acceptance result (the round's single readback).
-//! 2. The host packs each row's beams into a prefix tree ([`DraftTree`]) — microseconds — and
-//!    uploads tokens, positions and the attention bias.
+//! 2. With prompt lookup on ([`PromptLookup`]), the host first adds guesses copied from each
+//!    row's text as extra beams. It packs each row's beams into a prefix tree ([`DraftTree`]) —
+//!    microseconds — and uploads tokens, positions and the attention bias.
 //! 3. The target verifies the packed tree in one forward against the KV cache.
 //! 4. Still on the device: the target's verdict at every tree node (argmax, or one sample per
 //!    node for exact sampling), each beam's accepted length, the best beam, the bonus token and
