@@ -9,8 +9,9 @@ use burn::tensor::{Int, Tensor, TensorData};
 use common::{B, smollm2};
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{
-    DraftBeams, DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig,
+    DraftBeams, DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafter, RecurrentDrafterConfig,
 };
+use redrafter::models::llama::Llama;
 use redrafter::tokenizer::Tokenizer;
 use redrafter::{GenerationConfig, PromptLookup, Result, TargetModel, generate};
 
@@ -25,6 +26,17 @@ fn prompts(tokenizer: &Tokenizer) -> Vec<Vec<u32>> {
             "What is a binary search tree? Give a code example in Python.",
         ],
     )
+}
+
+/// A tied draft head with random weights: almost never right, so whatever τ above 1 a test sees
+/// comes from elsewhere.
+fn untrained_drafter(model: &Llama<B>) -> RecurrentDrafter<B> {
+    RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(7, &model.device())
+        .unwrap()
+        .with_target(model)
+        .unwrap()
 }
 
 fn greedy(max_new_tokens: usize) -> GenerationConfig {
@@ -43,12 +55,7 @@ fn random_drafter_greedy_equals_plain_greedy_single_and_batched() {
     );
     let expected = generate(&model, &prompts, &greedy(NEW_TOKENS), |_, _| {}).unwrap();
 
-    let drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
-        .with_head(DraftHeadKind::Tied)
-        .init_seeded::<B>(7, &model.device())
-        .unwrap()
-        .with_target(&model)
-        .unwrap();
+    let drafter = untrained_drafter(&model);
     let config = SpeculativeConfig::default()
         .beam_width(4)
         .beam_length(4)
@@ -183,12 +190,7 @@ fn prompt_lookup_beams_are_lossless_and_carry_an_untrained_drafter() {
     let new_tokens = 64;
     let expected = generate(&model, &prompts, &greedy(new_tokens), |_, _| {}).unwrap();
     // An untrained drafter is almost never right, so the τ above 1 comes from the guesses.
-    let drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
-        .with_head(DraftHeadKind::Tied)
-        .init_seeded::<B>(7, &model.device())
-        .unwrap()
-        .with_target(&model)
-        .unwrap();
+    let drafter = untrained_drafter(&model);
     // Lookup beams longer than the drafted ones: the drafted beams are extended by lookup too.
     let config = SpeculativeConfig::default()
         .beam_width(2)
