@@ -219,9 +219,11 @@ fn progress(len: usize, label: &str) -> ProgressBar {
     bar
 }
 
+/// One mode's result; `speculative` is `None` for the AR baseline (its shape fields read 0).
 fn summarize(
     mode: String,
-    (beam_width, beam_length, temperature): (usize, usize, f32),
+    speculative: Option<&SpeculativeConfig>,
+    temperature: f32,
     stats: &Stats,
     prompts: usize,
     ar_tps: Option<f64>,
@@ -236,10 +238,10 @@ fn summarize(
     let rounds = stats.row_rounds.max(1) as f64;
     ModeResult {
         mode,
-        beam_width,
-        beam_length,
-        lookup_beams: 0,
-        tree_length: beam_length,
+        beam_width: speculative.map_or(0, |c| c.beam_width),
+        beam_length: speculative.map_or(0, |c| c.beam_length),
+        lookup_beams: speculative.and_then(|c| c.lookup).map_or(0, |l| l.beams),
+        tree_length: speculative.map_or(0, SpeculativeConfig::tree_length),
         lookup_round_share: stats.lookup_rounds as f64 / rounds,
         temperature,
         prompts,
@@ -343,7 +345,8 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             bar.finish_and_clear();
             let result = summarize(
                 "ar".into(),
-                (0, 0, temperature),
+                None,
+                temperature,
                 &stats,
                 prompts.len(),
                 None,
@@ -408,7 +411,8 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             bar.finish_and_clear();
             let result = summarize(
                 format!("redrafter-{acceptance:?}").to_lowercase(),
-                (beam_width, beam_length, temperature),
+                Some(decoder.config()),
+                temperature,
                 &stats,
                 prompts.len(),
                 ar_tps,
@@ -416,8 +420,6 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             );
             let result = ModeResult {
                 divergences: divergences.clone(),
-                lookup_beams,
-                tree_length: decoder.config().tree_length(),
                 ..result
             };
             eprintln!(

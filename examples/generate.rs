@@ -145,8 +145,10 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 None if args.temperature == 0.0 => Acceptance::Greedy,
                 None => Acceptance::Exact,
             };
-            let mut lookup = PromptLookup::new(args.lookup_beams);
-            lookup.beam_length = args.lookup_length;
+            let lookup = PromptLookup {
+                beam_length: args.lookup_length,
+                ..PromptLookup::new(args.lookup_beams)
+            };
             let config = SpeculativeConfig::default()
                 .beam_width(args.beam_width)
                 .beam_length(args.beam_length)

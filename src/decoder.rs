@@ -642,8 +642,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         rows: &[RowOutput],
     ) -> Vec<u32> {
         let (m, c) = (self.config.beam_width, self.config.beam_length);
-        let depth = self.config.tree_length();
-        let total = m + lookup.beams;
+        let (total, depth) = (self.config.total_beams(), self.config.tree_length());
         let mut beams = Vec::with_capacity(active.len() * total * depth);
         let mut history = Vec::new();
         for (i, &row) in active.iter().enumerate() {
