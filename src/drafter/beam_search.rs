@@ -43,7 +43,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use super::recurrent::RecurrentDrafter;
-use super::top_k::top_k;
+use super::top_k::top_k_cached;
 use super::{DraftBeams, DraftHead, DraftRequest};
 use crate::error::{Error, Result};
 
@@ -242,11 +242,12 @@ impl<B: Backend> RecurrentDrafter<B> {
                 .expand([batch, width, hidden])
                 .reshape([rows, hidden]);
             // Offset of each batch entry's first beam row, to turn parents into row indices.
-            let row_offsets = Tensor::<B, 1, Int>::arange_step(0..rows as i64, width, &device)
-                .cast(beams.dtype())
-                .reshape([batch, 1]);
+            let row_offsets = self
+                .top_k_cache
+                .row_starts::<B>(batch, width, &device)
+                .cast(beams.dtype());
             let candidates = width * dims.per_beam;
-            for _ in 2..length {
+            for step in 2..length {
                 let Expansion {
                     state: new_state,
                     log_probs,
@@ -263,7 +264,8 @@ impl<B: Backend> RecurrentDrafter<B> {
                 let total = (log_probs.clone().reshape([batch, width, dims.per_beam])
                     + scores.unsqueeze_dim::<3>(2))
                 .reshape([batch, candidates]);
-                let (top, index) = top_k(total, width, self.top_k); // [B, M], sorted
+                // [B, M], sorted
+                let (top, index) = top_k_cached(total, width, self.top_k, &self.top_k_cache);
                 scores = top;
                 let parent = index.clone().div_scalar(dims.per_beam as i64);
                 let token = ids.reshape([batch, candidates]).gather(1, index.clone());
@@ -271,7 +273,12 @@ impl<B: Backend> RecurrentDrafter<B> {
                 let parent_rows =
                     (parent.cast(beams.dtype()) + row_offsets.clone()).reshape([rows]);
 
-                state = new_state.select(0, parent_rows.clone());
+                // The last step's states are never used: skip their gather (one launch).
+                state = if step + 1 < length {
+                    new_state.select(0, parent_rows.clone())
+                } else {
+                    new_state
+                };
                 beams = Tensor::cat(
                     vec![
                         beams.select(0, parent_rows.clone()),
@@ -314,7 +321,12 @@ impl<B: Backend> RecurrentDrafter<B> {
         let logits = self.head_logits(context, state.clone())?; // [N, V]
         let rows = logits.dims()[0];
 
-        let (sorted, ids) = top_k(logits, dims.kept.max(dims.per_beam), self.top_k);
+        let (sorted, ids) = top_k_cached(
+            logits,
+            dims.kept.max(dims.per_beam),
+            self.top_k,
+            &self.top_k_cache,
+        );
         let ids = ids.narrow(1, 0, dims.per_beam);
 
         // Warp: subtract the row max (the first sorted value), normalise over the kept top-k.

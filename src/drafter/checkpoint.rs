@@ -302,6 +302,7 @@ fn load_checked<B: Backend>(
         output_embedding: None,
         config,
         top_k: super::TopKMethod::Auto,
+        top_k_cache: super::TopKCache::default(),
     })
 }
 

@@ -17,7 +17,7 @@ pub use recurrent::{
     DEFAULT_NUM_DRAFT_LAYERS, DEFAULT_TRAINED_STEPS, DraftHeadKind, RecurrentDrafter,
     RecurrentDrafterConfig, ResBlock,
 };
-pub use top_k::{TopKMethod, top_k};
+pub use top_k::{TopKCache, TopKMethod, top_k, top_k_cached};
 
 /// Beams proposed for one round.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! building blocks ([`RecurrentDrafter::step`], [`RecurrentDrafter::head_logits`]) that both
 //! beam search and training are made of.
 
-use super::TopKMethod;
+use super::{TopKCache, TopKMethod};
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
@@ -242,6 +242,7 @@ impl RecurrentDrafterConfig {
             output_embedding: None,
             config: self.clone(),
             top_k: TopKMethod::Auto,
+            top_k_cache: TopKCache::default(),
         }
     }
 }
@@ -284,6 +285,9 @@ pub struct RecurrentDrafter<B: Backend> {
     /// How beam search selects its top-k (a runtime choice, not part of the checkpoint).
     #[module(skip)]
     pub(crate) top_k: TopKMethod,
+    /// Beam search's shape-only index tensors, built once per shape (shared by clones).
+    #[module(skip)]
+    pub(crate) top_k_cache: TopKCache,
 }
 
 impl<B: Backend> RecurrentDrafter<B> {

@@ -25,6 +25,17 @@
 //!
 //! `Rank` breaks exact ties by column (lower first), `Sort` by the backend's sort order; both
 //! return `k` distinct columns.
+//!
+//! # Constants
+//!
+//! Rank selection needs index tensors that depend only on the shape (the tie-break mask, column
+//! numbers, row offsets). Building them costs several kernel launches and host-to-device uploads
+//! each — on a launch-bound GPU about a fifth of a draft round. A [`TopKCache`] keeps them per
+//! shape and device; the draft head owns one, so a decoding run builds them once.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
@@ -67,7 +78,131 @@ impl std::str::FromStr for TopKMethod {
     }
 }
 
+/// Shape-only constant tensors of [`top_k`], kept between calls (see the module docs).
+///
+/// Cloning shares the cache. It holds the tensors of one backend and device at a time and
+/// starts over when asked for another, or when it has grown past a few dozen shapes (decoding
+/// uses a handful). Thread-safe; a poisoned lock is recovered, as the cache holds no invariant
+/// beyond "each entry matches its key".
+#[derive(Clone, Default)]
+pub struct TopKCache {
+    tables: Arc<Mutex<Option<Box<dyn Any + Send>>>>,
+}
+
+impl std::fmt::Debug for TopKCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TopKCache")
+    }
+}
+
+/// Most entries a [`TopKCache`] keeps before it starts over.
+const MAX_CACHED_SHAPES: usize = 64;
+
+/// The cached tensors of one backend and device.
+struct Tables<B: Backend> {
+    device: B::Device,
+    /// `earlier[W][0, i, j] = j < i`, `[1, W, W]`.
+    earlier: HashMap<usize, Tensor<B, 3, Bool>>,
+    /// `0..W`, `[1, W]`.
+    columns: HashMap<usize, Tensor<B, 2, Int>>,
+    /// `(n, step)`: `[0, step, 2·step, …]`, `[n, 1]`.
+    row_starts: HashMap<(usize, usize), Tensor<B, 2, Int>>,
+}
+
+impl<B: Backend> Tables<B> {
+    fn new(device: &B::Device) -> Self {
+        Self {
+            device: device.clone(),
+            earlier: HashMap::new(),
+            columns: HashMap::new(),
+            row_starts: HashMap::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.earlier.len() + self.columns.len() + self.row_starts.len()
+    }
+}
+
+impl TopKCache {
+    /// Runs `f` on this cache's tables for backend `B` on `device`, replacing tables of another
+    /// backend or device (or an overgrown set).
+    fn with<B: Backend, R>(&self, device: &B::Device, f: impl FnOnce(&mut Tables<B>) -> R) -> R {
+        let mut slot = self
+            .tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let reusable = slot
+            .as_mut()
+            .and_then(|tables| tables.downcast_mut::<Tables<B>>())
+            .is_some_and(|tables| tables.device == *device && tables.len() < MAX_CACHED_SHAPES);
+        if !reusable {
+            *slot = Some(Box::new(Tables::<B>::new(device)));
+        }
+        let tables = slot
+            .as_mut()
+            .and_then(|tables| tables.downcast_mut::<Tables<B>>())
+            .expect("the slot was just filled with tables of this backend");
+        f(tables)
+    }
+
+    /// `earlier[0, i, j] = j < i` for rows of width `width`. Burn's `triu_mask` is true strictly
+    /// below the diagonal.
+    ///
+    /// # Shapes
+    /// `[1, width, width]`
+    fn earlier<B: Backend>(&self, width: usize, device: &B::Device) -> Tensor<B, 3, Bool> {
+        self.with::<B, _>(device, |t| {
+            t.earlier
+                .entry(width)
+                .or_insert_with(|| {
+                    Tensor::<B, 2, Bool>::triu_mask([width, width], 0, device).unsqueeze_dim(0)
+                })
+                .clone()
+        })
+    }
+
+    /// Column numbers `0..width`.
+    ///
+    /// # Shapes
+    /// `[1, width]`
+    fn columns<B: Backend>(&self, width: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+        self.with::<B, _>(device, |t| {
+            t.columns
+                .entry(width)
+                .or_insert_with(|| {
+                    Tensor::<B, 1, Int>::arange(0..width as i64, device).reshape([1, width])
+                })
+                .clone()
+        })
+    }
+
+    /// The first flat index of each of `n` rows of `step` entries: `[0, step, 2·step, …]`.
+    ///
+    /// # Shapes
+    /// `[n, 1]`
+    pub(crate) fn row_starts<B: Backend>(
+        &self,
+        n: usize,
+        step: usize,
+        device: &B::Device,
+    ) -> Tensor<B, 2, Int> {
+        self.with::<B, _>(device, |t| {
+            t.row_starts
+                .entry((n, step))
+                .or_insert_with(|| {
+                    Tensor::<B, 1, Int>::arange_step(0..(n * step) as i64, step.max(1), device)
+                        .reshape([n, 1])
+                })
+                .clone()
+        })
+    }
+}
+
 /// The `k` largest entries of each row and their column indices, sorted descending.
+///
+/// Builds its constant tensors afresh; repeated calls (a decoding loop) should use
+/// [`top_k_cached`].
 ///
 /// # Shapes
 /// `[N, W]` to (`[N, k]`, `[N, k]`), `1 ≤ k ≤ W`
@@ -76,10 +211,23 @@ pub fn top_k<B: Backend>(
     k: usize,
     method: TopKMethod,
 ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    top_k_cached(values, k, method, &TopKCache::default())
+}
+
+/// [`top_k`] with its constant tensors taken from (and kept in) `cache`.
+///
+/// # Shapes
+/// `[N, W]` to (`[N, k]`, `[N, k]`), `1 ≤ k ≤ W`
+pub fn top_k_cached<B: Backend>(
+    values: Tensor<B, 2>,
+    k: usize,
+    method: TopKMethod,
+    cache: &TopKCache,
+) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
     let method = method.resolve::<B>(&values.device());
     let [rows, width] = values.dims();
     let select = |v: Tensor<B, 2>, k: usize| match method {
-        TopKMethod::Rank => rank_select(v, k),
+        TopKMethod::Rank => rank_select(v, k, cache),
         _ => sort_select(v, k),
     };
     let Some(size) = group_size(width, k, method) else {
@@ -91,9 +239,9 @@ pub fn top_k<B: Backend>(
     let grouped = values.reshape([rows * groups, size]);
     let maxima = grouped.clone().max_dim(1).reshape([rows, groups]);
     let (_, best) = select(maxima, k); // [N, k] group ids
-    let offsets = Tensor::<B, 1, Int>::arange_step(0..(rows * groups) as i64, groups, &device)
-        .cast(best.dtype())
-        .reshape([rows, 1]);
+    let offsets = cache
+        .row_starts::<B>(rows, groups, &device)
+        .cast(best.dtype());
     let candidates = grouped
         .select(0, (best.clone() + offsets).reshape([rows * k]))
         .reshape([rows, k * size]);
@@ -139,8 +287,12 @@ const MAX_RANK_COMPARISONS: usize = 1 << 27;
 ///
 /// # Shapes
 /// `[N, W]` to (`[N, k]`, `[N, k]`)
-fn rank_select<B: Backend>(values: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
-    rank_select_chunked(values, k, MAX_RANK_COMPARISONS)
+fn rank_select<B: Backend>(
+    values: Tensor<B, 2>,
+    k: usize,
+    cache: &TopKCache,
+) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    rank_select_chunked(values, k, MAX_RANK_COMPARISONS, cache)
 }
 
 /// [`rank_select`] with at most `max_comparisons` comparisons per chunk of rows.
@@ -148,15 +300,19 @@ fn rank_select_chunked<B: Backend>(
     values: Tensor<B, 2>,
     k: usize,
     max_comparisons: usize,
+    cache: &TopKCache,
 ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
     let [rows, width] = values.dims();
     let chunk = (max_comparisons / (width * width).max(1)).max(1);
     if rows <= chunk {
-        return rank_select_rows(values, k);
+        return rank_select_rows(values, k, cache);
     }
     let (sorted, index): (Vec<_>, Vec<_>) = (0..rows)
         .step_by(chunk)
-        .map(|start| rank_select_rows(values.clone().narrow(0, start, chunk.min(rows - start)), k))
+        .map(|start| {
+            let part = values.clone().narrow(0, start, chunk.min(rows - start));
+            rank_select_rows(part, k, cache)
+        })
         .unzip();
     (Tensor::cat(sorted, 0), Tensor::cat(index, 0))
 }
@@ -165,23 +321,23 @@ fn rank_select_chunked<B: Backend>(
 fn rank_select_rows<B: Backend>(
     values: Tensor<B, 2>,
     k: usize,
+    cache: &TopKCache,
 ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
     let [rows, width] = values.dims();
     let device = values.device();
     let own = values.clone().unsqueeze_dim::<3>(2); // [N, W, 1]: v_i
     let other = values.clone().unsqueeze_dim::<3>(1); // [N, 1, W]: v_j
-    // earlier[i][j] = j < i: Burn's `triu_mask` is true strictly below the diagonal.
-    let earlier = Tensor::<B, 2, Bool>::triu_mask([width, width], 0, &device).unsqueeze_dim::<3>(0);
-    let beats = other
-        .clone()
-        .greater(own.clone())
-        .bool_or(other.equal(own).bool_and(earlier));
+    let beats = other.clone().greater(own.clone()).bool_or(
+        other
+            .equal(own)
+            .bool_and(cache.earlier::<B>(width, &device)),
+    );
+    // A count over the W - 1 other columns (the diagonal never beats itself): in 0..W even when
+    // NaNs (which compare false) make ranks repeat.
     let rank = beats.int().sum_dim(2).reshape([rows, width]);
-    // NaNs compare false and could produce repeated ranks; keep every index in bounds.
-    let rank = rank.clamp(0, width as i64 - 1);
-    let columns = Tensor::<B, 1, Int>::arange(0..width as i64, &device)
+    let columns = cache
+        .columns::<B>(width, &device)
         .cast(rank.dtype())
-        .reshape([1, width])
         .expand([rows, width]);
     let order = Tensor::<B, 2, Int>::zeros([rows, width], (&device, rank.dtype())).scatter(
         1,
@@ -189,6 +345,7 @@ fn rank_select_rows<B: Backend>(
         columns,
         IndexingUpdateOp::Add,
     );
+    // Repeated ranks (NaNs) add several columns into one slot: keep the index in bounds.
     let index = order.narrow(1, 0, k).clamp(0, width as i64 - 1);
     (values.gather(1, index.clone()), index)
 }
@@ -252,10 +409,30 @@ mod tests {
         // Room for 3 rows of width 64 per chunk: 10 rows go in chunks of 3, 3, 3, 1.
         let device = Default::default();
         let values = Tensor::<B, 2>::random([10, 64], burn::tensor::Distribution::Default, &device);
-        let (v, i) = rank_select_chunked(values.clone(), 5, 3 * 64 * 64);
+        let (v, i) = rank_select_chunked(values.clone(), 5, 3 * 64 * 64, &TopKCache::default());
         let (sorted, index) = values.sort_descending_with_indices(1);
         assert_eq!(ints(i), ints(index.narrow(1, 0, 5)));
         assert_eq!(floats(v), floats(sorted.narrow(1, 0, 5)));
+    }
+
+    #[test]
+    fn a_shared_cache_gives_the_results_of_fresh_constants() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let device = Default::default();
+        let cache = TopKCache::default();
+        // Shapes revisited in another order, with other row counts: cached masks, columns and
+        // row offsets must serve every one of them.
+        for &(rows, width, k) in &[(1, 4096, 50), (4, 4096, 50), (4, 16, 4), (1, 4096, 50)] {
+            let data: Vec<f32> = (0..rows * width)
+                .map(|_| (rng.random::<f32>() * 8.0).round())
+                .collect();
+            let t = Tensor::<B, 2>::from_data(TensorData::new(data, [rows, width]), &device);
+            let (v, i) = top_k_cached(t.clone(), k, TopKMethod::Rank, &cache);
+            let (fresh_v, fresh_i) = top_k(t, k, TopKMethod::Rank);
+            assert_eq!(ints(i), ints(fresh_i), "rows {rows} width {width}");
+            assert_eq!(floats(v), floats(fresh_v));
+        }
     }
 
     #[test]
