@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the pieces of one speculative round on the default CPU backend:
-//! tree packing, a draft round (beam search), and one verification forward at packed lengths
-//! L ∈ {1, 8, 32, 64, 128}.
+//! tree packing, a draft round (beam search), one verification forward at packed lengths
+//! L ∈ {1, 8, 32, 64, 128}, and a projection of a few rows in both weight layouts (why CPUs
+//! store weights `[out, in]`, `src/projection.rs`).
 //!
 //! ```text
 //! cargo bench --bench round
@@ -21,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use redrafter::drafter::{DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig};
 use redrafter::generate::{int_tensor, prefill};
 use redrafter::models::llama::{Llama, LlamaLoadOptions};
+use redrafter::projection::Projection;
 use redrafter::tree::DraftTree;
 use redrafter::{Block, TargetModel};
 
@@ -125,5 +127,33 @@ fn verify_forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, tree_packing, draft_round, verify_forward);
+/// `x·W` for `rows` rows of SmolLM2's gate/up (576 → 3072) and vocabulary (576 → 49152)
+/// shapes, with `W` stored `[in, out]` and `[out, in]`.
+fn projection(c: &mut Criterion) {
+    let device = Default::default();
+    let mut group = c.benchmark_group("projection");
+    group.sample_size(10);
+    for (name, inputs, outputs) in [("gate_up", 576, 3072), ("vocab", 576, 49152)] {
+        let weight = Tensor::<B, 2>::random([inputs, outputs], Distribution::Default, &device);
+        let in_out = Projection::from_tensor(weight.clone(), false);
+        let transposed = Tensor::from_data(weight.transpose().into_data(), &device);
+        let out_in = Projection::from_tensor(transposed, true);
+        for rows in [1, 4, 16, 64] {
+            let x = Tensor::<B, 2>::random([rows, inputs], Distribution::Default, &device);
+            for (layout, p) in [("in_out", &in_out), ("out_in", &out_in)] {
+                let id = BenchmarkId::new(format!("{name}/{layout}"), rows);
+                group.bench_function(id, |b| b.iter(|| p.forward(x.clone()).into_data()));
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    tree_packing,
+    draft_round,
+    verify_forward,
+    projection
+);
 criterion_main!(benches);

@@ -14,6 +14,7 @@ pub mod io;
 pub mod kv_cache;
 pub mod lookup;
 pub mod models;
+pub mod projection;
 pub mod sampling;
 pub mod stats;
 pub mod target;

@@ -467,7 +467,12 @@ impl<B: Backend> RecurrentDrafter<B> {
                 // The cast is free when the drafter computes in the target's dtype (the fast
                 // setup); otherwise it converts the table on every call.
                 let table = table.clone().cast(x.dtype());
-                Ok(burn::tensor::module::linear(x, table.transpose(), None))
+                if crate::projection::prefers_out_major::<B>(&table.device()) {
+                    // The table is already `[out, in]`, this backend's fast layout.
+                    Ok(crate::projection::matmul_out_major(x, table))
+                } else {
+                    Ok(burn::tensor::module::linear(x, table.transpose(), None))
+                }
             }
         }
     }

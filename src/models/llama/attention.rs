@@ -1,21 +1,22 @@
 //! Grouped-query self-attention with a fused QKV projection, against a [`KvCache`].
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
 use super::rope::{RopeAngles, RotaryEmbedding};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
+use crate::projection::Projection;
 
 /// GQA attention. Q, K and V come from one matmul (fewer kernel launches per layer, which is
 /// what bounds small models on GPU); the 1/sqrt(head_dim) score scale is folded into the Q
 /// columns at load time.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    /// `[hidden, (heads + 2 * kv_heads) * head_dim]`, columns ordered Q | K | V.
-    pub qkv: Param<Tensor<B, 2>>,
-    /// `[heads * head_dim, hidden]`
-    pub output: Param<Tensor<B, 2>>,
+    /// `hidden` to `(heads + 2 * kv_heads) * head_dim` features, ordered Q | K | V.
+    pub qkv: Projection<B>,
+    /// `heads * head_dim` to `hidden` features.
+    pub output: Projection<B>,
     #[module(skip)]
     pub heads: usize,
     #[module(skip)]
@@ -44,9 +45,9 @@ impl<B: Backend> Attention<B> {
         let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
         let groups = heads / kv_heads;
 
-        let qkv = x
-            .reshape([batch * len, hidden])
-            .matmul(self.qkv.val())
+        let qkv = self
+            .qkv
+            .forward(x.reshape([batch * len, hidden]))
             .reshape([batch, len, heads + 2 * kv_heads, dim])
             .swap_dims(1, 2);
         // Rotate Q and K together: one set of RoPE ops instead of two.
@@ -82,8 +83,7 @@ impl<B: Backend> Attention<B> {
             .matmul(values)
             .reshape([batch, heads, len, dim])
             .swap_dims(1, 2)
-            .reshape([batch * len, heads * dim])
-            .matmul(self.output.val());
-        Ok(out.reshape([batch, len, hidden]))
+            .reshape([batch * len, heads * dim]);
+        Ok(self.output.forward(out).reshape([batch, len, hidden]))
     }
 }

@@ -1,15 +1,17 @@
 //! SwiGLU feed-forward block with a fused gate/up projection.
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
+
+use crate::projection::Projection;
 
 /// `down(silu(gate(x)) * up(x))`, gate and up computed by one matmul.
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    /// `[hidden, 2 * intermediate]`, columns ordered gate | up.
-    pub gate_up: Param<Tensor<B, 2>>,
-    /// `[intermediate, hidden]`
-    pub down: Param<Tensor<B, 2>>,
+    /// `hidden` to `2 * intermediate` features, ordered gate | up.
+    pub gate_up: Projection<B>,
+    /// `intermediate` to `hidden` features.
+    pub down: Projection<B>,
 }
 
 impl<B: Backend> Mlp<B> {
@@ -17,13 +19,12 @@ impl<B: Backend> Mlp<B> {
     /// `[batch, T, hidden]` to `[batch, T, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, len, hidden] = x.dims();
-        let inter = self.down.dims()[0];
-        let gate_up = x.reshape([batch * len, hidden]).matmul(self.gate_up.val());
+        let inter = self.down.inputs();
+        let gate_up = self.gate_up.forward(x.reshape([batch * len, hidden]));
         let gate = gate_up.clone().slice([0..batch * len, 0..inter]);
         let up = gate_up.slice([0..batch * len, inter..2 * inter]);
-        silu(gate)
-            .mul(up)
-            .matmul(self.down.val())
+        self.down
+            .forward(silu(gate).mul(up))
             .reshape([batch, len, hidden])
     }
 }

@@ -11,6 +11,7 @@ use super::rope::RotaryEmbedding;
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::kv_cache::KvCache;
+use crate::projection::{Projection, prefers_out_major, transpose};
 use crate::target::{Block, TargetModel};
 
 /// How to materialise a Llama model on a device.
@@ -46,14 +47,14 @@ impl<B: Backend> LlamaLayer<B> {
     /// (see [`fold_norm_into_rows`]).
     ///
     /// # Shapes
-    /// `qkv` `[H, (heads + 2·kv_heads)·D]`, `output` `[heads·D, H]`, `gate_up` `[H, 2·I]`,
-    /// `down` `[I, H]`
+    /// `qkv` `H → (heads + 2·kv_heads)·D`, `output` `heads·D → H`, `gate_up` `H → 2·I`,
+    /// `down` `I → H`
     fn new(
         config: &LlamaConfig,
-        qkv: Param<Tensor<B, 2>>,
-        output: Param<Tensor<B, 2>>,
-        gate_up: Param<Tensor<B, 2>>,
-        down: Param<Tensor<B, 2>>,
+        qkv: Projection<B>,
+        output: Projection<B>,
+        gate_up: Projection<B>,
+        down: Projection<B>,
     ) -> Self {
         Self {
             input_norm: RmsNorm::unweighted(config.rms_norm_eps),
@@ -86,14 +87,27 @@ pub struct Llama<B: Backend> {
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<LlamaLayer<B>>,
     pub norm: RmsNorm<B>,
-    /// `[hidden, vocab]` (for tied embeddings, a transposed copy of `embed_tokens`, so the
-    /// LM head is a plain row-major matmul).
-    pub lm_head: Param<Tensor<B, 2>>,
+    /// `hidden` to `vocab` (for tied embeddings, a copy of `embed_tokens` laid out for the
+    /// backend's fastest product).
+    pub lm_head: Projection<B>,
     rope: RotaryEmbedding<B>,
     #[module(skip)]
     config: LlamaConfig,
     #[module(skip)]
     max_context: usize,
+}
+
+/// Reads a weight and checks its HF shape.
+fn load_checked(weights: &dyn WeightSource, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+    let (data, shape) = weights.tensor(name)?;
+    if shape != expected {
+        return Err(Error::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: expected.to_vec(),
+            found: shape,
+        });
+    }
+    Ok(data)
 }
 
 /// Reads a 2-D weight, checks its HF shape `[rows, cols]` and returns it transposed
@@ -104,33 +118,15 @@ fn load_transposed(
     rows: usize,
     cols: usize,
 ) -> Result<Vec<f32>> {
-    let (data, shape) = weights.tensor(name)?;
-    if shape != [rows, cols] {
-        return Err(Error::ShapeMismatch {
-            tensor: name.to_string(),
-            expected: vec![rows, cols],
-            found: shape,
-        });
-    }
-    let mut out = vec![0.0f32; data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = data[r * cols + c];
-        }
-    }
-    Ok(out)
+    Ok(transpose(
+        &load_checked(weights, name, &[rows, cols])?,
+        rows,
+        cols,
+    ))
 }
 
 fn load_vector(weights: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
-    let (data, shape) = weights.tensor(name)?;
-    if shape != [len] {
-        return Err(Error::ShapeMismatch {
-            tensor: name.to_string(),
-            expected: vec![len],
-            found: shape,
-        });
-    }
-    Ok(data)
+    load_checked(weights, name, &[len])
 }
 
 /// Concatenates row-major matrices with equal row counts along the columns.
@@ -166,29 +162,31 @@ impl<B: Backend> Llama<B> {
                 Tensor::<B, 2>::from_data(TensorData::new(data, [rows, cols]), device).cast(dtype),
             )
         };
+        // A projection from a row-major `[inputs, outputs]` matrix.
+        let projection = |data: Vec<f32>, inputs: usize, outputs: usize| {
+            Projection::from_in_out(data, inputs, outputs, dtype, device)
+        };
         let vector = |data: Vec<f32>| {
             let len = data.len();
             Tensor::<B, 1>::from_data(TensorData::new(data, [len]), device).cast(dtype)
         };
 
-        let (embed, shape) = weights.tensor("model.embed_tokens.weight")?;
-        if shape != [vocab, h] {
-            return Err(Error::ShapeMismatch {
-                tensor: "model.embed_tokens.weight".into(),
-                expected: vec![vocab, h],
-                found: shape,
-            });
-        }
-        let head_t = if config.tie_word_embeddings || !weights.contains("lm_head.weight") {
-            let mut t = vec![0.0f32; embed.len()];
-            for v in 0..vocab {
-                for c in 0..h {
-                    t[c * vocab + v] = embed[v * h + c];
-                }
-            }
-            t
+        let embed = load_checked(weights, "model.embed_tokens.weight", &[vocab, h])?;
+        let tied = config.tie_word_embeddings || !weights.contains("lm_head.weight");
+        // HF stores the LM head as `[V, H]`, like the embedding it may be tied to.
+        let (embed_tokens, lm_head) = if tied && prefers_out_major::<B>(device) {
+            // The embedding already has the head's layout here: one tensor serves both.
+            let embed_tokens = matrix(embed, vocab, h);
+            let lm_head = Projection::from_tensor(embed_tokens.val(), true);
+            (embed_tokens, lm_head)
         } else {
-            load_transposed(weights, "lm_head.weight", vocab, h)?
+            let head = if tied {
+                embed.clone()
+            } else {
+                load_checked(weights, "lm_head.weight", &[vocab, h])?
+            };
+            let lm_head = Projection::from_out_in(head, h, vocab, dtype, device);
+            (matrix(embed, vocab, h), lm_head)
         };
 
         let scale = 1.0 / (d as f32).sqrt();
@@ -235,10 +233,10 @@ impl<B: Backend> Llama<B> {
             fold_norm_into_rows(&mut gate_up, &post_norm);
             layers.push(LlamaLayer::new(
                 &config,
-                matrix(qkv, h, (heads + 2 * kv_heads) * d),
-                matrix(o, heads * d, h),
-                matrix(gate_up, h, 2 * inter),
-                matrix(down, inter, h),
+                projection(qkv, h, (heads + 2 * kv_heads) * d),
+                projection(o, heads * d, h),
+                projection(gate_up, h, 2 * inter),
+                projection(down, inter, h),
             ));
         }
         let norm = load_vector(weights, "model.norm.weight", h)?;
@@ -253,10 +251,10 @@ impl<B: Backend> Llama<B> {
             config,
             options,
             device,
-            matrix(embed, vocab, h),
+            embed_tokens,
             layers,
             vector(norm),
-            matrix(head_t, h, vocab),
+            lm_head,
         ))
     }
 
@@ -279,11 +277,18 @@ impl<B: Backend> Llama<B> {
         let inter = config.intermediate_size;
         let vocab = config.vocab_size;
         let dtype = options.dtype;
-        let matrix = |rows: usize, cols: usize| {
-            Param::from_tensor(
-                Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 0.02), device)
-                    .cast(dtype),
-            )
+        let random = |rows: usize, cols: usize| {
+            Tensor::<B, 2>::random([rows, cols], Distribution::Normal(0.0, 0.02), device)
+                .cast(dtype)
+        };
+        let out_major = prefers_out_major::<B>(device);
+        let matrix = |inputs: usize, outputs: usize| {
+            let weight = if out_major {
+                random(outputs, inputs)
+            } else {
+                random(inputs, outputs)
+            };
+            Projection::from_tensor(weight, out_major)
         };
         let ones = || Tensor::<B, 1>::ones([h], device).cast(dtype);
         let layers = (0..config.num_hidden_layers)
@@ -297,7 +302,7 @@ impl<B: Backend> Llama<B> {
                 )
             })
             .collect();
-        let (embed_tokens, lm_head) = (matrix(vocab, h), matrix(h, vocab));
+        let (embed_tokens, lm_head) = (Param::from_tensor(random(vocab, h)), matrix(h, vocab));
         Ok(Self::assemble(
             config,
             options,
@@ -318,7 +323,7 @@ impl<B: Backend> Llama<B> {
         embed_tokens: Param<Tensor<B, 2>>,
         layers: Vec<LlamaLayer<B>>,
         norm: Tensor<B, 1>,
-        lm_head: Param<Tensor<B, 2>>,
+        lm_head: Projection<B>,
     ) -> Self {
         let max_context = options
             .max_context
@@ -412,11 +417,7 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
     }
 
     fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [batch, len, h] = hidden.dims();
-        hidden
-            .reshape([batch * len, h])
-            .matmul(self.lm_head.val())
-            .reshape([batch, len, self.config.vocab_size])
+        self.lm_head.forward(hidden)
     }
 
     fn input_embedding(&self) -> Tensor<B, 2> {
@@ -424,6 +425,6 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
     }
 
     fn output_embedding(&self) -> Tensor<B, 2> {
-        self.lm_head.val().transpose()
+        self.lm_head.out_in()
     }
 }
