@@ -105,10 +105,7 @@ impl<B: Backend> Projection<B> {
             [inputs, outputs]
         };
         let weight = Tensor::<B, 2>::from_data(TensorData::new(data, shape), device).cast(dtype);
-        Self {
-            weight: Param::from_tensor(weight),
-            out_major,
-        }
+        Self::from_tensor(weight, out_major)
     }
 
     /// Wraps a weight already on the device: `[in, out]`, or `[out, in]` when `out_major`.

@@ -11,7 +11,7 @@ use super::rope::RotaryEmbedding;
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::kv_cache::KvCache;
-use crate::projection::{Projection, prefers_out_major, transpose};
+use crate::projection::{Projection, prefers_out_major};
 use crate::target::{Block, TargetModel};
 
 /// How to materialise a Llama model on a device.
@@ -43,8 +43,8 @@ pub struct LlamaLayer<B: Backend> {
 
 impl<B: Backend> LlamaLayer<B> {
     /// Assembles a block from its (already laid out) weights; head counts come from `config`.
-    /// The two norms' weights must already be folded into the rows of `qkv` and `gate_up`
-    /// (see [`fold_norm_into_rows`]).
+    /// The two norms' weights must already be folded into the inputs of `qkv` and `gate_up`
+    /// (see [`fold_norm_into_columns`]).
     ///
     /// # Shapes
     /// `qkv` `H → (heads + 2·kv_heads)·D`, `output` `heads·D → H`, `gate_up` `H → 2·I`,
@@ -71,12 +71,12 @@ impl<B: Backend> LlamaLayer<B> {
     }
 }
 
-/// Multiplies row `r` of a row-major `[rows, cols]` matrix by `norm[r]`: a norm weight followed
-/// by a projection equals the plain norm followed by the scaled projection.
-fn fold_norm_into_rows(matrix: &mut [f32], norm: &[f32]) {
-    let cols = matrix.len() / norm.len().max(1);
-    for (row, &scale) in matrix.chunks_mut(cols.max(1)).zip(norm) {
-        row.iter_mut().for_each(|w| *w *= scale);
+/// Multiplies column `c` of a row-major `[outputs, inputs]` matrix (HF's layout) by `norm[c]`:
+/// a norm weight followed by a projection equals the plain norm followed by the scaled
+/// projection.
+fn fold_norm_into_columns(matrix: &mut [f32], norm: &[f32]) {
+    for row in matrix.chunks_mut(norm.len().max(1)) {
+        row.iter_mut().zip(norm).for_each(|(w, &scale)| *w *= scale);
     }
 }
 
@@ -87,8 +87,8 @@ pub struct Llama<B: Backend> {
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<LlamaLayer<B>>,
     pub norm: RmsNorm<B>,
-    /// `hidden` to `vocab` (for tied embeddings, a copy of `embed_tokens` laid out for the
-    /// backend's fastest product).
+    /// `hidden` to `vocab`. Tied embeddings: on a backend that prefers `[out, in]` the same
+    /// tensor as `embed_tokens`, elsewhere a transposed copy.
     pub lm_head: Projection<B>,
     rope: RotaryEmbedding<B>,
     #[module(skip)]
@@ -110,35 +110,8 @@ fn load_checked(weights: &dyn WeightSource, name: &str, expected: &[usize]) -> R
     Ok(data)
 }
 
-/// Reads a 2-D weight, checks its HF shape `[rows, cols]` and returns it transposed
-/// (`[cols, rows]`, row-major), the layout `x.matmul(w)` wants.
-fn load_transposed(
-    weights: &dyn WeightSource,
-    name: &str,
-    rows: usize,
-    cols: usize,
-) -> Result<Vec<f32>> {
-    Ok(transpose(
-        &load_checked(weights, name, &[rows, cols])?,
-        rows,
-        cols,
-    ))
-}
-
 fn load_vector(weights: &dyn WeightSource, name: &str, len: usize) -> Result<Vec<f32>> {
     load_checked(weights, name, &[len])
-}
-
-/// Concatenates row-major matrices with equal row counts along the columns.
-fn concat_columns(parts: &[(&[f32], usize)], rows: usize) -> Vec<f32> {
-    let total: usize = parts.iter().map(|(_, cols)| cols).sum();
-    let mut out = Vec::with_capacity(rows * total);
-    for r in 0..rows {
-        for (data, cols) in parts {
-            out.extend_from_slice(&data[r * cols..(r + 1) * cols]);
-        }
-    }
-    out
 }
 
 impl<B: Backend> Llama<B> {
@@ -162,9 +135,9 @@ impl<B: Backend> Llama<B> {
                 Tensor::<B, 2>::from_data(TensorData::new(data, [rows, cols]), device).cast(dtype),
             )
         };
-        // A projection from a row-major `[inputs, outputs]` matrix.
+        // A projection from a row-major `[outputs, inputs]` matrix (HF's layout).
         let projection = |data: Vec<f32>, inputs: usize, outputs: usize| {
-            Projection::from_in_out(data, inputs, outputs, dtype, device)
+            Projection::from_out_in(data, inputs, outputs, dtype, device)
         };
         let vector = |data: Vec<f32>| {
             let len = data.len();
@@ -185,52 +158,45 @@ impl<B: Backend> Llama<B> {
             } else {
                 load_checked(weights, "lm_head.weight", &[vocab, h])?
             };
-            let lm_head = Projection::from_out_in(head, h, vocab, dtype, device);
-            (matrix(embed, vocab, h), lm_head)
+            (matrix(embed, vocab, h), projection(head, h, vocab))
         };
 
         let scale = 1.0 / (d as f32).sqrt();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut q = load_transposed(
+            // HF's `[outputs, inputs]` matrices: fusing projections stacks their rows.
+            let mut q = load_checked(
                 weights,
                 &format!("{p}.self_attn.q_proj.weight"),
-                heads * d,
-                h,
+                &[heads * d, h],
             )?;
             q.iter_mut().for_each(|w| *w *= scale);
-            let k = load_transposed(
+            let k = load_checked(
                 weights,
                 &format!("{p}.self_attn.k_proj.weight"),
-                kv_heads * d,
-                h,
+                &[kv_heads * d, h],
             )?;
-            let v = load_transposed(
+            let v = load_checked(
                 weights,
                 &format!("{p}.self_attn.v_proj.weight"),
-                kv_heads * d,
-                h,
+                &[kv_heads * d, h],
             )?;
-            let mut qkv = concat_columns(
-                &[(&q, heads * d), (&k, kv_heads * d), (&v, kv_heads * d)],
-                h,
-            );
-            let o = load_transposed(
+            let mut qkv = [q, k, v].concat();
+            let o = load_checked(
                 weights,
                 &format!("{p}.self_attn.o_proj.weight"),
-                h,
-                heads * d,
+                &[h, heads * d],
             )?;
-            let gate = load_transposed(weights, &format!("{p}.mlp.gate_proj.weight"), inter, h)?;
-            let up = load_transposed(weights, &format!("{p}.mlp.up_proj.weight"), inter, h)?;
-            let mut gate_up = concat_columns(&[(&gate, inter), (&up, inter)], h);
-            let down = load_transposed(weights, &format!("{p}.mlp.down_proj.weight"), h, inter)?;
+            let gate = load_checked(weights, &format!("{p}.mlp.gate_proj.weight"), &[inter, h])?;
+            let up = load_checked(weights, &format!("{p}.mlp.up_proj.weight"), &[inter, h])?;
+            let mut gate_up = [gate, up].concat();
+            let down = load_checked(weights, &format!("{p}.mlp.down_proj.weight"), &[h, inter])?;
             let input_norm = load_vector(weights, &format!("{p}.input_layernorm.weight"), h)?;
             let post_norm =
                 load_vector(weights, &format!("{p}.post_attention_layernorm.weight"), h)?;
-            fold_norm_into_rows(&mut qkv, &input_norm);
-            fold_norm_into_rows(&mut gate_up, &post_norm);
+            fold_norm_into_columns(&mut qkv, &input_norm);
+            fold_norm_into_columns(&mut gate_up, &post_norm);
             layers.push(LlamaLayer::new(
                 &config,
                 projection(qkv, h, (heads + 2 * kv_heads) * d),
