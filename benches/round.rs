@@ -128,7 +128,8 @@ fn verify_forward(c: &mut Criterion) {
 }
 
 /// `x·W` for `rows` rows of SmolLM2's gate/up (576 → 3072) and vocabulary (576 → 49152)
-/// shapes, with `W` stored `[in, out]` and `[out, in]`.
+/// shapes, with `W` stored `[in, out]` and `[out, in]` (on Flex: the skinny kernel up to 16 rows,
+/// and `gemm` on the same layout).
 fn projection(c: &mut Criterion) {
     let device = Default::default();
     let mut group = c.benchmark_group("projection");
@@ -138,12 +139,24 @@ fn projection(c: &mut Criterion) {
         let in_out = Projection::from_tensor(weight.clone(), false);
         let transposed = Tensor::from_data(weight.transpose().into_data(), &device);
         let out_in = Projection::from_tensor(transposed, true);
-        for rows in [1, 4, 16, 64] {
+        for rows in [1, 4, 16, 32, 64] {
             let x = Tensor::<B, 2>::random([rows, inputs], Distribution::Default, &device);
             for (layout, p) in [("in_out", &in_out), ("out_in", &out_in)] {
                 let id = BenchmarkId::new(format!("{name}/{layout}"), rows);
                 group.bench_function(id, |b| b.iter(|| p.forward(x.clone()).into_data()));
             }
+            // `out_in` above takes the skinny kernel up to its row limit; this is `gemm` on the
+            // same layout, for comparison.
+            let id = BenchmarkId::new(format!("{name}/out_in_gemm"), rows);
+            let w = out_in.weight.val();
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    w.clone()
+                        .matmul(x.clone().transpose())
+                        .transpose()
+                        .into_data()
+                })
+            });
         }
     }
     group.finish();

@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use redrafter::drafter::{
     DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig, TopKMethod,
 };
-use redrafter::generate::{int_tensor, prefill};
+use redrafter::generate::{GenerationConfig, generate, int_tensor, prefill};
 use redrafter::models::llama::{Llama, LlamaConfig, LlamaLoadOptions};
 use redrafter::tree::DraftTree;
 use redrafter::{Block, TargetModel};
@@ -65,6 +65,13 @@ struct Args {
     /// Skip the draft-round measurements.
     #[arg(long)]
     no_draft: bool,
+    /// Also decode this many tokens greedily from a random prompt of `--context` tokens: the
+    /// cache grows, so every step has a new attention shape, as in real decoding (what a backend
+    /// that compiles or tunes kernels per shape pays). Reports ms per token of the first (cold)
+    /// generation and the median of `--reps` warm ones. 0 skips it. (Speculative decoding is
+    /// measured with real weights by the `benchmark` example.)
+    #[arg(long, default_value_t = 0)]
+    decode_tokens: usize,
     /// Write all results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -80,6 +87,9 @@ struct Row {
     detail: String,
     median_ms: f64,
     min_ms: f64,
+    /// Decoding only: ms per forward of the first generation, kernel compilation included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cold_ms: Option<f64>,
 }
 
 fn main() -> Result<()> {
@@ -138,6 +148,7 @@ fn report(
         detail,
         median_ms,
         min_ms,
+        cold_ms: None,
     };
     eprintln!(
         "{:<8} {:<13} {:<4} {:>4} {:<14} median {:>9.3} ms  min {:>9.3} ms",
@@ -157,7 +168,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         let bar = spinner(format!("building {shape} with random weights"));
         let options = LlamaLoadOptions {
             dtype,
-            max_context: Some(args.context + longest + 64),
+            max_context: Some(args.context + longest.max(args.decode_tokens) + 64),
         };
         let model: Llama<B> = Llama::init_random(config, &options, &device)?;
         bar.finish_and_clear();
@@ -194,6 +205,10 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             bar.finish_and_clear();
             let size = (len, format!("context {}", args.context));
             report(&mut rows, "verify", shape, &args.dtype, size, timing);
+        }
+
+        if args.decode_tokens > 0 {
+            decode(&model, shape, args, &mut rows, &mut rng)?;
         }
 
         // Drafting and packing are measured for the head of the model they belong to.
@@ -271,5 +286,49 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
     }
     println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Plain decoding of `--decode-tokens` tokens from one random prompt: ms per token of the first
+/// generation (kernels compiled on the way) and of warm ones.
+fn decode<B: Backend>(
+    model: &Llama<B>,
+    shape: &str,
+    args: &Args,
+    rows: &mut Vec<Row>,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<()> {
+    let vocab = model.vocab_size() as u32;
+    let prompt: Vec<u32> = (0..args.context)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
+    let prompts = [prompt];
+    let generation = GenerationConfig::default().with_max_new_tokens(args.decode_tokens);
+    let run = || -> Result<f64> {
+        let stats = generate(model, &prompts, &generation, |_, _| {})?.stats;
+        // ms per target forward, prefill excluded.
+        Ok((stats.total_time - stats.prefill_time).as_secs_f64() * 1e3
+            / stats.target_forwards.max(1) as f64)
+    };
+    let bar = spinner(format!("{shape}: decode {} tokens", args.decode_tokens));
+    let cold = run()?;
+    let mut warm = (0..args.reps.max(1))
+        .map(|_| run())
+        .collect::<Result<Vec<f64>>>()?;
+    warm.sort_by(f64::total_cmp);
+    bar.finish_and_clear();
+    let size = (args.decode_tokens, format!("context {}", args.context));
+    report(
+        rows,
+        "decode",
+        shape,
+        &args.dtype,
+        size,
+        (warm[warm.len() / 2], warm[0]),
+    );
+    eprintln!("{:>42} cold (first generation) {cold:>9.3} ms", "");
+    if let Some(row) = rows.last_mut() {
+        row.cold_ms = Some(cold);
+    }
     Ok(())
 }

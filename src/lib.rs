@@ -16,6 +16,8 @@ pub mod lookup;
 pub mod models;
 pub mod projection;
 pub mod sampling;
+#[cfg(feature = "flex")]
+pub mod skinny_matmul;
 pub mod stats;
 pub mod target;
 pub mod tokenizer;

@@ -7,7 +7,9 @@
 //! (SmolLM2's shapes on the 2-core development machine: `cargo bench --bench round --
 //! projection`, docs/benchmarks.md "CPU: projection layout"; mixed at 4 and 64 rows, equal at
 //! one). End to end a 5-token verification runs 1.5× faster. So weights are laid out per backend
-//! when a model is loaded, and [`Projection::forward`] picks the matching product.
+//! when a model is loaded, and [`Projection::forward`] picks the matching product. On Flex in f32,
+//! [`matmul_out_major`] hands products of up to 64 rows to [`crate::skinny_matmul`], which beats
+//! `gemm` there by streaming the weight once.
 
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
@@ -43,10 +45,12 @@ pub fn matmul_out_major<B: Backend, const D: usize>(
     let inputs = shape[D - 1];
     let rows = shape[..D - 1].iter().product::<usize>();
     shape[D - 1] = weight.dims()[0];
-    weight
-        .matmul(x.reshape([rows, inputs]).transpose())
-        .transpose()
-        .reshape(shape)
+    let x = x.reshape([rows, inputs]);
+    #[cfg(feature = "flex")]
+    if let Some(y) = crate::skinny_matmul::try_skinny_matmul(&x, &weight) {
+        return y.reshape(shape);
+    }
+    weight.matmul(x.transpose()).transpose().reshape(shape)
 }
 
 /// A bias-free dense projection `x·W` of `in` to `out` features whose weight is laid out for the
