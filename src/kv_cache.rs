@@ -13,6 +13,7 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::error::{Error, Result};
+use crate::flex_write;
 use crate::generate::int_tensor;
 
 /// Additive attention bias value for masked-out entries. Large and finite, so that a fully masked
@@ -155,8 +156,8 @@ impl<B: Backend> KvCache<B> {
         let region = [layer..layer + 1, 0..batch, 0..heads, start..end, 0..dim];
         let cached_k = self.keys.take().expect("cache storage present");
         let cached_v = self.values.take().expect("cache storage present");
-        let cached_k = cached_k.slice_assign(region.clone(), keys.unsqueeze_dim(0));
-        let cached_v = cached_v.slice_assign(region, values.unsqueeze_dim(0));
+        let cached_k = flex_write::slice_assign(cached_k, region.clone(), keys.unsqueeze_dim(0))?;
+        let cached_v = flex_write::slice_assign(cached_v, region, values.unsqueeze_dim(0))?;
         let visible = [layer..layer + 1, 0..batch, 0..heads, 0..end, 0..dim];
         let visible_k = cached_k.clone().slice(visible.clone()).squeeze_dim::<4>(0);
         let visible_v = cached_v.clone().slice(visible).squeeze_dim::<4>(0);
@@ -200,7 +201,7 @@ impl<B: Backend> KvCache<B> {
                 .enumerate()
                 .all(|(i, &k)| block_start + k == dest + i);
             if !kept.is_empty() && !in_place {
-                self.move_slots(row, kept.iter().map(|&k| block_start + k).collect(), dest);
+                self.move_slots(row, kept.iter().map(|&k| block_start + k).collect(), dest)?;
             }
             self.lengths[row] = dest + kept.len();
         }
@@ -244,7 +245,7 @@ impl<B: Backend> KvCache<B> {
         self.pending = 0;
     }
 
-    fn move_slots(&mut self, row: usize, sources: Vec<usize>, dest: usize) {
+    fn move_slots(&mut self, row: usize, sources: Vec<usize>, dest: usize) -> Result<()> {
         let count = sources.len();
         let device = self.keys.as_ref().expect("cache storage present").device();
         let index = int_tensor(
@@ -261,7 +262,8 @@ impl<B: Backend> KvCache<B> {
                 .clone()
                 .slice([0..layers, row..row + 1, 0..heads, 0..self.capacity, 0..dim])
                 .select(3, index.clone());
-            *slot = Some(cache.slice_assign(
+            *slot = Some(flex_write::slice_assign(
+                cache,
                 [
                     0..layers,
                     row..row + 1,
@@ -270,8 +272,9 @@ impl<B: Backend> KvCache<B> {
                     0..dim,
                 ],
                 rows,
-            ));
+            )?);
         }
+        Ok(())
     }
 
     /// The additive attention bias for a pending block of `block_len` tokens.
@@ -314,5 +317,48 @@ impl<B: Backend> KvCache<B> {
     /// context slot is visible (plain decoding and batch-1 prefill).
     pub fn bias_is_trivial(&self, block_mask: Option<&[Vec<bool>]>, block_len: usize) -> bool {
         block_mask.is_none() && self.batch_size() == 1 && block_len == 1
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{Distribution, TensorPrimitive};
+
+    /// Address of the buffer behind a Flex tensor.
+    fn buffer(tensor: &Tensor<Flex, 5>) -> *const u8 {
+        let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() else {
+            unreachable!("float tensor")
+        };
+        let primitive: FlexTensor = primitive;
+        primitive.bytes().as_ptr()
+    }
+
+    /// Appending and committing on the CPU must not copy the whole cache (Burn's Flex
+    /// `slice_assign` does; `flex_write` avoids it).
+    #[test]
+    fn appends_and_commits_write_the_flex_cache_in_place() {
+        let device = Default::default();
+        let mut cache = KvCache::<Flex>::new(3, 1, 2, 4, 16, &device);
+        let keys_at = buffer(cache.keys.as_ref().unwrap());
+        let values_at = buffer(cache.values.as_ref().unwrap());
+        for _round in 0..2 {
+            for layer in 0..3 {
+                let k = Tensor::<Flex, 4>::random([1, 2, 3, 4], Distribution::Default, &device);
+                let (visible_k, visible_v) = cache.append(layer, k.clone(), k.clone()).unwrap();
+                let tail = visible_k.dims()[2];
+                visible_k
+                    .slice([0..1, 0..2, tail - 3..tail, 0..4])
+                    .into_data()
+                    .assert_eq(&k.into_data(), true);
+                drop(visible_v);
+            }
+            cache.commit(&[vec![0, 2]]).unwrap();
+            assert_eq!(buffer(cache.keys.as_ref().unwrap()), keys_at);
+            assert_eq!(buffer(cache.values.as_ref().unwrap()), values_at);
+        }
+        assert_eq!(cache.lengths(), &[4]);
     }
 }

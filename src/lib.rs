@@ -8,6 +8,7 @@ pub mod chat_template;
 pub mod decoder;
 pub mod drafter;
 pub mod error;
+pub mod flex_write;
 pub mod generate;
 pub mod hub;
 pub mod io;
