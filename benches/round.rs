@@ -128,7 +128,7 @@ fn verify_forward(c: &mut Criterion) {
 }
 
 /// `x·W` for `rows` rows of SmolLM2's gate/up (576 → 3072) and vocabulary (576 → 49152)
-/// shapes, with `W` stored `[in, out]` and `[out, in]` (on Flex: the skinny kernel up to 16 rows,
+/// shapes, with `W` stored `[in, out]` and `[out, in]` (on Flex: the skinny kernel up to 64 rows,
 /// and `gemm` on the same layout).
 fn projection(c: &mut Criterion) {
     let device = Default::default();

@@ -35,15 +35,14 @@ pub fn slice_assign<B: Backend, const D: usize>(
 
 #[cfg(feature = "flex")]
 mod flex {
-    use std::any::{Any, TypeId};
     use std::ops::Range;
 
-    use burn::backend::Flex;
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
+    use burn::tensor::{DType, Tensor, backend::Backend};
     use half::{bf16, f16};
 
     use crate::error::{Error, Result};
+    use crate::flex_tensor::{from_flex, into_flex, is_flex};
 
     /// `Ok(Ok(written))` when the region was written in place, `Ok(Err(tensor))` (untouched) when
     /// this path does not apply.
@@ -52,7 +51,7 @@ mod flex {
         region: &[Range<usize>; D],
         value: &Tensor<B, D>,
     ) -> Result<std::result::Result<Tensor<B, D>, Tensor<B, D>>> {
-        if TypeId::of::<B>() != TypeId::of::<Flex>() || tensor.dtype() != value.dtype() {
+        if !is_flex::<B>() || tensor.dtype() != value.dtype() {
             return Ok(Err(tensor));
         }
         let shape = tensor.dims();
@@ -64,20 +63,21 @@ mod flex {
         if !fits || D == 0 {
             return Ok(Err(tensor));
         }
-        let TensorPrimitive::Float(primitive) = tensor.into_primitive() else {
-            return Err(Error::Backend(
-                "internal: a Flex float tensor was quantized".into(),
-            ));
+        let internal = |what: &str| Error::Backend(format!("internal: {what}"));
+        let mut destination =
+            into_flex(tensor).ok_or_else(|| internal("a Flex float tensor is not a FlexTensor"))?;
+        let back = |tensor: FlexTensor| {
+            from_flex::<B, D>(tensor).ok_or_else(|| internal("a FlexTensor is not Flex's tensor"))
         };
-        let mut destination = into_flex::<B>(primitive)?;
-        let source = match value.clone().into_primitive() {
-            TensorPrimitive::Float(primitive) => into_flex::<B>(primitive)?.to_contiguous(),
-            TensorPrimitive::QFloat(_) => return Ok(Err(from_flex::<B, D>(destination)?)),
+        let Some(source) = into_flex(value.clone()) else {
+            // A quantized value: Burn's op handles it.
+            return Ok(Err(back(destination)?));
         };
+        let source = source.to_contiguous();
         let whole = destination.is_contiguous()
             && destination.layout().start_offset() == 0
             && destination.bytes().len()
-                == shape.iter().product::<usize>() * dtype_bytes(&destination);
+                == shape.iter().product::<usize>() * destination.dtype().size();
         let written = whole
             && match destination.dtype() {
                 DType::F32 => write::<f32, D>(&mut destination, &shape, region, &source),
@@ -85,16 +85,8 @@ mod flex {
                 DType::BF16 => write::<bf16, D>(&mut destination, &shape, region, &source),
                 _ => false,
             };
-        let tensor = from_flex::<B, D>(destination)?;
+        let tensor = back(destination)?;
         Ok(if written { Ok(tensor) } else { Err(tensor) })
-    }
-
-    fn dtype_bytes(tensor: &FlexTensor) -> usize {
-        match tensor.dtype() {
-            DType::F64 => 8,
-            DType::F32 => 4,
-            _ => 2,
-        }
     }
 
     /// Copies `source` (contiguous, the region's shape) into `region` of the contiguous
@@ -111,14 +103,14 @@ mod flex {
         let Some(buffer) = destination.try_storage_mut::<E>() else {
             return false;
         };
+        if region.iter().any(|r| r.is_empty()) {
+            return true;
+        }
         let mut strides = [1usize; D];
         for d in (0..D - 1).rev() {
             strides[d] = strides[d + 1] * shape[d + 1];
         }
         let run = region[D - 1].len();
-        if run == 0 || region.iter().any(|r| r.is_empty()) {
-            return true;
-        }
         // Walk the region's outer indices like an odometer; each step copies one innermost run.
         let mut index: [usize; D] = std::array::from_fn(|d| region[d].start);
         for chunk in source.chunks_exact(run) {
@@ -133,22 +125,6 @@ mod flex {
             }
         }
         true
-    }
-
-    fn into_flex<B: Backend>(primitive: B::FloatTensorPrimitive) -> Result<FlexTensor> {
-        let boxed: Box<dyn Any> = Box::new(primitive);
-        boxed
-            .downcast::<FlexTensor>()
-            .map(|t| *t)
-            .map_err(|_| Error::Backend("internal: a Flex tensor is not a FlexTensor".into()))
-    }
-
-    fn from_flex<B: Backend, const D: usize>(tensor: FlexTensor) -> Result<Tensor<B, D>> {
-        let boxed: Box<dyn Any> = Box::new(tensor);
-        let primitive = boxed
-            .downcast::<B::FloatTensorPrimitive>()
-            .map_err(|_| Error::Backend("internal: a FlexTensor is not Flex's tensor".into()))?;
-        Ok(Tensor::from_primitive(TensorPrimitive::Float(*primitive)))
     }
 }
 

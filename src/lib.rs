@@ -8,6 +8,8 @@ pub mod chat_template;
 pub mod decoder;
 pub mod drafter;
 pub mod error;
+#[cfg(feature = "flex")]
+mod flex_tensor;
 pub mod flex_write;
 pub mod generate;
 pub mod hub;

@@ -18,12 +18,10 @@
 //! it declines (returns `None`) for anything but f32 tensors of `burn::backend::Flex` (not under
 //! `Autodiff`, which must record the op) with at most [`MAX_ROWS`] rows.
 
-use std::any::{Any, TypeId};
-
-use burn::backend::Flex;
-use burn::backend::flex::FlexTensor;
-use burn::tensor::{Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
 use rayon::prelude::*;
+
+use crate::flex_tensor::{into_flex, is_flex};
 
 /// Largest row count sent here (measured faster than `gemm` up to it; prefills of longer prompts
 /// go to `gemm`).
@@ -41,7 +39,7 @@ pub fn try_skinny_matmul<B: Backend>(
     x: &Tensor<B, 2>,
     weight: &Tensor<B, 2>,
 ) -> Option<Tensor<B, 2>> {
-    if TypeId::of::<B>() != TypeId::of::<Flex>() {
+    if !is_flex::<B>() {
         return None;
     }
     let [rows, inputs] = x.dims();
@@ -49,8 +47,9 @@ pub fn try_skinny_matmul<B: Backend>(
     if rows == 0 || rows > MAX_ROWS || inputs != weight_inputs {
         return None;
     }
-    let x = as_flex::<B>(x)?;
-    let weight = as_flex::<B>(weight)?;
+    let device = x.device();
+    let x = into_flex(x.clone())?;
+    let weight = into_flex(weight.clone())?;
     let weight_values = weight.as_slice::<f32>()?;
     let x = if x.as_slice::<f32>().is_some() {
         x
@@ -59,22 +58,10 @@ pub fn try_skinny_matmul<B: Backend>(
     };
     let x_values = x.as_slice::<f32>()?;
     let out = skinny_matmul(x_values, rows, weight_values, outputs, inputs);
-    let data = TensorData::new(out, [rows, outputs]);
-    Some(Tensor::from_data(data, &weight_device::<B>()))
-}
-
-/// The Flex tensor behind `tensor` when `B` is Flex itself (cheap: tensors share their buffer).
-fn as_flex<B: Backend>(tensor: &Tensor<B, 2>) -> Option<FlexTensor> {
-    let primitive: Box<dyn Any> = match tensor.clone().into_primitive() {
-        TensorPrimitive::Float(primitive) => Box::new(primitive),
-        TensorPrimitive::QFloat(_) => return None,
-    };
-    primitive.downcast::<FlexTensor>().ok().map(|t| *t)
-}
-
-/// Flex has a single device; `B` is Flex whenever this is reached.
-fn weight_device<B: Backend>() -> B::Device {
-    Default::default()
+    Some(Tensor::from_data(
+        TensorData::new(out, [rows, outputs]),
+        &device,
+    ))
 }
 
 /// `y = x · wᵀ` for row-major `x: [rows, inputs]` and `w: [outputs, inputs]`, row-major
@@ -259,7 +246,7 @@ mod tests {
     use super::*;
     use burn::tensor::{Distribution, Tolerance};
 
-    type B = Flex;
+    type B = burn::backend::Flex;
 
     fn reference(x: &[f32], rows: usize, w: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
         let mut y = vec![0.0f32; rows * outputs];
