@@ -72,6 +72,14 @@ struct Args {
     /// measured with real weights by the `benchmark` example.)
     #[arg(long, default_value_t = 0)]
     decode_tokens: usize,
+    /// Also time single operations of the SmolLM2 shape's decoding step (one token), each
+    /// enqueued `--op-repeats` times back to back before one device sync: the host's enqueue
+    /// time per op next to the time per op until the device is done. Tells host overhead from
+    /// device work on backends that run asynchronously.
+    #[arg(long)]
+    op_costs: bool,
+    #[arg(long, default_value_t = 200)]
+    op_repeats: usize,
     /// Write all results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -195,20 +203,39 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 ),
                 bias: Some(cache.attention_bias(len, Some(&[mask]), &device)),
             };
+            // Also the host's share: the time to enqueue the forward, before the readback
+            // waits for the device (on asynchronous backends).
+            let mut enqueue = Vec::new();
             let timing = time(args.warmup, args.reps, || {
+                let start = Instant::now();
                 let hidden = model.forward(&block, &mut cache)?;
                 let best = model.logits(hidden).argmax(2);
+                enqueue.push(start.elapsed().as_secs_f64() * 1e3);
                 cache.rollback();
                 best.into_data();
                 Ok(())
             })?;
             bar.finish_and_clear();
+            enqueue.sort_by(f64::total_cmp);
             let size = (len, format!("context {}", args.context));
             report(&mut rows, "verify", shape, &args.dtype, size, timing);
+            let host = enqueue[enqueue.len() / 2];
+            let size = (len, format!("context {}", args.context));
+            report(
+                &mut rows,
+                "enqueue",
+                shape,
+                &args.dtype,
+                size,
+                (host, enqueue[0]),
+            );
         }
 
         if args.decode_tokens > 0 {
             decode(&model, shape, args, &mut rows, &mut rng)?;
+        }
+        if args.op_costs && shape == "smollm2-135m" {
+            op_costs(&model, args, &device, &mut rows)?;
         }
 
         // Drafting and packing are measured for the head of the model they belong to.
@@ -329,6 +356,168 @@ fn decode<B: Backend>(
     eprintln!("{:>42} cold (first generation) {cold:>9.3} ms", "");
     if let Some(row) = rows.last_mut() {
         row.cold_ms = Some(cold);
+    }
+    Ok(())
+}
+
+/// A named operation for [`op_costs`].
+type TimedOp<'a, B> = (&'a str, Box<dyn Fn() -> Tensor<B, 2> + 'a>);
+
+/// Host enqueue time and time to completion per operation, for the ops of one decoding step.
+fn op_costs<B: Backend>(
+    model: &Llama<B>,
+    args: &Args,
+    device: &B::Device,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    use burn::tensor::activation::softmax;
+    use redrafter::cube_kernels;
+    use redrafter::projection::Projection;
+
+    let config = model.config();
+    let (hidden, inter, vocab) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    );
+    let (heads, kv_heads, dim) = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim(),
+    );
+    let groups = heads / kv_heads;
+    let slots = args.context;
+    let dtype = redrafter::backend::parse_float_dtype(&args.dtype)?;
+    let random = |dims: [usize; 2]| {
+        Tensor::<B, 2>::random(dims, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    let random4 = |dims: [usize; 4]| {
+        Tensor::<B, 4>::random(dims, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+    };
+    let out_major = redrafter::projection::prefers_out_major::<B>(device);
+    let projection = |inputs: usize, outputs: usize| {
+        let weight = if out_major {
+            random([outputs, inputs])
+        } else {
+            random([inputs, outputs])
+        };
+        Projection::from_tensor(weight, out_major)
+    };
+    let x = random([1, hidden]);
+    let x40 = random([40, hidden]);
+    let qkv = projection(hidden, (heads + 2 * kv_heads) * dim);
+    let gate_up = projection(hidden, 2 * inter);
+    let down = projection(inter, hidden);
+    let lm_head = projection(hidden, vocab);
+    let gate_up_out = random([1, 2 * inter]);
+    let activated = random([1, inter]);
+    let q = random4([1, kv_heads, groups, dim]);
+    let keys = random4([1, kv_heads, slots, dim]);
+    let scores = random4([1, heads, 1, slots]);
+    // Taken out and put back: a uniquely owned cache is written in place, as in decoding.
+    let cache = std::cell::RefCell::new(Some(random4([1, kv_heads, slots + 64, dim])));
+    let row = random4([1, kv_heads, 1, dim]);
+    let eps = config.rms_norm_eps;
+
+    let mut ops: Vec<TimedOp<'_, B>> = vec![
+        ("add", Box::new(|| x.clone().add(x.clone()))),
+        ("mul_scalar", Box::new(|| x.clone().mul_scalar(2.0))),
+        (
+            "norm_burn",
+            Box::new(|| {
+                let rms = x.clone().square().mean_dim(1).add_scalar(eps).sqrt();
+                x.clone().div(rms)
+            }),
+        ),
+        ("proj_qkv", Box::new(|| qkv.forward(x.clone()))),
+        ("proj_gate_up", Box::new(|| gate_up.forward(x.clone()))),
+        ("proj_down", Box::new(|| down.forward(activated.clone()))),
+        ("proj_gate_up_40", Box::new(|| gate_up.forward(x40.clone()))),
+        ("lm_head", Box::new(|| lm_head.forward(x.clone()))),
+        (
+            "attn_scores",
+            Box::new(|| {
+                q.clone()
+                    .matmul(keys.clone().swap_dims(2, 3))
+                    .reshape([groups * kv_heads, slots])
+            }),
+        ),
+        (
+            "softmax_burn",
+            Box::new(|| softmax(scores.clone(), 3).reshape([heads, slots])),
+        ),
+        (
+            "cache_write",
+            Box::new(|| {
+                let region = [0..1, 0..kv_heads, slots..slots + 1, 0..dim];
+                let written = cache
+                    .borrow_mut()
+                    .take()
+                    .expect("cache present")
+                    .slice_assign(region, row.clone());
+                *cache.borrow_mut() = Some(written);
+                x.clone()
+            }),
+        ),
+        (
+            "swap_copy",
+            Box::new(|| {
+                keys.clone()
+                    .swap_dims(1, 2)
+                    .reshape([slots, kv_heads * dim])
+            }),
+        ),
+    ];
+    if cube_kernels::applies::<B>() {
+        ops.push((
+            "norm_kernel",
+            Box::new(|| cube_kernels::rms_norm(&x, eps).expect("applies")),
+        ));
+        ops.push((
+            "softmax_kernel",
+            Box::new(|| {
+                cube_kernels::softmax_with_bias(&scores, None)
+                    .expect("applies")
+                    .reshape([heads, slots])
+            }),
+        ));
+        ops.push((
+            "swiglu_kernel",
+            Box::new(|| cube_kernels::swiglu(&gate_up_out).expect("applies")),
+        ));
+    }
+    let repeats = args.op_repeats.max(1);
+    for (name, op) in &ops {
+        let mut host = Vec::new();
+        let mut total = Vec::new();
+        for rep in 0..args.warmup + args.reps.max(1) {
+            B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let start = Instant::now();
+            for _ in 0..repeats {
+                drop(op());
+            }
+            let enqueued = start.elapsed();
+            B::sync(device).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let done = start.elapsed();
+            if rep >= args.warmup {
+                host.push(enqueued.as_secs_f64() * 1e6 / repeats as f64);
+                total.push(done.as_secs_f64() * 1e6 / repeats as f64);
+            }
+        }
+        host.sort_by(f64::total_cmp);
+        total.sort_by(f64::total_cmp);
+        let (host, total) = (host[host.len() / 2], total[total.len() / 2]);
+        eprintln!("op       {name:<16} host {host:>8.1} us/op   until done {total:>8.1} us/op");
+        rows.push(Row {
+            what: "op".into(),
+            shape: "smollm2-135m".into(),
+            dtype: args.dtype.clone(),
+            size: repeats,
+            detail: format!("{name} host_us={host:.2}"),
+            median_ms: total / 1e3,
+            min_ms: host / 1e3,
+            cold_ms: None,
+        });
     }
     Ok(())
 }

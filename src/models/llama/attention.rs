@@ -4,6 +4,7 @@ use burn::module::Module;
 use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
 use super::rope::{RopeAngles, RotaryEmbedding};
+use crate::cube_kernels;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::projection::Projection;
@@ -45,24 +46,34 @@ impl<B: Backend> Attention<B> {
         let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
         let groups = heads / kv_heads;
 
-        let qkv = self
-            .qkv
-            .forward(x.reshape([batch * len, hidden]))
-            .reshape([batch, len, heads + 2 * kv_heads, dim])
-            .swap_dims(1, 2);
-        // Rotate Q and K together: one set of RoPE ops instead of two.
-        let qk = qkv
-            .clone()
-            .slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
-        let qk = RotaryEmbedding::apply(qk, rope);
-        let q = qk.clone().slice([0..batch, 0..heads, 0..len, 0..dim]);
-        let k = qk.slice([0..batch, heads..heads + kv_heads, 0..len, 0..dim]);
-        let v = qkv.slice([
-            0..batch,
-            heads + kv_heads..heads + 2 * kv_heads,
-            0..len,
-            0..dim,
+        let qkv = self.qkv.forward(x.reshape([batch * len, hidden])).reshape([
+            batch,
+            len,
+            (heads + 2 * kv_heads) * dim,
         ]);
+        let (q, k, v) = match cube_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads)
+        {
+            Some(split) => split,
+            None => {
+                let qkv = qkv
+                    .reshape([batch, len, heads + 2 * kv_heads, dim])
+                    .swap_dims(1, 2);
+                // Rotate Q and K together: one set of RoPE ops instead of two.
+                let qk = qkv
+                    .clone()
+                    .slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
+                let qk = RotaryEmbedding::apply(qk, rope);
+                let q = qk.clone().slice([0..batch, 0..heads, 0..len, 0..dim]);
+                let k = qk.slice([0..batch, heads..heads + kv_heads, 0..len, 0..dim]);
+                let v = qkv.slice([
+                    0..batch,
+                    heads + kv_heads..heads + 2 * kv_heads,
+                    0..len,
+                    0..dim,
+                ]);
+                (q, k, v)
+            }
+        };
 
         let (keys, values) = cache.append(layer, k, v)?;
         let slots = keys.dims()[2];
@@ -71,14 +82,23 @@ impl<B: Backend> Attention<B> {
         // instead of repeating K and V.
         let q = q.reshape([batch, kv_heads, groups * len, dim]);
         let scores = q.matmul(keys.swap_dims(2, 3));
-        let scores = match bias {
-            Some(bias) => scores
-                .reshape([batch, kv_heads, groups, len, slots])
-                .add(bias.clone().unsqueeze_dim::<5>(1))
-                .reshape([batch, kv_heads, groups * len, slots]),
-            None => scores,
+        let fused = cube_kernels::softmax_with_bias(
+            &scores.clone().reshape([batch, heads, len, slots]),
+            bias,
+        );
+        let probs = match fused {
+            Some(probs) => probs.reshape([batch, kv_heads, groups * len, slots]),
+            None => {
+                let scores = match bias {
+                    Some(bias) => scores
+                        .reshape([batch, kv_heads, groups, len, slots])
+                        .add(bias.clone().unsqueeze_dim::<5>(1))
+                        .reshape([batch, kv_heads, groups * len, slots]),
+                    None => scores,
+                };
+                softmax(scores, 3)
+            }
         };
-        let probs = softmax(scores, 3);
         let out = probs
             .matmul(values)
             .reshape([batch, heads, len, dim])

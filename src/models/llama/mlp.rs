@@ -3,6 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
+use crate::cube_kernels;
 use crate::projection::Projection;
 
 /// `down(silu(gate(x)) * up(x))`, gate and up computed by one matmul.
@@ -21,10 +22,14 @@ impl<B: Backend> Mlp<B> {
         let [batch, len, hidden] = x.dims();
         let inter = self.down.inputs();
         let gate_up = self.gate_up.forward(x.reshape([batch * len, hidden]));
-        let gate = gate_up.clone().slice([0..batch * len, 0..inter]);
-        let up = gate_up.slice([0..batch * len, inter..2 * inter]);
-        self.down
-            .forward(silu(gate).mul(up))
-            .reshape([batch, len, hidden])
+        let activated = match cube_kernels::swiglu(&gate_up) {
+            Some(activated) => activated,
+            None => {
+                let gate = gate_up.clone().slice([0..batch * len, 0..inter]);
+                let up = gate_up.slice([0..batch * len, inter..2 * inter]);
+                silu(gate).mul(up)
+            }
+        };
+        self.down.forward(activated).reshape([batch, len, hidden])
     }
 }

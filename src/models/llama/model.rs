@@ -366,20 +366,25 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
             None => None,
         }
         .map(|b| b.cast(dtype));
+        // Each residual add is done by the norm that follows it (one kernel on the GPUs); the
+        // last one by the final norm.
+        let mut normed = match self.layers.first() {
+            Some(layer) => layer.input_norm.forward(x.clone()),
+            None => return Ok(self.norm.forward(x)),
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer.attention.forward(
-                layer.input_norm.forward(x.clone()),
-                &rope,
-                bias.as_ref(),
-                i,
-                cache,
-            )?;
-            x = x.add(attn);
-            x = x
-                .clone()
-                .add(layer.mlp.forward(layer.post_attention_norm.forward(x)));
+            let attn = layer
+                .attention
+                .forward(normed, &rope, bias.as_ref(), i, cache)?;
+            let (h, mlp_input) = layer.post_attention_norm.add_forward(x, attn);
+            let mlp = layer.mlp.forward(mlp_input);
+            let next_norm = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.norm, |next| &next.input_norm);
+            (x, normed) = next_norm.add_forward(h, mlp);
         }
-        Ok(self.norm.forward(x))
+        Ok(normed)
     }
 
     fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {

@@ -3,6 +3,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Tensor, backend::Backend};
 
+use crate::cube_kernels;
+
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
 ///
 /// The weight is optional: where a norm feeds a projection, the Llama loader multiplies the norm
@@ -36,6 +38,33 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// `[..., hidden]` to `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let normalized = match cube_kernels::rms_norm(&x, self.eps) {
+            Some(normalized) => normalized,
+            None => self.normalize(x),
+        };
+        self.scale(normalized)
+    }
+
+    /// The residual add before a norm: returns `(x + delta, norm(x + delta))`, in one kernel on
+    /// the GPU backends ([`cube_kernels::add_rms_norm`]).
+    ///
+    /// # Shapes
+    /// `x`, `delta`: `[..., hidden]`; both results `[..., hidden]`
+    pub fn add_forward<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        delta: Tensor<B, D>,
+    ) -> (Tensor<B, D>, Tensor<B, D>) {
+        if let Some((sum, normalized)) = cube_kernels::add_rms_norm(&x, &delta, self.eps) {
+            return (sum, self.scale(normalized));
+        }
+        let sum = x.add(delta);
+        let normalized = self.forward(sum.clone());
+        (sum, normalized)
+    }
+
+    /// The norm in Burn's ops.
+    fn normalize<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         // `cast` returns the tensor itself when it already has the type (no kernel).
         let dtype = x.dtype();
         let x = x.cast(DType::F32);
@@ -45,7 +74,10 @@ impl<B: Backend> RmsNorm<B> {
             .mean_dim(D - 1)
             .add_scalar(self.eps)
             .sqrt();
-        let normalized = x.div(rms).cast(dtype);
+        x.div(rms).cast(dtype)
+    }
+
+    fn scale<const D: usize>(&self, normalized: Tensor<B, D>) -> Tensor<B, D> {
         match &self.weight {
             Some(weight) => normalized.mul(weight.val().unsqueeze::<D>()),
             None => normalized,

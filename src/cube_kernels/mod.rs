@@ -1,0 +1,188 @@
+//! Fused kernels of our own for the CubeCL backends (CUDA and WGPU).
+//!
+//! A 135M-parameter model on a GPU is bound by kernel launches, not by arithmetic: a decoding step
+//! on the H100 costs ~18 ms for ~1,000 launches and well under a millisecond of memory traffic
+//! (docs/benchmarks.md). Burn composes an RMSNorm from five element-wise and reduction kernels, a
+//! softmax from five, a rotary embedding from four, SwiGLU from three. The kernels here do each of
+//! those in one launch:
+//!
+//! - [`rms_norm`] and [`add_rms_norm`] (the residual add folded into the next norm),
+//! - [`softmax_with_bias`] (the attention bias added inside the softmax),
+//! - [`rotate_qkv`] (Q and K rotated and every head written in the layout attention reads),
+//! - [`swiglu`].
+//!
+//! Each function returns `None` when it does not apply — a backend other than CUDA or WGPU without
+//! fusion (e.g. the CPU, or `Autodiff<_>`, which must record every op for training), a float type
+//! other than f32/f16/bf16, or the kernels switched off — and the caller then runs its Burn ops.
+//! Setting `REDRAFTER_CUBE_KERNELS=off` switches them off for a whole process, which is how the
+//! benchmarks compare both paths in one binary.
+//!
+//! Every kernel reads its inputs in the model's float type and computes in f32 (as HF Transformers
+//! does for the norm). Kernels address every tensor through its strides: CubeCL's allocator pads
+//! rows to an alignment, so `row * width` would read and write the wrong elements on CUDA (not on
+//! WGPU, which is why `tests/cube_kernels.rs` also runs on CUDA: see its header). A row's result does not depend on how many rows are processed with it, so a
+//! token's hidden state is the same in a one-token decoding step and in a verification tree.
+
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod dispatch;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod norm;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod reduce;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod rope;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod softmax;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod swiglu;
+
+/// The environment variable that switches the kernels off (`off`, `0` or `false`).
+pub const SWITCH_VARIABLE: &str = "REDRAFTER_CUBE_KERNELS";
+
+/// Whether the kernels are switched on for this process (they are unless [`SWITCH_VARIABLE`]
+/// says otherwise). Read once.
+pub fn switched_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var(SWITCH_VARIABLE)
+            .map(|value| !matches!(value.to_ascii_lowercase().as_str(), "off" | "0" | "false"))
+            .unwrap_or(true);
+        if !on {
+            tracing::info!("fused CubeCL kernels switched off by {SWITCH_VARIABLE}");
+        }
+        on
+    })
+}
+
+/// Whether tensors of `B` run through these kernels.
+pub fn applies<B: Backend>() -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        switched_on() && dispatch::runtime_of::<B>().is_some()
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        false
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps)` over the last dimension.
+///
+/// # Shapes
+/// `[..., width]` to `[..., width]`
+pub fn rms_norm<B: Backend, const D: usize>(x: &Tensor<B, D>, eps: f64) -> Option<Tensor<B, D>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(norm::RmsNorm {
+            input: x,
+            delta: None,
+            eps,
+        })
+        .map(|(_, normalized)| normalized)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (x, eps);
+        None
+    }
+}
+
+/// The residual add and the following norm in one kernel: returns `(x + delta, rms_norm(x +
+/// delta))`, the sum rounded to the model's float type before it is normalised (as two separate
+/// ops would).
+///
+/// # Shapes
+/// `x`, `delta`: `[..., width]`; both results `[..., width]`
+pub fn add_rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    delta: &Tensor<B, D>,
+    eps: f64,
+) -> Option<(Tensor<B, D>, Tensor<B, D>)> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(norm::RmsNorm {
+            input: x,
+            delta: Some(delta),
+            eps,
+        })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (x, delta, eps);
+        None
+    }
+}
+
+/// Softmax over the last dimension of attention scores, after adding a bias shared by the heads.
+///
+/// # Shapes
+/// - `scores`: `[batch, heads, len, slots]` (heads may be grouped query heads in any order: every
+///   `len` consecutive rows of a batch entry share the bias rows)
+/// - `bias`: `[batch, 1, len, slots]`, or `None`
+/// - returns `[batch, heads, len, slots]`
+pub fn softmax_with_bias<B: Backend>(
+    scores: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(softmax::SoftmaxWithBias { scores, bias })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (scores, bias);
+        None
+    }
+}
+
+/// Splits a fused QKV projection into heads and rotates Q and K (rotate-half RoPE with tables as
+/// in `RopeAngles`: `cos` over the whole head, `sin` with the sign of the
+/// first half folded in).
+///
+/// # Shapes
+/// - `qkv`: `[batch, len, (heads + 2 * kv_heads) * head_dim]`, ordered Q | K | V
+/// - `cos`, `sin`: `[batch, 1, len, head_dim]`
+/// - returns Q `[batch, heads, len, head_dim]`, K and V `[batch, kv_heads, len, head_dim]`, each
+///   in row-major order (Q reshapes to grouped heads without a copy)
+pub fn rotate_qkv<B: Backend>(
+    qkv: &Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    heads: usize,
+    kv_heads: usize,
+) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(rope::RotateQkv {
+            qkv,
+            cos,
+            sin,
+            heads,
+            kv_heads,
+        })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (qkv, cos, sin, heads, kv_heads);
+        None
+    }
+}
+
+/// `silu(gate) * up` from a fused gate/up projection.
+///
+/// # Shapes
+/// `[rows, 2 * inter]` (gate | up) to `[rows, inter]`
+pub fn swiglu<B: Backend>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(swiglu::SwiGlu { gate_up })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = gate_up;
+        None
+    }
+}

@@ -1,0 +1,72 @@
+//! Reductions across the units of one cube, for kernels that give each row a cube.
+
+use cubecl::prelude::*;
+
+/// Units per cube in the row kernels. Rows are a few hundred to a few thousand wide (hidden size,
+/// attention slots): 128 units keep every unit busy on a handful of elements.
+pub(super) const ROW_UNITS: usize = 128;
+
+/// The position of element `(row, column)` of a 2-D tensor in its buffer. Tensors from CubeCL's
+/// allocator may have padded rows (a row stride above the width), so kernels index through the
+/// strides, never with `row * width`.
+#[cube]
+pub(super) fn at<E: CubePrimitive>(tensor: &Tensor<E>, row: usize, column: usize) -> usize {
+    row * tensor.stride(0) + column * tensor.stride(1)
+}
+
+#[cube]
+fn fold_sum(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usize) {
+    if unit < stride {
+        shared[unit] = shared[unit] + shared[unit + stride];
+    }
+    sync_cube();
+}
+
+#[cube]
+fn fold_max(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usize) {
+    if unit < stride {
+        let other = shared[unit + stride];
+        if other > shared[unit] {
+            shared[unit] = other;
+        }
+    }
+    sync_cube();
+}
+
+/// The sum of `value` over the cube's [`ROW_UNITS`] units, returned to every unit. The order of
+/// the additions is fixed, so a row's result never depends on other rows.
+#[cube]
+pub(super) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    shared[unit] = value;
+    sync_cube();
+    fold_sum(shared, unit, 64usize);
+    fold_sum(shared, unit, 32usize);
+    fold_sum(shared, unit, 16usize);
+    fold_sum(shared, unit, 8usize);
+    fold_sum(shared, unit, 4usize);
+    fold_sum(shared, unit, 2usize);
+    fold_sum(shared, unit, 1usize);
+    let total = shared[0];
+    // Nobody may overwrite the shared memory before every unit has read the total.
+    sync_cube();
+    total
+}
+
+/// The maximum of `value` over the cube's [`ROW_UNITS`] units, returned to every unit.
+#[cube]
+pub(super) fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    shared[unit] = value;
+    sync_cube();
+    fold_max(shared, unit, 64usize);
+    fold_max(shared, unit, 32usize);
+    fold_max(shared, unit, 16usize);
+    fold_max(shared, unit, 8usize);
+    fold_max(shared, unit, 4usize);
+    fold_max(shared, unit, 2usize);
+    fold_max(shared, unit, 1usize);
+    let largest = shared[0];
+    sync_cube();
+    largest
+}
