@@ -100,7 +100,18 @@ fn softmax_with_bias_matches_burn_ops() {
         .collect();
     let bias = Tensor::<B, 4>::from_data(TensorData::new(bias, [batch, 1, len, slots]), &device());
     let got = cube_kernels::softmax_with_bias(&scores, Some(&bias)).unwrap();
-    close(got, softmax(scores.clone().add(bias), 3));
+    close(got, softmax(scores.clone().add(bias.clone()), 3));
+
+    // GQA's layout: 3 KV heads × 2 query heads each, folded into rows.
+    let grouped = scores.clone().reshape([batch, 3, 2 * len, slots]);
+    let got = cube_kernels::softmax_with_bias(&grouped, Some(&bias)).unwrap();
+    let expected = grouped
+        .reshape([batch, 3, 2, len, slots])
+        .add(bias.clone().unsqueeze_dim::<5>(1));
+    close(
+        got,
+        softmax(expected, 4).reshape([batch, 3, 2 * len, slots]),
+    );
 
     let got = cube_kernels::softmax_with_bias(&scores, None).unwrap();
     close(got, softmax(scores, 3));

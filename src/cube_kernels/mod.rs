@@ -20,8 +20,9 @@
 //! Every kernel reads its inputs in the model's float type and computes in f32 (as HF Transformers
 //! does for the norm). Kernels address every tensor through its strides: CubeCL's allocator pads
 //! rows to an alignment, so `row * width` would read and write the wrong elements on CUDA (not on
-//! WGPU, which is why `tests/cube_kernels.rs` also runs on CUDA: see its header). A row's result does not depend on how many rows are processed with it, so a
-//! token's hidden state is the same in a one-token decoding step and in a verification tree.
+//! WGPU, which is why `tests/cube_kernels.rs` also runs on CUDA: see its header). A row's result
+//! does not depend on how many rows are processed with it, so a token's hidden state is the same
+//! in a one-token decoding step and in a verification tree.
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
@@ -119,10 +120,11 @@ pub fn add_rms_norm<B: Backend, const D: usize>(
 /// Softmax over the last dimension of attention scores, after adding a bias shared by the heads.
 ///
 /// # Shapes
-/// - `scores`: `[batch, heads, len, slots]` (heads may be grouped query heads in any order: every
-///   `len` consecutive rows of a batch entry share the bias rows)
+/// - `scores`: `[batch, heads, len, slots]`, or any `[batch, a, b, slots]` whose `a · b` rows of a
+///   batch entry are heads of `len` positions each (e.g. GQA's `[batch, kv_heads, groups · len,
+///   slots]`): row `r` of a batch entry takes bias row `r % len`
 /// - `bias`: `[batch, 1, len, slots]`, or `None`
-/// - returns `[batch, heads, len, slots]`
+/// - returns the shape of `scores`
 pub fn softmax_with_bias<B: Backend>(
     scores: &Tensor<B, 4>,
     bias: Option<&Tensor<B, 4>>,

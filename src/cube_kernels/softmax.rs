@@ -7,9 +7,9 @@ use cubecl::prelude::*;
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
 use super::reduce::{ROW_UNITS, at, cube_max, cube_sum};
 
-/// Softmax of each row of `scores` `[rows, slots]` plus its bias row. Rows are ordered
-/// `(batch, head, position)`; the bias `[batch * len, slots]` has one row per
-/// `(batch, position)`. Without a bias, `bias` is not read.
+/// Softmax of each row of `scores` `[rows, slots]` plus its bias row. Each batch entry has
+/// `heads * len` consecutive rows, its row `r` taking bias row `r % len`; the bias
+/// `[batch * len, slots]` has one row per `(batch, position)`. Without a bias, `bias` is not read.
 #[cube(launch_unchecked)]
 fn softmax_kernel<F: Float>(
     scores: &Tensor<F>,
@@ -84,11 +84,14 @@ impl<B: Backend> CubeOp<B> for SoftmaxWithBias<'_, B> {
 
     fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
         let dims = self.scores.dims();
-        let [batch, heads, len, slots] = dims;
-        let rows = batch * heads * len;
-        if rows == 0 || slots == 0 {
+        let [batch, outer, inner, slots] = dims;
+        let rows = batch * outer * inner;
+        // Bias rows repeat every `len` score rows of a batch entry.
+        let len = self.bias.map_or(inner, |bias| bias.dims()[2]);
+        if rows == 0 || slots == 0 || len == 0 || (outer * inner) % len != 0 {
             return None;
         }
+        let heads = outer * inner / len;
         let scores = to_cube::<R, B, 2>(&self.scores.clone().reshape([rows, slots]))?;
         let output = empty_like(&scores, [rows, slots]);
         let bias = match self.bias {

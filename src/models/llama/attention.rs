@@ -82,12 +82,8 @@ impl<B: Backend> Attention<B> {
         // instead of repeating K and V.
         let q = q.reshape([batch, kv_heads, groups * len, dim]);
         let scores = q.matmul(keys.swap_dims(2, 3));
-        let fused = cube_kernels::softmax_with_bias(
-            &scores.clone().reshape([batch, heads, len, slots]),
-            bias,
-        );
-        let probs = match fused {
-            Some(probs) => probs.reshape([batch, kv_heads, groups * len, slots]),
+        let probs = match cube_kernels::softmax_with_bias(&scores, bias) {
+            Some(probs) => probs,
             None => {
                 let scores = match bias {
                     Some(bias) => scores
