@@ -20,7 +20,9 @@ use burn::tensor::backend::Backend;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
-use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig, TopKMethod};
+use redrafter::drafter::{
+    DraftHeadKind, DraftVocabulary, RecurrentDrafter, RecurrentDrafterConfig, TopKMethod,
+};
 use redrafter::generate::prefill;
 use redrafter::models::llama::{Llama, LlamaLoadOptions, load_llama};
 use redrafter::tokenizer::{ChatMessage, Tokenizer};
@@ -83,6 +85,12 @@ struct Args {
     /// Draft head top-k: auto (rank selection on GPUs, sort on CPUs), sort or rank.
     #[arg(long, default_value = "auto")]
     top_k: String,
+    /// Draft vocabulary (`train_drafter draft-vocab`): the drafter scores only these tokens.
+    #[arg(long)]
+    draft_vocab: Option<PathBuf>,
+    /// With --draft-vocab: its first N tokens; a list sweeps, 0 = the whole vocabulary.
+    #[arg(long, value_delimiter = ',')]
+    draft_vocab_sizes: Vec<usize>,
     /// Write all results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -91,6 +99,8 @@ struct Args {
 #[derive(Serialize, Clone)]
 struct ModeResult {
     mode: String,
+    /// Tokens the drafter chooses from (the draft vocabulary's size, else the vocabulary's).
+    draft_vocab: usize,
     beam_width: usize,
     beam_length: usize,
     /// Prompt-lookup beams next to the drafted ones.
@@ -238,6 +248,7 @@ fn summarize(
     let rounds = stats.row_rounds.max(1) as f64;
     ModeResult {
         mode,
+        draft_vocab: 0,
         beam_width: speculative.map_or(0, |c| c.beam_width),
         beam_length: speculative.map_or(0, |c| c.beam_length),
         lookup_beams: speculative.and_then(|c| c.lookup).map_or(0, |l| l.beams),
@@ -296,6 +307,26 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         Some(path) => Some(RecurrentDrafter::load_for_target(path, &model)?),
     }
     .map(|d| d.with_top_k(top_k));
+    // One drafter per draft-vocabulary size (0 or none: the whole vocabulary).
+    let drafters: Vec<RecurrentDrafter<B>> = match (&drafter, &args.draft_vocab) {
+        (None, _) => Vec::new(),
+        (Some(d), None) => vec![d.clone()],
+        (Some(d), Some(path)) => {
+            let vocabulary = DraftVocabulary::load(path)?;
+            let sizes = if args.draft_vocab_sizes.is_empty() {
+                vec![vocabulary.len()]
+            } else {
+                args.draft_vocab_sizes.clone()
+            };
+            sizes
+                .into_iter()
+                .map(|size| match size {
+                    0 => Ok(d.clone()),
+                    n => d.clone().with_draft_vocabulary(vocabulary.truncated(n)?),
+                })
+                .collect::<redrafter::Result<_>>()?
+        }
+    };
     let prompts = read_prompts(args, &tokenizer)?;
     let eos = tokenizer.eos_token_ids().to_vec();
     eprintln!(
@@ -358,18 +389,22 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             // Written after every mode, so a run cut short keeps what it measured.
             write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
         }
-        let Some(drafter) = &drafter else { continue };
         let acceptance = if temperature == 0.0 {
             Acceptance::Greedy
         } else {
             args.sampled_acceptance.parse()?
         };
-        let shapes = args.beam_lengths.iter().flat_map(|&c| {
-            args.beam_widths
-                .iter()
-                .flat_map(move |&m| args.lookup_beams.iter().map(move |&k| (c, m, k)))
+        let shapes = drafters.iter().flat_map(|d| {
+            args.beam_lengths.iter().flat_map(move |&c| {
+                args.beam_widths
+                    .iter()
+                    .flat_map(move |&m| args.lookup_beams.iter().map(move |&k| (d, c, m, k)))
+            })
         });
-        for (beam_length, beam_width, lookup_beams) in shapes {
+        for (drafter, beam_length, beam_width, lookup_beams) in shapes {
+            let draft_vocab = drafter
+                .draft_vocabulary()
+                .map_or(drafter.config().vocab_size, |v| v.len());
             let config = SpeculativeConfig::default()
                 .beam_width(beam_width)
                 .beam_length(beam_length)
@@ -420,10 +455,11 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             );
             let result = ModeResult {
                 divergences: divergences.clone(),
+                draft_vocab,
                 ..result
             };
             eprintln!(
-                "ReDrafter M={beam_width}+{lookup_beams} C={beam_length} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+                "ReDrafter M={beam_width}+{lookup_beams} C={beam_length} V={draft_vocab} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
                 result.tree_length,
                 result.tokens_per_second,
                 result

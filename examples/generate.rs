@@ -18,7 +18,7 @@ use backend::run_on_backend;
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
-use redrafter::drafter::RecurrentDrafter;
+use redrafter::drafter::{DraftVocabulary, RecurrentDrafter};
 use redrafter::models::llama::{LlamaLoadOptions, load_llama};
 use redrafter::tokenizer::ChatMessage;
 use redrafter::{GenerationConfig, PromptLookup, Sampling, TargetModel, generate};
@@ -54,6 +54,10 @@ struct Args {
     /// Draft-head checkpoint (safetensors). Without it, plain autoregressive decoding runs.
     #[arg(long)]
     drafter: Option<PathBuf>,
+    /// Draft vocabulary (JSON from `train_drafter draft-vocab`): the drafter scores only these
+    /// tokens — cheaper draft steps, output unchanged.
+    #[arg(long)]
+    draft_vocab: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
     beam_width: usize,
     #[arg(long, default_value_t = 5)]
@@ -138,8 +142,13 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
     let output = match &args.drafter {
         None => generate(&model, &prompts, &generation, &mut on_tokens)?,
         Some(path) => {
-            let drafter = RecurrentDrafter::<B>::load_for_target(path, &model)
+            let mut drafter = RecurrentDrafter::<B>::load_for_target(path, &model)
                 .with_context(|| format!("loading drafter {}", path.display()))?;
+            if let Some(vocab) = &args.draft_vocab {
+                let vocabulary = DraftVocabulary::load(vocab)
+                    .with_context(|| format!("loading draft vocabulary {}", vocab.display()))?;
+                drafter = drafter.with_draft_vocabulary(vocabulary)?;
+            }
             let acceptance = match &args.acceptance {
                 Some(a) => a.parse()?,
                 None if args.temperature == 0.0 => Acceptance::Greedy,

@@ -5,6 +5,7 @@
 pub mod accept;
 pub mod backend;
 pub mod chat_template;
+pub mod cpu_kernels;
 pub mod cube_kernels;
 pub mod decoder;
 pub mod drafter;

@@ -4,7 +4,10 @@
 //! 49,152 × 576. `gemm`, behind Flex's matmul, packs the weight into panels at every call (~15 %
 //! of a decoding step in a profile) and its 1–4-row products run far below the memory's speed.
 //! Here each task streams a block of weight rows once, straight from memory, and dots them with
-//! every input row in 2 × 4 register tiles while they sit in L1. On the 2-core development
+//! every input row in register tiles while they sit in L1: 2 input rows × 4 weight rows of 8
+//! lanes with AVX2, 4 × 4 of 16 lanes where the CPU has AVX-512 (5–10 % faster from 8 to 32 rows
+//! with the weights coming from memory, as in a forward; equal for 1–5 rows, which are bound by
+//! memory bandwidth). On the 2-core development
 //! machine that is 2× faster than `gemm` for one row and 2.8× for four (the 576 × 49,152
 //! vocabulary product: 5.2 vs 11.6 ms, 6.9 vs 19.5 ms) and still ahead at 64 rows
 //! (`cargo bench --bench round -- projection`, docs/benchmarks.md).
@@ -67,24 +70,32 @@ pub fn try_skinny_matmul<B: Backend>(
 /// `y = x · wᵀ` for row-major `x: [rows, inputs]` and `w: [outputs, inputs]`, row-major
 /// `[rows, outputs]` out.
 pub fn skinny_matmul(x: &[f32], rows: usize, w: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
+    skinny_matmul_with(Kernel::detect(), x, rows, w, outputs, inputs)
+}
+
+fn skinny_matmul_with(
+    kernel: Kernel,
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    outputs: usize,
+    inputs: usize,
+) -> Vec<f32> {
     debug_assert_eq!(x.len(), rows * inputs);
     debug_assert_eq!(w.len(), outputs * inputs);
     // Tasks write disjoint output-major blocks `[out, rows]`; one transpose at the end.
     let mut by_output = vec![0.0f32; outputs * rows];
-    let use_fma = fma_available();
     by_output
         .par_chunks_mut(OUTPUTS_PER_TASK * rows)
         .zip(w.par_chunks(OUTPUTS_PER_TASK * inputs))
-        .for_each(|(out, w)| {
-            if use_fma {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    // SAFETY: `fma_available` checked that the CPU has AVX2 and FMA.
-                    unsafe { avx2::block(x, rows, w, inputs, out) };
-                    return;
-                }
-            }
-            block_portable(x, rows, w, inputs, out)
+        .for_each(|(out, w)| match kernel {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::detect` checked that the CPU has AVX-512F.
+            Kernel::Avx512 => unsafe { avx512::block(x, rows, w, inputs, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::detect` checked that the CPU has AVX2 and FMA.
+            Kernel::Avx2 => unsafe { avx2::block(x, rows, w, inputs, out) },
+            Kernel::Portable => block_portable(x, rows, w, inputs, out),
         });
     if rows == 1 {
         return by_output;
@@ -98,14 +109,33 @@ pub fn skinny_matmul(x: &[f32], rows: usize, w: &[f32], outputs: usize, inputs: 
     y
 }
 
-fn fma_available() -> bool {
+/// The widest kernel this CPU runs. One machine always takes the same kernel, whatever the row
+/// count, so a row's sums keep their order (each kernel has its own lane count and order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// 16 lanes, tiles of 4 input rows × 4 weight rows in 32 registers.
     #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    Avx512,
+    /// 8 lanes, tiles of 2 input rows × 4 weight rows in 16 registers.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
     }
 }
 
@@ -241,6 +271,133 @@ mod avx2 {
     }
 }
 
+// Written out next to `avx2` rather than generated with it from one macro: a macro-generated pair
+// measured ~8 % slower on one-row products (the decoding step) on the development machine, for
+// reasons not found (session 9).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Input rows and weight rows per register tile: 4 × 4 accumulators of 16 lanes plus 4
+    /// weight vectors and 1 input vector, 21 of AVX-512's 32 registers. Each step loads 4 + 4
+    /// vectors for 16 multiply-adds (AVX2's 2 × 4 tile: 6 loads for 8 of half the width), so a
+    /// verification tree of a few rows is no longer bound by loads.
+    const TILE_ROWS: usize = 4;
+    const TILE_OUTPUTS: usize = 4;
+    const LANES: usize = 16;
+
+    /// One task: `out[o * rows + r] = x[r] · w[o]` for the weight rows in `w`, in tiles of up to
+    /// 4 input rows × 4 weight rows. Every element is summed in the same order whatever the
+    /// tile, so results do not depend on `rows`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) fn block(x: &[f32], rows: usize, w: &[f32], inputs: usize, out: &mut [f32]) {
+        let outputs = w.len() / inputs;
+        let mut o = 0;
+        while o < outputs {
+            let wide = outputs - o >= TILE_OUTPUTS;
+            let mut r = 0;
+            while r < rows {
+                let left = rows - r;
+                let at = Tile {
+                    x,
+                    w,
+                    inputs,
+                    rows,
+                    r,
+                    o,
+                };
+                // Const generics need every shape spelled out; a remainder of 1–3 rows takes
+                // the matching short tile.
+                let taken = match (left.min(TILE_ROWS), wide) {
+                    (4, true) => tile::<4, TILE_OUTPUTS>(at, out),
+                    (3, true) => tile::<3, TILE_OUTPUTS>(at, out),
+                    (2, true) => tile::<2, TILE_OUTPUTS>(at, out),
+                    (1, true) => tile::<1, TILE_OUTPUTS>(at, out),
+                    (4, false) => tile::<4, 1>(at, out),
+                    (3, false) => tile::<3, 1>(at, out),
+                    (2, false) => tile::<2, 1>(at, out),
+                    _ => tile::<1, 1>(at, out),
+                };
+                r += taken;
+            }
+            o += if wide { TILE_OUTPUTS } else { 1 };
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Tile<'a> {
+        x: &'a [f32],
+        w: &'a [f32],
+        inputs: usize,
+        rows: usize,
+        /// First input row and first weight row of the tile.
+        r: usize,
+        o: usize,
+    }
+
+    /// One `MR × NR` tile; returns `MR`, the input rows it covered.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn tile<const MR: usize, const NR: usize>(t: Tile<'_>, out: &mut [f32]) -> usize {
+        let Tile {
+            x,
+            w,
+            inputs,
+            rows,
+            r,
+            o,
+        } = t;
+        let x_rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(r + i) * inputs..][..inputs]);
+        let w_rows: [&[f32]; NR] = std::array::from_fn(|j| &w[(o + j) * inputs..][..inputs]);
+        let body = inputs - inputs % LANES;
+        let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+        let mut i = 0;
+        while i < body {
+            // No closures here: they would not inherit the target features.
+            let mut wv = [_mm512_setzero_ps(); NR];
+            for (wv, w_row) in wv.iter_mut().zip(&w_rows) {
+                // SAFETY: `i + LANES <= body <= inputs`, the length of every row slice.
+                *wv = unsafe { _mm512_loadu_ps(w_row.as_ptr().add(i)) };
+            }
+            for (acc, x_row) in acc.iter_mut().zip(&x_rows) {
+                // SAFETY: as above.
+                let xv = unsafe { _mm512_loadu_ps(x_row.as_ptr().add(i)) };
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_fmadd_ps(xv, *wv, *acc);
+                }
+            }
+            i += LANES;
+        }
+        for (ri, (acc, x_row)) in acc.iter().zip(&x_rows).enumerate() {
+            for (j, (acc, w_row)) in acc.iter().zip(&w_rows).enumerate() {
+                let tail: f32 = x_row[body..]
+                    .iter()
+                    .zip(&w_row[body..])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                out[(o + j) * rows + r + ri] = horizontal_sum(*acc) + tail;
+            }
+        }
+        MR
+    }
+
+    /// The 16 lanes' sum, in a fixed order: halves, then quarters, then pairs.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn horizontal_sum(v: __m512) -> f32 {
+        let low = _mm512_castps512_ps256(v);
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+        let eight = _mm256_add_ps(low, high);
+        let halves = _mm_add_ps(
+            _mm256_castps256_ps128(eight),
+            _mm256_extractf128_ps::<1>(eight),
+        );
+        let pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+        let one = _mm_add_ss(pairs, _mm_shuffle_ps::<0b01>(pairs, pairs));
+        _mm_cvtss_f32(one)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,14 +424,45 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
-        // Inputs below, at and past the lane count; outputs across several tasks.
-        for (rows, outputs, inputs) in [(1, 5, 3), (3, 300, 16), (16, 129, 37), (5, 1000, 576)] {
-            let x: Vec<f32> = (0..rows * inputs).map(|_| next()).collect();
-            let w: Vec<f32> = (0..outputs * inputs).map(|_| next()).collect();
-            let got = skinny_matmul(&x, rows, &w, outputs, inputs);
-            let want = reference(&x, rows, &w, outputs, inputs);
-            for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        // Every kernel this CPU runs, not only the one it picks.
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                kernels.push(Kernel::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(Kernel::Avx512);
+            }
+        }
+        // Inputs below, at and past both lane counts; row counts that leave every remainder of
+        // both tile heights; outputs across several tasks.
+        let shapes = [
+            (1, 5, 3),
+            (3, 300, 16),
+            (16, 129, 37),
+            (5, 1000, 576),
+            (6, 77, 40),
+            (7, 260, 33),
+        ];
+        for kernel in kernels {
+            for (rows, outputs, inputs) in shapes {
+                let x: Vec<f32> = (0..rows * inputs).map(|_| next()).collect();
+                let w: Vec<f32> = (0..outputs * inputs).map(|_| next()).collect();
+                let got = skinny_matmul_with(kernel, &x, rows, &w, outputs, inputs);
+                let want = reference(&x, rows, &w, outputs, inputs);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{kernel:?} {rows}x{inputs}·{outputs}: {g} vs {w}"
+                    );
+                }
+                // A row alone gets the bits it gets among the others.
+                let last = rows - 1;
+                let alone = skinny_matmul_with(kernel, &x[last * inputs..], 1, &w, outputs, inputs);
+                assert_eq!(alone[..], got[last * outputs..], "{kernel:?} rows {rows}");
             }
         }
     }

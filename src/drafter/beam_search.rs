@@ -139,14 +139,14 @@ impl<B: Backend> RecurrentDrafter<B> {
                 found: vec![n_first],
             });
         }
-        if length > 1 && width > cfg.vocab_size {
+        // What one draft step chooses from: the draft vocabulary when one is set.
+        let vocab = self.draft_vocab_size();
+        if length > 1 && width > vocab {
             return Err(Error::InvalidSettings(format!(
-                "beam width {width} exceeds the vocabulary size {}: step 1 has only that many \
-                 distinct continuations",
-                cfg.vocab_size
+                "beam width {width} exceeds the {vocab} tokens a draft step chooses from: step 1 \
+                 has only that many distinct continuations"
             )));
         }
-        let vocab = cfg.vocab_size;
         Ok(Dims {
             batch,
             width,
@@ -318,7 +318,8 @@ impl<B: Backend> RecurrentDrafter<B> {
     ) -> Result<Expansion<B>> {
         let token_embedding = embedding.clone().select(0, last).cast(state.dtype());
         let state = self.step(state, token_embedding)?;
-        let logits = self.head_logits(context, state.clone())?; // [N, V]
+        // [N, V], or [N, N_draft] over the draft vocabulary.
+        let logits = self.draft_logits(context, state.clone())?;
         let rows = logits.dims()[0];
 
         let (sorted, ids) = top_k_cached(
@@ -328,6 +329,14 @@ impl<B: Backend> RecurrentDrafter<B> {
             &self.top_k_cache,
         );
         let ids = ids.narrow(1, 0, dims.per_beam);
+        // Draft-vocabulary indices to token ids.
+        let ids = match self.draft_ids() {
+            Some(map) => map
+                .clone()
+                .select(0, ids.reshape([rows * dims.per_beam]))
+                .reshape([rows, dims.per_beam]),
+            None => ids,
+        };
 
         // Warp: subtract the row max (the first sorted value), normalise over the kept top-k.
         let row_max = sorted.clone().narrow(1, 0, 1);

@@ -6,13 +6,15 @@ use crate::error::Result;
 
 mod beam_search;
 mod checkpoint;
+mod draft_vocabulary;
 mod recurrent;
-#[cfg(test)]
+#[cfg(all(test, feature = "flex"))]
 mod tests;
 mod top_k;
 
 pub use beam_search::{BeamSearchOutput, LOG_ZERO, WARP_TOP_K};
 pub use checkpoint::{CONFIG_METADATA_KEY, CheckpointDType, read_checkpoint_config};
+pub use draft_vocabulary::DraftVocabulary;
 pub use recurrent::{
     DEFAULT_NUM_DRAFT_LAYERS, DEFAULT_TRAINED_STEPS, DraftHeadKind, RecurrentDrafter,
     RecurrentDrafterConfig, ResBlock,

@@ -2,7 +2,7 @@
 //! building blocks ([`RecurrentDrafter::step`], [`RecurrentDrafter::head_logits`]) that both
 //! beam search and training are made of.
 
-use super::{TopKCache, TopKMethod};
+use super::{DraftVocabulary, TopKCache, TopKMethod};
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
@@ -243,6 +243,7 @@ impl RecurrentDrafterConfig {
             config: self.clone(),
             top_k: TopKMethod::Auto,
             top_k_cache: TopKCache::default(),
+            draft_vocabulary: None,
         }
     }
 }
@@ -288,6 +289,20 @@ pub struct RecurrentDrafter<B: Backend> {
     /// Beam search's shape-only index tensors, built once per shape (shared by clones).
     #[module(skip)]
     pub(crate) top_k_cache: TopKCache,
+    /// A reduced drafting vocabulary, when set (a runtime choice, not part of the checkpoint:
+    /// plain tensors, like the embeddings above, are not parameters).
+    pub(crate) draft_vocabulary: Option<DraftTables<B>>,
+}
+
+/// A [`DraftVocabulary`] on the device: its ids and the tied table's rows for them.
+#[derive(Module, Debug)]
+pub(crate) struct DraftTables<B: Backend> {
+    #[module(skip)]
+    pub(crate) vocabulary: DraftVocabulary,
+    /// `[N]`: the full-vocabulary id of each draft index.
+    pub(crate) ids: Tensor<B, 1, Int>,
+    /// `[N, H]`: the output embedding's rows for those ids.
+    pub(crate) table: Tensor<B, 2>,
 }
 
 impl<B: Backend> RecurrentDrafter<B> {
@@ -334,7 +349,53 @@ impl<B: Backend> RecurrentDrafter<B> {
         // The separate head never reads it; dropping the handle keeps no extra reference alive.
         self.output_embedding =
             (self.config.head == DraftHeadKind::Tied).then_some(output_embedding);
+        // Rebuild a draft vocabulary's rows from the new table.
+        match self.draft_vocabulary.take() {
+            Some(tables) => self.with_draft_vocabulary(tables.vocabulary),
+            None => Ok(self),
+        }
+    }
+
+    /// Drafts from `vocabulary` only: each step scores just those tokens (see
+    /// [`DraftVocabulary`]). Decoding stays exact; acceptance drops only where a token outside
+    /// the set would have been drafted.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSettings`] for a separate (untied) head or a vocabulary of another size;
+    /// [`Error::InvalidConfig`] if the target's embeddings are not attached yet.
+    pub fn with_draft_vocabulary(mut self, vocabulary: DraftVocabulary) -> Result<Self> {
+        if self.config.head != DraftHeadKind::Tied {
+            return Err(Error::InvalidSettings(
+                "a draft vocabulary needs a drafter with the tied head".into(),
+            ));
+        }
+        if vocabulary.vocab_size() != self.config.vocab_size {
+            return Err(Error::InvalidSettings(format!(
+                "the draft vocabulary indexes {} tokens but the drafter has {}",
+                vocabulary.vocab_size(),
+                self.config.vocab_size
+            )));
+        }
+        let table = self.output_embedding.as_ref().ok_or_else(|| {
+            Error::InvalidConfig(
+                "attach the target's embeddings (with_target) before a draft vocabulary".into(),
+            )
+        })?;
+        let device = table.device();
+        let ids: Vec<i64> = vocabulary.ids().iter().map(|&id| i64::from(id)).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [vocabulary.len()]), &device);
+        let table = table.clone().select(0, ids.clone());
+        self.draft_vocabulary = Some(DraftTables {
+            vocabulary,
+            ids,
+            table,
+        });
         Ok(self)
+    }
+
+    /// The reduced drafting vocabulary, if one is set.
+    pub fn draft_vocabulary(&self) -> Option<&DraftVocabulary> {
+        self.draft_vocabulary.as_ref().map(|t| &t.vocabulary)
     }
 
     /// Checks the drafter against `target` and attaches its embeddings.
@@ -436,6 +497,37 @@ impl<B: Backend> RecurrentDrafter<B> {
         context: Tensor<B, D>,
         state: Tensor<B, D>,
     ) -> Result<Tensor<B, D>> {
+        self.logits(context, state, false)
+    }
+
+    /// [`head_logits`](Self::head_logits) over the draft vocabulary when one is set (`[..., N]`,
+    /// index `i` meaning token `draft_ids()[i]`), else over the whole vocabulary.
+    pub(crate) fn draft_logits(
+        &self,
+        context: Tensor<B, 2>,
+        state: Tensor<B, 2>,
+    ) -> Result<Tensor<B, 2>> {
+        self.logits(context, state, true)
+    }
+
+    /// `[N]` full-vocabulary ids of the draft vocabulary's indices, when one is set.
+    pub(crate) fn draft_ids(&self) -> Option<&Tensor<B, 1, Int>> {
+        self.draft_vocabulary.as_ref().map(|t| &t.ids)
+    }
+
+    /// Tokens one draft step can choose from.
+    pub(crate) fn draft_vocab_size(&self) -> usize {
+        self.draft_vocabulary
+            .as_ref()
+            .map_or(self.config.vocab_size, |t| t.vocabulary.len())
+    }
+
+    fn logits<const D: usize>(
+        &self,
+        context: Tensor<B, D>,
+        state: Tensor<B, D>,
+        reduced: bool,
+    ) -> Result<Tensor<B, D>> {
         check_last_dim("context", &context.dims(), self.config.hidden_size)?;
         if context.dims() != state.dims() {
             return Err(Error::ShapeMismatch {
@@ -463,6 +555,10 @@ impl<B: Backend> RecurrentDrafter<B> {
                             .into(),
                     )
                 })?;
+                let table = match (reduced, &self.draft_vocabulary) {
+                    (true, Some(tables)) => &tables.table,
+                    _ => table,
+                };
                 // [.., H] x [H, V]: the table is stored as rows per token, as the target has it.
                 // The cast is free when the drafter computes in the target's dtype (the fast
                 // setup); otherwise it converts the table on every call.

@@ -850,3 +850,87 @@ fn trains_under_autodiff<AB: burn::tensor::backend::AutodiffBackend>(
     let _gradient: Option<Tensor<AB::InnerBackend, 2>> = drafter.head.weight.grad(&grads);
     Ok(drafter.valid())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Draft vocabulary
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_draft_vocabulary_of_every_token_drafts_the_same_beams() {
+    let config = RecurrentDrafterConfig::new(8, 60)
+        .with_head(DraftHeadKind::Tied)
+        .with_num_draft_layers(1);
+    let full = drafter(&config, 31);
+    // All 60 ids, in a scrambled order: only the indices change, never the scores.
+    let ids: Vec<u32> = (0..60u32).map(|i| (i * 37) % 60).collect();
+    let reduced = full
+        .clone()
+        .with_draft_vocabulary(DraftVocabulary::new(ids, 60).unwrap())
+        .unwrap();
+    let want = host_beams(full.beam_search(request(8, &[4, 9], 4, 4, 32)).unwrap());
+    let got = host_beams(reduced.beam_search(request(8, &[4, 9], 4, 4, 32)).unwrap());
+    assert_eq!(host_beams_tokens(&want), host_beams_tokens(&got));
+    for (w, g) in want.iter().flatten().zip(got.iter().flatten()) {
+        assert!(
+            (w.score - g.score).abs() < 1e-5,
+            "{} vs {}",
+            w.score,
+            g.score
+        );
+    }
+}
+
+#[test]
+fn a_small_draft_vocabulary_drafts_only_its_tokens() {
+    let config = RecurrentDrafterConfig::new(8, 60).with_head(DraftHeadKind::Tied);
+    let allowed: Vec<u32> = vec![5, 17, 2, 40, 33, 59, 11];
+    let d = drafter(&config, 41)
+        .with_draft_vocabulary(DraftVocabulary::new(allowed.clone(), 60).unwrap())
+        .unwrap();
+    assert_eq!(d.draft_vocabulary().unwrap().ids(), &allowed[..]);
+    let beams = host_beams(d.beam_search(request(8, &[3], 5, 4, 42)).unwrap());
+    for beam in &beams[0] {
+        // Column 0 is the target's own token g0.
+        assert_eq!(beam.tokens[0], 3);
+        for &t in &beam.tokens[1..] {
+            assert!(allowed.contains(&(t as u32)), "drafted {t} outside the set");
+        }
+    }
+    // More beams than the set has tokens: a typed error, not a panic.
+    assert!(matches!(
+        d.beam_search(request(8, &[3], 8, 3, 43)),
+        Err(Error::InvalidSettings(_))
+    ));
+    // The set survives re-attaching embeddings (its rows are re-read from the new table).
+    let d = d
+        .with_embeddings(random(60, 8, 44), random(60, 8, 45))
+        .unwrap();
+    assert_eq!(d.draft_vocabulary().unwrap().len(), allowed.len());
+}
+
+#[test]
+fn draft_vocabulary_misuse_is_a_typed_error() {
+    let separate = drafter(&RecurrentDrafterConfig::new(8, 60), 51);
+    let vocabulary = DraftVocabulary::new(vec![1, 2, 3], 60).unwrap();
+    assert!(matches!(
+        separate.with_draft_vocabulary(vocabulary.clone()),
+        Err(Error::InvalidSettings(_))
+    ));
+    let tied = drafter(
+        &RecurrentDrafterConfig::new(8, 60).with_head(DraftHeadKind::Tied),
+        52,
+    );
+    let other_size = DraftVocabulary::new(vec![1, 2, 3], 61).unwrap();
+    assert!(matches!(
+        tied.clone().with_draft_vocabulary(other_size),
+        Err(Error::InvalidSettings(_))
+    ));
+    let bare = RecurrentDrafterConfig::new(8, 60)
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(53, &device())
+        .unwrap();
+    assert!(matches!(
+        bare.with_draft_vocabulary(vocabulary),
+        Err(Error::InvalidConfig(_))
+    ));
+}

@@ -4,10 +4,10 @@ use burn::module::Module;
 use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
 use super::rope::{RopeAngles, RotaryEmbedding};
-use crate::cube_kernels;
 use crate::error::Result;
 use crate::kv_cache::KvCache;
 use crate::projection::Projection;
+use crate::{cpu_kernels, cube_kernels};
 
 /// GQA attention. Q, K and V come from one matmul (fewer kernel launches per layer, which is
 /// what bounds small models on GPU); the 1/sqrt(head_dim) score scale is folded into the Q
@@ -51,8 +51,9 @@ impl<B: Backend> Attention<B> {
             len,
             (heads + 2 * kv_heads) * dim,
         ]);
-        let (q, k, v) = match cube_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads)
-        {
+        let fused = cube_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads)
+            .or_else(|| cpu_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads));
+        let (q, k, v) = match fused {
             Some(split) => split,
             None => {
                 let qkv = qkv
@@ -76,6 +77,10 @@ impl<B: Backend> Attention<B> {
         };
 
         let (keys, values) = cache.append(layer, k, v)?;
+        if let Some(out) = cpu_kernels::attention(&q, &keys, &values, bias) {
+            let out = out.reshape([batch * len, heads * dim]);
+            return Ok(self.output.forward(out).reshape([batch, len, hidden]));
+        }
         let slots = keys.dims()[2];
 
         // Query heads of a group share one KV head: fold the group into the row dimension

@@ -3,8 +3,8 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
-use crate::cube_kernels;
 use crate::projection::Projection;
+use crate::{cpu_kernels, cube_kernels};
 
 /// `down(silu(gate(x)) * up(x))`, gate and up computed by one matmul.
 #[derive(Module, Debug)]
@@ -22,7 +22,8 @@ impl<B: Backend> Mlp<B> {
         let [batch, len, hidden] = x.dims();
         let inter = self.down.inputs();
         let gate_up = self.gate_up.forward(x.reshape([batch * len, hidden]));
-        let activated = match cube_kernels::swiglu(&gate_up) {
+        let fused = cube_kernels::swiglu(&gate_up).or_else(|| cpu_kernels::swiglu(&gate_up));
+        let activated = match fused {
             Some(activated) => activated,
             None => {
                 let gate = gate_up.clone().slice([0..batch * len, 0..inter]);
