@@ -402,9 +402,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             })
         });
         for (drafter, beam_length, beam_width, lookup_beams) in shapes {
-            let draft_vocab = drafter
-                .draft_vocabulary()
-                .map_or(drafter.config().vocab_size, |v| v.len());
+            let draft_vocab = drafter.draft_vocab_size();
             let config = SpeculativeConfig::default()
                 .beam_width(beam_width)
                 .beam_length(beam_length)

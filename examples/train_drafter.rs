@@ -282,9 +282,7 @@ fn draft_vocab(args: &DraftVocabArgs) -> Result<()> {
     }
     let seen = counts.iter().filter(|&&c| c > 0).count();
     let vocabulary = DraftVocabulary::most_frequent(&counts, args.size, &[])?;
-    let mut ranked = counts.clone();
-    ranked.sort_unstable_by(|a, b| b.cmp(a));
-    let covered: u64 = ranked.iter().take(args.size).sum();
+    let covered: u64 = vocabulary.ids().iter().map(|&id| counts[id as usize]).sum();
     vocabulary
         .save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;

@@ -272,8 +272,9 @@ mod avx2 {
 }
 
 // Written out next to `avx2` rather than generated with it from one macro: a macro-generated pair
-// measured ~8 % slower on one-row products (the decoding step) on the development machine, for
-// reasons not found (session 9).
+// measured ~8 % slower on one-row products (the decoding step) on the development machine. The
+// cause was not found and may be code layout: two builds of the same source once differed by ~6 %
+// there (session 9), so a re-measurement may well clear the macro.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;

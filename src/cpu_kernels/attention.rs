@@ -18,7 +18,7 @@
 //! [`attention`] declines (returns `None`) for anything but f32 tensors of
 //! `burn::backend::Flex` (not under `Autodiff`, which must record the ops).
 
-use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, TensorData, backend::Backend};
 use rayon::prelude::*;
 
 use super::view::View;
@@ -60,13 +60,6 @@ pub(crate) fn attention<B: Backend>(
         || !heads.is_multiple_of(kv_heads)
         || bias.is_some_and(|b| b.dims() != [batch, 1, len, slots])
     {
-        return None;
-    }
-    let f32_only = [queries.dtype(), keys.dtype(), values.dtype()]
-        .into_iter()
-        .chain(bias.map(|b| b.dtype()))
-        .all(|d| d == DType::F32);
-    if !f32_only {
         return None;
     }
     let device = queries.device();
@@ -295,7 +288,7 @@ fn softmax_in_place(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Distribution, Tolerance, activation::softmax};
+    use burn::tensor::{DType, Distribution, Tolerance, activation::softmax};
 
     type B = burn::backend::Flex;
 

@@ -515,8 +515,9 @@ impl<B: Backend> RecurrentDrafter<B> {
         self.draft_vocabulary.as_ref().map(|t| &t.ids)
     }
 
-    /// Tokens one draft step can choose from.
-    pub(crate) fn draft_vocab_size(&self) -> usize {
+    /// Tokens one draft step chooses from: the draft vocabulary's size when one is set, else the
+    /// whole vocabulary's.
+    pub fn draft_vocab_size(&self) -> usize {
         self.draft_vocabulary
             .as_ref()
             .map_or(self.config.vocab_size, |t| t.vocabulary.len())

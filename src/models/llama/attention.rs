@@ -44,7 +44,6 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Tensor<B, 3>> {
         let [batch, len, hidden] = x.dims();
         let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
-        let groups = heads / kv_heads;
 
         let qkv = self.qkv.forward(x.reshape([batch * len, hidden])).reshape([
             batch,
@@ -77,34 +76,50 @@ impl<B: Backend> Attention<B> {
         };
 
         let (keys, values) = cache.append(layer, k, v)?;
-        if let Some(out) = cpu_kernels::attention(&q, &keys, &values, bias) {
-            let out = out.reshape([batch * len, heads * dim]);
-            return Ok(self.output.forward(out).reshape([batch, len, hidden]));
-        }
-        let slots = keys.dims()[2];
-
-        // Query heads of a group share one KV head: fold the group into the row dimension
-        // instead of repeating K and V.
-        let q = q.reshape([batch, kv_heads, groups * len, dim]);
-        let scores = q.matmul(keys.swap_dims(2, 3));
-        let probs = match cube_kernels::softmax_with_bias(&scores, bias) {
-            Some(probs) => probs,
-            None => {
-                let scores = match bias {
-                    Some(bias) => scores
-                        .reshape([batch, kv_heads, groups, len, slots])
-                        .add(bias.clone().unsqueeze_dim::<5>(1))
-                        .reshape([batch, kv_heads, groups * len, slots]),
-                    None => scores,
-                };
-                softmax(scores, 3)
-            }
+        let out = match cpu_kernels::attention(&q, &keys, &values, bias) {
+            Some(out) => out.reshape([batch * len, heads * dim]),
+            None => grouped_attention(q, keys, values, bias, kv_heads),
         };
-        let out = probs
-            .matmul(values)
-            .reshape([batch, heads, len, dim])
-            .swap_dims(1, 2)
-            .reshape([batch * len, heads * dim]);
         Ok(self.output.forward(out).reshape([batch, len, hidden]))
     }
+}
+
+/// Burn's ops for [`Attention::forward`]'s attention, where no fused kernel applies.
+///
+/// # Shapes
+/// - `q`: `[batch, heads, len, dim]`; `keys`, `values`: `[batch, kv_heads, slots, dim]`
+/// - `bias`: `[batch, 1, len, slots]`, or `None`
+/// - returns `[batch · len, heads · dim]`
+fn grouped_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+    kv_heads: usize,
+) -> Tensor<B, 2> {
+    let [batch, heads, len, dim] = q.dims();
+    let groups = heads / kv_heads;
+    let slots = keys.dims()[2];
+    // Query heads of a group share one KV head: fold the group into the row dimension
+    // instead of repeating K and V.
+    let q = q.reshape([batch, kv_heads, groups * len, dim]);
+    let scores = q.matmul(keys.swap_dims(2, 3));
+    let probs = match cube_kernels::softmax_with_bias(&scores, bias) {
+        Some(probs) => probs,
+        None => {
+            let scores = match bias {
+                Some(bias) => scores
+                    .reshape([batch, kv_heads, groups, len, slots])
+                    .add(bias.clone().unsqueeze_dim::<5>(1))
+                    .reshape([batch, kv_heads, groups * len, slots]),
+                None => scores,
+            };
+            softmax(scores, 3)
+        }
+    };
+    probs
+        .matmul(values)
+        .reshape([batch, heads, len, dim])
+        .swap_dims(1, 2)
+        .reshape([batch * len, heads * dim])
 }
