@@ -9,7 +9,10 @@
 //! one). End to end a 5-token verification runs 1.5× faster. So weights are laid out per backend
 //! when a model is loaded, and [`Projection::forward`] picks the matching product. On Flex in f32,
 //! [`matmul_out_major`] hands products of up to 64 rows to [`crate::skinny_matmul`], which beats
-//! `gemm` there by streaming the weight once.
+//! `gemm` there by streaming the weight once. On CUDA and WGPU, products of up to
+//! [`crate::cube_kernels::MATMUL_MAX_ROWS`] rows go to [`crate::cube_kernels::matmul`], whose
+//! results do not depend on the row count (CubeCL's own matmul rounds a one-token step and a
+//! verification tree differently).
 
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
@@ -151,9 +154,12 @@ impl<B: Backend> Projection<B> {
             let inputs = shape[D - 1];
             let rows = shape[..D - 1].iter().product::<usize>();
             shape[D - 1] = self.outputs();
-            x.reshape([rows, inputs])
-                .matmul(self.weight.val())
-                .reshape(shape)
+            let x = x.reshape([rows, inputs]);
+            let weight = self.weight.val();
+            match crate::cube_kernels::matmul(&x, &weight) {
+                Some(y) => y.reshape(shape),
+                None => x.matmul(weight).reshape(shape),
+            }
         }
     }
 }

@@ -42,6 +42,40 @@ fn close<const D: usize>(got: Tensor<B, D>, expected: Tensor<B, D>) {
         .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
 }
 
+/// A Llama configuration of the given attention shape, with small MLP and vocabulary.
+fn small_config(
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    layers: usize,
+    vocab: usize,
+) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: heads * dim,
+        intermediate_size: 8 * dim,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        vocab_size: vocab,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: true,
+        rope_scaling: None,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+fn bits<const D: usize>(tensor: Tensor<B, D>) -> Vec<u32> {
+    tensor
+        .cast(burn::tensor::DType::F32)
+        .into_data()
+        .iter::<f32>()
+        .map(f32::to_bits)
+        .collect()
+}
+
 fn reference_norm<const D: usize>(x: Tensor<B, D>, eps: f64) -> Tensor<B, D> {
     let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
     x.div(rms)
@@ -128,21 +162,7 @@ fn softmax_covers_more_rows_than_one_grid_axis_holds() {
 #[test]
 fn rotate_qkv_matches_the_rotary_embedding_in_burn_ops() {
     let (batch, len, heads, kv_heads, dim) = (2, 3, 4, 2, 8);
-    let config = LlamaConfig {
-        hidden_size: heads * dim,
-        intermediate_size: 8,
-        num_hidden_layers: 1,
-        num_attention_heads: heads,
-        num_key_value_heads: kv_heads,
-        vocab_size: 8,
-        max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: true,
-        rope_scaling: None,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
+    let config = small_config(heads, kv_heads, dim, 1, 8);
     let rope = RotaryEmbedding::<B>::new(&config, 64, &device());
     let positions = Tensor::<B, 2, Int>::from_data(
         TensorData::new(vec![0i64, 7, 7, 30, 31, 63], [batch, len]),
@@ -210,5 +230,242 @@ fn a_smollm2_shaped_prefill_matches_burn_ops() {
     for part in [q, k, v] {
         let values: Vec<f32> = part.into_data().iter::<f32>().collect();
         assert!(values.iter().all(|v| v.is_finite()));
+    }
+}
+
+fn host<const D: usize>(tensor: &Tensor<B, D>) -> Vec<f64> {
+    tensor
+        .clone()
+        .into_data()
+        .iter::<f32>()
+        .map(f64::from)
+        .collect()
+}
+
+/// `got` against a reference computed on the host in f64 (not with Burn's GPU ops: on CUDA
+/// CubeCL's matmul rounds f32 through TF32, ~1e-3 relative).
+fn close_to_host(got: Tensor<B, 2>, want: &[f64], tolerance: f64) {
+    let got = host(&got);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tolerance * (1.0 + w.abs()),
+            "element {i}: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn matmul_matches_a_host_product() {
+    // Widths that are not multiples of the kernel's 64 columns or 4 input slices.
+    let (inputs, outputs) = (301, 130);
+    let w = random([inputs, outputs]);
+    let weights = host(&w);
+    for rows in [1, 7, 13, 70] {
+        let x = random([rows, inputs]);
+        let got = cube_kernels::matmul(&x, &w).expect("applies on the GPU backend");
+        let xs = host(&x);
+        let want: Vec<f64> = (0..rows * outputs)
+            .map(|i| {
+                let (r, c) = (i / outputs, i % outputs);
+                (0..inputs)
+                    .map(|k| xs[r * inputs + k] * weights[k * outputs + c])
+                    .sum()
+            })
+            .collect();
+        close_to_host(got, &want, 1e-4);
+    }
+}
+
+#[test]
+fn a_rows_product_does_not_depend_on_the_other_rows() {
+    let x = random([70, 576]);
+    let w = random([576, 960]);
+    let all = cube_kernels::matmul(&x, &w).unwrap();
+    // Row 13 alone, and as the first row of a 3-row product: another place in a tile.
+    let alone = cube_kernels::matmul(&x.clone().slice([13..14, 0..576]), &w).unwrap();
+    let first = cube_kernels::matmul(&x.clone().slice([13..16, 0..576]), &w).unwrap();
+    let want = bits(all.slice([13..14, 0..960]));
+    assert_eq!(bits(alone), want);
+    assert_eq!(bits(first.slice([0..1, 0..960])), want);
+}
+
+#[test]
+fn matmul_declines_what_it_does_not_cover() {
+    let w = random([16, 8]);
+    assert!(cube_kernels::matmul(&random([cube_kernels::MATMUL_MAX_ROWS + 1, 16]), &w).is_none());
+    assert!(cube_kernels::matmul(&random([4, 15]), &w).is_none());
+}
+
+/// [`cube_kernels::attention`] on the host, in f64.
+fn host_attention(
+    q: &Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+) -> Vec<f64> {
+    let [batch, heads, len, dim] = q.dims();
+    let [_, kv_heads, slots, _] = keys.dims();
+    let (qs, ks, vs) = (host(q), host(keys), host(values));
+    let bias = bias.map(host);
+    let mut out = vec![0.0; batch * len * heads * dim];
+    for b in 0..batch {
+        for h in 0..heads {
+            let kv = h / (heads / kv_heads);
+            for t in 0..len {
+                let query = &qs[((b * heads + h) * len + t) * dim..][..dim];
+                let scores: Vec<f64> = (0..slots)
+                    .map(|s| {
+                        let key = &ks[((b * kv_heads + kv) * slots + s) * dim..][..dim];
+                        let dot: f64 = query.iter().zip(key).map(|(a, b)| a * b).sum();
+                        dot + bias
+                            .as_ref()
+                            .map_or(0.0, |bias| bias[(b * len + t) * slots + s])
+                    })
+                    .collect();
+                let largest = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - largest).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..dim {
+                    let sum: f64 = (0..slots)
+                        .map(|s| weights[s] * vs[((b * kv_heads + kv) * slots + s) * dim + d])
+                        .sum();
+                    out[(b * len + t) * heads * dim + h * dim + d] = sum / total;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A causal bias over `slots` for the last `len` of them, with some context slots masked too.
+fn tree_like_bias(batch: usize, len: usize, slots: usize) -> Tensor<B, 4> {
+    let data: Vec<f32> = (0..batch * len * slots)
+        .map(|i| {
+            let (t, s) = ((i / slots) % len, i % slots);
+            let hidden = s > slots - len + t || (s % 5 == 3 && s < slots - len);
+            if hidden { MASKED } else { 0.0 }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(data, [batch, 1, len, slots]), &device())
+}
+
+#[test]
+fn attention_matches_a_host_computation_over_a_strided_cache() {
+    let (batch, heads, kv_heads, len, dim) = (2, 6, 2, 5, 40);
+    // 300 slots (more than one chunk of 128) visible out of a cache of 320: a strided view.
+    let (slots, capacity) = (300, 320);
+    let q = random([batch, heads, len, dim]).mul_scalar(0.2);
+    let cache_k = random([batch, kv_heads, capacity, dim]);
+    let cache_v = random([batch, kv_heads, capacity, dim]);
+    let keys = cache_k.slice([0..batch, 0..kv_heads, 0..slots, 0..dim]);
+    let values = cache_v.slice([0..batch, 0..kv_heads, 0..slots, 0..dim]);
+    let bias = tree_like_bias(batch, len, slots);
+    let got = cube_kernels::attention(&q, &keys, &values, Some(&bias)).expect("applies");
+    close_to_host(got, &host_attention(&q, &keys, &values, Some(&bias)), 1e-5);
+    let got = cube_kernels::attention(&q, &keys, &values, None).unwrap();
+    close_to_host(got, &host_attention(&q, &keys, &values, None), 1e-5);
+}
+
+/// A tree row masked down to some slots gives, bit for bit, the output of the same query over
+/// just those slots, unmasked: what makes a verification tree agree with plain decoding.
+#[test]
+fn a_masked_attention_row_equals_the_row_over_its_visible_slots() {
+    let (heads, kv_heads, dim, slots) = (9, 3, 64, 200);
+    let visible: Vec<usize> = (0..slots).filter(|s| s % 3 != 1).collect();
+    let q = random([1, heads, 1, dim]).mul_scalar(0.2);
+    let keys = random([1, kv_heads, slots, dim]);
+    let values = random([1, kv_heads, slots, dim]);
+    let mask: Vec<f32> = (0..slots)
+        .map(|s| if s % 3 != 1 { 0.0 } else { MASKED })
+        .collect();
+    let bias = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, 1, slots]), &device());
+    let masked = cube_kernels::attention(&q, &keys, &values, Some(&bias)).unwrap();
+
+    let ids = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(visible.iter().map(|&s| s as i64).collect(), [visible.len()]),
+        &device(),
+    );
+    let dense_k = keys.select(2, ids.clone());
+    let dense_v = values.select(2, ids);
+    let dense = cube_kernels::attention(&q, &dense_k, &dense_v, None).unwrap();
+    assert_eq!(bits(masked), bits(dense));
+}
+
+/// The whole Llama forward on the GPU: a verification tree's logits along its accepted path are
+/// bit for bit those of one-token decoding steps, in f32 and f16 — so greedy speculative decoding
+/// emits exactly plain greedy decoding's tokens.
+#[test]
+fn a_verification_tree_reproduces_decoding_bit_for_bit() {
+    use redrafter::kv_cache::KvCache;
+    use redrafter::models::llama::{Llama, LlamaLoadOptions};
+    use redrafter::target::{Block, TargetModel};
+
+    let ids = |values: &[i64]| {
+        Tensor::<B, 2, Int>::from_data(
+            TensorData::new(values.to_vec(), [1, values.len()]),
+            &device(),
+        )
+    };
+    for dtype in [burn::tensor::DType::F32, burn::tensor::DType::F16] {
+        let options = LlamaLoadOptions {
+            dtype,
+            max_context: Some(64),
+        };
+        let model =
+            Llama::<B>::init_random(small_config(4, 2, 32, 2, 300), &options, &device()).unwrap();
+        let prompt: Vec<i64> = vec![5, 17, 250, 3, 99, 42, 7, 7, 120];
+        let p = prompt.len() as i64;
+        let prefill = |cache: &mut KvCache<B>| {
+            let block = Block {
+                tokens: ids(&prompt),
+                positions: ids(&(0..p).collect::<Vec<_>>()),
+                bias: None,
+            };
+            model.forward(&block, cache).unwrap();
+            cache.commit(&[(0..prompt.len()).collect()]).unwrap();
+        };
+
+        // Plain decoding of a, b, c.
+        let path = [11i64, 222, 33];
+        let mut cache = model.new_cache(1, 64);
+        prefill(&mut cache);
+        let mut decoded = Vec::new();
+        for (i, &token) in path.iter().enumerate() {
+            let block = Block {
+                tokens: ids(&[token]),
+                positions: ids(&[p + i as i64]),
+                bias: None,
+            };
+            let hidden = model.forward(&block, &mut cache).unwrap();
+            decoded.push(bits(model.logits(hidden)));
+            cache.commit(&[vec![0]]).unwrap();
+        }
+
+        // One tree: a → {x, b}, b → {y, c}; the path a, b, c sits at indices 0, 2, 4.
+        let mut cache = model.new_cache(1, 64);
+        prefill(&mut cache);
+        let tokens = [path[0], 77, path[1], 150, path[2]];
+        let parents: [Option<usize>; 5] = [None, Some(0), Some(0), Some(2), Some(2)];
+        let mut mask = vec![false; 25];
+        for t in 0..5 {
+            let mut node = Some(t);
+            while let Some(n) = node {
+                mask[t * 5 + n] = true;
+                node = parents[n];
+            }
+        }
+        let block = Block {
+            tokens: ids(&tokens),
+            positions: ids(&[p, p + 1, p + 1, p + 2, p + 2]),
+            bias: Some(cache.attention_bias(5, Some(&[mask]), &device())),
+        };
+        let hidden = model.forward(&block, &mut cache).unwrap();
+        let logits = model.logits(hidden);
+        let vocab = 300;
+        for (step, index) in [0usize, 2, 4].into_iter().enumerate() {
+            let row = logits.clone().slice([0..1, index..index + 1, 0..vocab]);
+            assert_eq!(bits(row), decoded[step], "{dtype:?}: path token {step}");
+        }
     }
 }

@@ -57,12 +57,21 @@ pub(super) fn run<B: Backend, Op: CubeOp<B>>(op: Op) -> Option<Op::Output> {
 pub(super) fn to_cube<R: CubeRuntime, B: Backend, const D: usize>(
     tensor: &Tensor<B, D>,
 ) -> Option<CubeTensor<R>> {
+    to_cube_strided(tensor).map(into_contiguous)
+}
+
+/// The runtime tensor behind `tensor` as it lies, strides and all (a view into a larger buffer
+/// stays one); `None` as for [`to_cube`]. Only for kernels that index every input through its
+/// strides.
+pub(super) fn to_cube_strided<R: CubeRuntime, B: Backend, const D: usize>(
+    tensor: &Tensor<B, D>,
+) -> Option<CubeTensor<R>> {
     let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() else {
         return None;
     };
     let boxed: Box<dyn Any> = Box::new(primitive);
     let cube = *boxed.downcast::<CubeTensor<R>>().ok()?;
-    matches!(cube.dtype, DType::F32 | DType::F16 | DType::BF16).then(|| into_contiguous(cube))
+    matches!(cube.dtype, DType::F32 | DType::F16 | DType::BF16).then_some(cube)
 }
 
 /// `tensor` as a `Tensor<B, D>`; `None` if `B`'s tensors are not `R`'s.

@@ -9,7 +9,10 @@
 //! - [`rms_norm`] and [`add_rms_norm`] (the residual add folded into the next norm),
 //! - [`softmax_with_bias`] (the attention bias added inside the softmax),
 //! - [`rotate_qkv`] (Q and K rotated and every head written in the layout attention reads),
-//! - [`swiglu`].
+//! - [`swiglu`],
+//! - [`attention`] (scores, softmax with the bias and the value product of grouped-query
+//!   attention, written in the output projection's layout),
+//! - [`matmul`] for a few rows (the projections of a decoding step or a verification tree).
 //!
 //! Each function returns `None` when it does not apply — a backend other than CUDA or WGPU without
 //! fusion (e.g. the CPU, or `Autodiff<_>`, which must record every op for training), a float type
@@ -22,13 +25,19 @@
 //! rows to an alignment, so `row * width` would read and write the wrong elements on CUDA (not on
 //! WGPU, which is why `tests/cube_kernels.rs` also runs on CUDA: see its header). A row's result
 //! does not depend on how many rows are processed with it, so a token's hidden state is the same
-//! in a one-token decoding step and in a verification tree.
+//! in a one-token decoding step and in a verification tree. With [`attention`] and [`matmul`]
+//! that holds for the whole Llama forward, bit for bit: greedy speculative decoding on a GPU emits
+//! exactly plain greedy decoding's tokens (tests/cube_kernels.rs checks it on a random model).
 
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod attention;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod dispatch;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod matmul;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod norm;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -43,19 +52,34 @@ mod swiglu;
 /// The environment variable that switches the kernels off (`off`, `0` or `false`).
 pub const SWITCH_VARIABLE: &str = "REDRAFTER_CUBE_KERNELS";
 
+/// The environment variable that switches off only [`matmul`] and [`attention`] (`off`, `0` or
+/// `false`), leaving CubeCL's matmul and Burn's attention ops with the other fused kernels: how
+/// the benchmarks measure what exactness costs or saves.
+pub const EXACT_SWITCH_VARIABLE: &str = "REDRAFTER_EXACT_KERNELS";
+
 /// Whether the kernels are switched on for this process (they are unless [`SWITCH_VARIABLE`]
 /// says otherwise). Read once.
 pub fn switched_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        let on = std::env::var(SWITCH_VARIABLE)
-            .map(|value| !matches!(value.to_ascii_lowercase().as_str(), "off" | "0" | "false"))
-            .unwrap_or(true);
-        if !on {
-            tracing::info!("fused CubeCL kernels switched off by {SWITCH_VARIABLE}");
-        }
-        on
-    })
+    *ON.get_or_init(|| variable_allows(SWITCH_VARIABLE))
+}
+
+/// Whether [`matmul`] and [`attention`] are switched on (they are unless [`SWITCH_VARIABLE`] or
+/// [`EXACT_SWITCH_VARIABLE`] says otherwise). Read once.
+pub fn exact_switched_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| switched_on() && variable_allows(EXACT_SWITCH_VARIABLE))
+}
+
+/// False where `variable` is set to `off`, `0` or `false` (logged), true otherwise.
+fn variable_allows(variable: &str) -> bool {
+    let on = std::env::var(variable)
+        .map(|value| !matches!(value.to_ascii_lowercase().as_str(), "off" | "0" | "false"))
+        .unwrap_or(true);
+    if !on {
+        tracing::info!("fused CubeCL kernels switched off by {variable}");
+    }
+    on
 }
 
 /// Whether tensors of `B` run through these kernels.
@@ -185,6 +209,68 @@ pub fn swiglu<B: Backend>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = gate_up;
+        None
+    }
+}
+
+/// The most rows [`matmul`] takes. Its weight is read once per 8 rows, so beyond a few hundred
+/// rows (a long prompt) CubeCL's tiled matmul is much faster; verification trees up to this size
+/// stay bit-exact against decoding.
+pub const MATMUL_MAX_ROWS: usize = 256;
+
+/// `x · weight` for up to [`MATMUL_MAX_ROWS`] rows, each output summed in an order that depends
+/// neither on the number of rows nor on the row's place among them (f32 accumulation).
+///
+/// # Shapes
+/// `x`: `[rows, in]`, `weight`: `[in, out]` to `[rows, out]`
+pub fn matmul<B: Backend>(x: &Tensor<B, 2>, weight: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    if !exact_switched_on() {
+        return None;
+    }
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(matmul::RowMatmul { x, weight })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (x, weight);
+        None
+    }
+}
+
+/// Grouped-query attention with an additive bias: query head `h` reads KV head
+/// `h / (heads / kv_heads)`; the 1/√dim scale is expected to be folded into the queries. Scores,
+/// softmax and the value sums run in slot order, a masked slot (bias
+/// [`crate::kv_cache::MASKED`]) adding exactly nothing, so a tree row's output equals its output
+/// decoded alone. Declines head dimensions above 128.
+///
+/// # Shapes
+/// - `queries`: `[batch, heads, len, dim]`
+/// - `keys`, `values`: `[batch, kv_heads, slots, dim]` (a strided view of the cache is read in
+///   place)
+/// - `bias`: `[batch, 1, len, slots]`, or `None` (every slot visible)
+/// - returns `[batch · len, heads · dim]`
+pub fn attention<B: Backend>(
+    queries: &Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+) -> Option<Tensor<B, 2>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        if !exact_switched_on() {
+            return None;
+        }
+        dispatch::run(attention::Attention {
+            queries,
+            keys,
+            values,
+            bias,
+        })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (queries, keys, values, bias);
         None
     }
 }

@@ -14,6 +14,19 @@ pub(super) fn at<E: CubePrimitive>(tensor: &Tensor<E>, row: usize, column: usize
     row * tensor.stride(0) + column * tensor.stride(1)
 }
 
+/// The position of element `(a, b, c, d)` of a 4-D tensor in its buffer (through its strides,
+/// as [`at`]).
+#[cube]
+pub(super) fn at4<E: CubePrimitive>(
+    tensor: &Tensor<E>,
+    a: usize,
+    b: usize,
+    c: usize,
+    d: usize,
+) -> usize {
+    a * tensor.stride(0) + b * tensor.stride(1) + c * tensor.stride(2) + d * tensor.stride(3)
+}
+
 #[cube]
 fn fold_sum(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usize) {
     if unit < stride {

@@ -5,7 +5,7 @@ use burn_cubecl::CubeRuntime;
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
 use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
-use super::reduce::at;
+use super::reduce::{at, at4};
 
 /// One unit per element of `qkv` `[batch * len, (heads + 2 * kv_heads) * dim]`: rotates Q and K
 /// elements (`x ⊙ cos + rotate_half(x) ⊙ sin`, tables `[batch * len, dim]`) and writes every
@@ -48,25 +48,13 @@ fn rotate_qkv_kernel<F: Float>(
         let rotated = value * f32::cast_from(cos[at(cos, token, d)])
             + f32::cast_from(qkv[at(qkv, token, partner)]) * f32::cast_from(sin[at(sin, token, d)]);
         if head < heads {
-            q[head_major(q, batch, head, t, d)] = F::cast_from(rotated);
+            q[at4(q, batch, head, t, d)] = F::cast_from(rotated);
         } else {
-            k[head_major(k, batch, head - heads, t, d)] = F::cast_from(rotated);
+            k[at4(k, batch, head - heads, t, d)] = F::cast_from(rotated);
         }
     } else {
-        v[head_major(v, batch, head - heads - kv_heads, t, d)] = F::cast_from(value);
+        v[at4(v, batch, head - heads - kv_heads, t, d)] = F::cast_from(value);
     }
-}
-
-/// The position of element `(batch, head, t, d)` of a 4-D tensor in its buffer.
-#[cube]
-fn head_major<E: CubePrimitive>(
-    tensor: &Tensor<E>,
-    batch: usize,
-    head: usize,
-    t: usize,
-    d: usize,
-) -> usize {
-    batch * tensor.stride(0) + head * tensor.stride(1) + t * tensor.stride(2) + d * tensor.stride(3)
 }
 
 /// The operation behind [`super::rotate_qkv`].

@@ -76,9 +76,12 @@ impl<B: Backend> Attention<B> {
         };
 
         let (keys, values) = cache.append(layer, k, v)?;
-        let out = match cpu_kernels::attention(&q, &keys, &values, bias) {
-            Some(out) => out.reshape([batch * len, heads * dim]),
-            None => grouped_attention(q, keys, values, bias, kv_heads),
+        let out = match cube_kernels::attention(&q, &keys, &values, bias) {
+            Some(out) => out,
+            None => match cpu_kernels::attention(&q, &keys, &values, bias) {
+                Some(out) => out.reshape([batch * len, heads * dim]),
+                None => grouped_attention(q, keys, values, bias, kv_heads),
+            },
         };
         Ok(self.output.forward(out).reshape([batch, len, hidden]))
     }
