@@ -27,7 +27,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use redrafter::drafter::{
-    DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig, TopKMethod,
+    DraftHead, DraftHeadKind, DraftRequest, DraftVocabulary, RecurrentDrafterConfig, TopKMethod,
 };
 use redrafter::generate::{GenerationConfig, generate, int_tensor, prefill};
 use redrafter::models::llama::{Llama, LlamaConfig, LlamaLoadOptions};
@@ -49,8 +49,13 @@ struct Args {
     /// Beam widths for the draft-round and tree-packing measurements (SmolLM2 shape only).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     beam_widths: Vec<usize>,
-    #[arg(long, default_value_t = 5)]
-    beam_length: usize,
+    /// Beam lengths C (the first token included) for the draft-round and packing measurements.
+    #[arg(long, value_delimiter = ',', default_value = "5")]
+    beam_lengths: Vec<usize>,
+    /// Draft from this many tokens (the first ids of the vocabulary, as a draft vocabulary) instead
+    /// of the whole vocabulary; 0 = all.
+    #[arg(long, default_value_t = 0)]
+    draft_vocab_size: usize,
     /// Top-k methods to time in the draft round: auto, sort, rank.
     #[arg(long, value_delimiter = ',', default_value = "sort,rank")]
     top_k: Vec<String>,
@@ -246,11 +251,20 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             .with_head(DraftHeadKind::Tied)
             .init_seeded::<B>(0, &device)?
             .with_target(&model)?;
+        let drafter = match args.draft_vocab_size {
+            0 => drafter,
+            size => drafter
+                .with_draft_vocabulary(DraftVocabulary::new((0..size as u32).collect(), vocab)?)?,
+        };
         for method in &args.top_k {
             let method: TopKMethod = method.parse()?;
             let drafter = drafter.clone().with_top_k(method);
-            for &width in &args.beam_widths {
-                let bar = spinner(format!("draft M = {width} ({method:?})"));
+            for (&width, &length) in args
+                .beam_widths
+                .iter()
+                .flat_map(|w| args.beam_lengths.iter().map(move |c| (w, c)))
+            {
+                let bar = spinner(format!("draft M = {width}, C = {length} ({method:?})"));
                 let context = Tensor::<B, 2>::random(
                     [1, model.hidden_size()],
                     Distribution::Normal(0.0, 1.0),
@@ -263,7 +277,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                         context: context.clone(),
                         first_tokens: first.clone(),
                         beam_width: width,
-                        beam_length: args.beam_length,
+                        beam_length: length,
                     })?;
                     beams.tokens.into_data();
                     Ok(())
@@ -271,14 +285,18 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 bar.finish_and_clear();
                 let size = (
                     width,
-                    format!("{method:?} C={}", args.beam_length).to_lowercase(),
+                    format!("{method:?} C={length} V={}", drafter.draft_vocab_size())
+                        .to_lowercase(),
                 );
                 report(&mut rows, "draft", shape, &args.dtype, size, timing);
             }
         }
-        for &width in &args.beam_widths {
+        for (&width, &c) in args
+            .beam_widths
+            .iter()
+            .flat_map(|w| args.beam_lengths.iter().map(move |c| (w, c)))
+        {
             // Beams sharing prefixes the way drafted beams do: a few tokens per depth.
-            let c = args.beam_length;
             let beams: Vec<u32> = (0..width * c)
                 .map(|i| {
                     if i % c == 0 {

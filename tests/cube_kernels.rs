@@ -50,21 +50,8 @@ fn small_config(
     layers: usize,
     vocab: usize,
 ) -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: heads * dim,
-        intermediate_size: 8 * dim,
-        num_hidden_layers: layers,
-        num_attention_heads: heads,
-        num_key_value_heads: kv_heads,
-        vocab_size: vocab,
-        max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: true,
-        rope_scaling: None,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
+    LlamaConfig::new(heads * dim, 8 * dim, layers, heads, kv_heads, vocab)
+        .with_max_position_embeddings(64)
 }
 
 fn bits<const D: usize>(tensor: Tensor<B, D>) -> Vec<u32> {

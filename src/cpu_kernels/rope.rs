@@ -77,21 +77,7 @@ mod tests {
     #[test]
     fn equals_burns_split_and_rotation() {
         let device = Default::default();
-        let config = LlamaConfig {
-            hidden_size: 48,
-            intermediate_size: 32,
-            num_hidden_layers: 1,
-            num_attention_heads: 6,
-            num_key_value_heads: 2,
-            vocab_size: 8,
-            max_position_embeddings: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            tie_word_embeddings: true,
-            rope_scaling: None,
-            bos_token_id: None,
-            eos_token_id: None,
-        };
+        let config = LlamaConfig::new(48, 32, 1, 6, 2, 8).with_max_position_embeddings(64);
         let (heads, kv_heads, dim, batch, len) = (6, 2, 8, 2, 3);
         let rope = RotaryEmbedding::<B>::new(&config, 64, &device);
         let positions = Tensor::<B, 2, Int>::from_data(

@@ -344,21 +344,7 @@ mod tests {
     }
 
     fn tiny_config() -> LlamaConfig {
-        LlamaConfig {
-            hidden_size: 8,
-            intermediate_size: 16,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            vocab_size: 4,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            max_position_embeddings: 32,
-            tie_word_embeddings: true,
-            rope_scaling: None,
-            bos_token_id: None,
-            eos_token_id: None,
-        }
+        LlamaConfig::new(8, 16, 1, 2, 1, 4).with_max_position_embeddings(32)
     }
 
     #[test]

@@ -38,6 +38,54 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// A configuration of the given shape; the rest as in SmolLM2 and Llama-2 (RMSNorm eps 1e-5,
+    /// RoPE θ 10,000 without scaling, embeddings tied, 4,096 positions, no special tokens), to
+    /// adjust with the `with_*` methods. For models with random weights
+    /// ([`super::Llama::init_random`]) and tests; real models read theirs with
+    /// [`Self::from_hf_config`] or [`Self::from_gguf`].
+    pub fn new(
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        vocab_size: usize,
+    ) -> Self {
+        Self {
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            vocab_size,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: true,
+            rope_scaling: None,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
+    /// With RoPE base `theta`.
+    pub fn with_rope_theta(mut self, theta: f64) -> Self {
+        self.rope_theta = theta;
+        self
+    }
+
+    /// With the output head tied to the input embedding or not.
+    pub fn with_tied_embeddings(mut self, tied: bool) -> Self {
+        self.tie_word_embeddings = tied;
+        self
+    }
+
+    /// With `positions` supported positions.
+    pub fn with_max_position_embeddings(mut self, positions: usize) -> Self {
+        self.max_position_embeddings = positions;
+        self
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads

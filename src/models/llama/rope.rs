@@ -147,21 +147,7 @@ mod tests {
     /// folded tables and the gather.
     #[test]
     fn rotation_equals_the_pairwise_formula() {
-        let config = LlamaConfig {
-            hidden_size: 16,
-            intermediate_size: 32,
-            num_hidden_layers: 1,
-            num_attention_heads: 2,
-            num_key_value_heads: 1,
-            vocab_size: 8,
-            max_position_embeddings: 64,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            tie_word_embeddings: true,
-            rope_scaling: None,
-            bos_token_id: None,
-            eos_token_id: None,
-        };
+        let config = LlamaConfig::new(16, 32, 1, 2, 1, 8).with_max_position_embeddings(64);
         let device = Default::default();
         let rope = RotaryEmbedding::<B>::new(&config, 64, &device);
         let (heads, dim, positions) = (2, 8, [0i64, 5, 63]);
