@@ -56,6 +56,13 @@ pub struct Block<B: Backend> {
 ///     fn output_embedding(&self) -> Tensor<B, 2> { self.head.weight.val().transpose() }
 /// }
 /// ```
+///
+/// Greedy speculative output equals plain greedy decoding exactly only if a token's logits in a
+/// draft tree equal its logits in a one-token step. Burn's GPU matmul rounds differently per
+/// shape, so on CUDA and WGPU use [`crate::cube_kernels::matmul`] for the projections and
+/// [`crate::cube_kernels::attention`] for attention (each returns `None` where it does not apply;
+/// fall back to your Burn ops then), as the shipped Llama does. Otherwise outputs can differ at
+/// near-ties.
 pub trait TargetModel<B: Backend> {
     /// Width of the hidden state `h` the draft head reads.
     fn hidden_size(&self) -> usize;
