@@ -520,6 +520,11 @@ fn write_report<B: Backend>(
         "device": B::name(device),
         "dtype": args.dtype,
         "top_k": format!("{:?}", top_k.resolve::<B>(device)).to_lowercase(),
+        // Whether our fused GPU kernels ran (REDRAFTER_CUBE_KERNELS) and, of them, the row-exact
+        // product and attention (REDRAFTER_EXACT_KERNELS).
+        "cube_kernels": redrafter::cube_kernels::applies::<B>(),
+        "exact_kernels": redrafter::cube_kernels::applies::<B>()
+            && redrafter::cube_kernels::exact_switched_on(),
         "prompts_file": args.prompts,
         "prompts": prompts.len(),
         "skipped_prompts": args.skip,
