@@ -256,14 +256,16 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             size => drafter
                 .with_draft_vocabulary(DraftVocabulary::new((0..size as u32).collect(), vocab)?)?,
         };
+        // Every beam width with every beam length, for drafting and packing alike.
+        let beam_shapes: Vec<(usize, usize)> = args
+            .beam_widths
+            .iter()
+            .flat_map(|&w| args.beam_lengths.iter().map(move |&c| (w, c)))
+            .collect();
         for method in &args.top_k {
             let method: TopKMethod = method.parse()?;
             let drafter = drafter.clone().with_top_k(method);
-            for (&width, &length) in args
-                .beam_widths
-                .iter()
-                .flat_map(|w| args.beam_lengths.iter().map(move |c| (w, c)))
-            {
+            for &(width, length) in &beam_shapes {
                 let bar = spinner(format!("draft M = {width}, C = {length} ({method:?})"));
                 let context = Tensor::<B, 2>::random(
                     [1, model.hidden_size()],
@@ -291,11 +293,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 report(&mut rows, "draft", shape, &args.dtype, size, timing);
             }
         }
-        for (&width, &c) in args
-            .beam_widths
-            .iter()
-            .flat_map(|w| args.beam_lengths.iter().map(move |c| (w, c)))
-        {
+        for &(width, c) in &beam_shapes {
             // Beams sharing prefixes the way drafted beams do: a few tokens per depth.
             let beams: Vec<u32> = (0..width * c)
                 .map(|i| {

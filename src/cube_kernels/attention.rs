@@ -73,6 +73,9 @@ fn attention_kernel<F: Float>(
     let lane = if unit < dim { unit } else { dim - 1 };
     let mut chunk = 0usize;
     while chunk < slots {
+        // The same slots this unit scored above (the chunk advances by the cube's width). They
+        // are scored again rather than kept: how many a unit holds depends on the slot count,
+        // and a shared buffer of every score would bound the context by shared memory.
         let mine = chunk + unit;
         let mut weight = f32::new(0.0);
         if mine < slots {

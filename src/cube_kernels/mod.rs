@@ -224,11 +224,11 @@ pub const MATMUL_MAX_ROWS: usize = 256;
 /// # Shapes
 /// `x`: `[rows, in]`, `weight`: `[in, out]` to `[rows, out]`
 pub fn matmul<B: Backend>(x: &Tensor<B, 2>, weight: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-    if !exact_switched_on() {
-        return None;
-    }
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     {
+        if !exact_switched_on() {
+            return None;
+        }
         dispatch::run(matmul::RowMatmul { x, weight })
     }
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
