@@ -20,6 +20,12 @@ use crate::generate::int_tensor;
 /// (padding) row softmaxes to a uniform distribution instead of NaN.
 pub const MASKED: f32 = -1.0e9;
 
+/// The storage's slots per row are a multiple of this, so that every layer's block starts on a
+/// 512-byte boundary (for head dimensions of 8 or more elements of 2 bytes or more): the visible
+/// slots of a layer are then a view of the storage, not a copy, on CUDA (see
+/// `cube_kernels::view`).
+const STORAGE_SLOT_MULTIPLE: usize = 64;
+
 /// Per-layer key/value storage for a batch of sequences.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
@@ -29,6 +35,8 @@ pub struct KvCache<B: Backend> {
     lengths: Vec<usize>,
     pending: usize,
     capacity: usize,
+    /// Slots allocated per row: `capacity` rounded up to [`STORAGE_SLOT_MULTIPLE`].
+    storage_slots: usize,
     kv_heads: usize,
     head_dim: usize,
 }
@@ -46,9 +54,10 @@ impl<B: Backend> KvCache<B> {
         capacity: usize,
         device: &B::Device,
     ) -> Self {
+        let storage_slots = capacity.next_multiple_of(STORAGE_SLOT_MULTIPLE);
         let make = || {
             Some(Tensor::<B, 5>::zeros(
-                [num_layers, batch, kv_heads, capacity, head_dim],
+                [num_layers, batch, kv_heads, storage_slots, head_dim],
                 device,
             ))
         };
@@ -59,6 +68,7 @@ impl<B: Backend> KvCache<B> {
             lengths: vec![0; batch],
             pending: 0,
             capacity,
+            storage_slots,
             kv_heads,
             head_dim,
         }
@@ -159,8 +169,11 @@ impl<B: Backend> KvCache<B> {
         let cached_k = flex_write::slice_assign(cached_k, region.clone(), keys.unsqueeze_dim(0))?;
         let cached_v = flex_write::slice_assign(cached_v, region, values.unsqueeze_dim(0))?;
         let visible = [layer..layer + 1, 0..batch, 0..heads, 0..end, 0..dim];
-        let visible_k = cached_k.clone().slice(visible.clone()).squeeze_dim::<4>(0);
-        let visible_v = cached_v.clone().slice(visible).squeeze_dim::<4>(0);
+        let visible_of = |cache: &Tensor<B, 5>| {
+            crate::cube_kernels::view::<B, 5, 4>(cache, visible.clone())
+                .unwrap_or_else(|| cache.clone().slice(visible.clone()).squeeze_dim::<4>(0))
+        };
+        let (visible_k, visible_v) = (visible_of(&cached_k), visible_of(&cached_v));
         self.keys = Some(cached_k);
         self.values = Some(cached_v);
         if layer == 0 {
@@ -260,7 +273,13 @@ impl<B: Backend> KvCache<B> {
             // cache again (in place).
             let rows = cache
                 .clone()
-                .slice([0..layers, row..row + 1, 0..heads, 0..self.capacity, 0..dim])
+                .slice([
+                    0..layers,
+                    row..row + 1,
+                    0..heads,
+                    0..self.storage_slots,
+                    0..dim,
+                ])
                 .select(3, index.clone());
             *slot = Some(flex_write::slice_assign(
                 cache,

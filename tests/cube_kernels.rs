@@ -277,6 +277,53 @@ fn a_rows_product_does_not_depend_on_the_other_rows() {
     assert_eq!(bits(first.slice([0..1, 0..960])), want);
 }
 
+/// The kernels read their inputs through the strides, never through a contiguous copy: a column
+/// window of a wider tensor and a transposed weight give bit for bit the product of the same
+/// values laid out contiguously (on CUDA every padded row counts as non-contiguous).
+#[test]
+fn strided_inputs_give_the_contiguous_inputs_results() {
+    let (rows, inputs, outputs) = (5, 96, 70);
+    let wide = random([rows, inputs + 9]);
+    let x = wide.clone().slice([0..rows, 4..4 + inputs]);
+    let x_contiguous = Tensor::<B, 2>::from_data(x.to_data(), &device());
+    let w_out_in = random([outputs, inputs]);
+    let w = w_out_in.clone().transpose();
+    let w_contiguous = Tensor::<B, 2>::from_data(w.to_data(), &device());
+    let want = bits(cube_kernels::matmul(&x_contiguous, &w_contiguous).unwrap());
+    assert_eq!(bits(cube_kernels::matmul(&x, &w).unwrap()), want);
+
+    let eps = 1e-5;
+    let want = bits(cube_kernels::rms_norm(&x_contiguous, eps).unwrap());
+    assert_eq!(bits(cube_kernels::rms_norm(&x, eps).unwrap()), want);
+    let gate_up = wide.slice([0..rows, 1..1 + 2 * 48]);
+    let gate_up_contiguous = Tensor::<B, 2>::from_data(gate_up.to_data(), &device());
+    let want = bits(cube_kernels::swiglu(&gate_up_contiguous).unwrap());
+    assert_eq!(bits(cube_kernels::swiglu(&gate_up).unwrap()), want);
+}
+
+/// The cache hands attention a view of its storage; what it returns must be what was written.
+#[test]
+fn the_cache_returns_what_was_appended() {
+    use redrafter::kv_cache::KvCache;
+    let (layers, heads, dim, capacity) = (3, 2, 16, 70);
+    let mut cache = KvCache::<B>::new(layers, 1, heads, dim, capacity, &device());
+    let mut written: Vec<Vec<Tensor<B, 4>>> = vec![Vec::new(); layers];
+    for block in [5, 1, 3] {
+        for (layer, history) in written.iter_mut().enumerate() {
+            let keys = random([1, heads, block, dim]);
+            let (visible_k, visible_v) = cache
+                .append(layer, keys.clone(), keys.clone().neg())
+                .unwrap();
+            history.push(keys);
+            let want = Tensor::cat(history.clone(), 2);
+            assert_eq!(visible_k.dims(), want.dims());
+            assert_eq!(bits(visible_k), bits(want.clone()));
+            assert_eq!(bits(visible_v), bits(want.neg()));
+        }
+        cache.commit(&[(0..block).collect()]).unwrap();
+    }
+}
+
 #[test]
 fn matmul_declines_what_it_does_not_cover() {
     let w = random([16, 8]);

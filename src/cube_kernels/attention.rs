@@ -21,7 +21,7 @@ use burn::tensor::{Tensor as BurnTensor, backend::Backend};
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
-use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube, to_cube_strided};
+use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
 use super::reduce::{ROW_UNITS, at, at4, cube_max};
 
 /// Attention of query row `(batch, head, t)` — one per cube — over `keys`/`values`
@@ -90,13 +90,44 @@ fn attention_kernel<F: Float>(
         if count > ROW_UNITS {
             count = ROW_UNITS;
         }
-        for j in 0..count {
+        // Four slots at a time: their value loads are issued together (a unit's loads would
+        // otherwise wait on each other, slot after slot), then added in slot order as before.
+        let mut j = 0usize;
+        while j + 4 <= count {
+            let v0 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j, lane)]);
+            let v1 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j + 1, lane)]);
+            let v2 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j + 2, lane)]);
+            let v3 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j + 3, lane)]);
+            let p0 = shared[j];
+            if p0 != f32::new(0.0) {
+                total += p0;
+                weighted += p0 * v0;
+            }
+            let p1 = shared[j + 1];
+            if p1 != f32::new(0.0) {
+                total += p1;
+                weighted += p1 * v1;
+            }
+            let p2 = shared[j + 2];
+            if p2 != f32::new(0.0) {
+                total += p2;
+                weighted += p2 * v2;
+            }
+            let p3 = shared[j + 3];
+            if p3 != f32::new(0.0) {
+                total += p3;
+                weighted += p3 * v3;
+            }
+            j += 4;
+        }
+        while j < count {
             let p = shared[j];
             if p != f32::new(0.0) {
                 total += p;
                 weighted +=
                     p * f32::cast_from(values[at4(values, batch, kv_head, chunk + j, lane)]);
             }
+            j += 1;
         }
         sync_cube();
         chunk += ROW_UNITS;
@@ -123,9 +154,27 @@ fn score<F: Float>(
 ) -> f32 {
     let dim = queries.shape(3);
     let mut dot = f32::new(0.0);
-    for d in 0..dim {
+    // Loads four at a time, sums in order (as in the value sums).
+    let mut d = 0usize;
+    while d + 4 <= dim {
+        let q0 = f32::cast_from(queries[at4(queries, batch, head, t, d)]);
+        let q1 = f32::cast_from(queries[at4(queries, batch, head, t, d + 1)]);
+        let q2 = f32::cast_from(queries[at4(queries, batch, head, t, d + 2)]);
+        let q3 = f32::cast_from(queries[at4(queries, batch, head, t, d + 3)]);
+        let k0 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d)]);
+        let k1 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + 1)]);
+        let k2 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + 2)]);
+        let k3 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + 3)]);
+        dot += q0 * k0;
+        dot += q1 * k1;
+        dot += q2 * k2;
+        dot += q3 * k3;
+        d += 4;
+    }
+    while d < dim {
         dot += f32::cast_from(queries[at4(queries, batch, head, t, d)])
             * f32::cast_from(keys[at4(keys, batch, kv_head, slot, d)]);
+        d += 1;
     }
     if with_bias {
         dot += f32::cast_from(bias[at(bias, bias_row, slot)]);
@@ -165,8 +214,8 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
         }
         let queries = to_cube::<R, B, 4>(self.queries)?;
         // The cache's visible slots are a strided view of its storage: read it in place.
-        let keys = to_cube_strided::<R, B, 4>(self.keys)?;
-        let values = to_cube_strided::<R, B, 4>(self.values)?;
+        let keys = to_cube::<R, B, 4>(self.keys)?;
+        let values = to_cube::<R, B, 4>(self.values)?;
         if keys.dtype != queries.dtype || values.dtype != queries.dtype {
             return None;
         }

@@ -4,7 +4,7 @@ use std::any::{Any, TypeId};
 
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive, backend::Backend};
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::{CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_dtype};
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype};
 use cubecl::prelude::CubeCount;
 
 /// The CubeCL runtimes this crate launches kernels on.
@@ -52,18 +52,14 @@ pub(super) fn run<B: Backend, Op: CubeOp<B>>(op: Op) -> Option<Op::Output> {
     }
 }
 
-/// The runtime tensor behind `tensor`, in a row-major layout (sharing its buffer when it already
-/// is one); `None` if `B`'s tensors are not `R`'s or the float type is not f32/f16/bf16.
-pub(super) fn to_cube<R: CubeRuntime, B: Backend, const D: usize>(
-    tensor: &Tensor<B, D>,
-) -> Option<CubeTensor<R>> {
-    to_cube_strided(tensor).map(into_contiguous)
-}
-
 /// The runtime tensor behind `tensor` as it lies, strides and all (a view into a larger buffer
-/// stays one); `None` as for [`to_cube`]. Only for kernels that index every input through its
-/// strides.
-pub(super) fn to_cube_strided<R: CubeRuntime, B: Backend, const D: usize>(
+/// stays one); `None` if `B`'s tensors are not `R`'s or the float type is not f32/f16/bf16.
+///
+/// Never copies: every kernel here indexes its inputs through their strides. Making inputs
+/// contiguous first (Burn's `into_contiguous`) cost a copy kernel per input on CUDA, where the
+/// allocator pads rows to 512 bytes and a padded `[1, 576]` row no longer counts as contiguous:
+/// ~20 copies per layer, two thirds of a decoding step's launches (docs/benchmarks.md, session 11).
+pub(super) fn to_cube<R: CubeRuntime, B: Backend, const D: usize>(
     tensor: &Tensor<B, D>,
 ) -> Option<CubeTensor<R>> {
     let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() else {
@@ -83,13 +79,14 @@ pub(super) fn from_cube<R: CubeRuntime, B: Backend, const D: usize>(
     Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
 }
 
-/// An uninitialised tensor of `like`'s device and float type, laid out by CubeCL's allocator
-/// (which may pad rows: kernels index through the strides).
+/// An uninitialised row-major tensor (no row padding) of `like`'s device and float type. Kernels
+/// still index outputs through their strides, but a contiguous result reshapes and feeds Burn's
+/// own kernels without a copy, which a padded one does not.
 pub(super) fn empty_like<R: CubeRuntime, const D: usize>(
     like: &CubeTensor<R>,
     dims: [usize; D],
 ) -> CubeTensor<R> {
-    empty_device_dtype(
+    empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         Shape::new(dims),
@@ -106,4 +103,61 @@ pub(super) fn row_grid(rows: usize) -> CubeCount {
     let x = rows.clamp(1, MAX_CUBES_PER_AXIS);
     let y = rows.div_ceil(MAX_CUBES_PER_AXIS).max(1);
     CubeCount::Static(x as u32, y as u32, 1)
+}
+
+/// `tensor[ranges]` as a view sharing `tensor`'s buffer, keeping its last `E` dimensions (each
+/// leading range must cover a single index); `None` if `B` has none of our runtimes, the ranges
+/// do not fit, or the view would not start on the allocator's alignment.
+///
+/// Burn's `slice` copies unless the bytes cut off at *both* ends are multiples of the memory
+/// alignment (512 bytes on CUDA), and dropping a leading dimension of a strided tensor
+/// (`squeeze_dim`) copies again; for the KV cache's visible slots `0..end` of one layer, every
+/// layer of a decoding step copied its cache. A view only needs an aligned start (the cache pads
+/// its storage so that it has one).
+pub(crate) fn view<B: Backend, const D: usize, const E: usize>(
+    tensor: &Tensor<B, D>,
+    ranges: [std::ops::Range<usize>; D],
+) -> Option<Tensor<B, E>> {
+    fn on<R: CubeRuntime, B: Backend, const D: usize, const E: usize>(
+        tensor: &Tensor<B, D>,
+        ranges: &[std::ops::Range<usize>; D],
+    ) -> Option<Tensor<B, E>> {
+        let dims = tensor.dims();
+        let dropped = D.checked_sub(E)?;
+        if ranges
+            .iter()
+            .zip(dims)
+            .any(|(range, dim)| range.start > range.end || range.end > dim)
+            || ranges[..dropped].iter().any(|range| range.len() != 1)
+        {
+            return None;
+        }
+        let cube = to_cube::<R, B, D>(tensor)?;
+        let strides = cube.meta.strides().clone();
+        let start: usize = ranges
+            .iter()
+            .zip(strides.iter())
+            .map(|(range, stride)| range.start * stride)
+            .sum();
+        let offset = (start * cube.dtype.size()) as u64;
+        if !offset.is_multiple_of(cube.client.properties().memory.alignment) {
+            return None;
+        }
+        let shape = Shape::new::<E>(std::array::from_fn(|i| ranges[dropped + i].len()));
+        let kept_strides: Vec<usize> = strides.iter().skip(dropped).copied().collect();
+        let view = CubeTensor::new(
+            cube.client.clone(),
+            cube.handle.clone().offset_start(offset),
+            cubecl::zspace::metadata::Metadata::new(shape, kept_strides),
+            cube.device.clone(),
+            cube.dtype,
+        );
+        from_cube::<R, B, E>(view)
+    }
+    match runtime_of::<B>()? {
+        #[cfg(feature = "cuda")]
+        Runtime::Cuda => on::<cubecl::cuda::CudaRuntime, B, D, E>(tensor, &ranges),
+        #[cfg(feature = "wgpu")]
+        Runtime::Wgpu => on::<cubecl::wgpu::WgpuRuntime, B, D, E>(tensor, &ranges),
+    }
 }

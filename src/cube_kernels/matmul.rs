@@ -22,18 +22,25 @@ use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
 use super::reduce::at;
 
 /// Output columns per cube (units along `x`).
-const COLUMNS: usize = 64;
-/// Units along `y`, each summing one slice of the inputs.
-const SPLITS: usize = 4;
-/// Rows per cube; each unit keeps one f32 accumulator per row.
+const COLUMNS: usize = 16;
+/// Units along `y`, each summing one slice of the inputs. Many slices give the few rows of a
+/// decoding step enough units to keep the memory system busy: with 4, a `[1, 1536] · [1536, 576]`
+/// product ran on 9 cubes and took ~60 µs on the H200 (docs/benchmarks.md, session 11).
+const SPLITS: usize = 32;
+/// Rows per cube when there are several; each unit keeps one f32 accumulator per row.
 const ROWS: usize = 8;
+/// Inputs whose loads a unit issues together before it adds them up (in order).
+const UNROLL: usize = 4;
 
 /// `output [rows, outputs] = x [rows, inputs] · weight [inputs, outputs]`, f32 accumulation.
+/// Each cube covers `rows_per_cube` rows ([`ROWS`], or 1 for a single-row product: the sums of a
+/// row are the same operations either way).
 #[cube(launch_unchecked)]
 fn row_matmul_kernel<F: Float>(
     x: &Tensor<F>,
     weight: &Tensor<F>,
     output: &mut Tensor<F>,
+    #[comptime] rows_per_cube: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let rows = x.shape(0);
@@ -42,7 +49,7 @@ fn row_matmul_kernel<F: Float>(
     let lane = UNIT_POS_X as usize;
     let split = UNIT_POS_Y as usize;
     let column = CUBE_POS_X as usize * COLUMNS + lane;
-    let first_row = CUBE_POS_Y as usize * ROWS;
+    let first_row = CUBE_POS_Y as usize * rows_per_cube;
     // Units past the last column or row compute on clamped indices (valid memory) and write
     // nothing: every unit must reach the barrier below.
     let read_column = if column < outputs {
@@ -58,42 +65,64 @@ fn row_matmul_kernel<F: Float>(
         inputs
     };
 
-    let mut sums = Array::<f32>::new(ROWS);
+    let mut sums = Array::<f32>::new(rows_per_cube);
+    let mut source_rows = Array::<usize>::new(rows_per_cube);
     #[unroll]
-    for r in 0..ROWS {
+    for r in 0..rows_per_cube {
         sums[r] = f32::new(0.0);
+        source_rows[r] = if first_row + r < rows {
+            first_row + r
+        } else {
+            rows - 1
+        };
     }
-    for k in start..end {
+    // Four inputs at a time: their loads are issued together, then added in input order, so
+    // every sum is the same sequence of operations as one input at a time.
+    let mut k = start;
+    while k + UNROLL <= end {
+        let w0 = f32::cast_from(weight[at(weight, k, read_column)]);
+        let w1 = f32::cast_from(weight[at(weight, k + 1, read_column)]);
+        let w2 = f32::cast_from(weight[at(weight, k + 2, read_column)]);
+        let w3 = f32::cast_from(weight[at(weight, k + 3, read_column)]);
+        #[unroll]
+        for r in 0..rows_per_cube {
+            let row = source_rows[r];
+            let x0 = f32::cast_from(x[at(x, row, k)]);
+            let x1 = f32::cast_from(x[at(x, row, k + 1)]);
+            let x2 = f32::cast_from(x[at(x, row, k + 2)]);
+            let x3 = f32::cast_from(x[at(x, row, k + 3)]);
+            let mut sum = sums[r];
+            sum += x0 * w0;
+            sum += x1 * w1;
+            sum += x2 * w2;
+            sum += x3 * w3;
+            sums[r] = sum;
+        }
+        k += UNROLL;
+    }
+    while k < end {
         let w = f32::cast_from(weight[at(weight, k, read_column)]);
         #[unroll]
-        for r in 0..ROWS {
-            let row = if first_row + r < rows {
-                first_row + r
-            } else {
-                rows - 1
-            };
-            sums[r] += f32::cast_from(x[at(x, row, k)]) * w;
+        for r in 0..rows_per_cube {
+            sums[r] += f32::cast_from(x[at(x, source_rows[r], k)]) * w;
         }
+        k += 1;
     }
 
-    let mut partial = SharedMemory::<f32>::new(SPLITS * ROWS * COLUMNS);
+    let mut partial = SharedMemory::<f32>::new(SPLITS * rows_per_cube * COLUMNS);
     #[unroll]
-    for r in 0..ROWS {
-        partial[(split * ROWS + r) * COLUMNS + lane] = sums[r];
+    for r in 0..rows_per_cube {
+        partial[(split * rows_per_cube + r) * COLUMNS + lane] = sums[r];
     }
     sync_cube();
-    if split == 0 && column < outputs {
-        #[unroll]
-        for r in 0..ROWS {
-            if first_row + r < rows {
-                let mut total = partial[r * COLUMNS + lane];
-                #[unroll]
-                for s in 1..SPLITS {
-                    total += partial[(s * ROWS + r) * COLUMNS + lane];
-                }
-                output[at(output, first_row + r, column)] = F::cast_from(total);
-            }
+    // Unit row `r` of the cube adds up row `r`'s slices, in slice order.
+    let r = split;
+    if r < rows_per_cube && column < outputs && first_row + r < rows {
+        let mut total = partial[r * COLUMNS + lane];
+        for s in 1..SPLITS {
+            total += partial[(s * rows_per_cube + r) * COLUMNS + lane];
         }
+        output[at(output, first_row + r, column)] = F::cast_from(total);
     }
 }
 
@@ -124,9 +153,10 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
         }
         let output = empty_like(&x, [rows, outputs]);
         let (client, dtype) = (x.client.clone(), x.dtype);
+        let rows_per_cube = if rows == 1 { 1 } else { ROWS };
         let cubes = CubeCount::Static(
             outputs.div_ceil(COLUMNS) as u32,
-            rows.div_ceil(ROWS) as u32,
+            rows.div_ceil(rows_per_cube) as u32,
             1,
         );
         unsafe {
@@ -137,6 +167,7 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
                 x.into_tensor_arg(),
                 weight.into_tensor_arg(),
                 output.clone().into_tensor_arg(),
+                rows_per_cube,
                 dtype.into(),
             )
         };

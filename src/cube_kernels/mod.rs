@@ -94,6 +94,26 @@ pub fn applies<B: Backend>() -> bool {
     }
 }
 
+/// `tensor[ranges]` with its last `E` dimensions (each leading range covering one index), sharing
+/// `tensor`'s buffer on the CubeCL backends, where Burn's `slice` and `squeeze_dim` would copy
+/// (they copy unless both cut-off ends are aligned, and whenever a strided tensor loses a
+/// dimension); `None` elsewhere, or where the view would start off the allocator's alignment.
+/// Not a kernel: applies even with the kernels switched off.
+pub(crate) fn view<B: Backend, const D: usize, const E: usize>(
+    tensor: &Tensor<B, D>,
+    ranges: [std::ops::Range<usize>; D],
+) -> Option<Tensor<B, E>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::view(tensor, ranges)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (tensor, ranges);
+        None
+    }
+}
+
 /// `x / sqrt(mean(x²) + eps)` over the last dimension.
 ///
 /// # Shapes
