@@ -185,6 +185,58 @@ fn swiglu_matches_burn_ops() {
 /// A prefill of a 37-token prompt through one SmolLM2-shaped layer's fused ops, with the large
 /// entries real residual streams carry: every kernel against Burn's ops, and every output finite.
 #[test]
+fn silu_sum_matches_burn_ops() {
+    let (a, b, residual) = (random([2, 3, 40]), random([2, 3, 40]), random([2, 3, 40]));
+    let bias = Tensor::<B, 1>::random([40], Distribution::Normal(0.0, 1.0), &device());
+    let broadcast = bias.clone().unsqueeze::<3>();
+    let got = cube_kernels::silu_sum(&a, Some(&b), Some(&bias), None).expect("applies");
+    close(got, silu(a.clone() + b.clone() + broadcast.clone()));
+    let got = cube_kernels::silu_sum(&a, None, Some(&bias), Some(&residual)).unwrap();
+    close(got, residual.clone() + silu(a.clone() + broadcast));
+    let got = cube_kernels::silu_sum(&a, Some(&b), None, Some(&residual)).unwrap();
+    close(got, residual + silu(a.clone() + b));
+    assert!(cube_kernels::silu_sum(&a, Some(&random([2, 3, 39])), None, None).is_none());
+}
+
+/// Top-k against a host sort by (value descending, column ascending), with and without ties.
+#[test]
+fn top_k_matches_a_host_sort_ties_to_the_lower_column() {
+    for (rows, width, k, levels) in [
+        (4, 8192, 50, None),
+        (1, 16, 4, None),
+        (3, 300, 64, Some(5.0)),
+        (2, 1000, 7, Some(2.0)),
+        // Wider than a cube holds in registers: read at every pick.
+        (2, 10_000, 5, Some(3.0)),
+    ] {
+        let mut values = random([rows, width]);
+        if let Some(levels) = levels {
+            // Few distinct values: many exact ties.
+            values = values.mul_scalar(levels).round();
+        }
+        let (sorted, columns) = cube_kernels::top_k(&values, k).expect("applies");
+        assert_eq!(sorted.dims(), [rows, k]);
+        let host_values: Vec<f32> = values.into_data().iter::<f32>().collect();
+        let got_values: Vec<f32> = sorted.into_data().iter::<f32>().collect();
+        let got_columns: Vec<i64> = columns.into_data().iter::<i64>().collect();
+        for r in 0..rows {
+            let row = &host_values[r * width..(r + 1) * width];
+            let mut order: Vec<usize> = (0..width).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let want_columns: Vec<i64> = order[..k].iter().map(|&c| c as i64).collect();
+            let want_values: Vec<f32> = order[..k].iter().map(|&c| row[c]).collect();
+            assert_eq!(
+                &got_columns[r * k..(r + 1) * k],
+                &want_columns[..],
+                "row {r}"
+            );
+            assert_eq!(&got_values[r * k..(r + 1) * k], &want_values[..], "row {r}");
+        }
+    }
+    assert!(cube_kernels::top_k(&random([2, 5]), 6).is_none());
+}
+
+#[test]
 fn a_smollm2_shaped_prefill_matches_burn_ops() {
     let (len, hidden, heads, kv_heads, dim, inter) = (37, 576, 9, 3, 64, 1536);
     let residual = random([1, len, hidden]).mul_scalar(50.0);

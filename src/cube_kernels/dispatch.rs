@@ -161,3 +161,12 @@ pub(crate) fn view<B: Backend, const D: usize, const E: usize>(
         Runtime::Wgpu => on::<cubecl::wgpu::WgpuRuntime, B, D, E>(tensor, &ranges),
     }
 }
+
+/// `tensor` as an integer `Tensor<B, D, Int>`; `None` if `B`'s integer tensors are not `R`'s.
+pub(super) fn from_cube_int<R: CubeRuntime, B: Backend, const D: usize>(
+    tensor: CubeTensor<R>,
+) -> Option<Tensor<B, D, burn::tensor::Int>> {
+    let boxed: Box<dyn Any> = Box::new(tensor);
+    let primitive = *boxed.downcast::<B::IntTensorPrimitive>().ok()?;
+    Some(Tensor::from_primitive(primitive))
+}

@@ -10,6 +10,8 @@
 //! - [`softmax_with_bias`] (the attention bias added inside the softmax),
 //! - [`rotate_qkv`] (Q and K rotated and every head written in the layout attention reads),
 //! - [`swiglu`],
+//! - [`silu_sum`] (the draft head's `residual + silu(a + b + bias)`),
+//! - [`top_k`] (beam search's selections),
 //! - [`attention`] (scores, softmax with the bias and the value product of grouped-query
 //!   attention, written in the output projection's layout),
 //! - [`matmul`] for a few rows (the projections of a decoding step or a verification tree).
@@ -45,9 +47,13 @@ mod reduce;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod rope;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod silu;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod softmax;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod swiglu;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod top_k;
 
 /// The environment variable that switches the kernels off (`off`, `0` or `false`).
 pub const SWITCH_VARIABLE: &str = "REDRAFTER_CUBE_KERNELS";
@@ -229,6 +235,55 @@ pub fn swiglu<B: Backend>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = gate_up;
+        None
+    }
+}
+
+/// `residual + silu(a + b + bias)` in one launch, each of `b`, `bias` and `residual` optional:
+/// the draft head's RNN update (`silu(W·e + U·s + b)`) and residual blocks (`x + silu(L·x + b)`).
+/// Computed in f32, rounded once (Burn's ops round after each step): for drafting, where no
+/// result has to match another bit for bit.
+///
+/// # Shapes
+/// `a`, `b`, `residual`: `[..., width]`; `bias`: `[width]`; returns `[..., width]`
+pub fn silu_sum<B: Backend, const D: usize>(
+    a: &Tensor<B, D>,
+    b: Option<&Tensor<B, D>>,
+    bias: Option<&Tensor<B, 1>>,
+    residual: Option<&Tensor<B, D>>,
+) -> Option<Tensor<B, D>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(silu::SiluSum {
+            a,
+            b,
+            bias,
+            residual,
+        })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (a, b, bias, residual);
+        None
+    }
+}
+
+/// The `k` largest entries of each row, sorted descending, and their columns; exact ties go to
+/// the lower column (as `crate::drafter::top_k`'s rank selection breaks them). One launch.
+///
+/// # Shapes
+/// `values`: `[rows, width]` to (`[rows, k]`, `[rows, k]`), `1 ≤ k ≤ width`
+pub fn top_k<B: Backend>(
+    values: &Tensor<B, 2>,
+    k: usize,
+) -> Option<(Tensor<B, 2>, Tensor<B, 2, burn::tensor::Int>)> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(top_k::TopK { values, k })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (values, k);
         None
     }
 }

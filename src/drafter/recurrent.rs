@@ -7,6 +7,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
+use burn::tensor::module::linear;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -258,6 +259,16 @@ impl<B: Backend> ResBlock<B> {
     /// # Shapes
     /// `[..., exit_dim]` to `[..., exit_dim]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if crate::cube_kernels::applies::<B>() {
+            // On the GPUs the bias, SiLU and residual add are one launch instead of nine.
+            let product = linear(x.clone(), self.linear.weight.val(), None);
+            let bias = self.linear.bias.as_ref().map(Param::val);
+            if let Some(out) =
+                crate::cube_kernels::silu_sum(&product, None, bias.as_ref(), Some(&x))
+            {
+                return out;
+            }
+        }
         x.clone() + silu(self.linear.forward(x))
     }
 }
@@ -478,6 +489,19 @@ impl<B: Backend> RecurrentDrafter<B> {
             });
         }
         Ok(match (&self.rnn_w, &self.rnn_u) {
+            (Some(w), Some(u)) if crate::cube_kernels::applies::<B>() => {
+                // One launch for both adds and the SiLU on the GPUs (instead of nine).
+                let input = w.forward(token_embedding);
+                let recurrent = linear(state, u.weight.val(), None);
+                let bias = u.bias.as_ref().map(Param::val);
+                match crate::cube_kernels::silu_sum(&input, Some(&recurrent), bias.as_ref(), None) {
+                    Some(next) => next,
+                    None => match bias {
+                        Some(bias) => silu(input + recurrent + bias.unsqueeze::<D>()),
+                        None => silu(input + recurrent),
+                    },
+                }
+            }
             (Some(w), Some(u)) => silu(w.forward(token_embedding) + u.forward(state)),
             _ => state + token_embedding,
         })
@@ -568,7 +592,7 @@ impl<B: Backend> RecurrentDrafter<B> {
                     // The table is already `[out, in]`, this backend's fast layout.
                     Ok(crate::projection::matmul_out_major(x, table))
                 } else {
-                    Ok(burn::tensor::module::linear(x, table.transpose(), None))
+                    Ok(linear(x, table.transpose(), None))
                 }
             }
         }

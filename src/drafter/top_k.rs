@@ -12,7 +12,9 @@
 //!   reduction and one scatter — a few dozen kernels, all on the device, no sync. It spends
 //!   `O(G² + (k·S)²)` comparisons per row, which is nothing for a GPU and too much for a CPU.
 //!
-//! [`TopKMethod::Auto`] picks `Rank` on CubeCL backends and `Sort` elsewhere.
+//! [`TopKMethod::Auto`] picks `Rank` on CubeCL backends and `Sort` elsewhere. Where our CubeCL
+//! kernels apply (CUDA and WGPU, not under `Fusion` or `Autodiff`), `Rank` runs as one kernel,
+//! `crate::cube_kernels::top_k`, with the same result; the composition below is the fallback.
 //!
 //! # Grouping (both methods)
 //!
@@ -225,6 +227,12 @@ pub fn top_k_cached<B: Backend>(
     cache: &TopKCache,
 ) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
     let method = method.resolve::<B>(&values.device());
+    if method == TopKMethod::Rank
+        && let Some(selected) = crate::cube_kernels::top_k(&values, k)
+    {
+        // One launch on the GPUs, with rank selection's result.
+        return selected;
+    }
     let [rows, width] = values.dims();
     let select = |v: Tensor<B, 2>, k: usize| match method {
         TopKMethod::Rank => rank_select(v, k, cache),

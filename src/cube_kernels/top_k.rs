@@ -1,0 +1,190 @@
+//! Row-wise top-k in one launch, for the draft head's beam search.
+//!
+//! The rank selection of `crate::drafter::top_k` stays on the device but takes a dozen launches
+//! (comparisons, a reduction, a scatter, gathers), and beam search selects twice per draft step.
+//! Here one cube per row picks the `k` entries one after another: each pick is the largest entry
+//! that comes after the previous pick in the order (value descending, column ascending), found by
+//! every unit scanning its share of the row (held in registers for rows up to 8,192 entries) and
+//! a reduction across the cube. `k` passes over the
+//! row cost far less on a GPU than the launches they replace; ties are broken by the lower column,
+//! as rank selection breaks them, so both give the same result.
+
+use burn::tensor::{Int as IntKind, Tensor as BurnTensor, backend::Backend};
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype};
+use cubecl::prelude::*;
+
+use super::dispatch::{CubeOp, empty_like, from_cube, from_cube_int, to_cube};
+use super::reduce::at;
+
+/// Units per cube (per row); the reduction in [`top_k_kernel`] folds this many.
+const UNITS: usize = 256;
+/// Entries per unit a row may have to be held in registers (rows up to `UNITS · HELD` = 8192
+/// entries: a draft vocabulary's logits, or beam search's candidates).
+const HELD: usize = 32;
+/// "No column yet."
+const NONE: u32 = u32::MAX;
+
+/// Whether `(value, column)` comes before `(best_value, best_column)` in the order of the picks.
+#[cube]
+fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
+    value > best_value || (value == best_value && column < best_column)
+}
+
+/// One level of the cube's reduction of candidates: unit `u < stride` keeps the earlier pick of
+/// its own and unit `u + stride`'s.
+#[cube]
+fn fold_pick(
+    values: &mut SharedMemory<f32>,
+    columns: &mut SharedMemory<u32>,
+    unit: usize,
+    #[comptime] stride: usize,
+) {
+    if unit < stride {
+        let other_column = columns[unit + stride];
+        let other_value = values[unit + stride];
+        let mine = columns[unit];
+        if other_column != NONE
+            && (mine == NONE || precedes(other_value, other_column, values[unit], mine))
+        {
+            values[unit] = other_value;
+            columns[unit] = other_column;
+        }
+    }
+    sync_cube();
+}
+
+/// `values` `[rows, width]` to its `k = sorted.shape(1)` largest entries per row, sorted
+/// descending, and their columns.
+#[cube(launch_unchecked)]
+fn top_k_kernel<F: Float, I: Int>(
+    values: &Tensor<F>,
+    sorted: &mut Tensor<F>,
+    columns: &mut Tensor<I>,
+    #[comptime] in_registers: bool,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS;
+    if row >= values.shape(0) {
+        terminate!();
+    }
+    let width = values.shape(1);
+    let k = sorted.shape(1);
+    let unit = UNIT_POS_X as usize;
+    let mut shared_values = SharedMemory::<f32>::new(UNITS);
+    let mut shared_columns = SharedMemory::<u32>::new(UNITS);
+
+    // A row of up to `UNITS · HELD` entries is read once into registers (static indices keep the
+    // array out of local memory); wider rows are read again at every pick.
+    let mut held = Array::<f32>::new(HELD);
+    if in_registers {
+        #[unroll]
+        for i in 0..HELD {
+            let column = i * UNITS + unit;
+            held[i] = f32::new(-3.4e38);
+            if column < width {
+                held[i] = f32::cast_from(values[at(values, row, column)]);
+            }
+        }
+    }
+
+    let mut previous_value = f32::new(0.0);
+    let mut previous_column = u32::new(NONE as i64);
+    for pick in 0..k {
+        let mut best_value = f32::new(-3.4e38);
+        let mut best_column = u32::new(NONE as i64);
+        if in_registers {
+            #[unroll]
+            for i in 0..HELD {
+                let column = i * UNITS + unit;
+                let value = held[i];
+                let c = u32::cast_from(column);
+                // Only entries after the previous pick in the order of the picks are left.
+                let left = column < width
+                    && (pick == 0
+                        || value < previous_value
+                        || (value == previous_value && c > previous_column));
+                if left && (best_column == NONE || precedes(value, c, best_value, best_column)) {
+                    best_value = value;
+                    best_column = c;
+                }
+            }
+        } else {
+            let mut column = unit;
+            while column < width {
+                let value = f32::cast_from(values[at(values, row, column)]);
+                let c = u32::cast_from(column);
+                let left = pick == 0
+                    || value < previous_value
+                    || (value == previous_value && c > previous_column);
+                if left && (best_column == NONE || precedes(value, c, best_value, best_column)) {
+                    best_value = value;
+                    best_column = c;
+                }
+                column += UNITS;
+            }
+        }
+        shared_values[unit] = best_value;
+        shared_columns[unit] = best_column;
+        sync_cube();
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 128usize);
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 64usize);
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 32usize);
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 16usize);
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 8usize);
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 4usize);
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 2usize);
+        fold_pick(&mut shared_values, &mut shared_columns, unit, 1usize);
+        previous_value = shared_values[0];
+        previous_column = shared_columns[0];
+        if unit == 0 {
+            sorted[at(sorted, row, pick)] = F::cast_from(previous_value);
+            columns[at(columns, row, pick)] = I::cast_from(previous_column);
+        }
+        // Nobody may overwrite the shared memory before every unit has read the pick.
+        sync_cube();
+    }
+}
+
+/// The operation behind [`super::top_k`].
+pub(super) struct TopK<'a, B: Backend> {
+    pub values: &'a BurnTensor<B, 2>,
+    pub k: usize,
+}
+
+impl<B: Backend> CubeOp<B> for TopK<'_, B> {
+    type Output = (BurnTensor<B, 2>, BurnTensor<B, 2, IntKind>);
+
+    fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
+        let [rows, width] = self.values.dims();
+        let k = self.k;
+        if rows == 0 || k == 0 || k > width || width > u32::MAX as usize - 1 {
+            return None;
+        }
+        let values = to_cube::<R, B, 2>(self.values)?;
+        let sorted = empty_like(&values, [rows, k]);
+        let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
+        let columns = empty_device_contiguous_dtype(
+            values.client.clone(),
+            values.device.clone(),
+            burn::tensor::Shape::new([rows, k]),
+            int_dtype,
+        );
+        let (client, dtype) = (values.client.clone(), values.dtype);
+        unsafe {
+            top_k_kernel::launch_unchecked::<R>(
+                &client,
+                super::dispatch::row_grid(rows),
+                CubeDim::new_1d(UNITS as u32),
+                values.into_tensor_arg(),
+                sorted.clone().into_tensor_arg(),
+                columns.clone().into_tensor_arg(),
+                width <= UNITS * HELD,
+                [dtype.into(), int_dtype.into()],
+            )
+        };
+        Some((
+            from_cube::<R, B, 2>(sorted)?,
+            from_cube_int::<R, B, 2>(columns)?,
+        ))
+    }
+}
