@@ -1,8 +1,8 @@
 //! A pre-allocated key/value cache with per-row lengths, speculative append and commit.
 //!
 //! The cache stores keys and values of all layers in one tensor each,
-//! `[layers, batch, kv_heads, capacity, head_dim]`, so that committing a round moves the accepted
-//! slots of every layer with two gathers instead of two per layer.
+//! `[layers, batch, kv_heads, slots ≥ capacity, head_dim]`, so that committing a round moves the
+//! accepted slots of every layer with two gathers instead of two per layer.
 //! Slot order is not position order: positions are applied (RoPE) before keys are cached, so a
 //! row's committed slots `0..len` can hold tokens at any positions. A forward pass appends a
 //! *pending block* of `T` slots at `used()..used()+T` (the same slots for every row); afterwards
@@ -45,7 +45,9 @@ impl<B: Backend> KvCache<B> {
     /// Allocates an empty cache.
     ///
     /// # Shapes
-    /// Keys and values of `[num_layers, batch, kv_heads, capacity, head_dim]`.
+    /// Keys and values of `[num_layers, batch, kv_heads, slots, head_dim]`, `slots` being
+    /// `capacity` rounded up to a multiple of 64 (so that every layer's block starts aligned for
+    /// the GPU views of `append`); only the first `capacity` are ever used.
     pub fn new(
         num_layers: usize,
         batch: usize,
