@@ -44,6 +44,12 @@ pub(super) fn run<B: Backend, Op: CubeOp<B>>(op: Op) -> Option<Op::Output> {
     if !super::switched_on() {
         return None;
     }
+    on_runtime(op)
+}
+
+/// Runs `op` on `B`'s runtime whether or not the kernels are switched on (for what launches no
+/// kernel); `None` when `B` has none of ours.
+fn on_runtime<B: Backend, Op: CubeOp<B>>(op: Op) -> Option<Op::Output> {
     match runtime_of::<B>()? {
         #[cfg(feature = "cuda")]
         Runtime::Cuda => op.launch::<cubecl::cuda::CudaRuntime>(),
@@ -118,10 +124,20 @@ pub(crate) fn view<B: Backend, const D: usize, const E: usize>(
     tensor: &Tensor<B, D>,
     ranges: [std::ops::Range<usize>; D],
 ) -> Option<Tensor<B, E>> {
-    fn on<R: CubeRuntime, B: Backend, const D: usize, const E: usize>(
-        tensor: &Tensor<B, D>,
-        ranges: &[std::ops::Range<usize>; D],
-    ) -> Option<Tensor<B, E>> {
+    on_runtime(View { tensor, ranges })
+}
+
+/// The operation behind [`view`] (no kernel: it only builds the view's metadata).
+struct View<'a, B: Backend, const D: usize, const E: usize> {
+    tensor: &'a Tensor<B, D>,
+    ranges: [std::ops::Range<usize>; D],
+}
+
+impl<B: Backend, const D: usize, const E: usize> CubeOp<B> for View<'_, B, D, E> {
+    type Output = Tensor<B, E>;
+
+    fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
+        let (tensor, ranges) = (self.tensor, self.ranges);
         let dims = tensor.dims();
         let dropped = D.checked_sub(E)?;
         if ranges
@@ -153,12 +169,6 @@ pub(crate) fn view<B: Backend, const D: usize, const E: usize>(
             cube.dtype,
         );
         from_cube::<R, B, E>(view)
-    }
-    match runtime_of::<B>()? {
-        #[cfg(feature = "cuda")]
-        Runtime::Cuda => on::<cubecl::cuda::CudaRuntime, B, D, E>(tensor, &ranges),
-        #[cfg(feature = "wgpu")]
-        Runtime::Wgpu => on::<cubecl::wgpu::WgpuRuntime, B, D, E>(tensor, &ranges),
     }
 }
 

@@ -30,6 +30,25 @@ fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool 
     value > best_value || (value == best_value && column < best_column)
 }
 
+/// Whether `(value, column)` is still left at pick number `pick` (it comes after the previous
+/// pick in the order of the picks) and beats the unit's best candidate so far.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn improves(
+    value: f32,
+    column: u32,
+    pick: usize,
+    previous_value: f32,
+    previous_column: u32,
+    best_value: f32,
+    best_column: u32,
+) -> bool {
+    let left = pick == 0
+        || value < previous_value
+        || (value == previous_value && column > previous_column);
+    left && (best_column == NONE || precedes(value, column, best_value, best_column))
+}
+
 /// One level of the cube's reduction of candidates: unit `u < stride` keeps the earlier pick of
 /// its own and unit `u + stride`'s.
 #[cube]
@@ -98,12 +117,17 @@ fn top_k_kernel<F: Float, I: Int>(
                 let column = i * UNITS + unit;
                 let value = held[i];
                 let c = u32::cast_from(column);
-                // Only entries after the previous pick in the order of the picks are left.
-                let left = column < width
-                    && (pick == 0
-                        || value < previous_value
-                        || (value == previous_value && c > previous_column));
-                if left && (best_column == NONE || precedes(value, c, best_value, best_column)) {
+                if column < width
+                    && improves(
+                        value,
+                        c,
+                        pick,
+                        previous_value,
+                        previous_column,
+                        best_value,
+                        best_column,
+                    )
+                {
                     best_value = value;
                     best_column = c;
                 }
@@ -113,10 +137,15 @@ fn top_k_kernel<F: Float, I: Int>(
             while column < width {
                 let value = f32::cast_from(values[at(values, row, column)]);
                 let c = u32::cast_from(column);
-                let left = pick == 0
-                    || value < previous_value
-                    || (value == previous_value && c > previous_column);
-                if left && (best_column == NONE || precedes(value, c, best_value, best_column)) {
+                if improves(
+                    value,
+                    c,
+                    pick,
+                    previous_value,
+                    previous_column,
+                    best_value,
+                    best_column,
+                ) {
                     best_value = value;
                     best_column = c;
                 }

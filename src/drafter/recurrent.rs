@@ -263,11 +263,7 @@ impl<B: Backend> ResBlock<B> {
             // On the GPUs the bias, SiLU and residual add are one launch instead of nine.
             let product = linear(x.clone(), self.linear.weight.val(), None);
             let bias = self.linear.bias.as_ref().map(Param::val);
-            if let Some(out) =
-                crate::cube_kernels::silu_sum(&product, None, bias.as_ref(), Some(&x))
-            {
-                return out;
-            }
+            return fused_silu_sum(product, None, bias, Some(x));
         }
         x.clone() + silu(self.linear.forward(x))
     }
@@ -494,13 +490,7 @@ impl<B: Backend> RecurrentDrafter<B> {
                 let input = w.forward(token_embedding);
                 let recurrent = linear(state, u.weight.val(), None);
                 let bias = u.bias.as_ref().map(Param::val);
-                match crate::cube_kernels::silu_sum(&input, Some(&recurrent), bias.as_ref(), None) {
-                    Some(next) => next,
-                    None => match bias {
-                        Some(bias) => silu(input + recurrent + bias.unsqueeze::<D>()),
-                        None => silu(input + recurrent),
-                    },
-                }
+                fused_silu_sum(input, Some(recurrent), bias, None)
             }
             (Some(w), Some(u)) => silu(w.forward(token_embedding) + u.forward(state)),
             _ => state + token_embedding,
@@ -596,6 +586,33 @@ impl<B: Backend> RecurrentDrafter<B> {
                 }
             }
         }
+    }
+}
+
+/// `residual + silu(a + b + bias)` for the GPU branches of the head: one kernel
+/// ([`crate::cube_kernels::silu_sum`]), or Burn's ops on the products already computed where the
+/// kernel declines (a float type it does not take).
+fn fused_silu_sum<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Option<Tensor<B, D>>,
+    bias: Option<Tensor<B, 1>>,
+    residual: Option<Tensor<B, D>>,
+) -> Tensor<B, D> {
+    if let Some(out) =
+        crate::cube_kernels::silu_sum(&a, b.as_ref(), bias.as_ref(), residual.as_ref())
+    {
+        return out;
+    }
+    let mut sum = a;
+    if let Some(b) = b {
+        sum = sum + b;
+    }
+    if let Some(bias) = bias {
+        sum = sum + bias.unsqueeze::<D>();
+    }
+    match residual {
+        Some(residual) => residual + silu(sum),
+        None => silu(sum),
     }
 }
 
