@@ -412,7 +412,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let verify_start = Instant::now();
             let hidden = self.target.forward(&block, &mut cache)?;
             let logits = self.target.logits(hidden.clone());
-            let (best_beam, accepted, bonus, next_context) = self.accept_on_device(
+            let (summary, bonus, next_context) = self.accept_on_device(
                 &packed,
                 hidden,
                 logits,
@@ -424,15 +424,14 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let draft_start = Instant::now();
             let next_beams = self.drafter.propose(DraftRequest {
                 context: next_context,
-                first_tokens: bonus.clone().reshape([live]),
+                first_tokens: bonus.clone(),
                 beam_width: m,
                 beam_length: c,
             })?;
             stats.draft_time += draft_start.elapsed();
             let readback_start = Instant::now();
             let data = Transaction::default()
-                .register(best_beam)
-                .register(accepted)
+                .register(summary)
                 .register(bonus)
                 .register(next_beams.tokens.clone())
                 .execute();
@@ -440,11 +439,18 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             stats.readback_time += readback_start.elapsed();
 
             let accept_start = Instant::now();
+            // `summary` is `[live, 2]`: best beam, accepted drafts.
+            let summary = ints(&data[0]);
             let result = RoundResult {
-                best_beam: ints(&data[0]).into_iter().map(|v| v as usize).collect(),
-                accepted: ints(&data[1]).into_iter().map(|v| v as usize).collect(),
-                bonus: ints(&data[2]).into_iter().map(|v| v as u32).collect(),
-                beams: ints(&data[3]).into_iter().map(|v| v as u32).collect(),
+                best_beam: summary.iter().step_by(2).map(|&v| v as usize).collect(),
+                accepted: summary
+                    .iter()
+                    .skip(1)
+                    .step_by(2)
+                    .map(|&v| v as usize)
+                    .collect(),
+                bonus: ints(&data[1]).into_iter().map(|v| v as u32).collect(),
+                beams: ints(&data[2]).into_iter().map(|v| v as u32).collect(),
             };
             let mut keep = Vec::with_capacity(live);
             stats.target_forwards += 1;
@@ -510,26 +516,29 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let t = self.config.temperature_value();
         let [batch, len, _] = logits.dims();
         if t == 0.0 {
-            return logits.argmax(2).reshape([batch, len]);
+            return match crate::cube_kernels::argmax(&logits) {
+                Some(ids) => ids.reshape([batch, len]),
+                None => logits.argmax(2).reshape([batch, len]),
+            };
         }
         let uniform = logits
             .random_like(Distribution::Uniform(0.0, 1.0))
             .clamp(1e-7, 1.0 - 1e-7);
         let gumbel = uniform.log().neg().log().neg();
-        logits
-            .div_scalar(t)
-            .add(gumbel)
-            .argmax(2)
-            .reshape([batch, len])
+        let perturbed = logits.div_scalar(t).add(gumbel);
+        match crate::cube_kernels::argmax(&perturbed) {
+            Some(ids) => ids.reshape([batch, len]),
+            None => perturbed.argmax(2).reshape([batch, len]),
+        }
     }
 
-    /// Computes, on the device, each row's best beam, its accepted draft count, the bonus token
-    /// and the hidden state at the last accepted node.
+    /// Computes, on the device, each row's best beam and its accepted draft count, the bonus
+    /// token and the hidden state at the last accepted node.
     ///
     /// # Shapes
     /// - `hidden`: `[live, L, H]`, `logits`: `[live, L, V]`, `tokens`: `[live, M', C]` (the
     ///   round's beams, prompt-lookup ones included), `unpacker`: `[live, M'·C]`
-    /// - returns `[live, 1]` ints (best beam, accepted count, bonus) and `[live, H]`
+    /// - returns `[live, 2]` ints (best beam, accepted count), `[live]` (bonus) and `[live, H]`
     #[allow(clippy::type_complexity)]
     fn accept_on_device(
         &self,
@@ -539,18 +548,27 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         tokens: Tensor<B, 3, Int>,
         drafted: &crate::drafter::DraftBeams<B>,
         unpacker: Tensor<B, 2, Int>,
-    ) -> Result<(
-        Tensor<B, 2, Int>,
-        Tensor<B, 2, Int>,
-        Tensor<B, 2, Int>,
-        Tensor<B, 2>,
-    )> {
+    ) -> Result<(Tensor<B, 2, Int>, Tensor<B, 1, Int>, Tensor<B, 2>)> {
         let [_, m, c] = tokens.dims();
         let [live, len, vocab] = logits.dims();
         let hidden_size = hidden.dims()[2];
         let device = logits.device();
         let temperature = self.config.temperature_value();
         let verdict = self.choose(logits.clone());
+        if matches!(
+            self.config.acceptance,
+            Acceptance::Greedy | Acceptance::Exact
+        ) && let Some(accepted) =
+            crate::cube_kernels::greedy_accept(crate::cube_kernels::GreedyAcceptance {
+                choices: &verdict,
+                unpacker: &unpacker,
+                beams: &tokens,
+                hidden: &hidden,
+            })
+        {
+            // One launch on the GPUs instead of ~20.
+            return Ok(accepted);
+        }
 
         // ok[b, i, k]: beam i's token k+1 is accepted at depth k.
         let ok: Option<Tensor<B, 3>> = if c == 1 {
@@ -622,7 +640,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let next_context = hidden
             .reshape([live * len, hidden_size])
             .select(0, flat_end);
-        Ok((best_beam, best_n, bonus, next_context))
+        Ok((
+            Tensor::cat(vec![best_beam, best_n], 1),
+            bonus.reshape([live]),
+            next_context,
+        ))
     }
 
     /// The round's beams per live row: the `M` drafted beams, then `lookup.beams` guesses from

@@ -297,7 +297,10 @@ fn select_tokens<B: Backend>(
 ) -> Vec<u32> {
     let [batch, vocab] = logits.dims();
     if sampling.is_greedy() {
-        let ids = logits.argmax(1).into_data();
+        let ids = match crate::cube_kernels::argmax(&logits) {
+            Some(ids) => ids.into_data(),
+            None => logits.argmax(1).into_data(),
+        };
         return ints(&ids).into_iter().map(|t| t as u32).collect();
     }
     let data: Vec<f32> = logits.into_data().iter::<f32>().collect();

@@ -296,11 +296,17 @@ fn close_to_host(got: Tensor<B, 2>, want: &[f64], tolerance: f64) {
 
 #[test]
 fn matmul_matches_a_host_product() {
-    // Widths that are not multiples of the kernel's 64 columns or 4 input slices.
-    let (inputs, outputs) = (301, 130);
+    // Widths that are not multiples of the kernel's column tiles or 4 input slices; 70 rows
+    // of 4,001 outputs take the layout with several columns per unit.
+    for (inputs, outputs, row_counts) in [(301, 130, &[1, 7, 13, 70][..]), (301, 4001, &[13, 70])] {
+        product_matches_the_host(inputs, outputs, row_counts);
+    }
+}
+
+fn product_matches_the_host(inputs: usize, outputs: usize, row_counts: &[usize]) {
     let w = random([inputs, outputs]);
     let weights = host(&w);
-    for rows in [1, 7, 13, 70] {
+    for &rows in row_counts {
         let x = random([rows, inputs]);
         let got = cube_kernels::matmul(&x, &w).expect("applies on the GPU backend");
         let xs = host(&x);
@@ -319,14 +325,21 @@ fn matmul_matches_a_host_product() {
 #[test]
 fn a_rows_product_does_not_depend_on_the_other_rows() {
     let x = random([70, 576]);
-    let w = random([576, 960]);
-    let all = cube_kernels::matmul(&x, &w).unwrap();
-    // Row 13 alone, and as the first row of a 3-row product: another place in a tile.
-    let alone = cube_kernels::matmul(&x.clone().slice([13..14, 0..576]), &w).unwrap();
-    let first = cube_kernels::matmul(&x.clone().slice([13..16, 0..576]), &w).unwrap();
-    let want = bits(all.slice([13..14, 0..960]));
-    assert_eq!(bits(alone), want);
-    assert_eq!(bits(first.slice([0..1, 0..960])), want);
+    // 960 outputs: one column per unit for 70 rows; 4,001: several (a tree's LM head).
+    for outputs in [960, 4001] {
+        let w = random([576, outputs]);
+        let all = cube_kernels::matmul(&x, &w).unwrap();
+        // Row 13 alone, and as the first row of a 3-row product: another place in a tile.
+        let alone = cube_kernels::matmul(&x.clone().slice([13..14, 0..576]), &w).unwrap();
+        let first = cube_kernels::matmul(&x.clone().slice([13..16, 0..576]), &w).unwrap();
+        let want = bits(all.slice([13..14, 0..outputs]));
+        assert_eq!(bits(alone), want, "{outputs} outputs");
+        assert_eq!(
+            bits(first.slice([0..1, 0..outputs])),
+            want,
+            "{outputs} outputs"
+        );
+    }
 }
 
 /// The kernels read their inputs through the strides, never through a contiguous copy: a column
@@ -554,4 +567,160 @@ fn a_verification_tree_reproduces_decoding_bit_for_bit() {
             assert_eq!(bits(row), decoded[step], "{dtype:?}: path token {step}");
         }
     }
+}
+
+/// Beam search with the one-launch selection step (`cube_kernels::beam_advance`, used with the
+/// rank top-k) against the composition of Burn's ops (used with the sort top-k), on the same
+/// random draft head: the same beams, the same scores up to the normaliser's rounding. Covers
+/// several batch entries, a draft vocabulary, beam width 1 and a width above the warp's 50 (the
+/// placeholder ranks).
+#[test]
+fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
+    use redrafter::drafter::{
+        DraftHeadKind, DraftRequest, DraftVocabulary, RecurrentDrafterConfig, TopKMethod,
+    };
+    let (hidden, vocab) = (64, 1000);
+    let device = device();
+    let embedding = random([vocab, hidden]).mul_scalar(0.5);
+    for (batch, width, length, draft_vocab) in [
+        (1, 1, 2, None),
+        (2, 4, 5, None),
+        (3, 4, 4, Some(300)),
+        (1, 60, 3, None),
+    ] {
+        // The tied head, as shipped (a draft vocabulary needs it).
+        let config = RecurrentDrafterConfig::new(hidden, vocab).with_head(DraftHeadKind::Tied);
+        let mut drafter = config
+            .init_seeded::<B>(7, &device)
+            .unwrap()
+            .with_embeddings(embedding.clone(), embedding.clone())
+            .unwrap();
+        if let Some(size) = draft_vocab {
+            // Every third token, in an order that is not sorted.
+            let ids: Vec<u32> = (0..size as u32)
+                .map(|i| (i * 3 + 1) % vocab as u32)
+                .rev()
+                .collect();
+            drafter = drafter
+                .with_draft_vocabulary(DraftVocabulary::new(ids, vocab).unwrap())
+                .unwrap();
+        }
+        let context = random([batch, hidden]);
+        let first: Vec<i64> = (0..batch as i64).map(|b| 17 + 101 * b).collect();
+        let search = |method: TopKMethod| {
+            drafter
+                .clone()
+                .with_top_k(method)
+                .beam_search(DraftRequest {
+                    context: context.clone(),
+                    first_tokens: Tensor::<B, 1, Int>::from_data(
+                        TensorData::new(first.clone(), [batch]),
+                        &device,
+                    ),
+                    beam_width: width,
+                    beam_length: length,
+                })
+                .unwrap()
+        };
+        let (fused, composed) = (search(TopKMethod::Rank), search(TopKMethod::Sort));
+        let case = format!("batch {batch}, width {width}, length {length}, {draft_vocab:?}");
+        assert_eq!(fused.tokens.dims(), [batch, width, length], "{case}");
+        assert_eq!(
+            fused.tokens.into_data().iter::<i64>().collect::<Vec<_>>(),
+            composed
+                .tokens
+                .into_data()
+                .iter::<i64>()
+                .collect::<Vec<_>>(),
+            "{case}"
+        );
+        for (got, want) in [
+            (
+                fused.scores.flatten::<1>(0, 1),
+                composed.scores.flatten::<1>(0, 1),
+            ),
+            (
+                fused.token_log_probs.flatten::<1>(0, 2),
+                composed.token_log_probs.flatten::<1>(0, 2),
+            ),
+        ] {
+            got.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-3));
+        }
+    }
+}
+
+/// Speculative decoding on the GPU backend, where acceptance runs as one kernel
+/// (`cube_kernels::greedy_accept`) and beam search through `beam_advance`: greedy output equals
+/// plain greedy decoding token for token. A random model's greedy text falls into loops, so
+/// prompt-lookup beams get accepted and the acceptance walks runs longer than zero (checked).
+#[test]
+fn greedy_speculative_decoding_on_the_kernels_equals_plain_decoding() {
+    use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+    use redrafter::drafter::{DraftHeadKind, RecurrentDrafterConfig};
+    use redrafter::lookup::PromptLookup;
+    use redrafter::models::llama::{Llama, LlamaLoadOptions};
+    use redrafter::{GenerationConfig, TargetModel, generate};
+
+    let options = LlamaLoadOptions {
+        dtype: burn::tensor::DType::F32,
+        max_context: Some(256),
+    };
+    let config = small_config(4, 2, 32, 2, 300).with_max_position_embeddings(256);
+    let model = Llama::<B>::init_random(config, &options, &device()).unwrap();
+    let drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(3, &device())
+        .unwrap()
+        .with_target(&model)
+        .unwrap();
+    let prompts = vec![vec![5, 17, 250, 3, 99, 42, 7], vec![1, 2, 3, 1, 2, 3, 1, 2]];
+    let greedy = GenerationConfig::default().with_max_new_tokens(60);
+    let plain = generate(&model, &prompts, &greedy, |_, _| {}).unwrap();
+    let config = SpeculativeConfig::default()
+        .beam_width(3)
+        .beam_length(4)
+        .acceptance(Acceptance::Greedy)
+        .lookup(PromptLookup::new(2).with_beam_length(6))
+        .generation(greedy);
+    let speculative = SpeculativeDecoder::new(&model, &drafter, config)
+        .unwrap()
+        .generate(&prompts, |_, _| {})
+        .unwrap();
+    assert_eq!(speculative.tokens, plain.tokens);
+    assert!(
+        speculative.stats.tau() > 1.2,
+        "too few accepted drafts to exercise acceptance: τ {:.2}",
+        speculative.stats.tau()
+    );
+}
+
+/// Argmax over the last dimension against a host scan (first column on ties), for 2-D and 3-D
+/// inputs, rows wider and narrower than a cube, many ties, and a strided view.
+#[test]
+fn argmax_matches_a_host_scan_first_column_on_ties() {
+    let host_argmax = |values: Vec<f32>, width: usize| -> Vec<i64> {
+        values
+            .chunks(width)
+            .map(|row| redrafter::sampling::argmax(row) as i64)
+            .collect()
+    };
+    for (rows, width, levels) in [(1, 49_152, None), (5, 300, Some(2.0)), (3, 7, None)] {
+        let mut values = random([rows, width]);
+        if let Some(levels) = levels {
+            values = values.mul_scalar(levels).round();
+        }
+        let got = cube_kernels::argmax(&values).expect("applies");
+        let want = host_argmax(values.into_data().iter::<f32>().collect(), width);
+        assert_eq!(got.into_data().iter::<i64>().collect::<Vec<_>>(), want);
+    }
+    // 3-D, and a strided view (every other row of a larger tensor).
+    let values = random([2, 6, 1000]).mul_scalar(3.0).round();
+    let got = cube_kernels::argmax(&values).expect("applies");
+    let want = host_argmax(values.clone().into_data().iter::<f32>().collect(), 1000);
+    assert_eq!(got.into_data().iter::<i64>().collect::<Vec<_>>(), want);
+    let view = values.slice([0..2, 0..6, 0..500]);
+    let got = cube_kernels::argmax(&view).expect("applies");
+    let want = host_argmax(view.into_data().iter::<f32>().collect(), 500);
+    assert_eq!(got.into_data().iter::<i64>().collect::<Vec<_>>(), want);
 }

@@ -26,7 +26,8 @@ use super::reduce::{ROW_UNITS, at, at4, cube_max};
 
 /// Attention of query row `(batch, head, t)` — one per cube — over `keys`/`values`
 /// `[batch, kv_heads, slots, dim]`, written to `output` `[batch * len, heads * dim]`. The bias
-/// `[batch * len, slots]` is read only `with_bias`.
+/// `[batch, 1, len, slots]` is read only `with_bias`, through its strides (on CUDA its rows are
+/// padded, and flattening it to `[batch * len, slots]` first cost a copy per layer).
 #[cube(launch_unchecked)]
 fn attention_kernel<F: Float>(
     queries: &Tensor<F>,
@@ -50,7 +51,6 @@ fn attention_kernel<F: Float>(
     let head = (row / len) % heads;
     let t = row % len;
     let kv_head = head / (heads / kv_heads);
-    let bias_row = batch * len + t;
     let unit = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
 
@@ -58,7 +58,7 @@ fn attention_kernel<F: Float>(
     let mut slot = unit;
     while slot < slots {
         let value = score(
-            queries, keys, bias, batch, head, t, kv_head, slot, bias_row, with_bias,
+            queries, keys, bias, batch, head, t, kv_head, slot, with_bias,
         );
         if value > largest {
             largest = value;
@@ -80,7 +80,7 @@ fn attention_kernel<F: Float>(
         let mut weight = f32::new(0.0);
         if mine < slots {
             let value = score(
-                queries, keys, bias, batch, head, t, kv_head, mine, bias_row, with_bias,
+                queries, keys, bias, batch, head, t, kv_head, mine, with_bias,
             );
             weight = (value - largest).exp();
         }
@@ -149,7 +149,6 @@ fn score<F: Float>(
     t: usize,
     kv_head: usize,
     slot: usize,
-    bias_row: usize,
     #[comptime] with_bias: bool,
 ) -> f32 {
     let dim = queries.shape(3);
@@ -177,7 +176,7 @@ fn score<F: Float>(
         d += 1;
     }
     if with_bias {
-        dot += f32::cast_from(bias[at(bias, bias_row, slot)]);
+        dot += f32::cast_from(bias[at4(bias, batch, 0, t, slot)]);
     }
     dot
 }
@@ -221,7 +220,7 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
         }
         let bias = match self.bias {
             Some(bias) => {
-                let bias = to_cube::<R, B, 2>(&bias.clone().reshape([batch * len, slots]))?;
+                let bias = to_cube::<R, B, 4>(bias)?;
                 (bias.dtype == queries.dtype).then_some(bias)?
             }
             // Not read: any tensor of the right type will do.

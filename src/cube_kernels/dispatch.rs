@@ -100,6 +100,20 @@ pub(super) fn empty_like<R: CubeRuntime, const D: usize>(
     )
 }
 
+/// An uninitialised row-major integer tensor of type `dtype` on `like`'s device.
+pub(super) fn empty_int_like<R: CubeRuntime, const D: usize>(
+    like: &CubeTensor<R>,
+    dims: [usize; D],
+    dtype: DType,
+) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new(dims),
+        dtype,
+    )
+}
+
 /// The most cubes a grid may have along one axis on every runtime (WGPU's limit).
 const MAX_CUBES_PER_AXIS: usize = 65_535;
 
@@ -170,6 +184,15 @@ impl<B: Backend, const D: usize, const E: usize> CubeOp<B> for View<'_, B, D, E>
         );
         from_cube::<R, B, E>(view)
     }
+}
+
+/// The runtime tensor behind an integer tensor, as it lies (see [`to_cube`]); `None` if `B`'s
+/// integer tensors are not `R`'s.
+pub(super) fn to_cube_int<R: CubeRuntime, B: Backend, const D: usize>(
+    tensor: &Tensor<B, D, burn::tensor::Int>,
+) -> Option<CubeTensor<R>> {
+    let boxed: Box<dyn Any> = Box::new(tensor.clone().into_primitive());
+    boxed.downcast::<CubeTensor<R>>().ok().map(|cube| *cube)
 }
 
 /// `tensor` as an integer `Tensor<B, D, Int>`; `None` if `B`'s integer tensors are not `R`'s.

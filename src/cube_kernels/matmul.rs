@@ -27,20 +27,34 @@ const COLUMNS: usize = 16;
 /// decoding step enough units to keep the memory system busy: with 4, a `[1, 1536] · [1536, 576]`
 /// product ran on 9 cubes and took ~60 µs on the H200 (docs/benchmarks.md, session 11).
 const SPLITS: usize = 32;
-/// Rows per cube when there are several; each unit keeps one f32 accumulator per row.
+/// Rows per cube for a few rows, and for more than that (a verification tree); each unit keeps
+/// one f32 accumulator per row. The weight is read once per cube: with 16 rows a 40-token tree
+/// reads it 3 times instead of 5 (the LM head's is 113 MB in f32).
 const ROWS: usize = 8;
+/// See [`ROWS`]; the partial sums in shared memory take `SPLITS · 16 · COLUMNS` f32 = 32 KiB.
+const MANY_ROWS: usize = 16;
 /// Inputs whose loads a unit issues together before it adds them up (in order).
 const UNROLL: usize = 4;
+/// Columns per unit for products of several rows with enough columns (see [`MIN_WIDE_CUBES`]);
+/// 2 where 4 would leave too few cubes. A 40-token tree's forward on the H200: 7.73 ms with one
+/// column per unit, 7.12 with up to four (docs/benchmarks.md, session 12).
+const WIDE_COLUMNS: usize = 4;
+/// The fewest cubes a product takes several columns per unit with: one per multiprocessor of an
+/// H100/H200 (132). Measured against 264, which left the MLP's up-projection at one column.
+const MIN_WIDE_CUBES: usize = 132;
 
 /// `output [rows, outputs] = x [rows, inputs] · weight [inputs, outputs]`, f32 accumulation.
-/// Each cube covers `rows_per_cube` rows ([`ROWS`], or 1 for a single-row product: the sums of a
-/// row are the same operations either way).
+/// Each cube covers `rows_per_cube` rows (1 for a single-row product, [`ROWS`] or [`MANY_ROWS`])
+/// and `columns_per_unit · COLUMNS` columns: unit `lane` takes columns `lane + j · COLUMNS`, so an
+/// input it loads feeds `columns_per_unit` sums (a tree-sized product is bound by those loads).
+/// Neither choice changes the operations of any one sum.
 #[cube(launch_unchecked)]
 fn row_matmul_kernel<F: Float>(
     x: &Tensor<F>,
     weight: &Tensor<F>,
     output: &mut Tensor<F>,
     #[comptime] rows_per_cube: usize,
+    #[comptime] columns_per_unit: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let rows = x.shape(0);
@@ -48,15 +62,22 @@ fn row_matmul_kernel<F: Float>(
     let outputs = weight.shape(1);
     let lane = UNIT_POS_X as usize;
     let split = UNIT_POS_Y as usize;
-    let column = CUBE_POS_X as usize * COLUMNS + lane;
-    let first_row = CUBE_POS_Y as usize * rows_per_cube;
+    // The row tiles of one column tile are neighbours in the grid (x): they run together and
+    // share the weight tile's reads through the L2 cache.
+    let first_column = CUBE_POS_Y as usize * COLUMNS * columns_per_unit + lane;
+    let first_row = CUBE_POS_X as usize * rows_per_cube;
     // Units past the last column or row compute on clamped indices (valid memory) and write
-    // nothing: every unit must reach the barrier below.
-    let read_column = if column < outputs {
-        column
-    } else {
-        outputs - 1
-    };
+    // nothing: every unit must reach the barriers below.
+    let mut read_columns = Array::<usize>::new(columns_per_unit);
+    #[unroll]
+    for j in 0..columns_per_unit {
+        let column = first_column + j * COLUMNS;
+        read_columns[j] = if column < outputs {
+            column
+        } else {
+            outputs - 1
+        };
+    }
     let slice = inputs.div_ceil(SPLITS);
     let start = split * slice;
     let end = if start + slice < inputs {
@@ -65,25 +86,36 @@ fn row_matmul_kernel<F: Float>(
         inputs
     };
 
-    let mut sums = Array::<f32>::new(rows_per_cube);
+    // Sum of row `r`, column `j` at `r * columns_per_unit + j`.
+    let mut sums = Array::<f32>::new(rows_per_cube * columns_per_unit);
     let mut source_rows = Array::<usize>::new(rows_per_cube);
     #[unroll]
     for r in 0..rows_per_cube {
-        sums[r] = f32::new(0.0);
         source_rows[r] = if first_row + r < rows {
             first_row + r
         } else {
             rows - 1
         };
+        #[unroll]
+        for j in 0..columns_per_unit {
+            sums[r * columns_per_unit + j] = f32::new(0.0);
+        }
     }
     // Four inputs at a time: their loads are issued together, then added in input order, so
     // every sum is the same sequence of operations as one input at a time.
+    let mut w0 = Array::<f32>::new(columns_per_unit);
+    let mut w1 = Array::<f32>::new(columns_per_unit);
+    let mut w2 = Array::<f32>::new(columns_per_unit);
+    let mut w3 = Array::<f32>::new(columns_per_unit);
     let mut k = start;
     while k + UNROLL <= end {
-        let w0 = f32::cast_from(weight[at(weight, k, read_column)]);
-        let w1 = f32::cast_from(weight[at(weight, k + 1, read_column)]);
-        let w2 = f32::cast_from(weight[at(weight, k + 2, read_column)]);
-        let w3 = f32::cast_from(weight[at(weight, k + 3, read_column)]);
+        #[unroll]
+        for j in 0..columns_per_unit {
+            w0[j] = f32::cast_from(weight[at(weight, k, read_columns[j])]);
+            w1[j] = f32::cast_from(weight[at(weight, k + 1, read_columns[j])]);
+            w2[j] = f32::cast_from(weight[at(weight, k + 2, read_columns[j])]);
+            w3[j] = f32::cast_from(weight[at(weight, k + 3, read_columns[j])]);
+        }
         #[unroll]
         for r in 0..rows_per_cube {
             let row = source_rows[r];
@@ -91,38 +123,55 @@ fn row_matmul_kernel<F: Float>(
             let x1 = f32::cast_from(x[at(x, row, k + 1)]);
             let x2 = f32::cast_from(x[at(x, row, k + 2)]);
             let x3 = f32::cast_from(x[at(x, row, k + 3)]);
-            let mut sum = sums[r];
-            sum += x0 * w0;
-            sum += x1 * w1;
-            sum += x2 * w2;
-            sum += x3 * w3;
-            sums[r] = sum;
+            #[unroll]
+            for j in 0..columns_per_unit {
+                let mut sum = sums[r * columns_per_unit + j];
+                sum += x0 * w0[j];
+                sum += x1 * w1[j];
+                sum += x2 * w2[j];
+                sum += x3 * w3[j];
+                sums[r * columns_per_unit + j] = sum;
+            }
         }
         k += UNROLL;
     }
     while k < end {
-        let w = f32::cast_from(weight[at(weight, k, read_column)]);
+        #[unroll]
+        for j in 0..columns_per_unit {
+            w0[j] = f32::cast_from(weight[at(weight, k, read_columns[j])]);
+        }
         #[unroll]
         for r in 0..rows_per_cube {
-            sums[r] += f32::cast_from(x[at(x, source_rows[r], k)]) * w;
+            let x0 = f32::cast_from(x[at(x, source_rows[r], k)]);
+            #[unroll]
+            for j in 0..columns_per_unit {
+                sums[r * columns_per_unit + j] += x0 * w0[j];
+            }
         }
         k += 1;
     }
 
+    // One column of the unit at a time through shared memory: unit row `r` of the cube adds up
+    // row `r`'s slices, in slice order.
     let mut partial = SharedMemory::<f32>::new(SPLITS * rows_per_cube * COLUMNS);
-    #[unroll]
-    for r in 0..rows_per_cube {
-        partial[(split * rows_per_cube + r) * COLUMNS + lane] = sums[r];
-    }
-    sync_cube();
-    // Unit row `r` of the cube adds up row `r`'s slices, in slice order.
     let r = split;
-    if r < rows_per_cube && column < outputs && first_row + r < rows {
-        let mut total = partial[r * COLUMNS + lane];
-        for s in 1..SPLITS {
-            total += partial[(s * rows_per_cube + r) * COLUMNS + lane];
+    #[unroll]
+    for j in 0..columns_per_unit {
+        #[unroll]
+        for row in 0..rows_per_cube {
+            partial[(split * rows_per_cube + row) * COLUMNS + lane] =
+                sums[row * columns_per_unit + j];
         }
-        output[at(output, first_row + r, column)] = F::cast_from(total);
+        sync_cube();
+        let column = first_column + j * COLUMNS;
+        if r < rows_per_cube && column < outputs && first_row + r < rows {
+            let mut total = partial[r * COLUMNS + lane];
+            for s in 1..SPLITS {
+                total += partial[(s * rows_per_cube + r) * COLUMNS + lane];
+            }
+            output[at(output, first_row + r, column)] = F::cast_from(total);
+        }
+        sync_cube();
     }
 }
 
@@ -153,10 +202,28 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
         }
         let output = empty_like(&x, [rows, outputs]);
         let (client, dtype) = (x.client.clone(), x.dtype);
-        let rows_per_cube = if rows == 1 { 1 } else { ROWS };
+        let rows_per_cube = match rows {
+            1 => 1,
+            2..=ROWS => ROWS,
+            _ => MANY_ROWS,
+        };
+        let row_tiles = rows.div_ceil(rows_per_cube);
+        // Several columns per unit where the grid still has a cube per multiprocessor (a
+        // tree's LM head and MLP up-projection); one for a decoding step and where the grid
+        // would be too narrow.
+        let cubes_with = |per_unit: usize| outputs.div_ceil(COLUMNS * per_unit) * row_tiles;
+        let columns_per_unit = if rows == 1 {
+            1
+        } else if cubes_with(WIDE_COLUMNS) >= MIN_WIDE_CUBES {
+            WIDE_COLUMNS
+        } else if cubes_with(2) >= MIN_WIDE_CUBES {
+            2
+        } else {
+            1
+        };
         let cubes = CubeCount::Static(
-            outputs.div_ceil(COLUMNS) as u32,
-            rows.div_ceil(rows_per_cube) as u32,
+            row_tiles as u32,
+            outputs.div_ceil(COLUMNS * columns_per_unit) as u32,
             1,
         );
         unsafe {
@@ -168,6 +235,7 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
                 weight.into_tensor_arg(),
                 output.clone().into_tensor_arg(),
                 rows_per_cube,
+                columns_per_unit,
                 dtype.into(),
             )
         };

@@ -11,9 +11,13 @@
 //! - [`rotate_qkv`] (Q and K rotated and every head written in the layout attention reads),
 //! - [`swiglu`],
 //! - [`silu_sum`] (the draft head's `residual + silu(a + b + bias)`),
-//! - [`top_k`] (beam search's selections),
+//! - [`top_k`] (each beam's best candidates) and [`beam_advance`] (the rest of a beam-search
+//!   step: warp, selection and the new beams),
 //! - [`attention`] (scores, softmax with the bias and the value product of grouped-query
 //!   attention, written in the output projection's layout),
+//! - [`argmax`] (greedy choices: a cube per row, where Burn's walks a row with one thread),
+//! - [`greedy_accept`] (the longest accepted beam of a verified tree, its bonus token and the
+//!   hidden state to draft from),
 //! - [`matmul`] for a few rows (the projections of a decoding step or a verification tree).
 //!
 //! Each function returns `None` when it does not apply — a backend other than CUDA or WGPU without
@@ -35,7 +39,13 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod accept;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod argmax;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod attention;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod beam;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod dispatch;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -284,6 +294,122 @@ pub fn top_k<B: Backend>(
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = (values, k);
+        None
+    }
+}
+
+/// One beam-search step's inputs for [`beam_advance`]: `B` batch entries with `P` parents each
+/// (`P = 1` at the first step).
+// Read only by the kernels, which need the `cuda` or `wgpu` feature.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) struct BeamStep<'a, B: Backend> {
+    /// Each parent's best logits, descending. Shape `[B·P, K]`.
+    pub sorted: &'a Tensor<B, 2>,
+    /// Their columns (draft-vocabulary indices when `draft_ids` is set). Shape `[B·P, K]`.
+    pub columns: &'a Tensor<B, 2, burn::tensor::Int>,
+    /// Token id of each draft-vocabulary index. Shape `[Vd]`.
+    pub draft_ids: Option<&'a Tensor<B, 1, burn::tensor::Int>>,
+    /// The parents' running scores (`None`: zeros). Shape `[B, P]`.
+    pub scores: Option<&'a Tensor<B, 2>>,
+    /// The parents' tokens so far. Shape `[B·P, t]`.
+    pub beams: &'a Tensor<B, 2, burn::tensor::Int>,
+    /// The parents' per-token log-probabilities (`None` when `t = 1`). Shape `[B·P, t − 1]`.
+    pub history: Option<&'a Tensor<B, 2>>,
+    /// Beams kept, `M`.
+    pub width: usize,
+    /// Logits the warp keeps per parent (the rest weigh nothing in the normaliser).
+    pub kept: usize,
+    /// Candidates per parent that may enter the selection.
+    pub per_beam: usize,
+}
+
+/// What [`beam_advance`] returns.
+pub(crate) struct BeamAdvance<B: Backend> {
+    /// The new beams' scores, best first. Shape `[B, M]`.
+    pub scores: Tensor<B, 2>,
+    /// Each new beam's tokens: its parent's, then the new token. Shape `[B·M, t + 1]`.
+    pub beams: Tensor<B, 2, burn::tensor::Int>,
+    /// Each new beam's per-token log-probabilities. Shape `[B·M, t]`.
+    pub history: Tensor<B, 2>,
+    /// The row of each new beam's parent among the step's `B·P` rows. Shape `[B·M]`.
+    pub parents: Tensor<B, 1, burn::tensor::Int>,
+    /// Each new beam's new token. Shape `[B·M]`.
+    pub last: Tensor<B, 1, burn::tensor::Int>,
+}
+
+/// The most candidates (`P · per_beam`) and the widest beam [`beam_advance`] takes.
+pub(crate) const BEAM_MAX_CANDIDATES: usize = 4096;
+/// See [`BEAM_MAX_CANDIDATES`].
+pub(crate) const BEAM_MAX_WIDTH: usize = 256;
+
+/// The rest of a beam-search step after [`top_k`], in one launch: warp each parent's best logits
+/// (minus the row maximum, normalised over the `kept` best), add the parents' scores, keep the
+/// best `M` candidates (ties to the lower candidate, `parent · per_beam + rank`), map draft
+/// indices to token ids and build the new beams from their parents'. `None` where it does not
+/// apply (see [`BEAM_MAX_CANDIDATES`]).
+pub(crate) fn beam_advance<B: Backend>(step: BeamStep<'_, B>) -> Option<BeamAdvance<B>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(step)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = step;
+        None
+    }
+}
+
+/// The column of each row's largest entry (the first on ties), over the last dimension of a 2-D
+/// or 3-D tensor, flattened: `[rows, V]` or `[a, b, V]` to `[rows]` / `[a · b]` (row-major). One
+/// launch with a cube per row.
+pub fn argmax<B: Backend, const D: usize>(
+    values: &Tensor<B, D>,
+) -> Option<Tensor<B, 1, burn::tensor::Int>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(argmax::Argmax { values })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = values;
+        None
+    }
+}
+
+/// A verified tree's inputs for [`greedy_accept`].
+// Read only by the kernels, which need the `cuda` or `wgpu` feature.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) struct GreedyAcceptance<'a, B: Backend> {
+    /// The target's token at each tree node (argmax, or a sample for exact sampling). Shape
+    /// `[live, L]`.
+    pub choices: &'a Tensor<B, 2, burn::tensor::Int>,
+    /// The tree node of each beam position. Shape `[live, M·C]`.
+    pub unpacker: &'a Tensor<B, 2, burn::tensor::Int>,
+    /// The round's beams (token 0 verified, the rest drafted). Shape `[live, M, C]`.
+    pub beams: &'a Tensor<B, 3, burn::tensor::Int>,
+    /// The target's hidden state at each node. Shape `[live, L, H]`.
+    pub hidden: &'a Tensor<B, 3>,
+}
+
+/// Greedy (and exact-sampling) acceptance in one launch: per row, the beam with the longest run
+/// of drafted tokens equal to the target's choices (the lower beam on ties), as
+/// `[best beam, accepted]` `[live, 2]`; the target's choice after the run (the bonus token,
+/// `[live]`); and the hidden state at the run's last node (`[live, H]`).
+#[allow(clippy::type_complexity)]
+pub(crate) fn greedy_accept<B: Backend>(
+    inputs: GreedyAcceptance<'_, B>,
+) -> Option<(
+    Tensor<B, 2, burn::tensor::Int>,
+    Tensor<B, 1, burn::tensor::Int>,
+    Tensor<B, 2>,
+)> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(inputs)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = inputs;
         None
     }
 }

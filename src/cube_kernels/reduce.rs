@@ -14,6 +14,13 @@ pub(super) fn at<E: CubePrimitive>(tensor: &Tensor<E>, row: usize, column: usize
     row * tensor.stride(0) + column * tensor.stride(1)
 }
 
+/// The position of element `(a, b, c)` of a 3-D tensor in its buffer (through its strides, as
+/// [`at`]).
+#[cube]
+pub(super) fn at3<E: CubePrimitive>(tensor: &Tensor<E>, a: usize, b: usize, c: usize) -> usize {
+    a * tensor.stride(0) + b * tensor.stride(1) + c * tensor.stride(2)
+}
+
 /// The position of element `(a, b, c, d)` of a 4-D tensor in its buffer (through its strides,
 /// as [`at`]).
 #[cube]
@@ -82,4 +89,65 @@ pub(super) fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
     let largest = shared[0];
     sync_cube();
     largest
+}
+
+/// Units per cube in the kernels that pick entries across a cube ([`cube_pick`]): top-k, beam
+/// selection, argmax.
+pub(super) const PICK_UNITS: usize = 256;
+/// "No candidate" in a pick.
+pub(super) const NO_COLUMN: u32 = u32::MAX;
+
+/// Whether `(value, column)` comes before `(best_value, best_column)` in the order of the picks:
+/// value descending, then column ascending.
+#[cube]
+pub(super) fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
+    value > best_value || (value == best_value && column < best_column)
+}
+
+/// One level of [`cube_pick`]: unit `u < stride` keeps the earlier candidate of its own and unit
+/// `u + stride`'s.
+#[cube]
+fn fold_pick(
+    values: &mut SharedMemory<f32>,
+    columns: &mut SharedMemory<u32>,
+    unit: usize,
+    #[comptime] stride: usize,
+) {
+    if unit < stride {
+        let other = columns[unit + stride];
+        let other_value = values[unit + stride];
+        let mine = columns[unit];
+        if other != NO_COLUMN
+            && (mine == NO_COLUMN || precedes(other_value, other, values[unit], mine))
+        {
+            values[unit] = other_value;
+            columns[unit] = other;
+        }
+    }
+    sync_cube();
+}
+
+/// Reduces each unit's candidate `(value, column)` (`column` [`NO_COLUMN`] for none) to the
+/// cube's first in the order of [`precedes`], left in `values[0]` and `columns[0]` for every unit
+/// to read. Cubes of [`PICK_UNITS`] units; the caller syncs before it writes the shared memory
+/// again.
+#[cube]
+pub(super) fn cube_pick(
+    values: &mut SharedMemory<f32>,
+    columns: &mut SharedMemory<u32>,
+    unit: usize,
+    value: f32,
+    column: u32,
+) {
+    values[unit] = value;
+    columns[unit] = column;
+    sync_cube();
+    fold_pick(values, columns, unit, 128usize);
+    fold_pick(values, columns, unit, 64usize);
+    fold_pick(values, columns, unit, 32usize);
+    fold_pick(values, columns, unit, 16usize);
+    fold_pick(values, columns, unit, 8usize);
+    fold_pick(values, columns, unit, 4usize);
+    fold_pick(values, columns, unit, 2usize);
+    fold_pick(values, columns, unit, 1usize);
 }

@@ -10,25 +10,15 @@
 //! as rank selection breaks them, so both give the same result.
 
 use burn::tensor::{Int as IntKind, Tensor as BurnTensor, backend::Backend};
-use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype};
+use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
-use super::dispatch::{CubeOp, empty_like, from_cube, from_cube_int, to_cube};
-use super::reduce::at;
+use super::dispatch::{CubeOp, empty_int_like, empty_like, from_cube, from_cube_int, to_cube};
+use super::reduce::{NO_COLUMN, PICK_UNITS, at, cube_pick, precedes};
 
-/// Units per cube (per row); the reduction in [`top_k_kernel`] folds this many.
-const UNITS: usize = 256;
-/// Entries per unit a row may have to be held in registers (rows up to `UNITS · HELD` = 8192
+/// Entries per unit a row may have to be held in registers (rows up to `PICK_UNITS · HELD` = 8192
 /// entries: a draft vocabulary's logits, or beam search's candidates).
 const HELD: usize = 32;
-/// "No column yet."
-const NONE: u32 = u32::MAX;
-
-/// Whether `(value, column)` comes before `(best_value, best_column)` in the order of the picks.
-#[cube]
-fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
-    value > best_value || (value == best_value && column < best_column)
-}
 
 /// Whether `(value, column)` is still left at pick number `pick` (it comes after the previous
 /// pick in the order of the picks) and beats the unit's best candidate so far.
@@ -46,30 +36,7 @@ fn improves(
     let left = pick == 0
         || value < previous_value
         || (value == previous_value && column > previous_column);
-    left && (best_column == NONE || precedes(value, column, best_value, best_column))
-}
-
-/// One level of the cube's reduction of candidates: unit `u < stride` keeps the earlier pick of
-/// its own and unit `u + stride`'s.
-#[cube]
-fn fold_pick(
-    values: &mut SharedMemory<f32>,
-    columns: &mut SharedMemory<u32>,
-    unit: usize,
-    #[comptime] stride: usize,
-) {
-    if unit < stride {
-        let other_column = columns[unit + stride];
-        let other_value = values[unit + stride];
-        let mine = columns[unit];
-        if other_column != NONE
-            && (mine == NONE || precedes(other_value, other_column, values[unit], mine))
-        {
-            values[unit] = other_value;
-            columns[unit] = other_column;
-        }
-    }
-    sync_cube();
+    left && (best_column == NO_COLUMN || precedes(value, column, best_value, best_column))
 }
 
 /// `values` `[rows, width]` to its `k = sorted.shape(1)` largest entries per row, sorted
@@ -89,16 +56,16 @@ fn top_k_kernel<F: Float, I: Int>(
     let width = values.shape(1);
     let k = sorted.shape(1);
     let unit = UNIT_POS_X as usize;
-    let mut shared_values = SharedMemory::<f32>::new(UNITS);
-    let mut shared_columns = SharedMemory::<u32>::new(UNITS);
+    let mut shared_values = SharedMemory::<f32>::new(PICK_UNITS);
+    let mut shared_columns = SharedMemory::<u32>::new(PICK_UNITS);
 
-    // A row of up to `UNITS · HELD` entries is read once into registers (static indices keep the
+    // A row of up to `PICK_UNITS · HELD` entries is read once into registers (static indices keep the
     // array out of local memory); wider rows are read again at every pick.
     let mut held = Array::<f32>::new(HELD);
     if in_registers {
         #[unroll]
         for i in 0..HELD {
-            let column = i * UNITS + unit;
+            let column = i * PICK_UNITS + unit;
             held[i] = f32::new(-3.4e38);
             if column < width {
                 held[i] = f32::cast_from(values[at(values, row, column)]);
@@ -107,14 +74,14 @@ fn top_k_kernel<F: Float, I: Int>(
     }
 
     let mut previous_value = f32::new(0.0);
-    let mut previous_column = u32::new(NONE as i64);
+    let mut previous_column = u32::new(NO_COLUMN as i64);
     for pick in 0..k {
         let mut best_value = f32::new(-3.4e38);
-        let mut best_column = u32::new(NONE as i64);
+        let mut best_column = u32::new(NO_COLUMN as i64);
         if in_registers {
             #[unroll]
             for i in 0..HELD {
-                let column = i * UNITS + unit;
+                let column = i * PICK_UNITS + unit;
                 let value = held[i];
                 let c = u32::cast_from(column);
                 if column < width
@@ -149,20 +116,16 @@ fn top_k_kernel<F: Float, I: Int>(
                     best_value = value;
                     best_column = c;
                 }
-                column += UNITS;
+                column += PICK_UNITS;
             }
         }
-        shared_values[unit] = best_value;
-        shared_columns[unit] = best_column;
-        sync_cube();
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 128usize);
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 64usize);
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 32usize);
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 16usize);
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 8usize);
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 4usize);
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 2usize);
-        fold_pick(&mut shared_values, &mut shared_columns, unit, 1usize);
+        cube_pick(
+            &mut shared_values,
+            &mut shared_columns,
+            unit,
+            best_value,
+            best_column,
+        );
         previous_value = shared_values[0];
         previous_column = shared_columns[0];
         if unit == 0 {
@@ -192,22 +155,17 @@ impl<B: Backend> CubeOp<B> for TopK<'_, B> {
         let values = to_cube::<R, B, 2>(self.values)?;
         let sorted = empty_like(&values, [rows, k]);
         let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
-        let columns = empty_device_contiguous_dtype(
-            values.client.clone(),
-            values.device.clone(),
-            burn::tensor::Shape::new([rows, k]),
-            int_dtype,
-        );
+        let columns = empty_int_like(&values, [rows, k], int_dtype);
         let (client, dtype) = (values.client.clone(), values.dtype);
         unsafe {
             top_k_kernel::launch_unchecked::<R>(
                 &client,
                 super::dispatch::row_grid(rows),
-                CubeDim::new_1d(UNITS as u32),
+                CubeDim::new_1d(PICK_UNITS as u32),
                 values.into_tensor_arg(),
                 sorted.clone().into_tensor_arg(),
                 columns.clone().into_tensor_arg(),
-                width <= UNITS * HELD,
+                width <= PICK_UNITS * HELD,
                 [dtype.into(), int_dtype.into()],
             )
         };

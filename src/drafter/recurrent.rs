@@ -261,7 +261,7 @@ impl<B: Backend> ResBlock<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         if crate::cube_kernels::applies::<B>() {
             // On the GPUs the bias, SiLU and residual add are one launch instead of nine.
-            let product = linear(x.clone(), self.linear.weight.val(), None);
+            let product = gpu_product(x.clone(), self.linear.weight.val());
             let bias = self.linear.bias.as_ref().map(Param::val);
             return fused_silu_sum(product, None, bias, Some(x));
         }
@@ -487,8 +487,11 @@ impl<B: Backend> RecurrentDrafter<B> {
         Ok(match (&self.rnn_w, &self.rnn_u) {
             (Some(w), Some(u)) if crate::cube_kernels::applies::<B>() => {
                 // One launch for both adds and the SiLU on the GPUs (instead of nine).
-                let input = w.forward(token_embedding);
-                let recurrent = linear(state, u.weight.val(), None);
+                let mut input = gpu_product(token_embedding, w.weight.val());
+                if let Some(bias) = &w.bias {
+                    input = input + bias.val().unsqueeze();
+                }
+                let recurrent = gpu_product(state, u.weight.val());
                 let bias = u.bias.as_ref().map(Param::val);
                 fused_silu_sum(input, Some(recurrent), bias, None)
             }
@@ -559,7 +562,10 @@ impl<B: Backend> RecurrentDrafter<B> {
         for block in &self.res_blocks {
             x = block.forward(x);
         }
-        let x = self.head.forward(x);
+        let x = match &self.head.bias {
+            None if crate::cube_kernels::applies::<B>() => gpu_product(x, self.head.weight.val()),
+            _ => self.head.forward(x),
+        };
         match self.config.head {
             DraftHeadKind::Separate => Ok(x),
             DraftHeadKind::Tied => {
@@ -578,7 +584,9 @@ impl<B: Backend> RecurrentDrafter<B> {
                 // The cast is free when the drafter computes in the target's dtype (the fast
                 // setup); otherwise it converts the table on every call.
                 let table = table.clone().cast(x.dtype());
-                if crate::projection::prefers_out_major::<B>(&table.device()) {
+                if crate::cube_kernels::applies::<B>() {
+                    Ok(gpu_product(x, table.transpose()))
+                } else if crate::projection::prefers_out_major::<B>(&table.device()) {
                     // The table is already `[out, in]`, this backend's fast layout.
                     Ok(crate::projection::matmul_out_major(x, table))
                 } else {
@@ -586,6 +594,22 @@ impl<B: Backend> RecurrentDrafter<B> {
                 }
             }
         }
+    }
+}
+
+/// `x · weight` (`weight` `[in, out]`, possibly a transposed view) for the GPU branches of the
+/// head: our row product ([`crate::cube_kernels::matmul`]) where it applies, else Burn's. For the
+/// head's few rows CubeCL's matmul cost more device time: a draft round (M = 4, C = 5) took 1.55
+/// ms with it and 1.03 ms with ours on the H200 (docs/benchmarks.md, session 12).
+fn gpu_product<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
+    let mut shape = x.dims();
+    let inputs = shape[D - 1];
+    let rows = shape[..D - 1].iter().product::<usize>();
+    shape[D - 1] = weight.dims()[1];
+    let flat = x.clone().reshape([rows, inputs]);
+    match crate::cube_kernels::matmul(&flat, &weight) {
+        Some(product) => product.reshape(shape),
+        None => linear(x, weight, None),
     }
 }
 
