@@ -296,8 +296,9 @@ fn close_to_host(got: Tensor<B, 2>, want: &[f64], tolerance: f64) {
 
 #[test]
 fn matmul_matches_a_host_product() {
-    // Widths that are not multiples of the kernel's column tiles or 4 input slices; 70 rows
-    // of 4,001 outputs take the layout with several columns per unit.
+    // Widths that are not multiples of the kernel's column tiles or 4 input slices. Every layout
+    // of the kernel: 1 and 7 rows of 130 outputs take one column per unit, 70 rows of 130 two,
+    // 13 and 70 rows of 4,001 four.
     for (inputs, outputs, row_counts) in [(301, 130, &[1, 7, 13, 70][..]), (301, 4001, &[13, 70])] {
         product_matches_the_host(inputs, outputs, row_counts);
     }
@@ -325,7 +326,7 @@ fn product_matches_the_host(inputs: usize, outputs: usize, row_counts: &[usize])
 #[test]
 fn a_rows_product_does_not_depend_on_the_other_rows() {
     let x = random([70, 576]);
-    // 960 outputs: one column per unit for 70 rows; 4,001: several (a tree's LM head).
+    // 70 rows of 960 and of 4,001 outputs take four columns per unit; 3 rows of 960 two.
     for outputs in [960, 4001] {
         let w = random([576, outputs]);
         let all = cube_kernels::matmul(&x, &w).unwrap();

@@ -37,11 +37,13 @@ const MANY_ROWS: usize = 16;
 const UNROLL: usize = 4;
 /// Columns per unit for products of several rows with enough columns (see [`MIN_WIDE_CUBES`]);
 /// 2 where 4 would leave too few cubes. A 40-token tree's forward on the H200: 7.73 ms with one
-/// column per unit, 7.12 with up to four (docs/benchmarks.md, session 12).
+/// column per unit, 6.91–6.97 with up to four (docs/benchmarks.md, session 12).
 const WIDE_COLUMNS: usize = 4;
-/// The fewest cubes a product takes several columns per unit with: one per multiprocessor of an
-/// H100/H200 (132). Measured against 264, which left the MLP's up-projection at one column.
-const MIN_WIDE_CUBES: usize = 132;
+/// The fewest cubes a product takes several columns per unit with. Wider tiles won even where
+/// they leave most multiprocessors idle: on the H200 a 24-token tree's forward took 6.41 ms with
+/// at least 132 cubes (one per multiprocessor), 6.09 with 16 (the narrow projections then take
+/// 2–4 columns per unit too; docs/benchmarks.md, session 12).
+const MIN_WIDE_CUBES: usize = 16;
 
 /// `output [rows, outputs] = x [rows, inputs] · weight [inputs, outputs]`, f32 accumulation.
 /// Each cube covers `rows_per_cube` rows (1 for a single-row product, [`ROWS`] or [`MANY_ROWS`])
@@ -208,9 +210,8 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
             _ => MANY_ROWS,
         };
         let row_tiles = rows.div_ceil(rows_per_cube);
-        // Several columns per unit where the grid still has a cube per multiprocessor (a
-        // tree's LM head and MLP up-projection); one for a decoding step and where the grid
-        // would be too narrow.
+        // Several columns per unit for a tree (each loaded input then feeds several sums); one
+        // for a decoding step, and where even 2 would leave fewer than MIN_WIDE_CUBES cubes.
         let cubes_with = |per_unit: usize| outputs.div_ceil(COLUMNS * per_unit) * row_tiles;
         let columns_per_unit = if rows == 1 {
             1
