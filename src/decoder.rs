@@ -515,21 +515,19 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     fn choose(&self, logits: Tensor<B, 3>) -> Tensor<B, 2, Int> {
         let t = self.config.temperature_value();
         let [batch, len, _] = logits.dims();
+        // Our one-launch kernel on the GPUs (Burn's walks each row with one thread).
+        let argmax = |values: Tensor<B, 3>| match crate::cube_kernels::argmax(&values) {
+            Some(ids) => ids.reshape([batch, len]),
+            None => values.argmax(2).reshape([batch, len]),
+        };
         if t == 0.0 {
-            return match crate::cube_kernels::argmax(&logits) {
-                Some(ids) => ids.reshape([batch, len]),
-                None => logits.argmax(2).reshape([batch, len]),
-            };
+            return argmax(logits);
         }
         let uniform = logits
             .random_like(Distribution::Uniform(0.0, 1.0))
             .clamp(1e-7, 1.0 - 1e-7);
         let gumbel = uniform.log().neg().log().neg();
-        let perturbed = logits.div_scalar(t).add(gumbel);
-        match crate::cube_kernels::argmax(&perturbed) {
-            Some(ids) => ids.reshape([batch, len]),
-            None => perturbed.argmax(2).reshape([batch, len]),
-        }
+        argmax(logits.div_scalar(t).add(gumbel))
     }
 
     /// Computes, on the device, each row's best beam and its accepted draft count, the bonus

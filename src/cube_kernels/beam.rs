@@ -25,7 +25,7 @@ use cubecl::prelude::*;
 use super::dispatch::{
     CubeOp, empty_int_like, empty_like, from_cube, from_cube_int, to_cube, to_cube_int,
 };
-use super::reduce::{NO_COLUMN, PICK_UNITS, at, cube_pick, precedes};
+use super::reduce::{NO_COLUMN, PICK_UNITS, at, cube_pick, improves};
 use super::{BeamAdvance, BeamStep};
 use crate::drafter::LOG_ZERO;
 
@@ -131,11 +131,8 @@ fn beam_advance_kernel<F: Float, I: Int>(
             let candidate = i * PICK_UNITS + unit;
             let value = held[i];
             let c = u32::cast_from(candidate);
-            let left =
-                pick == 0 || value < previous_value || (value == previous_value && c > previous);
             if candidate < candidate_count
-                && left
-                && (best == NO_COLUMN || precedes(value, c, best_value, best))
+                && improves(value, c, pick, previous_value, previous, best_value, best)
             {
                 best_value = value;
                 best = c;

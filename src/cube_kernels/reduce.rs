@@ -100,8 +100,28 @@ pub(super) const NO_COLUMN: u32 = u32::MAX;
 /// Whether `(value, column)` comes before `(best_value, best_column)` in the order of the picks:
 /// value descending, then column ascending.
 #[cube]
-pub(super) fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
+fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
     value > best_value || (value == best_value && column < best_column)
+}
+
+/// Whether `(value, column)` is still left at pick number `pick` of a sequence of picks (it
+/// comes after the previous pick in the order of [`precedes`]) and beats the unit's best
+/// candidate so far (`best_column` [`NO_COLUMN`] for none).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn improves(
+    value: f32,
+    column: u32,
+    pick: usize,
+    previous_value: f32,
+    previous_column: u32,
+    best_value: f32,
+    best_column: u32,
+) -> bool {
+    let left = pick == 0
+        || value < previous_value
+        || (value == previous_value && column > previous_column);
+    left && (best_column == NO_COLUMN || precedes(value, column, best_value, best_column))
 }
 
 /// One level of [`cube_pick`]: unit `u < stride` keeps the earlier candidate of its own and unit

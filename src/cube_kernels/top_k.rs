@@ -14,30 +14,11 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_int_like, empty_like, from_cube, from_cube_int, to_cube};
-use super::reduce::{NO_COLUMN, PICK_UNITS, at, cube_pick, precedes};
+use super::reduce::{NO_COLUMN, PICK_UNITS, at, cube_pick, improves};
 
 /// Entries per unit a row may have to be held in registers (rows up to `PICK_UNITS · HELD` = 8192
 /// entries: a draft vocabulary's logits, or beam search's candidates).
 const HELD: usize = 32;
-
-/// Whether `(value, column)` is still left at pick number `pick` (it comes after the previous
-/// pick in the order of the picks) and beats the unit's best candidate so far.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn improves(
-    value: f32,
-    column: u32,
-    pick: usize,
-    previous_value: f32,
-    previous_column: u32,
-    best_value: f32,
-    best_column: u32,
-) -> bool {
-    let left = pick == 0
-        || value < previous_value
-        || (value == previous_value && column > previous_column);
-    left && (best_column == NO_COLUMN || precedes(value, column, best_value, best_column))
-}
 
 /// `values` `[rows, width]` to its `k = sorted.shape(1)` largest entries per row, sorted
 /// descending, and their columns.
