@@ -207,6 +207,25 @@ struct TrainArgs {
     /// Element type of the saved drafter: f32 | f16 | bf16 (keep f32 to resume).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Weight in [0, 1] of the cross-entropy against the target's whole distribution (soft
+    /// labels); the label's own gets 1 - weight. 0 = labels only (the published recipe).
+    #[arg(long, default_value_t = 0.0)]
+    soft_labels: f64,
+    /// Train the softmax over this draft vocabulary (`draft-vocab`'s output) only: the drafter
+    /// is made for drafting from it, and each step's head costs V / N times less.
+    #[arg(long)]
+    draft_vocab: Option<PathBuf>,
+    /// With --draft-vocab: its first N tokens (default: all of them).
+    #[arg(long)]
+    draft_vocab_size: Option<usize>,
+    /// Finish within this many seconds: after 20 steps the pace is measured and the step count
+    /// (and the cosine schedule with it) lowered if it would not fit. Never raises it.
+    #[arg(long)]
+    time_budget: Option<f64>,
+    /// Start from this trained drafter (a new run with a fresh schedule), e.g. to fine-tune it
+    /// on other data or with soft labels. Same architecture flags as the file's.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -305,15 +324,29 @@ fn save_dtype(name: &str) -> Result<CheckpointDType> {
     })
 }
 
-/// Converts a checkpoint on the CPU: no target is needed, the configuration travels in the file.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
+/// Converts a checkpoint: no target is needed, the configuration travels in the file. Runs on
+/// the CPU backend where it is compiled in, else on the GPU one (a `cuda`-only build exports too).
 fn export(args: &ExportArgs) -> Result<()> {
+    #[cfg(any(feature = "flex", feature = "ndarray"))]
+    return export_on::<redrafter::backend::Cpu>(args, Default::default());
+    #[cfg(all(not(any(feature = "flex", feature = "ndarray")), feature = "cuda"))]
+    return export_on::<redrafter::backend::Cuda>(args, Default::default());
+    #[cfg(all(
+        not(any(feature = "flex", feature = "ndarray", feature = "cuda")),
+        feature = "wgpu"
+    ))]
+    return export_on::<redrafter::backend::Wgpu>(args, redrafter::backend::wgpu_device()?);
+    #[allow(unreachable_code)]
+    {
+        let _ = args;
+        bail!("no backend is compiled in")
+    }
+}
+
+fn export_on<B: Backend>(args: &ExportArgs, device: B::Device) -> Result<()> {
     use redrafter::drafter::RecurrentDrafter;
-    let drafter = RecurrentDrafter::<redrafter::backend::Cpu>::load_parameters(
-        &args.input,
-        &Default::default(),
-    )
-    .with_context(|| format!("reading {}", args.input.display()))?;
+    let drafter = RecurrentDrafter::<B>::load_parameters(&args.input, &device)
+        .with_context(|| format!("reading {}", args.input.display()))?;
     drafter
         .save(&args.out, save_dtype(&args.dtype)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -323,11 +356,6 @@ fn export(args: &ExportArgs) -> Result<()> {
         std::fs::metadata(&args.out)?.len()
     );
     Ok(())
-}
-
-#[cfg(not(any(feature = "flex", feature = "ndarray")))]
-fn export(_: &ExportArgs) -> Result<()> {
-    bail!("export runs on the CPU backend: build with the default features")
 }
 
 fn load_target<B: Backend>(
@@ -485,7 +513,10 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
     let data = load_training_data(&args.data, args.max_seq_len, model.vocab_size())?;
     let identity = TargetIdentity::from_path(&model_path, model.hidden_size(), model.vocab_size())?;
     for (dir, manifest) in &data.manifests {
-        if manifest.target != identity {
+        // Files are often renamed; the same content is the same target.
+        let same_file =
+            manifest.target.sha256.is_some() && manifest.target.sha256 == identity.sha256;
+        if manifest.target != identity && !same_file {
             eprintln!(
                 "warning: {} was generated with {} (sha256 {:?}), training for {} (sha256 {:?})",
                 dir.display(),
@@ -510,6 +541,18 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
         drafter = drafter.with_exit_dim(exit_dim);
     }
     let save_dtype = save_dtype(&args.dtype)?;
+    let draft_vocabulary = match &args.draft_vocab {
+        Some(path) => {
+            let vocabulary = DraftVocabulary::load(path)
+                .with_context(|| format!("reading the draft vocabulary {}", path.display()))?;
+            Some(match args.draft_vocab_size {
+                Some(size) => vocabulary.truncated(size)?,
+                None => vocabulary,
+            })
+        }
+        None if args.draft_vocab_size.is_some() => bail!("--draft-vocab-size needs --draft-vocab"),
+        None => None,
+    };
     let config = TrainConfig {
         draft_steps: args.draft_steps,
         learning_rate: args.lr,
@@ -527,6 +570,10 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
         seed: args.seed,
         resume: args.resume,
         keep_best: true,
+        soft_label_weight: args.soft_labels,
+        draft_vocabulary,
+        time_budget_secs: args.time_budget,
+        init_from: args.init_from.clone(),
     };
     eprintln!(
         "training a {head:?} head (rnn {}) on {} sequences ({} held out) from {} director{}",
@@ -630,6 +677,13 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
                     eprintln!("checkpoint {step} → {}", path.display());
                 }
                 steps_bar.set_message(format!("checkpoint {step} → {}", path.display()))
+            }
+            TrainEvent::Rescheduled { total_steps } => {
+                steps_bar.set_length(total_steps as u64);
+                say(
+                    &steps_bar,
+                    format!("time budget: {total_steps} steps in all (the schedule shrinks)"),
+                );
             }
         },
     )?;

@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{
-    CheckpointDType, DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig,
+    CheckpointDType, DraftHeadKind, DraftVocabulary, RecurrentDrafter, RecurrentDrafterConfig,
 };
 use redrafter::train::data::{
     DataCounts, DataGenConfig, MANIFEST_VERSION, Manifest, PromptSource, ResponseSource,
@@ -366,5 +366,200 @@ fn divergence_keeps_the_last_checkpoint_and_resume_continues_exactly() {
         "{err:?}"
     );
     assert_eq!(std::fs::read(&paths.drafter).unwrap(), drafter_bytes);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn soft_labels_over_a_draft_vocabulary_train_a_drafter_for_that_vocabulary() {
+    let model = toy();
+    let dir = temp_dir("vocab");
+    make_dataset(&model, &dir.join("data"), 96);
+    let data = load_training_data(&[dir.join("data")], 256, TOY.vocab).unwrap();
+    // The 48 tokens most frequent in the responses (and the prompts' stray ones left out).
+    let mut counts = vec![0u64; TOY.vocab];
+    for sequence in &data.sequences {
+        for &token in &sequence.tokens[sequence.prompt_len..] {
+            counts[token as usize] += 1;
+        }
+    }
+    let vocabulary = DraftVocabulary::most_frequent(&counts, 48, &[]).unwrap();
+    let (train, eval) = split_eval(data.sequences, 0.1, 0);
+    let config = TrainConfig {
+        draft_steps: DRAFT_STEPS,
+        learning_rate: 3e-3,
+        max_steps: Some(200),
+        batch_size: 8,
+        eval_every: 100,
+        checkpoint_every: 0,
+        soft_label_weight: 0.5,
+        draft_vocabulary: Some(vocabulary.clone()),
+        ..TrainConfig::default()
+    };
+    let tied = RecurrentDrafterConfig::new(TOY.hidden, TOY.vocab).with_head(DraftHeadKind::Tied);
+
+    // The separate head cannot draft from a vocabulary: refused before any work.
+    let separate = train_drafter(
+        &model,
+        &drafter_config(),
+        &train,
+        &eval,
+        dir.join("separate.safetensors"),
+        &config,
+        CheckpointDType::F32,
+        |_| {},
+    );
+    assert!(
+        matches!(separate, Err(Error::InvalidSettings(_))),
+        "{separate:?}"
+    );
+
+    let out = dir.join("drafter.safetensors");
+    let report = train_drafter(
+        &model,
+        &tied,
+        &train,
+        &eval,
+        &out,
+        &config,
+        CheckpointDType::F32,
+        |_| {},
+    )
+    .unwrap();
+    let (first, last) = (report.first_loss.unwrap(), report.last_loss.unwrap());
+    let eval = report.eval.unwrap();
+    eprintln!("loss {first:.3} → {last:.3}, held-out {eval:?}");
+    assert!(last < 0.6 * first, "loss {first} → {last}");
+    assert!(eval.step_accuracy[0] > 0.3, "{eval:?}");
+
+    // τ with the vocabulary it was trained for, against an untrained drafter with it.
+    let held_out: Vec<Vec<u32>> = random_prompts(8, 99).into_iter().map(|p| p.ids).collect();
+    let untrained = tied
+        .with_trained_steps(Some(DRAFT_STEPS))
+        .init_seeded::<B>(config.seed, &model.device())
+        .unwrap()
+        .with_target(&model)
+        .unwrap()
+        .with_draft_vocabulary(vocabulary.clone())
+        .unwrap();
+    let trained = RecurrentDrafter::<B>::load_for_target(&out, &model)
+        .unwrap()
+        .with_draft_vocabulary(vocabulary)
+        .unwrap();
+    let (before, after) = (
+        tau(&model, &untrained, &held_out),
+        tau(&model, &trained, &held_out),
+    );
+    eprintln!("τ untrained {before:.3}, trained {after:.3}");
+    assert!(after - before > 0.3, "τ {before} → {after}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_time_budget_lowers_the_step_count_after_calibration() {
+    let model = toy();
+    let dir = temp_dir("budget");
+    let (train, eval) = small_data(&model, &dir);
+    let out = dir.join("drafter.safetensors");
+    let mut rescheduled = Vec::new();
+    // A budget already spent when the pace is known: the run ends right after calibrating,
+    // with its schedule (and final checkpoint and evaluation) at the new end.
+    let config = TrainConfig {
+        time_budget_secs: Some(1e-3),
+        eval_every: 0,
+        ..small_config(10_000)
+    };
+    let report = train_drafter(
+        &model,
+        &drafter_config(),
+        &train,
+        &eval,
+        &out,
+        &config,
+        CheckpointDType::F32,
+        |event| {
+            if let redrafter::train::TrainEvent::Rescheduled { total_steps } = event {
+                rescheduled.push(total_steps);
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(rescheduled, vec![redrafter::train::CALIBRATION_STEPS]);
+    assert_eq!(report.steps, redrafter::train::CALIBRATION_STEPS);
+    assert!(report.eval.is_some());
+    let state = TrainState::read(CheckpointPaths::new(&out).state)
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.step, state.total_steps);
+    // A generous budget changes nothing.
+    let config = TrainConfig {
+        time_budget_secs: Some(1e6),
+        ..small_config(25)
+    };
+    let report = train_quietly(&model, &train, &eval, &dir.join("b.safetensors"), &config).unwrap();
+    assert_eq!(report.steps, 25);
+    for bad in [0.0, -1.0, f64::NAN] {
+        let config = TrainConfig {
+            time_budget_secs: Some(bad),
+            ..small_config(5)
+        };
+        assert!(matches!(
+            train_quietly(&model, &train, &eval, &dir.join("c.safetensors"), &config),
+            Err(Error::InvalidSettings(_))
+        ));
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn init_from_starts_a_new_run_from_trained_weights() {
+    let model = toy();
+    let dir = temp_dir("init");
+    let (train, eval) = small_data(&model, &dir);
+    let trained = dir.join("trained.safetensors");
+    let first = train_quietly(&model, &train, &eval, &trained, &small_config(150)).unwrap();
+    let fresh = train_quietly(
+        &model,
+        &train,
+        &eval,
+        &dir.join("fresh.safetensors"),
+        &small_config(1),
+    )
+    .unwrap();
+    let config = TrainConfig {
+        init_from: Some(trained.clone()),
+        ..small_config(1)
+    };
+    let tuned = train_quietly(
+        &model,
+        &train,
+        &eval,
+        &dir.join("tuned.safetensors"),
+        &config,
+    )
+    .unwrap();
+    // A new run (step 0 of its own schedule) whose first loss, on the same first batch as the
+    // fresh run's, is a trained drafter's.
+    assert_eq!(tuned.start_step, 0);
+    let (trained_loss, fresh_loss, tuned_loss) = (
+        first.last_loss.unwrap(),
+        fresh.first_loss.unwrap(),
+        tuned.first_loss.unwrap(),
+    );
+    assert!(
+        tuned_loss < 0.8 * fresh_loss,
+        "fresh {fresh_loss}, trained {trained_loss}, tuned {tuned_loss}"
+    );
+    // Another architecture than the file's is refused.
+    let other = train_drafter(
+        &model,
+        &drafter_config().with_num_draft_layers(3),
+        &train,
+        &eval,
+        dir.join("other.safetensors"),
+        &config,
+        CheckpointDType::F32,
+        |_| {},
+    );
+    assert!(matches!(other, Err(Error::InvalidConfig(_))), "{other:?}");
     std::fs::remove_dir_all(&dir).ok();
 }

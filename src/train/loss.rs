@@ -7,9 +7,19 @@
 //! `[·, V]` logits dominate memory — only runs on the trained pairs of each step: prompt and
 //! padding positions cost nothing there. Under autodiff every step's logits, log-probabilities
 //! and their gradients stay alive until the backward pass, about `12·K·P·V` bytes for `P`
-//! trained pairs per step (f32); the trainer's `micro_batch_tokens` bounds `P`.
+//! trained pairs per step (f32); the trainer's `micro_batch_tokens` bounds `P`. Soft labels add
+//! the target's probabilities, `4·K·P·V` bytes more.
+//!
+//! # Soft labels
+//!
+//! The data is the target's own output, so every label is the target's choice; the target's
+//! whole distribution at that position says more: which other tokens were close, which is what
+//! a beam's second and third candidates are made of. [`SoftLabels`] mixes the cross-entropy
+//! against the label with the cross-entropy against that distribution, `softmax(H_{t+i} · Eᵀ)`
+//! (the target's logits: its final-norm hidden state times its output embedding), computed
+//! from the cached hidden states at no extra target cost.
 
-use burn::tensor::activation::log_softmax;
+use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, Transaction};
 use serde::{Deserialize, Serialize};
@@ -18,13 +28,25 @@ use super::targets::{StepTargets, TeacherForcing};
 use crate::drafter::RecurrentDrafter;
 use crate::error::{Error, Result};
 
+/// The target's distribution as a second training signal (see the module docs).
+#[derive(Debug)]
+pub struct SoftLabels<'a, B: Backend> {
+    /// Weight of the soft cross-entropy; the label's gets `1 - weight`. In `(0, 1]`.
+    pub weight: f32,
+    /// The target's output embedding `[V, H]` (its LM head), or its rows for the draft
+    /// vocabulary when the layout is restricted to one (`[N, H]`, in the vocabulary's order).
+    pub table: &'a Tensor<B, 2>,
+}
+
 /// Runs the drafter over a micro-batch and hands `each_step` the logits of every step's trained
-/// pairs.
+/// pairs. With a draft vocabulary set on the drafter the logits cover it alone, and `layout` must
+/// be restricted to it ([`TeacherForcing::restrict`]).
 ///
 /// # Shapes
 /// - `hidden`: `[N, T, H]`, the target's final-norm hidden states (constants)
 /// - `each_step(step, logits, targets)`: `step` is 0-based (draft step `step + 1`), `logits`
-///   `[P_i, V]` for the `P_i` trained pairs of that step; not called for steps without pairs
+///   `[P_i, V]` (`[P_i, N]` over a draft vocabulary) for the `P_i` trained pairs of that step;
+///   not called for steps without pairs
 fn for_each_step<B: Backend>(
     drafter: &RecurrentDrafter<B>,
     hidden: Tensor<B, 3>,
@@ -38,6 +60,16 @@ fn for_each_step<B: Backend>(
             expected: vec![layout.batch, layout.width, h],
             found: vec![n, t, h],
         });
+    }
+    let reduced = drafter.draft_vocabulary().is_some();
+    if reduced != layout.restricted {
+        return Err(Error::InvalidSettings(if reduced {
+            "the drafter drafts from a draft vocabulary but the labels are full-vocabulary ids \
+             (restrict the layout to it)"
+                .into()
+        } else {
+            "the labels are draft-vocabulary indices but the drafter has no draft vocabulary".into()
+        }));
     }
     let device = hidden.device();
     let tokens =
@@ -72,7 +104,11 @@ fn for_each_step<B: Backend>(
             .reshape([n * width, h])
             .select(0, rows.clone());
         let state = next.reshape([n * width, h]).select(0, rows);
-        let logits = drafter.head_logits(context, state)?;
+        let logits = if reduced {
+            drafter.draft_logits(context, state)?
+        } else {
+            drafter.head_logits(context, state)?
+        };
         each_step(k, logits, targets)?;
     }
     Ok(())
@@ -91,33 +127,99 @@ fn cross_entropy_sum<B: Backend>(logits: Tensor<B, 2>, targets: &StepTargets) ->
     log_softmax(logits, 1).gather(1, labels).sum().neg()
 }
 
+/// Sum over one step's pairs of the cross-entropy against the target's distribution at the
+/// label's position, `-Σ_v p_target(v) · log p_draft(v)`.
+///
+/// # Shapes
+/// - `logits`: `[P, V]`; `hidden`: `[N·T, H]`; `table`: `[V, H]`
+/// - returns `[1]`
+fn soft_cross_entropy_sum<B: Backend>(
+    logits: Tensor<B, 2>,
+    hidden: &Tensor<B, 2>,
+    table: &Tensor<B, 2>,
+    targets: &StepTargets,
+) -> Tensor<B, 1> {
+    let device = logits.device();
+    let rows = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(targets.teacher_rows.clone(), [targets.teacher_rows.len()]),
+        &device,
+    );
+    // Constants: the hidden states and the table are not parameters, so nothing here is
+    // differentiated.
+    let teacher = softmax(
+        hidden
+            .clone()
+            .select(0, rows)
+            .matmul(table.clone().transpose()),
+        1,
+    );
+    (teacher * log_softmax(logits, 1)).sum().neg()
+}
+
 /// The teacher-forced distillation loss of one micro-batch, per draft step: the sum of the
 /// cross-entropies of step `i`'s trained pairs divided by `normalizers[i]` (the number of
 /// trained pairs of that step in the whole optimiser batch, so that accumulating the gradients
 /// of all micro-batches gives exactly the batch mean). Steps with a zero normaliser or no pairs
 /// contribute 0. The training loss is the sum of the returned vector (equal weights).
 ///
+/// Each pair's cross-entropy is against its label, or with `soft` a mix:
+/// `(1 - w) · CE(label) + w · CE(target's distribution)`.
+///
 /// # Shapes
 /// - `hidden`: `[N, T, H]`
 /// - returns `[K]`
 ///
 /// # Errors
-/// Shape errors of the drafter, or a missing embedding table.
+/// Shape errors of the drafter, a missing embedding table, a soft-label weight outside
+/// `(0, 1]`, or a layout restricted to a draft vocabulary the drafter does not have (or the
+/// reverse).
 pub fn teacher_forced_loss<B: Backend>(
     drafter: &RecurrentDrafter<B>,
     hidden: Tensor<B, 3>,
     layout: &TeacherForcing,
     normalizers: &[usize],
+    soft: Option<SoftLabels<'_, B>>,
 ) -> Result<Tensor<B, 1>> {
     let device = hidden.device();
+    let [n, t, h] = hidden.dims();
+    if let Some(soft) = &soft {
+        if !(soft.weight > 0.0 && soft.weight <= 1.0) {
+            return Err(Error::InvalidSettings(format!(
+                "the soft-label weight must be in (0, 1], not {}",
+                soft.weight
+            )));
+        }
+        let [rows, width] = soft.table.dims();
+        let expected = drafter.draft_vocab_size();
+        if width != h || rows != expected {
+            return Err(Error::ShapeMismatch {
+                tensor: "soft-label table".into(),
+                expected: vec![expected, h],
+                found: vec![rows, width],
+            });
+        }
+    }
+    let flat = soft.as_ref().map(|_| hidden.clone().reshape([n * t, h]));
     let mut terms: Vec<Tensor<B, 1>> = (0..layout.steps.len())
         .map(|_| Tensor::zeros([1], &device))
         .collect();
     for_each_step(drafter, hidden, layout, |k, logits, targets| {
         let normalizer = normalizers.get(k).copied().unwrap_or(0);
-        if normalizer > 0 {
-            terms[k] = cross_entropy_sum(logits, targets).div_scalar(normalizer as f32);
+        if normalizer == 0 {
+            return Ok(());
         }
+        let sum = match (&soft, &flat) {
+            (Some(soft), Some(flat)) if soft.weight >= 1.0 => {
+                soft_cross_entropy_sum(logits, flat, soft.table, targets)
+            }
+            (Some(soft), Some(flat)) => {
+                let hard = cross_entropy_sum(logits.clone(), targets);
+                let soft_sum = soft_cross_entropy_sum(logits, flat, soft.table, targets);
+                hard.mul_scalar(1.0 - soft.weight) + soft_sum.mul_scalar(soft.weight)
+            }
+            _ => cross_entropy_sum(logits, targets),
+        };
+        terms[k] = sum.div_scalar(normalizer as f32);
         Ok(())
     })?;
     Ok(Tensor::cat(terms, 0))
@@ -128,8 +230,10 @@ pub fn teacher_forced_loss<B: Backend>(
 pub struct EvalCounts {
     /// Per step: pairs whose top-1 draft equals the label.
     pub correct: Vec<usize>,
-    /// Per step: trained pairs.
+    /// Per step: pairs, those set aside by a draft vocabulary included (they count as wrong).
     pub total: Vec<usize>,
+    /// Per step: pairs whose cross-entropy is summed (all but the set-aside ones).
+    pub labelled: Vec<usize>,
     /// Per step: summed cross-entropy.
     pub cross_entropy: Vec<f64>,
     /// Sum over step-1 pairs of the number of leading draft steps that are all right.
@@ -143,6 +247,7 @@ impl EvalCounts {
         if self.total.len() < steps {
             self.correct.resize(steps, 0);
             self.total.resize(steps, 0);
+            self.labelled.resize(steps, 0);
             self.cross_entropy.resize(steps, 0.0);
         }
     }
@@ -153,6 +258,7 @@ impl EvalCounts {
         for k in 0..other.total.len() {
             self.correct[k] += other.correct[k];
             self.total[k] += other.total[k];
+            self.labelled[k] += other.labelled[k];
             self.cross_entropy[k] += other.cross_entropy[k];
         }
         self.accepted += other.accepted;
@@ -165,7 +271,7 @@ impl EvalCounts {
         let step_loss: Vec<f64> = self
             .cross_entropy
             .iter()
-            .zip(&self.total)
+            .zip(&self.labelled)
             .map(|(&ce, &n)| ratio(ce, n))
             .collect();
         EvalReport {
@@ -188,9 +294,11 @@ impl EvalCounts {
 pub struct EvalReport {
     /// Sum over draft steps of the mean cross-entropy (the training objective).
     pub loss: f64,
-    /// Mean cross-entropy per draft step.
+    /// Mean cross-entropy per draft step (over a draft vocabulary: its softmax, and only the
+    /// labels it holds).
     pub step_loss: Vec<f64>,
-    /// Top-1 accuracy per draft step (teacher-forced: earlier tokens are the true ones).
+    /// Top-1 accuracy per draft step (teacher-forced: earlier tokens are the true ones); labels
+    /// outside a draft vocabulary count as misses.
     pub step_accuracy: Vec<f64>,
     /// Mean number of leading draft steps whose top-1 prediction is right, over the positions
     /// where step 1 is trained. When the data is the target's greedy output, this is the
@@ -236,6 +344,7 @@ pub fn evaluate_batch<B: Backend>(
         let ce: f64 = data[2 * j + 1].iter::<f64>().next().unwrap_or(f64::NAN);
         counts.cross_entropy[k] += ce;
         counts.total[k] += targets.rows.len();
+        counts.labelled[k] += targets.rows.len();
         for ((&row, &label), prediction) in targets.rows.iter().zip(&targets.labels).zip(predicted)
         {
             let (b, t) = (
@@ -245,6 +354,17 @@ pub fn evaluate_batch<B: Backend>(
             let ok = prediction == label;
             counts.correct[k] += ok as usize;
             right[k][b * width + t] = Some(ok);
+        }
+    }
+    // Labels outside a draft vocabulary: no draft can be right there.
+    for (k, targets) in layout.steps.iter().enumerate() {
+        counts.total[k] += targets.excluded.len();
+        for &row in &targets.excluded {
+            let (b, t) = (
+                row as usize / targets.grid_width,
+                row as usize % targets.grid_width,
+            );
+            right[k][b * width + t] = Some(false);
         }
     }
     if let Some(first) = right.first() {
@@ -298,45 +418,31 @@ mod tests {
         t.into_data().iter::<f32>().collect()
     }
 
-    /// Per-step loss by the definition: one position at a time, the state rebuilt from zero.
-    fn naive_loss(
+    /// Draft step `i`'s full-vocabulary logits at position `t` of sequence `n`, by the
+    /// definition: the state rebuilt from zero over `x_{t+1..=t+i}`.
+    fn pair_logits(
         d: &RecurrentDrafter<B>,
         hidden: &Tensor<B, 3>,
-        seqs: &[&Sequence],
-        steps: usize,
-        normalizers: &[usize],
+        s: &Sequence,
+        n: usize,
+        t: usize,
+        i: usize,
     ) -> Vec<f32> {
         let device = hidden.device();
         let h = hidden.dims()[2];
-        let mut loss = vec![0.0f32; steps];
-        for (n, s) in seqs.iter().enumerate() {
-            for i in 1..=steps {
-                for t in 0..s.len() {
-                    let j = t + i + 1;
-                    if j >= s.len() || j < s.prompt_len {
-                        continue;
-                    }
-                    let context = hidden
-                        .clone()
-                        .slice([n..n + 1, t..t + 1, 0..h])
-                        .reshape([1, h]);
-                    let mut state = Tensor::<B, 2>::zeros([1, h], &device);
-                    for k in 1..=i {
-                        let token = Tensor::<B, 1, Int>::from_data(
-                            TensorData::new(vec![s.tokens[t + k] as i64], [1]),
-                            &device,
-                        );
-                        state = d.step(state, d.embed(token).unwrap()).unwrap();
-                    }
-                    let logits = floats(d.head_logits(context, state).unwrap());
-                    let max = logits.iter().cloned().fold(f32::MIN, f32::max);
-                    let log_z = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
-                    loss[i - 1] +=
-                        (log_z - logits[s.tokens[j] as usize]) / normalizers[i - 1] as f32;
-                }
-            }
+        let context = hidden
+            .clone()
+            .slice([n..n + 1, t..t + 1, 0..h])
+            .reshape([1, h]);
+        let mut state = Tensor::<B, 2>::zeros([1, h], &device);
+        for k in 1..=i {
+            let token = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(vec![s.tokens[t + k] as i64], [1]),
+                &device,
+            );
+            state = d.step(state, d.embed(token).unwrap()).unwrap();
         }
-        loss
+        floats(d.head_logits(context, state).unwrap())
     }
 
     #[test]
@@ -369,9 +475,11 @@ mod tests {
                 );
                 // Normalisers of a larger (accumulated) batch: anything positive.
                 let normalizers: Vec<usize> = layout.counts().iter().map(|c| c + 2).collect();
-                let got =
-                    floats(teacher_forced_loss(&d, hidden.clone(), &layout, &normalizers).unwrap());
-                let want = naive_loss(&d, &hidden, &seqs, steps, &normalizers);
+                let got = floats(
+                    teacher_forced_loss(&d, hidden.clone(), &layout, &normalizers, None).unwrap(),
+                );
+                let table = Tensor::<B, 2>::zeros([7, 4], &device);
+                let want = naive_loss(&d, &hidden, &seqs, steps, &normalizers, 0.0, &table, None);
                 assert_eq!(got.len(), steps);
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
@@ -404,7 +512,8 @@ mod tests {
         );
         let counts = evaluate_batch(&d, hidden.clone(), &layout).unwrap();
         assert_eq!(counts.total, layout.counts());
-        let loss = floats(teacher_forced_loss(&d, hidden, &layout, &layout.counts()).unwrap());
+        let loss =
+            floats(teacher_forced_loss(&d, hidden, &layout, &layout.counts(), None).unwrap());
         let report = counts.report();
         for (l, r) in loss.iter().zip(&report.step_loss) {
             assert!(
@@ -416,5 +525,213 @@ mod tests {
         assert_eq!(counts.positions, layout.counts()[0]);
         assert!(counts.accepted <= counts.correct[0]);
         assert!(report.mean_accepted <= 3.0);
+    }
+
+    fn log_softmax_of(logits: &[f32]) -> Vec<f32> {
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let log_z = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+        logits.iter().map(|l| l - log_z).collect()
+    }
+
+    /// Per-step loss by the definition, one pair at a time (the state rebuilt from zero): the
+    /// drafter's log-softmax over `vocab` (or everything) against the label and, weighted by
+    /// `weight`, against the target's softmax of `H_{t+i} · tableᵀ` over the same tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_loss(
+        d: &RecurrentDrafter<B>,
+        hidden: &Tensor<B, 3>,
+        seqs: &[&Sequence],
+        steps: usize,
+        normalizers: &[usize],
+        weight: f32,
+        table: &Tensor<B, 2>,
+        vocab: Option<&[u32]>,
+    ) -> Vec<f32> {
+        let h = hidden.dims()[2];
+        let v = table.dims()[0];
+        let tokens: Vec<u32> = vocab.map_or_else(|| (0..v as u32).collect(), <[u32]>::to_vec);
+        let table_rows = floats(table.clone());
+        let mut loss = vec![0.0f32; steps];
+        for (n, s) in seqs.iter().enumerate() {
+            for i in 1..=steps {
+                for t in 0..s.len() {
+                    let j = t + i + 1;
+                    if j >= s.len() || j < s.prompt_len {
+                        continue;
+                    }
+                    let Some(label) = tokens.iter().position(|&x| x == s.tokens[j]) else {
+                        continue;
+                    };
+                    let all = pair_logits(d, hidden, s, n, t, i);
+                    let draft: Vec<f32> = tokens.iter().map(|&x| all[x as usize]).collect();
+                    let log_p = log_softmax_of(&draft);
+                    let teacher_hidden = floats(
+                        hidden
+                            .clone()
+                            .slice([n..n + 1, j - 1..j, 0..h])
+                            .reshape([h]),
+                    );
+                    let teacher_logits: Vec<f32> = (0..tokens.len())
+                        .map(|r| {
+                            (0..h)
+                                .map(|c| teacher_hidden[c] * table_rows[tokens[r] as usize * h + c])
+                                .sum()
+                        })
+                        .collect();
+                    let teacher: Vec<f32> = log_softmax_of(&teacher_logits)
+                        .iter()
+                        .map(|l| l.exp())
+                        .collect();
+                    let soft: f32 = -teacher.iter().zip(&log_p).map(|(p, l)| p * l).sum::<f32>();
+                    loss[i - 1] += ((1.0 - weight) * -log_p[label] + weight * soft)
+                        / normalizers[i - 1] as f32;
+                }
+            }
+        }
+        loss
+    }
+
+    fn mixed_case() -> (Vec<Sequence>, Tensor<B, 2>) {
+        let seqs = vec![
+            Sequence {
+                tokens: vec![1, 2, 3, 4, 5, 6, 0, 3],
+                prompt_len: 2,
+            },
+            Sequence {
+                tokens: vec![6, 5, 4, 3, 2],
+                prompt_len: 1,
+            },
+        ];
+        let table =
+            Tensor::<B, 2>::random([7, 4], Distribution::Normal(0.0, 1.0), &Default::default());
+        (seqs, table)
+    }
+
+    #[test]
+    fn soft_labels_mix_the_targets_distribution_in() {
+        let device = Default::default();
+        let (seqs, table) = mixed_case();
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        let d = drafter(DraftHeadKind::Tied, true);
+        let layout = TeacherForcing::new(&refs, 3);
+        let hidden = Tensor::<B, 3>::random(
+            [2, layout.width, 4],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        for weight in [0.3f32, 1.0] {
+            let soft = SoftLabels {
+                weight,
+                table: &table,
+            };
+            let got = floats(
+                teacher_forced_loss(&d, hidden.clone(), &layout, &layout.counts(), Some(soft))
+                    .unwrap(),
+            );
+            let want = naive_loss(
+                &d,
+                &hidden,
+                &refs,
+                3,
+                &layout.counts(),
+                weight,
+                &table,
+                None,
+            );
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "w {weight}: {got:?} vs {want:?}"
+                );
+            }
+        }
+        // A weight outside (0, 1] and a table of the wrong size are errors.
+        for (weight, table) in [
+            (0.0, table.clone()),
+            (1.5, table.clone()),
+            (0.5, table.clone().slice([0..6, 0..4])),
+        ] {
+            let soft = SoftLabels {
+                weight,
+                table: &table,
+            };
+            assert!(matches!(
+                teacher_forced_loss(&d, hidden.clone(), &layout, &layout.counts(), Some(soft)),
+                Err(Error::InvalidSettings(_) | Error::ShapeMismatch { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_draft_vocabulary_restricts_the_softmax_and_the_labels() {
+        use crate::drafter::DraftVocabulary;
+        let device = Default::default();
+        let (seqs, _) = mixed_case();
+        let refs: Vec<&Sequence> = seqs.iter().collect();
+        // Tokens 1 and 6 are never drafted; the rest in a shuffled order.
+        let ids = vec![4u32, 0, 3, 5, 2];
+        let vocabulary = DraftVocabulary::new(ids.clone(), 7).unwrap();
+        let full = drafter(DraftHeadKind::Tied, true);
+        let table = full.output_embedding.clone().unwrap();
+        let restricted_table = table.clone().select(
+            0,
+            Tensor::<B, 1, Int>::from_data(
+                TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [5]),
+                &device,
+            ),
+        );
+        let d = full
+            .clone()
+            .with_draft_vocabulary(vocabulary.clone())
+            .unwrap();
+        let mut layout = TeacherForcing::new(&refs, 3);
+        let hidden = Tensor::<B, 3>::random(
+            [2, layout.width, 4],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        // Labels and drafter must agree on the vocabulary.
+        assert!(matches!(
+            teacher_forced_loss(&d, hidden.clone(), &layout, &layout.counts(), None),
+            Err(Error::InvalidSettings(_))
+        ));
+        layout.restrict(&vocabulary);
+        assert!(matches!(
+            teacher_forced_loss(&full, hidden.clone(), &layout, &layout.counts(), None),
+            Err(Error::InvalidSettings(_))
+        ));
+        let soft = SoftLabels {
+            weight: 0.5,
+            table: &restricted_table,
+        };
+        let got = floats(
+            teacher_forced_loss(&d, hidden.clone(), &layout, &layout.counts(), Some(soft)).unwrap(),
+        );
+        let want = naive_loss(
+            &full,
+            &hidden,
+            &refs,
+            3,
+            &layout.counts(),
+            0.5,
+            &table,
+            Some(&ids),
+        );
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                "{got:?} vs {want:?}"
+            );
+        }
+        // Evaluation counts the set-aside labels as misses, and no chain runs through them.
+        let unrestricted = TeacherForcing::new(&refs, 3);
+        let counts = evaluate_batch(&d, hidden, &layout).unwrap();
+        assert_eq!(counts.total, unrestricted.counts());
+        assert_eq!(counts.labelled, layout.counts());
+        assert_eq!(counts.positions, unrestricted.counts()[0]);
+        for (k, step) in layout.steps.iter().enumerate() {
+            assert!(counts.correct[k] <= step.rows.len());
+            assert!(!step.excluded.is_empty() || k == 2);
+        }
     }
 }

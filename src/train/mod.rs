@@ -76,8 +76,9 @@ pub use data::{
     DataGenConfig, Manifest, ResponseSource, SequenceRecord, TargetIdentity, generate_dataset,
 };
 pub use dataset::{Sequence, TrainingData, load_training_data, split_eval};
-pub use loss::EvalReport;
+pub use loss::{EvalReport, SoftLabels};
 pub use prompts::{FieldSpec, PromptRecord, read_prompts};
 pub use trainer::{
-    HiddenCache, TrainConfig, TrainEvent, TrainReport, evaluate_drafter, train_drafter,
+    CALIBRATION_STEPS, HiddenCache, TrainConfig, TrainEvent, TrainReport, evaluate_drafter,
+    train_drafter,
 };

@@ -83,7 +83,12 @@ pub struct TrainState {
     pub train_sequences: usize,
     pub eval_sequences: usize,
     pub drafter: RecurrentDrafterConfig,
+    /// The settings of the run that wrote the file (informational: a resumed run takes the
+    /// settings it is given). A draft vocabulary is not written out; its size is, below.
     pub config: TrainConfig,
+    /// Size of the draft vocabulary the run trained over, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_vocabulary_size: Option<usize>,
 }
 
 impl TrainState {

@@ -22,8 +22,18 @@
 //! recurrent state is computed on a grid of width `W_i = T - i - 1` that shrinks by one per step
 //! (step `i + 1`'s grid is a prefix of step `i`'s). [`StepTargets::rows`] index that grid
 //! row-major, so the draft head runs on trained pairs only.
+//!
+//! # A draft vocabulary
+//!
+//! A drafter that will draft from a [`DraftVocabulary`] can be trained over it alone
+//! ([`TeacherForcing::restrict`]): its softmax then runs over the `N` tokens it will choose
+//! from, labels become draft indices, and pairs whose label lies outside the set (the drafter
+//! could never propose it) are set aside as [`StepTargets::excluded`].
+
+use std::collections::HashMap;
 
 use super::dataset::Sequence;
+use crate::drafter::DraftVocabulary;
 
 /// The trained pairs of one draft step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +42,14 @@ pub struct StepTargets {
     pub grid_width: usize,
     /// Trained pairs as flat indices `n * grid_width + t` into the `[N, W_i]` grid.
     pub rows: Vec<i64>,
-    /// Their labels `x^n_{t+i+1}`.
+    /// Their labels `x^n_{t+i+1}` (draft-vocabulary indices after [`TeacherForcing::restrict`]).
     pub labels: Vec<i64>,
+    /// Where the target's distribution over each label lives: the flat index `n * T + t + i`
+    /// of `H_{t+i}` (the hidden state whose logits predicted `x_{t+i+1}`) in the `[N, T]` grid.
+    pub teacher_rows: Vec<i64>,
+    /// Pairs set aside by [`TeacherForcing::restrict`] (grid rows like `rows`): their label is
+    /// outside the draft vocabulary, so no draft can be right there.
+    pub excluded: Vec<i64>,
 }
 
 /// One micro-batch laid out for teacher forcing over `steps` draft steps.
@@ -49,6 +65,8 @@ pub struct TeacherForcing {
     pub lengths: Vec<usize>,
     /// Draft steps `1..=K`, in order.
     pub steps: Vec<StepTargets>,
+    /// Whether the labels are draft-vocabulary indices ([`TeacherForcing::restrict`]).
+    pub restricted: bool,
 }
 
 impl TeacherForcing {
@@ -67,6 +85,7 @@ impl TeacherForcing {
                 let grid_width = width.saturating_sub(i + 1);
                 let mut rows = Vec::new();
                 let mut labels = Vec::new();
+                let mut teacher_rows = Vec::new();
                 for (n, seq) in sequences.iter().enumerate() {
                     // Labels j = t + i + 1 in [max(prompt_len, i + 1), len).
                     let first = seq.prompt_len.max(i + 1);
@@ -74,12 +93,15 @@ impl TeacherForcing {
                         let t = j - i - 1;
                         rows.push((n * grid_width + t) as i64);
                         labels.push(seq.tokens[j] as i64);
+                        teacher_rows.push((n * width + j - 1) as i64);
                     }
                 }
                 StepTargets {
                     grid_width,
                     rows,
                     labels,
+                    teacher_rows,
+                    excluded: Vec::new(),
                 }
             })
             .collect();
@@ -89,6 +111,44 @@ impl TeacherForcing {
             tokens,
             lengths: sequences.iter().map(|s| s.len()).collect(),
             steps,
+            restricted: false,
+        }
+    }
+
+    /// Trains over `vocabulary` only: labels become its indices, and pairs whose label it
+    /// lacks move to [`StepTargets::excluded`]. A second call does nothing.
+    pub fn restrict(&mut self, vocabulary: &DraftVocabulary) {
+        if self.restricted {
+            return;
+        }
+        self.restricted = true;
+        let index: HashMap<i64, i64> = vocabulary
+            .ids()
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (i64::from(id), i as i64))
+            .collect();
+        for step in &mut self.steps {
+            let mut kept = StepTargets {
+                grid_width: step.grid_width,
+                rows: Vec::with_capacity(step.rows.len()),
+                labels: Vec::with_capacity(step.rows.len()),
+                teacher_rows: Vec::with_capacity(step.rows.len()),
+                excluded: std::mem::take(&mut step.excluded),
+            };
+            for ((&row, &label), &teacher) in
+                step.rows.iter().zip(&step.labels).zip(&step.teacher_rows)
+            {
+                match index.get(&label) {
+                    Some(&draft_index) => {
+                        kept.rows.push(row);
+                        kept.labels.push(draft_index);
+                        kept.teacher_rows.push(teacher);
+                    }
+                    None => kept.excluded.push(row),
+                }
+            }
+            *step = kept;
         }
     }
 
@@ -134,11 +194,14 @@ mod tests {
     fn decoded(layout: &TeacherForcing) -> BTreeSet<(usize, usize, usize, u32)> {
         let mut pairs = BTreeSet::new();
         for (k, step) in layout.steps.iter().enumerate() {
-            for (&row, &label) in step.rows.iter().zip(&step.labels) {
+            for ((&row, &label), &teacher) in
+                step.rows.iter().zip(&step.labels).zip(&step.teacher_rows)
+            {
                 let (n, t) = (
                     row as usize / step.grid_width,
                     row as usize % step.grid_width,
                 );
+                assert_eq!(teacher as usize, n * layout.width + t + k + 1);
                 // The embedded tokens x_{t+1..=t+i} must lie inside the grid's input range.
                 assert!(t + k + 1 < layout.width);
                 assert!(pairs.insert((n, k + 1, t, label as u32)), "duplicate pair");
@@ -166,6 +229,30 @@ mod tests {
         assert_eq!(layout.steps[1].rows, vec![0, 1]);
         assert_eq!(layout.steps[1].labels, vec![13, 14]);
         assert_eq!(layout.counts(), vec![4, 2]);
+        // The target's logits at n·T + t + i predicted each label.
+        assert_eq!(layout.steps[0].teacher_rows, vec![1, 2, 3, 6]);
+        assert_eq!(layout.steps[1].teacher_rows, vec![2, 3]);
+    }
+
+    #[test]
+    fn restricting_to_a_draft_vocabulary_remaps_and_sets_aside() {
+        let a = seq(&[10, 11, 12, 13, 14], 2);
+        let b = seq(&[20, 21, 22], 1);
+        let mut layout = TeacherForcing::new(&[&a, &b], 2);
+        // Index 0 = token 14, 1 = 12, 2 = 22; 13 is not drafted.
+        let vocabulary = DraftVocabulary::new(vec![14, 12, 22], 30).unwrap();
+        layout.restrict(&vocabulary);
+        let first = &layout.steps[0];
+        assert_eq!(first.rows, vec![0, 2, 3]);
+        assert_eq!(first.labels, vec![1, 0, 2]);
+        assert_eq!(first.teacher_rows, vec![1, 3, 6]);
+        assert_eq!(first.excluded, vec![1]);
+        let second = &layout.steps[1];
+        assert_eq!(second.rows, vec![1]);
+        assert_eq!(second.labels, vec![0]);
+        assert_eq!(second.teacher_rows, vec![3]);
+        assert_eq!(second.excluded, vec![0]);
+        assert_eq!(layout.counts(), vec![3, 1]);
     }
 
     #[test]

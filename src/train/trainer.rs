@@ -31,14 +31,14 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::dataset::Sequence;
-use super::loss::{EvalCounts, EvalReport, evaluate_batch, teacher_forced_loss};
+use super::loss::{EvalCounts, EvalReport, SoftLabels, evaluate_batch, teacher_forced_loss};
 use super::schedule::LrSchedule;
 use super::state::{
     CheckpointPaths, DraftOptimizer, STATE_VERSION, TrainState, load_optimizer,
     save_drafter_checked, save_optimizer,
 };
 use super::targets::TeacherForcing;
-use crate::drafter::{CheckpointDType, RecurrentDrafter, RecurrentDrafterConfig};
+use crate::drafter::{CheckpointDType, DraftVocabulary, RecurrentDrafter, RecurrentDrafterConfig};
 use crate::error::{Error, Result};
 use crate::target::{Block, TargetModel};
 
@@ -113,7 +113,37 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Also keep the drafter with the best held-out `mean_accepted`.
     pub keep_best: bool,
+    /// Weight in `[0, 1]` of the cross-entropy against the target's whole distribution at each
+    /// label (soft labels, [`SoftLabels`]); the label's own gets `1 - weight`. 0 trains on the
+    /// labels alone, as the published recipe does.
+    #[serde(default)]
+    pub soft_label_weight: f64,
+    /// Train the softmax over this draft vocabulary only (tied head): the drafter is then made
+    /// for drafting from it, each step costs `V / N` times less in the head, and labels outside
+    /// it are left out of the loss (and count as misses in evaluation). Not serialised (the
+    /// training state records its size only).
+    #[serde(skip)]
+    pub draft_vocabulary: Option<DraftVocabulary>,
+    /// Finish within this many seconds of wall-clock time (hidden-state caching included):
+    /// after the first [`CALIBRATION_STEPS`] steps the run measures its pace and, if the
+    /// configured steps would not fit, lowers the step count — and with it the cosine schedule,
+    /// which still decays to zero at the new end. Never raises it. The calibration steps
+    /// follow the configured schedule: when resuming, give a step count near what fits, or
+    /// they run at a learning rate the shortened schedule would not have used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_budget_secs: Option<f64>,
+    /// Start from this drafter's weights instead of a random initialisation (a new run: step 0,
+    /// a fresh schedule and optimiser), e.g. to fine-tune a trained drafter on new data or
+    /// another objective. Its configuration must be the one asked for. A checkpoint found by
+    /// `resume` takes precedence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
 }
+
+/// Steps a [`TrainConfig::time_budget_secs`] run takes before it fixes its step count; the
+/// pace is timed over the last 15 of them (the first ones compile kernels).
+pub const CALIBRATION_STEPS: usize = 20;
+const WARM_UP_STEPS: usize = 5;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -134,6 +164,10 @@ impl Default for TrainConfig {
             seed: 0,
             resume: false,
             keep_best: true,
+            soft_label_weight: 0.0,
+            draft_vocabulary: None,
+            time_budget_secs: None,
+            init_from: None,
         }
     }
 }
@@ -162,6 +196,15 @@ impl TrainConfig {
         }
         if self.max_steps.is_none() && self.epochs == 0 {
             return bad("give at least one epoch or a step count");
+        }
+        if self
+            .time_budget_secs
+            .is_some_and(|t| !(t.is_finite() && t > 0.0))
+        {
+            return bad("time_budget_secs must be finite and positive");
+        }
+        if !(0.0..=1.0).contains(&self.soft_label_weight) {
+            return bad("soft_label_weight must be in [0, 1]");
         }
         if self
             .grad_clip_norm
@@ -213,6 +256,8 @@ pub enum TrainEvent<'a> {
     Eval { step: usize, report: &'a EvalReport },
     /// A checkpoint was written after `step` steps.
     Checkpoint { step: usize, path: &'a Path },
+    /// The time budget lowered the step count to `total_steps` (the schedule follows).
+    Rescheduled { total_steps: usize },
 }
 
 /// What a training run did.
@@ -282,8 +327,8 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
     check_tokens(&eval, target.vocab_size())?;
 
     let steps_per_epoch = train.len().div_ceil(config.batch_size);
-    let total_steps = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
-    let schedule =
+    let mut total_steps = config.max_steps.unwrap_or(config.epochs * steps_per_epoch);
+    let mut schedule =
         LrSchedule::cosine_with_warmup(config.learning_rate, config.warmup_fraction, total_steps);
 
     // The drafter's frozen tables, as autodiff constants in f32.
@@ -291,6 +336,7 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         Tensor::<TrainBackend<B>, 2>::from_inner(target.input_embedding().cast(DType::F32));
     let output_embedding =
         Tensor::<TrainBackend<B>, 2>::from_inner(target.output_embedding().cast(DType::F32));
+    let output_table = output_embedding.clone();
     let mut optimizer: DraftOptimizer<TrainBackend<B>> = AdamWConfig::new()
         .with_weight_decay(config.weight_decay as f32)
         // PyTorch's AdamW default, which the recipe used (Burn defaults to 1e-5).
@@ -312,6 +358,7 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         eval_sequences: eval.len(),
         drafter: drafter_config.clone(),
         config: config.clone(),
+        draft_vocabulary_size: config.draft_vocabulary.as_ref().map(DraftVocabulary::len),
     };
     let resumed = if config.resume {
         let previous = TrainState::read(&paths.state)?;
@@ -335,7 +382,7 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         None
     };
     let mut optimizer_restored = false;
-    let mut drafter = match resumed {
+    let drafter = match resumed {
         Some(previous) => {
             if previous.drafter != drafter_config {
                 return Err(Error::InvalidConfig(format!(
@@ -388,11 +435,44 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
             state.last_eval = previous.last_eval;
             drafter
         }
-        // `with_embeddings` checks the tables against the configuration's sizes.
-        None => drafter_config
-            .init_seeded::<TrainBackend<B>>(config.seed, &device)?
-            .with_embeddings(input_embedding, output_embedding)?,
+        None => match &config.init_from {
+            Some(path) => {
+                let drafter = RecurrentDrafter::<TrainBackend<B>>::load_parameters(path, &device)?
+                    .with_embeddings(input_embedding, output_embedding)?;
+                if drafter.config() != &drafter_config {
+                    return Err(Error::InvalidConfig(format!(
+                        "{} holds drafter {:?}; asked for {:?}",
+                        path.display(),
+                        drafter.config(),
+                        drafter_config
+                    )));
+                }
+                tracing::info!(path = %path.display(), "starting from a trained drafter");
+                drafter
+            }
+            // `with_embeddings` checks the tables against the configuration's sizes.
+            None => drafter_config
+                .init_seeded::<TrainBackend<B>>(config.seed, &device)?
+                .with_embeddings(input_embedding, output_embedding)?,
+        },
     };
+    let mut drafter = match &config.draft_vocabulary {
+        // Errors for a separate head or a vocabulary of another size, before any target work.
+        Some(vocabulary) => drafter.with_draft_vocabulary(vocabulary.clone())?,
+        None => drafter,
+    };
+    // The target's LM head over the tokens the drafter scores, for soft labels.
+    let soft_table = (config.soft_label_weight > 0.0).then(|| match &config.draft_vocabulary {
+        Some(vocabulary) => {
+            let ids: Vec<i64> = vocabulary.ids().iter().map(|&id| i64::from(id)).collect();
+            let ids = Tensor::<TrainBackend<B>, 1, Int>::from_data(
+                TensorData::new(ids, [vocabulary.len()]),
+                &device,
+            );
+            output_table.clone().select(0, ids)
+        }
+        None => output_table.clone(),
+    });
     let start_step = state.step;
     on_event(TrainEvent::Started {
         start_step,
@@ -427,7 +507,11 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         elapsed: Duration::ZERO,
     };
     let mut order: Option<(usize, Vec<usize>)> = None;
-    for step in start_step..total_steps {
+    let mut warm_since: Option<Instant> = None;
+    for step in start_step.. {
+        if step >= total_steps {
+            break;
+        }
         let epoch = step / steps_per_epoch;
         if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
             order = Some((epoch, epoch_order(train.len(), config.seed, epoch)));
@@ -441,10 +525,14 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         let layouts: Vec<TeacherForcing> = micro
             .iter()
             .map(|ids| {
-                TeacherForcing::new(
+                let mut layout = TeacherForcing::new(
                     &ids.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
                     config.draft_steps,
-                )
+                );
+                if let Some(vocabulary) = &config.draft_vocabulary {
+                    layout.restrict(vocabulary);
+                }
+                layout
             })
             .collect();
         let mut normalizers = vec![0usize; config.draft_steps];
@@ -464,8 +552,17 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
             if matches!(train_hidden, HiddenStore::Off) {
                 target_tokens += layout.padded_tokens();
             }
-            let losses =
-                teacher_forced_loss(&drafter, Tensor::from_inner(hidden), layout, &normalizers)?;
+            let soft = soft_table.as_ref().map(|table| SoftLabels {
+                weight: config.soft_label_weight as f32,
+                table,
+            });
+            let losses = teacher_forced_loss(
+                &drafter,
+                Tensor::from_inner(hidden),
+                layout,
+                &normalizers,
+                soft,
+            )?;
             let value = losses.clone().inner();
             step_loss = Some(match step_loss {
                 None => value,
@@ -515,6 +612,34 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         tracing::debug!(step = step + 1, loss, learning_rate, "step");
         on_event(TrainEvent::Step(&step_report));
 
+        if step + 1 == start_step + WARM_UP_STEPS {
+            warm_since = Some(Instant::now());
+        }
+        if let (Some(budget), Some(since)) = (config.time_budget_secs, warm_since)
+            && step + 1 == start_step + CALIBRATION_STEPS
+        {
+            let timed = (CALIBRATION_STEPS - WARM_UP_STEPS) as f64;
+            let per_step = since.elapsed().as_secs_f64() / timed;
+            // A tenth kept back for evaluations and checkpoints.
+            let left = 0.9 * (budget - started.elapsed().as_secs_f64()).max(0.0);
+            let fits = step + 1 + (left / per_step) as usize;
+            if fits < total_steps {
+                tracing::info!(
+                    before = total_steps,
+                    now = fits,
+                    seconds_per_step = per_step,
+                    "time budget: fewer steps, the schedule shrinks with them"
+                );
+                total_steps = fits;
+                schedule = LrSchedule::cosine_with_warmup(
+                    config.learning_rate,
+                    config.warmup_fraction,
+                    total_steps,
+                );
+                state.total_steps = total_steps;
+                on_event(TrainEvent::Rescheduled { total_steps });
+            }
+        }
         let last = step + 1 == total_steps;
         let due = |every: usize| last || (every > 0 && (step + 1) % every == 0);
         if due(config.eval_every) && !eval.is_empty() {
@@ -619,7 +744,10 @@ fn evaluate_with<B: Backend, T: TargetModel<B>>(
     let mut counts = EvalCounts::default();
     for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
         let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
-        let layout = TeacherForcing::new(&refs, config.draft_steps);
+        let mut layout = TeacherForcing::new(&refs, config.draft_steps);
+        if let Some(vocabulary) = drafter.draft_vocabulary() {
+            layout.restrict(vocabulary);
+        }
         let states = hidden.get(target, sequences, &ids, layout.width)?;
         counts.merge(&evaluate_batch(drafter, states, &layout)?);
     }
