@@ -136,6 +136,35 @@ fn tau<D: redrafter::drafter::DraftHead<B>>(
     output.stats.tau()
 }
 
+/// τ on 8 held-out prompts of an untrained drafter of `config` (initialised with `seed`) and of
+/// the one trained into `out`, both drafting from `vocabulary` when one is given.
+fn tau_untrained_and_trained(
+    model: &ToyModel<B>,
+    config: RecurrentDrafterConfig,
+    seed: u64,
+    out: &Path,
+    vocabulary: Option<DraftVocabulary>,
+) -> (f64, f64) {
+    let restrict = |drafter: RecurrentDrafter<B>| match &vocabulary {
+        Some(vocabulary) => drafter.with_draft_vocabulary(vocabulary.clone()).unwrap(),
+        None => drafter,
+    };
+    let held_out: Vec<Vec<u32>> = random_prompts(8, 99).into_iter().map(|p| p.ids).collect();
+    let untrained = restrict(
+        config
+            .with_trained_steps(Some(DRAFT_STEPS))
+            .init_seeded::<B>(seed, &model.device())
+            .unwrap()
+            .with_target(model)
+            .unwrap(),
+    );
+    let trained = restrict(RecurrentDrafter::<B>::load_for_target(out, model).unwrap());
+    (
+        tau(model, &untrained, &held_out),
+        tau(model, &trained, &held_out),
+    )
+}
+
 #[test]
 fn self_distillation_raises_tau_on_held_out_prompts() {
     let started = std::time::Instant::now();
@@ -183,18 +212,8 @@ fn self_distillation_raises_tau_on_held_out_prompts() {
     );
     assert_eq!(evals.len(), 3);
 
-    let held_out: Vec<Vec<u32>> = random_prompts(8, 99).into_iter().map(|p| p.ids).collect();
-    let untrained = drafter_config()
-        .with_trained_steps(Some(DRAFT_STEPS))
-        .init_seeded::<B>(config.seed, &model.device())
-        .unwrap()
-        .with_target(&model)
-        .unwrap();
-    let trained = RecurrentDrafter::<B>::load_for_target(&out, &model).unwrap();
-    let (before, after) = (
-        tau(&model, &untrained, &held_out),
-        tau(&model, &trained, &held_out),
-    );
+    let (before, after) =
+        tau_untrained_and_trained(&model, drafter_config(), config.seed, &out, None);
     eprintln!(
         "τ untrained {before:.3}, trained {after:.3}; {:?}",
         started.elapsed()
@@ -432,23 +451,8 @@ fn soft_labels_over_a_draft_vocabulary_train_a_drafter_for_that_vocabulary() {
     assert!(eval.step_accuracy[0] > 0.3, "{eval:?}");
 
     // τ with the vocabulary it was trained for, against an untrained drafter with it.
-    let held_out: Vec<Vec<u32>> = random_prompts(8, 99).into_iter().map(|p| p.ids).collect();
-    let untrained = tied
-        .with_trained_steps(Some(DRAFT_STEPS))
-        .init_seeded::<B>(config.seed, &model.device())
-        .unwrap()
-        .with_target(&model)
-        .unwrap()
-        .with_draft_vocabulary(vocabulary.clone())
-        .unwrap();
-    let trained = RecurrentDrafter::<B>::load_for_target(&out, &model)
-        .unwrap()
-        .with_draft_vocabulary(vocabulary)
-        .unwrap();
-    let (before, after) = (
-        tau(&model, &untrained, &held_out),
-        tau(&model, &trained, &held_out),
-    );
+    let (before, after) =
+        tau_untrained_and_trained(&model, tied, config.seed, &out, Some(vocabulary));
     eprintln!("τ untrained {before:.3}, trained {after:.3}");
     assert!(after - before > 0.3, "τ {before} → {after}");
     std::fs::remove_dir_all(&dir).ok();

@@ -8,7 +8,8 @@
 //! padding positions cost nothing there. Under autodiff every step's logits, log-probabilities
 //! and their gradients stay alive until the backward pass, about `12·K·P·V` bytes for `P`
 //! trained pairs per step (f32); the trainer's `micro_batch_tokens` bounds `P`. Soft labels add
-//! the target's probabilities, `4·K·P·V` bytes more.
+//! the target's probabilities, computed once per micro-batch and gathered per step: about
+//! `4·(K+1)·P·V` bytes more.
 //!
 //! # Soft labels
 //!
@@ -18,6 +19,8 @@
 //! against the label with the cross-entropy against that distribution, `softmax(H_{t+i} · Eᵀ)`
 //! (the target's logits: its final-norm hidden state times its output embedding), computed
 //! from the cached hidden states at no extra target cost.
+
+use std::collections::HashMap;
 
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::backend::Backend;
@@ -127,33 +130,72 @@ fn cross_entropy_sum<B: Backend>(logits: Tensor<B, 2>, targets: &StepTargets) ->
     log_softmax(logits, 1).gather(1, labels).sum().neg()
 }
 
-/// Sum over one step's pairs of the cross-entropy against the target's distribution at the
-/// label's position, `-Σ_v p_target(v) · log p_draft(v)`.
-///
-/// # Shapes
-/// - `logits`: `[P, V]`; `hidden`: `[N·T, H]`; `table`: `[V, H]`
-/// - returns `[1]`
-fn soft_cross_entropy_sum<B: Backend>(
-    logits: Tensor<B, 2>,
-    hidden: &Tensor<B, 2>,
-    table: &Tensor<B, 2>,
-    targets: &StepTargets,
-) -> Tensor<B, 1> {
-    let device = logits.device();
-    let rows = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(targets.teacher_rows.clone(), [targets.teacher_rows.len()]),
-        &device,
-    );
-    // Constants: the hidden states and the table are not parameters, so nothing here is
-    // differentiated.
-    let teacher = softmax(
-        hidden
-            .clone()
-            .select(0, rows)
-            .matmul(table.clone().transpose()),
-        1,
-    );
-    (teacher * log_softmax(logits, 1)).sum().neg()
+/// The target's distribution at every labelled position of a micro-batch, computed once: a
+/// label's position is the same whichever draft step predicts it (step `i` at `t` and step
+/// `i + 1` at `t - 1` share the label `x_{t+i+1}`), so the steps share one product and softmax.
+struct TeacherDistribution<B: Backend> {
+    /// `[U, V]` for the `U` distinct teacher rows, in `rows` order.
+    probs: Tensor<B, 2>,
+    /// Flat hidden-state index of each teacher row → its row in `probs`.
+    index: HashMap<i64, i64>,
+}
+
+impl<B: Backend> TeacherDistribution<B> {
+    /// `None` when no step has a labelled pair.
+    ///
+    /// # Shapes
+    /// `hidden`: `[N·T, H]`; `table`: `[V, H]`
+    fn new(hidden: &Tensor<B, 2>, table: &Tensor<B, 2>, layout: &TeacherForcing) -> Option<Self> {
+        let mut rows: Vec<i64> = layout
+            .steps
+            .iter()
+            .flat_map(|step| step.teacher_rows.iter().copied())
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        if rows.is_empty() {
+            return None;
+        }
+        let index = rows
+            .iter()
+            .enumerate()
+            .map(|(at, &row)| (row, at as i64))
+            .collect();
+        let rows = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(rows.clone(), [rows.len()]),
+            &hidden.device(),
+        );
+        // Constants: the hidden states and the table are not parameters, so nothing here is
+        // differentiated.
+        let probs = softmax(
+            hidden
+                .clone()
+                .select(0, rows)
+                .matmul(table.clone().transpose()),
+            1,
+        );
+        Some(Self { probs, index })
+    }
+
+    /// Sum over one step's pairs of the cross-entropy against the target's distribution at the
+    /// label's position, `-Σ_v p_target(v) · log p_draft(v)`.
+    ///
+    /// # Shapes
+    /// `logits`: `[P, V]` to `[1]`
+    fn cross_entropy_sum(&self, logits: Tensor<B, 2>, targets: &StepTargets) -> Tensor<B, 1> {
+        let at: Vec<i64> = targets
+            .teacher_rows
+            .iter()
+            .map(|row| self.index[row])
+            .collect();
+        let at = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(at, [targets.teacher_rows.len()]),
+            &logits.device(),
+        );
+        (self.probs.clone().select(0, at) * log_softmax(logits, 1))
+            .sum()
+            .neg()
+    }
 }
 
 /// The teacher-forced distillation loss of one micro-batch, per draft step: the sum of the
@@ -199,7 +241,10 @@ pub fn teacher_forced_loss<B: Backend>(
             });
         }
     }
-    let flat = soft.as_ref().map(|_| hidden.clone().reshape([n * t, h]));
+    let teacher = soft.as_ref().and_then(|soft| {
+        TeacherDistribution::new(&hidden.clone().reshape([n * t, h]), soft.table, layout)
+            .map(|teacher| (soft.weight, teacher))
+    });
     let mut terms: Vec<Tensor<B, 1>> = (0..layout.steps.len())
         .map(|_| Tensor::zeros([1], &device))
         .collect();
@@ -208,16 +253,14 @@ pub fn teacher_forced_loss<B: Backend>(
         if normalizer == 0 {
             return Ok(());
         }
-        let sum = match (&soft, &flat) {
-            (Some(soft), Some(flat)) if soft.weight >= 1.0 => {
-                soft_cross_entropy_sum(logits, flat, soft.table, targets)
-            }
-            (Some(soft), Some(flat)) => {
+        let sum = match &teacher {
+            Some((weight, teacher)) if *weight >= 1.0 => teacher.cross_entropy_sum(logits, targets),
+            Some((weight, teacher)) => {
                 let hard = cross_entropy_sum(logits.clone(), targets);
-                let soft_sum = soft_cross_entropy_sum(logits, flat, soft.table, targets);
-                hard.mul_scalar(1.0 - soft.weight) + soft_sum.mul_scalar(soft.weight)
+                let soft = teacher.cross_entropy_sum(logits, targets);
+                hard.mul_scalar(1.0 - weight) + soft.mul_scalar(*weight)
             }
-            _ => cross_entropy_sum(logits, targets),
+            None => cross_entropy_sum(logits, targets),
         };
         terms[k] = sum.div_scalar(normalizer as f32);
         Ok(())

@@ -462,15 +462,8 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         None => drafter,
     };
     // The target's LM head over the tokens the drafter scores, for soft labels.
-    let soft_table = (config.soft_label_weight > 0.0).then(|| match &config.draft_vocabulary {
-        Some(vocabulary) => {
-            let ids: Vec<i64> = vocabulary.ids().iter().map(|&id| i64::from(id)).collect();
-            let ids = Tensor::<TrainBackend<B>, 1, Int>::from_data(
-                TensorData::new(ids, [vocabulary.len()]),
-                &device,
-            );
-            output_table.clone().select(0, ids)
-        }
+    let soft_table = (config.soft_label_weight > 0.0).then(|| match drafter.draft_ids() {
+        Some(ids) => output_table.clone().select(0, ids.clone()),
         None => output_table.clone(),
     });
     let start_step = state.step;
