@@ -219,7 +219,8 @@ struct TrainArgs {
     #[arg(long)]
     draft_vocab_size: Option<usize>,
     /// Finish within this many seconds: after 20 steps the pace is measured and the step count
-    /// (and the cosine schedule with it) lowered if it would not fit. Never raises it.
+    /// (and the cosine schedule with it) lowered if it would not fit, then re-measured every 50
+    /// steps until half-way and moved either way, never above --steps.
     #[arg(long)]
     time_budget: Option<f64>,
     /// Start from this trained drafter (a new run with a fresh schedule), e.g. to fine-tune it
@@ -682,7 +683,7 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
                 steps_bar.set_length(total_steps as u64);
                 say(
                     &steps_bar,
-                    format!("time budget: {total_steps} steps in all (the schedule shrinks)"),
+                    format!("time budget: {total_steps} steps in all (the schedule follows)"),
                 );
             }
         },

@@ -63,6 +63,7 @@
 //! # }
 //! ```
 
+mod budget;
 pub mod data;
 pub mod dataset;
 pub mod loss;
@@ -72,6 +73,7 @@ pub mod state;
 pub mod targets;
 pub mod trainer;
 
+pub use budget::{CALIBRATION_STEPS, REPLAN_EVERY};
 pub use data::{
     DataGenConfig, Manifest, ResponseSource, SequenceRecord, TargetIdentity, generate_dataset,
 };
@@ -79,6 +81,5 @@ pub use dataset::{Sequence, TrainingData, load_training_data, split_eval};
 pub use loss::{EvalReport, SoftLabels};
 pub use prompts::{FieldSpec, PromptRecord, read_prompts};
 pub use trainer::{
-    CALIBRATION_STEPS, HiddenCache, TrainConfig, TrainEvent, TrainReport, evaluate_drafter,
-    train_drafter,
+    HiddenCache, TrainConfig, TrainEvent, TrainReport, evaluate_drafter, train_drafter,
 };

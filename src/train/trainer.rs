@@ -30,6 +30,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use super::budget::StepBudget;
 use super::dataset::Sequence;
 use super::loss::{EvalCounts, EvalReport, SoftLabels, evaluate_batch, teacher_forced_loss};
 use super::schedule::LrSchedule;
@@ -125,11 +126,13 @@ pub struct TrainConfig {
     #[serde(skip)]
     pub draft_vocabulary: Option<DraftVocabulary>,
     /// Finish within this many seconds of wall-clock time (hidden-state caching included):
-    /// after the first [`CALIBRATION_STEPS`] steps the run measures its pace and, if the
+    /// after the first [`CALIBRATION_STEPS`](super::CALIBRATION_STEPS) steps the run measures its pace and, if the
     /// configured steps would not fit, lowers the step count — and with it the cosine schedule,
-    /// which still decays to zero at the new end. Never raises it. The calibration steps
-    /// follow the configured schedule: when resuming, give a step count near what fits, or
-    /// they run at a learning rate the shortened schedule would not have used.
+    /// which still decays to zero at the new end. Every [`REPLAN_EVERY`](super::REPLAN_EVERY) steps after that, until
+    /// half the run is done, it measures again and moves the end either way (the first steps
+    /// are slow: they compile kernels for new shapes), never above the configured count. The
+    /// calibration steps follow the configured schedule: when resuming, give a step count near
+    /// what fits, or they run at a learning rate the shortened schedule would not have used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_budget_secs: Option<f64>,
     /// Start from this drafter's weights instead of a random initialisation (a new run: step 0,
@@ -139,11 +142,6 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<std::path::PathBuf>,
 }
-
-/// Steps a [`TrainConfig::time_budget_secs`] run takes before it fixes its step count; the
-/// pace is timed over the last 15 of them (the first ones compile kernels).
-pub const CALIBRATION_STEPS: usize = 20;
-const WARM_UP_STEPS: usize = 5;
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -256,7 +254,7 @@ pub enum TrainEvent<'a> {
     Eval { step: usize, report: &'a EvalReport },
     /// A checkpoint was written after `step` steps.
     Checkpoint { step: usize, path: &'a Path },
-    /// The time budget lowered the step count to `total_steps` (the schedule follows).
+    /// The time budget moved the run's end to `total_steps` (the schedule follows).
     Rescheduled { total_steps: usize },
 }
 
@@ -500,7 +498,9 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         elapsed: Duration::ZERO,
     };
     let mut order: Option<(usize, Vec<usize>)> = None;
-    let mut warm_since: Option<Instant> = None;
+    let mut budget = config
+        .time_budget_secs
+        .map(|secs| StepBudget::new(secs, start_step, total_steps));
     for step in start_step.. {
         if step >= total_steps {
             break;
@@ -605,33 +605,22 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         tracing::debug!(step = step + 1, loss, learning_rate, "step");
         on_event(TrainEvent::Step(&step_report));
 
-        if step + 1 == start_step + WARM_UP_STEPS {
-            warm_since = Some(Instant::now());
-        }
-        if let (Some(budget), Some(since)) = (config.time_budget_secs, warm_since)
-            && step + 1 == start_step + CALIBRATION_STEPS
-        {
-            let timed = (CALIBRATION_STEPS - WARM_UP_STEPS) as f64;
-            let per_step = since.elapsed().as_secs_f64() / timed;
-            // A tenth kept back for evaluations and checkpoints.
-            let left = 0.9 * (budget - started.elapsed().as_secs_f64()).max(0.0);
-            let fits = step + 1 + (left / per_step) as usize;
-            if fits < total_steps {
-                tracing::info!(
-                    before = total_steps,
-                    now = fits,
-                    seconds_per_step = per_step,
-                    "time budget: fewer steps, the schedule shrinks with them"
-                );
-                total_steps = fits;
-                schedule = LrSchedule::cosine_with_warmup(
-                    config.learning_rate,
-                    config.warmup_fraction,
-                    total_steps,
-                );
-                state.total_steps = total_steps;
-                on_event(TrainEvent::Rescheduled { total_steps });
-            }
+        if let Some(planned) = budget.as_mut().and_then(|budget| {
+            budget.after_step(step + 1, started.elapsed().as_secs_f64(), total_steps)
+        }) {
+            tracing::info!(
+                before = total_steps,
+                now = planned,
+                "time budget: the run's end moves, the schedule with it"
+            );
+            total_steps = planned;
+            schedule = LrSchedule::cosine_with_warmup(
+                config.learning_rate,
+                config.warmup_fraction,
+                total_steps,
+            );
+            state.total_steps = total_steps;
+            on_event(TrainEvent::Rescheduled { total_steps });
         }
         let last = step + 1 == total_steps;
         let due = |every: usize| last || (every > 0 && (step + 1) % every == 0);
