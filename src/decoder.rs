@@ -523,11 +523,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         if t == 0.0 {
             return argmax(logits);
         }
-        let uniform = logits
-            .random_like(Distribution::Uniform(0.0, 1.0))
-            .clamp(1e-7, 1.0 - 1e-7);
-        let gumbel = uniform.log().neg().log().neg();
-        argmax(logits.div_scalar(t).add(gumbel))
+        argmax(crate::sampling::gumbel_perturbed(logits, t))
     }
 
     /// Computes, on the device, each row's best beam and its accepted draft count, the bonus

@@ -128,6 +128,21 @@ fn sample_sequences(
     samples
 }
 
+/// Asserts that `samples` pass a χ² test against the exact `joint`.
+fn assert_exact_samples(joint: &HashMap<Vec<u32>, f64>, samples: &[Vec<u32>], what: &str) {
+    let (stat, dof) = chi_square(joint, samples);
+    // χ²(dof) has mean dof and sd sqrt(2 dof): 5 standard deviations is a p-value near 1e-6.
+    let bound = dof as f64 + 5.0 * (2.0 * dof as f64).sqrt();
+    eprintln!(
+        "{what}: χ² = {stat:.1}, {dof} dof, {} samples",
+        samples.len()
+    );
+    assert!(
+        stat < bound,
+        "{what}: χ² = {stat:.1} with {dof} dof exceeds {bound:.1}"
+    );
+}
+
 #[test]
 fn exact_sampling_matches_the_target_distribution() {
     let model = toy(11);
@@ -140,18 +155,41 @@ fn exact_sampling_matches_the_target_distribution() {
         Some(PromptLookup::new(1).with_beam_length(5)),
     ] {
         let samples = sample_sequences(&model, Acceptance::Exact, lookup, 40, 500);
-        let (stat, dof) = chi_square(&joint, &samples);
-        // χ²(dof) has mean dof and sd sqrt(2 dof): 5 standard deviations is a p-value near 1e-6.
-        let bound = dof as f64 + 5.0 * (2.0 * dof as f64).sqrt();
-        eprintln!(
-            "exact sampling, lookup {lookup:?}: χ² = {stat:.1}, {dof} dof, {} samples",
-            samples.len()
-        );
-        assert!(
-            stat < bound,
-            "lookup {lookup:?}: χ² = {stat:.1} with {dof} dof exceeds {bound:.1}"
+        assert_exact_samples(
+            &joint,
+            &samples,
+            &format!("exact sampling, lookup {lookup:?}"),
         );
     }
+}
+
+#[test]
+fn plain_sampling_matches_the_target_distribution_and_is_reproducible() {
+    // `generate` at a temperature draws on the device (Gumbel-max): the same χ² check as the
+    // speculative modes, against the exact joint of three tokens.
+    let model = toy(11);
+    let joint = exact_joint(&model, &[1, 4, 2], 3);
+    let config = |seed| {
+        GenerationConfig::default()
+            .with_sampling(redrafter::Sampling::with_temperature(1.0))
+            .with_max_new_tokens(3)
+            .with_seed(seed)
+    };
+    let prompts = vec![vec![1u32, 4, 2]; 500];
+    let mut samples = Vec::new();
+    for call in 0..40 {
+        let out = generate(&model, &prompts, &config(2000 + call), |_, _| {}).unwrap();
+        samples.extend(out.tokens);
+    }
+    assert_exact_samples(&joint, &samples, "plain sampling");
+
+    let again = |seed| {
+        generate(&model, &prompts[..8], &config(seed), |_, _| {})
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(again(5), again(5));
+    assert_ne!(again(5), again(6));
 }
 
 #[test]
