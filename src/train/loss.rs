@@ -117,17 +117,17 @@ fn for_each_step<B: Backend>(
     Ok(())
 }
 
-/// Sum of the label cross-entropies of one step's pairs.
+/// Sum of the label cross-entropies of one step's pairs, from the draft's log-probabilities.
 ///
 /// # Shapes
-/// `logits`: `[P, V]` to `[1]`
-fn cross_entropy_sum<B: Backend>(logits: Tensor<B, 2>, targets: &StepTargets) -> Tensor<B, 1> {
+/// `log_probs`: `[P, V]` to `[1]`
+fn cross_entropy_sum<B: Backend>(log_probs: Tensor<B, 2>, targets: &StepTargets) -> Tensor<B, 1> {
     let p = targets.labels.len();
     let labels = Tensor::<B, 2, Int>::from_data(
         TensorData::new(targets.labels.clone(), [p, 1]),
-        &logits.device(),
+        &log_probs.device(),
     );
-    log_softmax(logits, 1).gather(1, labels).sum().neg()
+    log_probs.gather(1, labels).sum().neg()
 }
 
 /// The target's distribution at every labelled position of a micro-batch, computed once: a
@@ -178,11 +178,11 @@ impl<B: Backend> TeacherDistribution<B> {
     }
 
     /// Sum over one step's pairs of the cross-entropy against the target's distribution at the
-    /// label's position, `-Σ_v p_target(v) · log p_draft(v)`.
+    /// label's position, `-Σ_v p_target(v) · log p_draft(v)`, from the draft's log-probabilities.
     ///
     /// # Shapes
-    /// `logits`: `[P, V]` to `[1]`
-    fn cross_entropy_sum(&self, logits: Tensor<B, 2>, targets: &StepTargets) -> Tensor<B, 1> {
+    /// `log_probs`: `[P, V]` to `[1]`
+    fn cross_entropy_sum(&self, log_probs: Tensor<B, 2>, targets: &StepTargets) -> Tensor<B, 1> {
         let at: Vec<i64> = targets
             .teacher_rows
             .iter()
@@ -190,11 +190,9 @@ impl<B: Backend> TeacherDistribution<B> {
             .collect();
         let at = Tensor::<B, 1, Int>::from_data(
             TensorData::new(at, [targets.teacher_rows.len()]),
-            &logits.device(),
+            &log_probs.device(),
         );
-        (self.probs.clone().select(0, at) * log_softmax(logits, 1))
-            .sum()
-            .neg()
+        (self.probs.clone().select(0, at) * log_probs).sum().neg()
     }
 }
 
@@ -253,14 +251,18 @@ pub fn teacher_forced_loss<B: Backend>(
         if normalizer == 0 {
             return Ok(());
         }
+        // One log-softmax per step, shared by both terms of a mix.
+        let log_probs = log_softmax(logits, 1);
         let sum = match &teacher {
-            Some((weight, teacher)) if *weight >= 1.0 => teacher.cross_entropy_sum(logits, targets),
+            Some((weight, teacher)) if *weight >= 1.0 => {
+                teacher.cross_entropy_sum(log_probs, targets)
+            }
             Some((weight, teacher)) => {
-                let hard = cross_entropy_sum(logits.clone(), targets);
-                let soft = teacher.cross_entropy_sum(logits, targets);
+                let hard = cross_entropy_sum(log_probs.clone(), targets);
+                let soft = teacher.cross_entropy_sum(log_probs, targets);
                 hard.mul_scalar(1.0 - weight) + soft.mul_scalar(*weight)
             }
-            None => cross_entropy_sum(logits, targets),
+            None => cross_entropy_sum(log_probs, targets),
         };
         terms[k] = sum.div_scalar(normalizer as f32);
         Ok(())
@@ -370,7 +372,7 @@ pub fn evaluate_batch<B: Backend>(
         let predictions = logits.clone().argmax(1);
         transaction = std::mem::take(&mut transaction)
             .register(predictions)
-            .register(cross_entropy_sum(logits, targets));
+            .register(cross_entropy_sum(log_softmax(logits, 1), targets));
         evaluated.push(k);
         Ok(())
     })?;
