@@ -215,9 +215,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 let start = Instant::now();
                 let hidden = model.forward(&block, &mut cache)?;
                 let logits = model.logits(hidden);
-                let best = redrafter::cube_kernels::argmax(&logits)
-                    .map(|ids| ids.reshape([1, len]))
-                    .unwrap_or_else(|| logits.argmax(2).reshape([1, len]));
+                let best = redrafter::sampling::argmax_rows(logits).reshape([1, len]);
                 enqueue.push(start.elapsed().as_secs_f64() * 1e3);
                 cache.rollback();
                 best.into_data();

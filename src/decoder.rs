@@ -515,11 +515,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     fn choose(&self, logits: Tensor<B, 3>) -> Tensor<B, 2, Int> {
         let t = self.config.temperature_value();
         let [batch, len, _] = logits.dims();
-        // Our one-launch kernel on the GPUs (Burn's walks each row with one thread).
-        let argmax = |values: Tensor<B, 3>| match crate::cube_kernels::argmax(&values) {
-            Some(ids) => ids.reshape([batch, len]),
-            None => values.argmax(2).reshape([batch, len]),
-        };
+        let argmax = |values| crate::sampling::argmax_rows(values).reshape([batch, len]);
         if t == 0.0 {
             return argmax(logits);
         }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::sampling::{Sampling, gumbel_perturbed, sample_logits};
+use crate::sampling::{Sampling, argmax_rows, gumbel_perturbed, sample_logits};
 use crate::stats::Stats;
 use crate::target::{Block, TargetModel};
 
@@ -303,10 +303,7 @@ fn select_tokens<B: Backend>(
 ) -> Vec<u32> {
     let [batch, vocab] = logits.dims();
     let device_argmax = |values: Tensor<B, 2>| {
-        let ids = match crate::cube_kernels::argmax(&values) {
-            Some(ids) => ids.into_data(),
-            None => values.argmax(1).into_data(),
-        };
+        let ids = argmax_rows(values).into_data();
         ints(&ids).into_iter().map(|t| t as u32).collect()
     };
     if sampling.is_greedy() {

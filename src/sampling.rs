@@ -2,7 +2,7 @@
 //! perturbation that lets a device sample without reading the rows back.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Int, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +68,21 @@ impl Sampling {
         }
         Ok(())
     }
+}
+
+/// The column of each row's largest entry over the last dimension, flattened to `[rows]`
+/// (row-major), computed where the values live: our one-launch kernel on the GPUs (Burn's
+/// argmax walks each row with one thread: 1.3 ms over SmolLM2's vocabulary on an H200), Burn's
+/// argmax elsewhere.
+///
+/// # Shapes
+/// `[…, V]` to `[rows]`, `rows` the product of the leading dimensions
+pub fn argmax_rows<B: Backend, const D: usize>(values: Tensor<B, D>) -> Tensor<B, 1, Int> {
+    if let Some(ids) = crate::cube_kernels::argmax(&values) {
+        return ids;
+    }
+    let rows = values.dims()[..D - 1].iter().product::<usize>();
+    values.argmax(D - 1).reshape([rows])
 }
 
 /// Smallest and largest uniform draw fed to the Gumbel transform: keeps both logarithms finite.

@@ -369,7 +369,7 @@ pub fn evaluate_batch<B: Backend>(
     let mut transaction = Transaction::default();
     let mut evaluated = Vec::with_capacity(steps);
     for_each_step(drafter, hidden, layout, |k, logits, targets| {
-        let predictions = logits.clone().argmax(1);
+        let predictions = crate::sampling::argmax_rows(logits.clone());
         transaction = std::mem::take(&mut transaction)
             .register(predictions)
             .register(cross_entropy_sum(log_softmax(logits, 1), targets));
