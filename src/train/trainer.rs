@@ -517,16 +517,7 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         let micro = micro_batches(&train, batch, config.micro_batch_tokens);
         let layouts: Vec<TeacherForcing> = micro
             .iter()
-            .map(|ids| {
-                let mut layout = TeacherForcing::new(
-                    &ids.iter().map(|&i| &train[i]).collect::<Vec<_>>(),
-                    config.draft_steps,
-                );
-                if let Some(vocabulary) = &config.draft_vocabulary {
-                    layout.restrict(vocabulary);
-                }
-                layout
-            })
+            .map(|ids| layout_for(&drafter, &train, ids, config.draft_steps))
             .collect();
         let mut normalizers = vec![0usize; config.draft_steps];
         for layout in &layouts {
@@ -676,6 +667,22 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
     Ok(report)
 }
 
+/// The teacher-forcing layout of the micro-batch `ids`, restricted to the drafter's draft
+/// vocabulary when it has one (its logits then cover that vocabulary alone).
+fn layout_for<B: Backend>(
+    drafter: &RecurrentDrafter<B>,
+    sequences: &[Sequence],
+    ids: &[usize],
+    steps: usize,
+) -> TeacherForcing {
+    let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
+    let mut layout = TeacherForcing::new(&refs, steps);
+    if let Some(vocabulary) = drafter.draft_vocabulary() {
+        layout.restrict(vocabulary);
+    }
+    layout
+}
+
 /// Writes the optimiser state, the drafter and then the training state (which refers to both).
 fn checkpoint<B: Backend>(
     drafter: &RecurrentDrafter<TrainBackend<B>>,
@@ -725,11 +732,7 @@ fn evaluate_with<B: Backend, T: TargetModel<B>>(
     let all: Vec<usize> = (0..sequences.len()).collect();
     let mut counts = EvalCounts::default();
     for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
-        let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
-        let mut layout = TeacherForcing::new(&refs, config.draft_steps);
-        if let Some(vocabulary) = drafter.draft_vocabulary() {
-            layout.restrict(vocabulary);
-        }
+        let layout = layout_for(drafter, sequences, &ids, config.draft_steps);
         let states = hidden.get(target, sequences, &ids, layout.width)?;
         counts.merge(&evaluate_batch(drafter, states, &layout)?);
     }
