@@ -63,9 +63,12 @@ impl StepBudget {
         }
         let warm_at = self.warm_at?;
         let calibrating = done_here == CALIBRATION_STEPS;
+        // "Half the run" counts this run's steps only: a run resumed late in its schedule
+        // must still correct a calibration slowed by kernel compilation.
+        let planned_here = total_steps.saturating_sub(self.start_step);
         let replanning = done_here > CALIBRATION_STEPS
             && (done_here - CALIBRATION_STEPS).is_multiple_of(REPLAN_EVERY)
-            && 2 * steps_done <= total_steps;
+            && 2 * done_here <= planned_here;
         if !(calibrating || replanning) {
             return None;
         }
@@ -161,6 +164,22 @@ mod tests {
         assert_eq!(budget.after_step(505, 2.0, 1_000), None);
         // 15 steps in 3.75 s: 0.25 s each; 0.9·24.25/0.25 = 87.3 more.
         assert_eq!(budget.after_step(520, 5.75, 1_000), Some(607));
+    }
+
+    #[test]
+    fn a_run_resumed_late_in_its_schedule_still_replans() {
+        // On an H200 (session 15) a run resumed at step 3,600 of 5,000 calibrated on steps
+        // slowed by kernel compilation, planned 381 more where ~1,300 fitted, and never looked
+        // again: "half the run" was counted from step 0. Steps 1-20 of this run take 0.4 s,
+        // the rest 0.1 s.
+        let mut budget = StepBudget::new(250.0, 3_600, 5_000);
+        let mut total = 5_000;
+        let pace = |s: usize| if s < 3_620 { 0.4 } else { 0.1 };
+        let plans = run(&mut budget, 20.0, pace, &mut total);
+        assert!(plans.len() >= 2, "{plans:?}");
+        assert!(total > 5_000 - 1_000 + 900, "{plans:?}");
+        let spent = 20.0 + (3_600..total).map(pace).sum::<f64>();
+        assert!(spent < 250.0, "{spent} s for {plans:?}");
     }
 
     #[test]
