@@ -694,11 +694,20 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
 }
 
 fn print_summary(report: &redrafter::train::TrainReport, out: &Path) {
+    let timing = match report.steady_step_secs {
+        Some(pace) => format!(
+            " (hidden states {:.1} s; {:.3} s per step over the second half)",
+            report.caching.as_secs_f64(),
+            pace
+        ),
+        None => String::new(),
+    };
     eprintln!(
-        "done: steps {}..{} in {:.1} s, loss {} → {}{}; drafter at {}",
+        "done: steps {}..{} in {:.1} s{}, loss {} → {}{}; drafter at {}",
         report.start_step,
         report.steps,
         report.elapsed.as_secs_f64(),
+        timing,
         report.first_loss.map_or("-".into(), |l| format!("{l:.3}")),
         report.last_loss.map_or("-".into(), |l| format!("{l:.3}")),
         report.eval.as_ref().map_or(String::new(), |e| format!(

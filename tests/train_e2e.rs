@@ -211,6 +211,10 @@ fn self_distillation_raises_tau_on_held_out_prompts() {
         "training loss did not drop enough: {first} → {last}"
     );
     assert_eq!(evals.len(), 3);
+    // The timing the example reports: a pace inside the run's wall time.
+    let pace = report.steady_step_secs.expect("300 steps were timed");
+    assert!(pace > 0.0 && pace * 150.0 <= report.elapsed.as_secs_f64());
+    assert!(report.caching <= report.elapsed);
 
     let (before, after) =
         tau_untrained_and_trained(&model, drafter_config(), config.seed, &out, None);

@@ -274,7 +274,14 @@ pub struct TrainReport {
     pub best_eval: Option<f64>,
     /// Whether a resumed run restored the AdamW moments (else they restarted from zero).
     pub optimizer_restored: bool,
+    /// Wall time of the whole run, the hidden-state cache included.
     pub elapsed: Duration,
+    /// Wall time spent filling the hidden-state caches (zero with [`HiddenCache::Off`]).
+    pub caching: Duration,
+    /// Mean wall time per step over the second half of this run's steps (with the evaluations
+    /// and checkpoints that fell there), `None` below two steps. The first steps compile GPU
+    /// kernels; `elapsed − caching − steps × steady_step_secs` is what that warm-up cost.
+    pub steady_step_secs: Option<f64>,
 }
 
 /// Trains a draft head for `target` on `train` (evaluating on `eval`) and writes it to `out`
@@ -484,8 +491,14 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
             total: hidden_total,
         });
     };
+    let caching_started = Instant::now();
     let train_hidden = HiddenStore::build(target, &train, config, &mut caching)?;
     let eval_hidden = HiddenStore::build(target, &eval, config, &mut caching)?;
+    let caching_time = caching_started.elapsed();
+    tracing::info!(
+        secs = caching_time.as_secs_f64(),
+        "hidden states ready (cached or not needed)"
+    );
 
     let mut report = TrainReport {
         start_step,
@@ -496,7 +509,11 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         best_eval: state.best_eval,
         optimizer_restored,
         elapsed: Duration::ZERO,
+        caching: caching_time,
+        steady_step_secs: None,
     };
+    // When each of this run's steps ended, seconds into the run.
+    let mut step_ends: Vec<f64> = Vec::new();
     let mut order: Option<(usize, Vec<usize>)> = None;
     let mut budget = config
         .time_budget_secs
@@ -656,6 +673,7 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
                 path: &paths.drafter,
             });
         }
+        step_ends.push(started.elapsed().as_secs_f64());
     }
     if start_step >= total_steps {
         tracing::info!(
@@ -664,7 +682,19 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         );
     }
     report.elapsed = started.elapsed();
+    report.steady_step_secs = steady_pace(&step_ends);
     Ok(report)
+}
+
+/// Mean seconds per step over the second half of the steps that ended at `ends` (seconds into
+/// the run, in order); `None` below two steps.
+fn steady_pace(ends: &[f64]) -> Option<f64> {
+    let n = ends.len();
+    if n < 2 {
+        return None;
+    }
+    let half = n / 2;
+    Some((ends[n - 1] - ends[half - 1]) / (n - half) as f64)
 }
 
 /// The teacher-forcing layout of the micro-batch `ids`, restricted to the drafter's draft
@@ -959,6 +989,17 @@ pub(crate) fn micro_batches(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steady_pace_is_timed_over_the_second_half() {
+        assert_eq!(steady_pace(&[]), None);
+        assert_eq!(steady_pace(&[3.0]), None);
+        // Four slow steps (compiling), then four of 0.5 s: the second half sees only the latter.
+        let ends = [10.0, 20.0, 30.0, 40.0, 40.5, 41.0, 41.5, 42.0];
+        assert_eq!(steady_pace(&ends), Some(0.5));
+        // An odd count times the larger half.
+        assert_eq!(steady_pace(&[1.0, 2.0, 4.0]), Some(1.5));
+    }
 
     #[test]
     fn micro_batches_respect_the_budget_and_keep_everything() {
