@@ -14,7 +14,7 @@ use redrafter::drafter::{
 };
 use redrafter::models::llama::Llama;
 use redrafter::tokenizer::Tokenizer;
-use redrafter::{GenerationConfig, PromptLookup, Result, TargetModel, generate};
+use redrafter::{GenerationConfig, GenerationOutput, PromptLookup, Result, TargetModel, generate};
 
 const NEW_TOKENS: usize = 128;
 
@@ -43,6 +43,24 @@ fn untrained_drafter(model: &Llama<B>) -> RecurrentDrafter<B> {
 fn greedy(max_new_tokens: usize) -> GenerationConfig {
     // No stop tokens: every row runs the full length, so the comparison covers ≥ 128 tokens.
     GenerationConfig::default().with_max_new_tokens(max_new_tokens)
+}
+
+/// Decodes `prompts` speculatively and checks every row against plain greedy decoding's.
+fn decode_losslessly(
+    model: &Llama<B>,
+    drafter: &RecurrentDrafter<B>,
+    config: SpeculativeConfig,
+    prompts: &[Vec<u32>],
+    expected: &GenerationOutput,
+) -> GenerationOutput {
+    let output = SpeculativeDecoder::new(model, drafter, config)
+        .unwrap()
+        .generate(prompts, |_, _| {})
+        .unwrap();
+    for (row, (got, want)) in output.tokens.iter().zip(&expected.tokens).enumerate() {
+        assert_eq!(got, want, "row {row}");
+    }
+    output
 }
 
 #[test]
@@ -114,13 +132,7 @@ fn shipped_drafter_is_lossless_and_accepts_its_drafts() {
         .beam_length(5)
         .acceptance(Acceptance::Greedy)
         .generation(greedy(NEW_TOKENS));
-    let output = SpeculativeDecoder::new(&model, &drafter, config)
-        .unwrap()
-        .generate(&prompts, |_, _| {})
-        .unwrap();
-    for (row, (got, want)) in output.tokens.iter().zip(&expected.tokens).enumerate() {
-        assert_eq!(got, want, "row {row}");
-    }
+    let output = decode_losslessly(&model, &drafter, config, &prompts, &expected);
     let tau = output.stats.tau();
     eprintln!("shipped drafter: τ {tau:.3}");
     assert!(tau >= 1.8, "shipped drafter τ {tau:.3} at M=4, C=5");
@@ -236,13 +248,7 @@ fn prompt_lookup_beams_are_lossless_and_carry_an_untrained_drafter() {
         .beam_length(4)
         .lookup(PromptLookup::new(2).with_beam_length(7))
         .generation(greedy(new_tokens));
-    let output = SpeculativeDecoder::new(&model, &drafter, config)
-        .unwrap()
-        .generate(&prompts, |_, _| {})
-        .unwrap();
-    for (row, (got, want)) in output.tokens.iter().zip(&expected.tokens).enumerate() {
-        assert_eq!(got, want, "row {row}");
-    }
+    let output = decode_losslessly(&model, &drafter, config, &prompts, &expected);
     let stats = &output.stats;
     eprintln!(
         "τ {:.2}, {} of {} row-rounds won by a lookup beam",
