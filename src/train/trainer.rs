@@ -126,13 +126,15 @@ pub struct TrainConfig {
     #[serde(skip)]
     pub draft_vocabulary: Option<DraftVocabulary>,
     /// Finish within this many seconds of wall-clock time (hidden-state caching included):
-    /// after the first [`CALIBRATION_STEPS`](super::CALIBRATION_STEPS) steps the run measures its pace and, if the
-    /// configured steps would not fit, lowers the step count — and with it the cosine schedule,
-    /// which still decays to zero at the new end. Every [`REPLAN_EVERY`](super::REPLAN_EVERY) steps after that, until
-    /// half the run is done, it measures again and moves the end either way (the first steps
-    /// are slow: they compile kernels for new shapes), never above the configured count. The
-    /// calibration steps follow the configured schedule: when resuming, give a step count near
-    /// what fits, or they run at a learning rate the shortened schedule would not have used.
+    /// after the first [`CALIBRATION_STEPS`](super::CALIBRATION_STEPS) steps the run measures
+    /// its pace and, if the configured steps would not fit, lowers the step count — and with it
+    /// the cosine schedule, which still decays to zero at the new end. Every
+    /// [`REPLAN_EVERY`](super::REPLAN_EVERY) steps after that, until half of this run's steps
+    /// are done (a resumed run counts from where it resumed), it measures again and moves the
+    /// end either way (the first steps are slow: they compile kernels for new shapes), never
+    /// above the configured count. The calibration steps follow the configured schedule: when
+    /// resuming, give a step count near what fits, or they run at a learning rate the shortened
+    /// schedule would not have used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_budget_secs: Option<f64>,
     /// Start from this drafter's weights instead of a random initialisation (a new run: step 0,
