@@ -377,6 +377,9 @@ fn decode<B: Backend>(
     Ok(())
 }
 
+/// An operation for [`op_costs`] that owns its inputs.
+type OwnedOp<'a, B> = Box<dyn Fn() -> Tensor<B, 2> + 'a>;
+
 /// A named operation for [`op_costs`].
 type TimedOp<'a, B> = (&'a str, Box<dyn Fn() -> Tensor<B, 2> + 'a>);
 
@@ -503,6 +506,129 @@ fn op_costs<B: Backend>(
             Box::new(|| cube_kernels::swiglu(&gate_up_out).expect("applies")),
         ));
     }
+    // The folded layer's kernels at the row counts of a decoding step and of verification trees.
+    let mut folded: Vec<(String, OwnedOp<'_, B>)> = Vec::new();
+    if cube_kernels::applies::<B>() {
+        use cube_kernels::ProductFolds;
+        let output = projection(heads * dim, hidden);
+        let vocab_head = projection(hidden, vocab);
+        let (qkv_w, gate_up_w, down_w, output_w, head_w) = (
+            qkv.weight.val(),
+            gate_up.weight.val(),
+            down.weight.val(),
+            output.weight.val(),
+            vocab_head.weight.val(),
+        );
+        let cache_keys = Tensor::<B, 5>::random(
+            [1, 1, kv_heads, slots + 64, dim],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        )
+        .cast(dtype);
+        let rope = redrafter::models::llama::RotaryEmbedding::<B>::new(config, slots + 64, device)
+            .cast(dtype);
+        for n in [1usize, 12, 24] {
+            let x = random([n, hidden]);
+            let attended = random([n, heads * dim]);
+            let inner = random([n, inter]);
+            let queries = random4([1, heads, n, dim]);
+            let bias = (n > 1).then(|| random4([1, 1, n, slots]));
+            let positions = Tensor::<B, 2, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new((0..n as i64).collect::<Vec<_>>(), [1, n]),
+                device,
+            );
+            let angles = rope.angles(&positions);
+            let qkv_rows = random([n, (heads + 2 * kv_heads) * dim]).reshape([
+                1,
+                n,
+                (heads + 2 * kv_heads) * dim,
+            ]);
+            let norm = |weight: Tensor<B, 2>, swiglu: bool, x: Tensor<B, 2>| -> OwnedOp<'_, B> {
+                Box::new(move || {
+                    let folds = ProductFolds {
+                        rms_norm_eps: Some(eps),
+                        swiglu,
+                        residual: None,
+                    };
+                    cube_kernels::fused_matmul(&x, &weight, folds).expect("applies")
+                })
+            };
+            folded.push((
+                format!("qkv_norm_{n}"),
+                norm(qkv_w.clone(), false, x.clone()),
+            ));
+            folded.push((
+                format!("gate_up_swiglu_{n}"),
+                norm(gate_up_w.clone(), true, x.clone()),
+            ));
+            let residual =
+                |weight: Tensor<B, 2>, input: Tensor<B, 2>, res: Tensor<B, 2>| -> OwnedOp<'_, B> {
+                    Box::new(move || {
+                        let folds = ProductFolds {
+                            residual: Some(&res),
+                            ..ProductFolds::default()
+                        };
+                        cube_kernels::fused_matmul(&input, &weight, folds).expect("applies")
+                    })
+                };
+            folded.push((
+                format!("output_residual_{n}"),
+                residual(output_w.clone(), attended.clone(), x.clone()),
+            ));
+            folded.push((
+                format!("down_residual_{n}"),
+                residual(down_w.clone(), inner, x.clone()),
+            ));
+            let head_w = head_w.clone();
+            let xh = x.clone();
+            folded.push((
+                format!("lm_head_{n}"),
+                Box::new(move || cube_kernels::matmul(&xh, &head_w).expect("applies")),
+            ));
+            let (keys, values) = (keys.clone(), keys.clone());
+            folded.push((
+                format!("attention_{n}"),
+                Box::new(move || {
+                    cube_kernels::attention(&queries, &keys, &values, bias.as_ref())
+                        .expect("applies")
+                }),
+            ));
+            let cache_keys = cache_keys.clone();
+            folded.push((
+                format!("rotate_into_cache_{n}"),
+                Box::new(move || {
+                    cube_kernels::rotate_qkv_into_cache(
+                        &qkv_rows,
+                        &angles.cos,
+                        &angles.sin,
+                        heads,
+                        kv_heads,
+                        &cache_keys,
+                        &cache_keys,
+                        0,
+                        slots,
+                    )
+                    .expect("applies")
+                    .reshape([heads * n, dim])
+                }),
+            ));
+            let logits = random([n, vocab]);
+            folded.push((
+                format!("argmax_{n}"),
+                Box::new(move || {
+                    cube_kernels::argmax(&logits)
+                        .expect("applies")
+                        .float()
+                        .reshape([n, 1])
+                }),
+            ));
+        }
+    }
+    let ops: Vec<(&str, &dyn Fn() -> Tensor<B, 2>)> = ops
+        .iter()
+        .map(|(name, op)| (*name, op.as_ref()))
+        .chain(folded.iter().map(|(name, op)| (name.as_str(), op.as_ref())))
+        .collect();
     let repeats = args.op_repeats.max(1);
     for (name, op) in &ops {
         let mut host = Vec::new();

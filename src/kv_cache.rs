@@ -26,6 +26,10 @@ pub const MASKED: f32 = -1.0e9;
 /// `cube_kernels::view`).
 const STORAGE_SLOT_MULTIPLE: usize = 64;
 
+/// What [`KvCache::append_written`] returns: its writer's result, and the keys and values of the
+/// visible slots.
+pub type Appended<B, T> = (T, Tensor<B, 4>, Tensor<B, 4>);
+
 /// Per-layer key/value storage for a batch of sequences.
 #[derive(Debug)]
 pub struct KvCache<B: Backend> {
@@ -154,13 +158,7 @@ impl<B: Backend> KvCache<B> {
                 self.head_dim
             )));
         }
-        if layer >= self.num_layers {
-            return Err(Error::InvalidConfig(format!(
-                "layer {layer} out of range for a cache of {} layers",
-                self.num_layers
-            )));
-        }
-        self.ensure_room(block)?;
+        self.check_block(layer, block)?;
         let start = self.used();
         let end = start + block;
         // Take the tensors out so that the write happens on a uniquely owned buffer (in place)
@@ -170,18 +168,73 @@ impl<B: Backend> KvCache<B> {
         let cached_v = self.values.take().expect("cache storage present");
         let cached_k = flex_write::slice_assign(cached_k, region.clone(), keys.unsqueeze_dim(0))?;
         let cached_v = flex_write::slice_assign(cached_v, region, values.unsqueeze_dim(0))?;
-        let visible = [layer..layer + 1, 0..batch, 0..heads, 0..end, 0..dim];
-        let visible_of = |cache: &Tensor<B, 5>| {
-            crate::cube_kernels::view::<B, 5, 4>(cache, visible.clone())
-                .unwrap_or_else(|| cache.clone().slice(visible.clone()).squeeze_dim::<4>(0))
-        };
-        let (visible_k, visible_v) = (visible_of(&cached_k), visible_of(&cached_v));
         self.keys = Some(cached_k);
         self.values = Some(cached_v);
+        let (visible_k, visible_v) = self.visible(layer, end);
         if layer == 0 {
             self.pending = block;
         }
         Ok((visible_k, visible_v))
+    }
+
+    /// [`KvCache::append`] for a kernel that writes the block's keys and values into the storage
+    /// itself (saving the cache's two writes per layer): `write(keys, values, start)` gets the
+    /// storage `[num_layers, batch, kv_heads, slots, head_dim]` and the block's first slot, writes
+    /// layer `layer`'s slots `start..start + block` in place and returns what it computed besides,
+    /// or `None` if it wrote nothing. Returns that, and the keys and values of all slots up to the
+    /// end of the block as `append` does; `Ok(None)` when `write` declined (append the usual way).
+    ///
+    /// # Shapes
+    /// returns two tensors of `[batch, kv_heads, used() + block, head_dim]` besides `write`'s
+    pub fn append_written<T>(
+        &mut self,
+        layer: usize,
+        block: usize,
+        write: impl FnOnce(&Tensor<B, 5>, &Tensor<B, 5>, usize) -> Option<T>,
+    ) -> Result<Option<Appended<B, T>>> {
+        self.check_block(layer, block)?;
+        let start = self.used();
+        let keys = self.keys.as_ref().expect("cache storage present");
+        let values = self.values.as_ref().expect("cache storage present");
+        let Some(computed) = write(keys, values, start) else {
+            return Ok(None);
+        };
+        let (visible_k, visible_v) = self.visible(layer, start + block);
+        if layer == 0 {
+            self.pending = block;
+        }
+        Ok(Some((computed, visible_k, visible_v)))
+    }
+
+    /// Fails unless `layer` exists and a block of `block` slots fits.
+    fn check_block(&self, layer: usize, block: usize) -> Result<()> {
+        if layer >= self.num_layers {
+            return Err(Error::InvalidConfig(format!(
+                "layer {layer} out of range for a cache of {} layers",
+                self.num_layers
+            )));
+        }
+        self.ensure_room(block)
+    }
+
+    /// Layer `layer`'s keys and values of slots `0..end`: a view of the storage on the CubeCL
+    /// backends, a copy elsewhere.
+    fn visible(&self, layer: usize, end: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let visible = [
+            layer..layer + 1,
+            0..self.batch_size(),
+            0..self.kv_heads,
+            0..end,
+            0..self.head_dim,
+        ];
+        let visible_of = |cache: &Tensor<B, 5>| {
+            crate::cube_kernels::view::<B, 5, 4>(cache, visible.clone())
+                .unwrap_or_else(|| cache.clone().slice(visible.clone()).squeeze_dim::<4>(0))
+        };
+        (
+            visible_of(self.keys.as_ref().expect("cache storage present")),
+            visible_of(self.values.as_ref().expect("cache storage present")),
+        )
     }
 
     /// Keeps, for each row, the listed slots of the pending block (indices relative to the block

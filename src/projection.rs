@@ -164,6 +164,25 @@ impl<B: Backend> Projection<B> {
     }
 }
 
+impl<B: Backend> Projection<B> {
+    /// `x·W` with a layer's neighbouring operations folded into the product, one launch on the
+    /// GPU backends ([`crate::cube_kernels::fused_matmul`]); `None` where that does not apply (an
+    /// `[out, in]` weight, another backend, too many rows): compose the operations instead.
+    ///
+    /// # Shapes
+    /// `x`: `[rows, in]` to `[rows, out]` (`[rows, out / 2]` with `folds.swiglu`)
+    pub fn fused_forward(
+        &self,
+        x: &Tensor<B, 2>,
+        folds: crate::cube_kernels::ProductFolds<'_, B>,
+    ) -> Option<Tensor<B, 2>> {
+        if self.out_major {
+            return None;
+        }
+        crate::cube_kernels::fused_matmul(x, &self.weight.val(), folds)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

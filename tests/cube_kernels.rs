@@ -343,6 +343,166 @@ fn a_rows_product_does_not_depend_on_the_other_rows() {
     }
 }
 
+/// The folds of [`cube_kernels::fused_matmul`] against the operations they replace, in f32 and
+/// f16, for a decoding step's one row and a tree's many (every tile layout): the norm before the
+/// product, the SwiGLU after a gate | up product, the residual add, and all of them together.
+#[test]
+fn fused_products_match_the_operations_they_fold() {
+    use burn::tensor::DType;
+    use cube_kernels::ProductFolds;
+    let (inputs, inter, eps) = (301, 130, 1e-5);
+    for dtype in [DType::F32, DType::F16] {
+        // f16 carries ~3 significant digits: compare at its resolution.
+        let tolerance = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        let w = random([inputs, 2 * inter]).div_scalar(10.0).cast(dtype);
+        for rows in [1, 7, 70] {
+            let x = random([rows, inputs]).cast(dtype);
+            let residual = random([rows, inter]).cast(dtype);
+            let normed = reference_norm(x.clone().cast(DType::F32), eps).cast(dtype);
+            let product = |x: &Tensor<B, 2>| cube_kernels::matmul(x, &w).unwrap();
+            let swiglu = |gate_up: Tensor<B, 2>| cube_kernels::swiglu(&gate_up).unwrap();
+            let w_half = w.clone().slice([0..inputs, 0..inter]);
+            let cases: [(ProductFolds<'_, B>, Tensor<B, 2>); 4] = [
+                (
+                    ProductFolds {
+                        rms_norm_eps: Some(eps),
+                        ..Default::default()
+                    },
+                    product(&normed),
+                ),
+                (
+                    ProductFolds {
+                        swiglu: true,
+                        ..Default::default()
+                    },
+                    swiglu(product(&x)),
+                ),
+                (
+                    ProductFolds {
+                        residual: Some(&residual),
+                        ..Default::default()
+                    },
+                    residual.clone() + cube_kernels::matmul(&x, &w_half).unwrap(),
+                ),
+                (
+                    ProductFolds {
+                        rms_norm_eps: Some(eps),
+                        swiglu: true,
+                        residual: Some(&residual),
+                    },
+                    residual.clone() + swiglu(product(&normed)),
+                ),
+            ];
+            for (i, (folds, want)) in cases.into_iter().enumerate() {
+                let weight = if folds.residual.is_some() && !folds.swiglu {
+                    &w_half
+                } else {
+                    &w
+                };
+                let got = cube_kernels::fused_matmul(&x, weight, folds).expect("applies");
+                assert_eq!(got.dtype(), dtype);
+                let want = host(&want.cast(DType::F32));
+                close_to_host(got.cast(DType::F32), &want, tolerance);
+                let _ = i;
+            }
+        }
+    }
+}
+
+/// A folded product's rows, like the plain product's, do not depend on the other rows: the
+/// norm's sums of squares included, a row alone and among 70 give the same bits.
+#[test]
+fn a_rows_fused_product_does_not_depend_on_the_other_rows() {
+    use cube_kernels::ProductFolds;
+    let x = random([70, 576]);
+    let residual = random([70, 480]);
+    let w = random([576, 960]);
+    let folds = |residual| ProductFolds {
+        rms_norm_eps: Some(1e-5),
+        swiglu: true,
+        residual,
+    };
+    let all = cube_kernels::fused_matmul(&x, &w, folds(Some(&residual))).unwrap();
+    let alone_residual = residual.clone().slice([13..14, 0..480]);
+    let alone = cube_kernels::fused_matmul(
+        &x.clone().slice([13..14, 0..576]),
+        &w,
+        folds(Some(&alone_residual)),
+    )
+    .unwrap();
+    assert_eq!(bits(alone), bits(all.slice([13..14, 0..480])));
+}
+
+/// The rotation that writes K and V into a cache's storage writes what the rotation into new
+/// tensors returns, at the block's slots of the layer asked for, and nothing else.
+#[test]
+fn rotating_into_the_cache_writes_the_rotated_keys_and_values_in_place() {
+    let (batch, len, heads, kv_heads, dim) = (2, 3, 4, 2, 8);
+    let (layers, slots, layer, start) = (3, 10, 1, 4);
+    let config = small_config(heads, kv_heads, dim, 1, 8);
+    let rope = RotaryEmbedding::<B>::new(&config, 64, &device());
+    let positions = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(vec![4i64, 5, 6, 9, 10, 11], [batch, len]),
+        &device(),
+    );
+    let angles = rope.angles(&positions);
+    let qkv = random([batch, len, (heads + 2 * kv_heads) * dim]);
+    let (q, k, v) =
+        cube_kernels::rotate_qkv(&qkv, &angles.cos, &angles.sin, heads, kv_heads).unwrap();
+    let keys = random([layers, batch, kv_heads, slots, dim]);
+    let values = random([layers, batch, kv_heads, slots, dim]);
+    let (keys_before, values_before) = (bits(keys.clone()), bits(values.clone()));
+    let q_cached = cube_kernels::rotate_qkv_into_cache(
+        &qkv,
+        &angles.cos,
+        &angles.sin,
+        heads,
+        kv_heads,
+        &keys,
+        &values,
+        layer,
+        start,
+    )
+    .expect("applies");
+    assert_eq!(bits(q_cached), bits(q));
+    let block = [
+        layer..layer + 1,
+        0..batch,
+        0..kv_heads,
+        start..start + len,
+        0..dim,
+    ];
+    let expect = |before: Vec<u32>, written: Tensor<B, 4>| {
+        let mut want = Tensor::<B, 5>::from_data(
+            TensorData::new(
+                before.into_iter().map(f32::from_bits).collect::<Vec<_>>(),
+                [layers, batch, kv_heads, slots, dim],
+            ),
+            &device(),
+        );
+        want = want.slice_assign(block.clone(), written.unsqueeze_dim(0));
+        bits(want)
+    };
+    assert_eq!(bits(keys), expect(keys_before, k));
+    assert_eq!(bits(values), expect(values_before, v));
+    // A block past the storage's slots is declined.
+    let too_late = random([layers, batch, kv_heads, start + len - 1, dim]);
+    assert!(
+        cube_kernels::rotate_qkv_into_cache(
+            &qkv,
+            &angles.cos,
+            &angles.sin,
+            heads,
+            kv_heads,
+            &too_late,
+            &too_late,
+            layer,
+            start,
+        )
+        .is_none()
+    );
+}
+
 /// The kernels read their inputs through the strides, never through a contiguous copy: a column
 /// window of a wider tensor and a transposed weight give bit for bit the product of the same
 /// values laid out contiguously (on CUDA every padded row counts as non-contiguous).

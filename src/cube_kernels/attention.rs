@@ -6,10 +6,12 @@
 //! cube computes one query row of one head:
 //!
 //! 1. every unit scores a share of the slots (`q · k` summed over the head dimension in order,
-//!    plus the bias) and the cube takes the maximum;
+//!    plus the bias; the query row is read once into shared memory) and the cube takes the
+//!    maximum;
 //! 2. the slots are walked in order, a chunk of [`ROW_UNITS`] at a time: the units put the chunk's
 //!    `exp(score − max)` in shared memory, then unit `d` adds them and their weighted values
-//!    `v[slot, d]` to its running sums, slot after slot;
+//!    `v[slot, d]` to its running sums, slot after slot (the loads of [`GROUP`] slots issued
+//!    together, the sums still in slot order);
 //! 3. unit `d` writes `sum(p·v) / sum(p)` straight into the `[rows, heads · dim]` layout the output
 //!    projection reads.
 //!
@@ -53,13 +55,17 @@ fn attention_kernel<F: Float>(
     let kv_head = head / (heads / kv_heads);
     let unit = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
+    // The query row, read once: every score below reads it from here.
+    let mut query = SharedMemory::<f32>::new(ROW_UNITS);
+    if unit < dim {
+        query[unit] = f32::cast_from(queries[at4(queries, batch, head, t, unit)]);
+    }
+    sync_cube();
 
     let mut largest = f32::new(-3.0e38);
     let mut slot = unit;
     while slot < slots {
-        let value = score(
-            queries, keys, bias, batch, head, t, kv_head, slot, with_bias,
-        );
+        let value = score(&query, keys, bias, batch, t, kv_head, slot, dim, with_bias);
         if value > largest {
             largest = value;
         }
@@ -71,6 +77,7 @@ fn attention_kernel<F: Float>(
     let mut weighted = f32::new(0.0);
     // Units past the head dimension read a valid lane and write nothing.
     let lane = if unit < dim { unit } else { dim - 1 };
+    let mut loaded = Array::<f32>::new(GROUP);
     let mut chunk = 0usize;
     while chunk < slots {
         // The same slots this unit scored above (the chunk advances by the cube's width). They
@@ -79,9 +86,7 @@ fn attention_kernel<F: Float>(
         let mine = chunk + unit;
         let mut weight = f32::new(0.0);
         if mine < slots {
-            let value = score(
-                queries, keys, bias, batch, head, t, kv_head, mine, with_bias,
-            );
+            let value = score(&query, keys, bias, batch, t, kv_head, mine, dim, with_bias);
             weight = (value - largest).exp();
         }
         shared[unit] = weight;
@@ -90,35 +95,24 @@ fn attention_kernel<F: Float>(
         if count > ROW_UNITS {
             count = ROW_UNITS;
         }
-        // Four slots at a time: their value loads are issued together (a unit's loads would
-        // otherwise wait on each other, slot after slot), then added in slot order as before.
+        // GROUP slots at a time: their value loads are issued together (a unit's loads would
+        // otherwise wait on each other, slot after slot), then added in slot order.
         let mut j = 0usize;
-        while j + 4 <= count {
-            let v0 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j, lane)]);
-            let v1 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j + 1, lane)]);
-            let v2 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j + 2, lane)]);
-            let v3 = f32::cast_from(values[at4(values, batch, kv_head, chunk + j + 3, lane)]);
-            let p0 = shared[j];
-            if p0 != f32::new(0.0) {
-                total += p0;
-                weighted += p0 * v0;
+        while j + GROUP <= count {
+            #[unroll]
+            for i in 0..GROUP {
+                loaded[i] =
+                    f32::cast_from(values[at4(values, batch, kv_head, chunk + j + i, lane)]);
             }
-            let p1 = shared[j + 1];
-            if p1 != f32::new(0.0) {
-                total += p1;
-                weighted += p1 * v1;
+            #[unroll]
+            for i in 0..GROUP {
+                let p = shared[j + i];
+                if p != f32::new(0.0) {
+                    total += p;
+                    weighted += p * loaded[i];
+                }
             }
-            let p2 = shared[j + 2];
-            if p2 != f32::new(0.0) {
-                total += p2;
-                weighted += p2 * v2;
-            }
-            let p3 = shared[j + 3];
-            if p3 != f32::new(0.0) {
-                total += p3;
-                weighted += p3 * v3;
-            }
-            j += 4;
+            j += GROUP;
         }
         while j < count {
             let p = shared[j];
@@ -137,42 +131,42 @@ fn attention_kernel<F: Float>(
     }
 }
 
-/// `q · k` over the head dimension in order, plus the bias, in f32.
+/// Loads a unit issues together before it adds them up, in order (key elements of a score,
+/// value rows of the weighted sum). With 4 (and the query re-read for every score) a layer's
+/// attention over 256 slots took ~55 µs of device time on the H200, about 40 with 16
+/// (docs/benchmarks.md, session 16).
+const GROUP: usize = 16;
+
+/// `q · k` over the head dimension in order, plus the bias, in f32; `query` holds the query row.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn score<F: Float>(
-    queries: &Tensor<F>,
+    query: &SharedMemory<f32>,
     keys: &Tensor<F>,
     bias: &Tensor<F>,
     batch: usize,
-    head: usize,
     t: usize,
     kv_head: usize,
     slot: usize,
+    dim: usize,
     #[comptime] with_bias: bool,
 ) -> f32 {
-    let dim = queries.shape(3);
     let mut dot = f32::new(0.0);
-    // Loads four at a time, sums in order (as in the value sums).
+    let mut loaded = Array::<f32>::new(GROUP);
     let mut d = 0usize;
-    while d + 4 <= dim {
-        let q0 = f32::cast_from(queries[at4(queries, batch, head, t, d)]);
-        let q1 = f32::cast_from(queries[at4(queries, batch, head, t, d + 1)]);
-        let q2 = f32::cast_from(queries[at4(queries, batch, head, t, d + 2)]);
-        let q3 = f32::cast_from(queries[at4(queries, batch, head, t, d + 3)]);
-        let k0 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d)]);
-        let k1 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + 1)]);
-        let k2 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + 2)]);
-        let k3 = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + 3)]);
-        dot += q0 * k0;
-        dot += q1 * k1;
-        dot += q2 * k2;
-        dot += q3 * k3;
-        d += 4;
+    while d + GROUP <= dim {
+        #[unroll]
+        for i in 0..GROUP {
+            loaded[i] = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + i)]);
+        }
+        #[unroll]
+        for i in 0..GROUP {
+            dot += query[d + i] * loaded[i];
+        }
+        d += GROUP;
     }
     while d < dim {
-        dot += f32::cast_from(queries[at4(queries, batch, head, t, d)])
-            * f32::cast_from(keys[at4(keys, batch, kv_head, slot, d)]);
+        dot += query[d] * f32::cast_from(keys[at4(keys, batch, kv_head, slot, d)]);
         d += 1;
     }
     if with_bias {

@@ -218,17 +218,70 @@ pub fn rotate_qkv<B: Backend>(
 ) -> Option<(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     {
+        let (q, kv) = dispatch::run(rope::RotateQkv {
+            qkv,
+            cos,
+            sin,
+            heads,
+            kv_heads,
+            cache: None,
+        })?;
+        let (k, v) = kv?;
+        Some((q, k, v))
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (qkv, cos, sin, heads, kv_heads);
+        None
+    }
+}
+
+/// [`rotate_qkv`] that writes K and V into slots `start..start + len` of layer `layer` of a KV
+/// cache's storage, in place, instead of new tensors (the cache's own append would be two more
+/// launches); returns Q. `None` where [`folds_switched_on`] is false, the shapes disagree or the
+/// block does not fit — then nothing was written.
+///
+/// # Shapes
+/// - `qkv`: `[batch, len, (heads + 2 * kv_heads) * head_dim]`, ordered Q | K | V
+/// - `cos`, `sin`: `[batch, 1, len, head_dim]`
+/// - `keys`, `values`: `[layers, batch, kv_heads, slots, head_dim]`
+/// - returns Q `[batch, heads, len, head_dim]`
+#[allow(clippy::too_many_arguments)]
+pub fn rotate_qkv_into_cache<B: Backend>(
+    qkv: &Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    heads: usize,
+    kv_heads: usize,
+    keys: &Tensor<B, 5>,
+    values: &Tensor<B, 5>,
+    layer: usize,
+    start: usize,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        if !folds_switched_on() {
+            return None;
+        }
+        let cache = rope::CacheBlock {
+            keys,
+            values,
+            layer,
+            start,
+        };
         dispatch::run(rope::RotateQkv {
             qkv,
             cos,
             sin,
             heads,
             kv_heads,
+            cache: Some(cache),
         })
+        .map(|(q, _)| q)
     }
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
-        let _ = (qkv, cos, sin, heads, kv_heads);
+        let _ = (qkv, cos, sin, heads, kv_heads, keys, values, layer, start);
         None
     }
 }
@@ -430,11 +483,87 @@ pub fn matmul<B: Backend>(x: &Tensor<B, 2>, weight: &Tensor<B, 2>) -> Option<Ten
         if !exact_switched_on() {
             return None;
         }
-        dispatch::run(matmul::RowMatmul { x, weight })
+        dispatch::run(matmul::RowMatmul {
+            x,
+            weight,
+            folds: ProductFolds::default(),
+        })
     }
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = (x, weight);
+        None
+    }
+}
+
+/// The environment variable that switches off only the folds of [`fused_matmul`] and
+/// [`rotate_qkv_into_cache`] in the Llama layer (`off`, `0` or `false`): the layer then runs
+/// session 15's eleven kernels instead of six — how the benchmarks measure what the folds save.
+pub const FOLD_SWITCH_VARIABLE: &str = "REDRAFTER_FOLDED_LAYERS";
+
+/// Whether the Llama layer folds its norms, SwiGLU and residual adds into its products and writes
+/// its keys and values straight into the cache (it does where [`matmul`] is switched on, unless
+/// [`FOLD_SWITCH_VARIABLE`] says otherwise). Read once.
+pub fn folds_switched_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| exact_switched_on() && variable_allows(FOLD_SWITCH_VARIABLE))
+}
+
+/// What [`fused_matmul`] folds around a product.
+#[derive(Debug)]
+pub struct ProductFolds<'a, B: Backend> {
+    /// Normalise each input row first with this epsilon: RMSNorm without a weight (fold the
+    /// norm's weight into the projection's rows).
+    pub rms_norm_eps: Option<f64>,
+    /// `silu(gate) · up` of a gate | up product: the output has half the weight's columns.
+    pub swiglu: bool,
+    /// Added to the output last, `[rows, output columns]`.
+    pub residual: Option<&'a Tensor<B, 2>>,
+}
+
+impl<B: Backend> Clone for ProductFolds<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for ProductFolds<'_, B> {}
+
+impl<B: Backend> Default for ProductFolds<'_, B> {
+    fn default() -> Self {
+        Self {
+            rms_norm_eps: None,
+            swiglu: false,
+            residual: None,
+        }
+    }
+}
+
+/// [`matmul`] with a Llama layer's neighbouring operations folded in, one launch:
+/// `residual + swiglu(norm(x) · weight)`, each part optional ([`ProductFolds`]). Every output is
+/// still summed in an order that depends neither on the number of rows nor on the row's place
+/// among them, the norm's sum of squares included. `None` where [`folds_switched_on`] is false or
+/// [`matmul`] would decline.
+///
+/// # Shapes
+/// - `x`: `[rows, in]`, `weight`: `[in, out]`
+/// - `residual`: `[rows, out]`, or `[rows, out / 2]` with `swiglu`
+/// - returns `[rows, out]`, or `[rows, out / 2]` with `swiglu`
+pub fn fused_matmul<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    folds: ProductFolds<'_, B>,
+) -> Option<Tensor<B, 2>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        if !folds_switched_on() {
+            return None;
+        }
+        dispatch::run(matmul::RowMatmul { x, weight, folds })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (x, weight, folds);
         None
     }
 }

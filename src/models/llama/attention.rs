@@ -3,6 +3,8 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, activation::softmax, backend::Backend};
 
+use super::fold;
+use super::norm::RmsNorm;
 use super::rope::{RopeAngles, RotaryEmbedding};
 use crate::error::Result;
 use crate::kv_cache::KvCache;
@@ -43,47 +45,110 @@ impl<B: Backend> Attention<B> {
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>> {
         let [batch, len, hidden] = x.dims();
-        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        let qkv = self.qkv.forward(x.reshape([batch * len, hidden]));
+        let out = self.attend(qkv, batch, rope, bias, layer, cache)?;
+        Ok(self.output.forward(out).reshape([batch, len, hidden]))
+    }
 
-        let qkv = self.qkv.forward(x.reshape([batch * len, hidden])).reshape([
-            batch,
-            len,
-            (heads + 2 * kv_heads) * dim,
-        ]);
-        let fused = cube_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads)
-            .or_else(|| cpu_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads));
-        let (q, k, v) = match fused {
-            Some(split) => split,
+    /// The attention half of a layer on the residual stream, `x + attention(norm(x))`, with the
+    /// norm folded into the QKV product and the residual add into the output product where the
+    /// GPU kernels take them (`super::fold`); Burn's ops for any part they
+    /// decline. `norm` must have no weight of its own (the loader folds it into `qkv`).
+    ///
+    /// # Shapes
+    /// as [`Attention::forward`], `x` not normalised
+    pub fn forward_residual(
+        &self,
+        x: Tensor<B, 3>,
+        norm: &RmsNorm<B>,
+        rope: &RopeAngles<B>,
+        bias: Option<&Tensor<B, 4>>,
+        layer: usize,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let [batch, len, hidden] = x.dims();
+        let x = x.reshape([batch * len, hidden]);
+        let qkv = fold::normed_product(&self.qkv, &x, norm);
+        let out = self.attend(qkv, batch, rope, bias, layer, cache)?;
+        Ok(fold::residual_product(&self.output, &out, &x).reshape([batch, len, hidden]))
+    }
+
+    /// Q, K and V from the QKV product, rotated, K and V appended to the cache, and the block's
+    /// attention over the visible slots.
+    ///
+    /// # Shapes
+    /// - `qkv`: `[batch · T, (heads + 2 · kv_heads) · head_dim]`
+    /// - returns `[batch · T, heads · head_dim]`
+    fn attend(
+        &self,
+        qkv: Tensor<B, 2>,
+        batch: usize,
+        rope: &RopeAngles<B>,
+        bias: Option<&Tensor<B, 4>>,
+        layer: usize,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 2>> {
+        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        let [rows, width] = qkv.dims();
+        let len = rows / batch.max(1);
+        let qkv = qkv.reshape([batch, len, width]);
+        // On the GPUs the rotation writes K and V straight into the cache's storage.
+        let written = cache.append_written(layer, len, |keys, values, start| {
+            cube_kernels::rotate_qkv_into_cache(
+                &qkv, &rope.cos, &rope.sin, heads, kv_heads, keys, values, layer, start,
+            )
+        })?;
+        let (q, keys, values) = match written {
+            Some(appended) => appended,
             None => {
-                let qkv = qkv
-                    .reshape([batch, len, heads + 2 * kv_heads, dim])
-                    .swap_dims(1, 2);
-                // Rotate Q and K together: one set of RoPE ops instead of two.
-                let qk = qkv
-                    .clone()
-                    .slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
-                let qk = RotaryEmbedding::apply(qk, rope);
-                let q = qk.clone().slice([0..batch, 0..heads, 0..len, 0..dim]);
-                let k = qk.slice([0..batch, heads..heads + kv_heads, 0..len, 0..dim]);
-                let v = qkv.slice([
-                    0..batch,
-                    heads + kv_heads..heads + 2 * kv_heads,
-                    0..len,
-                    0..dim,
-                ]);
-                (q, k, v)
+                let (q, k, v) = self.rotate(qkv, rope);
+                let (keys, values) = cache.append(layer, k, v)?;
+                (q, keys, values)
             }
         };
-
-        let (keys, values) = cache.append(layer, k, v)?;
-        let out = match cube_kernels::attention(&q, &keys, &values, bias) {
+        Ok(match cube_kernels::attention(&q, &keys, &values, bias) {
             Some(out) => out,
             None => match cpu_kernels::attention(&q, &keys, &values, bias) {
                 Some(out) => out.reshape([batch * len, heads * dim]),
                 None => grouped_attention(q, keys, values, bias, kv_heads),
             },
-        };
-        Ok(self.output.forward(out).reshape([batch, len, hidden]))
+        })
+    }
+
+    /// Q, K and V split into heads, Q and K rotated.
+    ///
+    /// # Shapes
+    /// - `qkv`: `[batch, T, (heads + 2 · kv_heads) · head_dim]`
+    /// - returns Q `[batch, heads, T, head_dim]`, K and V `[batch, kv_heads, T, head_dim]`
+    fn rotate(
+        &self,
+        qkv: Tensor<B, 3>,
+        rope: &RopeAngles<B>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        let [batch, len, _] = qkv.dims();
+        let fused = cube_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads)
+            .or_else(|| cpu_kernels::rotate_qkv(&qkv, &rope.cos, &rope.sin, heads, kv_heads));
+        if let Some(split) = fused {
+            return split;
+        }
+        let qkv = qkv
+            .reshape([batch, len, heads + 2 * kv_heads, dim])
+            .swap_dims(1, 2);
+        // Rotate Q and K together: one set of RoPE ops instead of two.
+        let qk = qkv
+            .clone()
+            .slice([0..batch, 0..heads + kv_heads, 0..len, 0..dim]);
+        let qk = RotaryEmbedding::apply(qk, rope);
+        let q = qk.clone().slice([0..batch, 0..heads, 0..len, 0..dim]);
+        let k = qk.slice([0..batch, heads..heads + kv_heads, 0..len, 0..dim]);
+        let v = qkv.slice([
+            0..batch,
+            heads + kv_heads..heads + 2 * kv_heads,
+            0..len,
+            0..dim,
+        ]);
+        (q, k, v)
     }
 }
 

@@ -3,6 +3,8 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
+use super::fold;
+use super::norm::RmsNorm;
 use crate::projection::Projection;
 use crate::{cpu_kernels, cube_kernels};
 
@@ -32,5 +34,27 @@ impl<B: Backend> Mlp<B> {
             }
         };
         self.down.forward(activated).reshape([batch, len, hidden])
+    }
+
+    /// The feed-forward half of a layer on the residual stream, `x + mlp(norm(x))`, with the norm
+    /// and the SwiGLU folded into the gate/up product and the residual add into the down product
+    /// where the GPU kernels take them (`super::fold`); Burn's ops for any part
+    /// they decline. `norm` must have no weight of its own (the loader folds it into `gate_up`).
+    ///
+    /// # Shapes
+    /// `[batch, T, hidden]` to `[batch, T, hidden]`
+    pub fn forward_residual(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
+        let [batch, len, hidden] = x.dims();
+        let x = x.reshape([batch * len, hidden]);
+        let activated = fold::normed_swiglu(&self.gate_up, &x, norm).unwrap_or_else(|| {
+            let gate_up = fold::normed_product(&self.gate_up, &x, norm);
+            let inter = self.down.inputs();
+            cube_kernels::swiglu(&gate_up).unwrap_or_else(|| {
+                let gate = gate_up.clone().slice([0..batch * len, 0..inter]);
+                let up = gate_up.slice([0..batch * len, inter..2 * inter]);
+                silu(gate).mul(up)
+            })
+        });
+        fold::residual_product(&self.down, &activated, &x).reshape([batch, len, hidden])
     }
 }

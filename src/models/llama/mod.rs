@@ -2,6 +2,7 @@
 
 mod attention;
 mod config;
+mod fold;
 mod load;
 mod mlp;
 mod model;

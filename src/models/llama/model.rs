@@ -5,6 +5,7 @@ use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 
 use super::attention::Attention;
 use super::config::LlamaConfig;
+use super::fold::folds_layers;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
 use super::rope::RotaryEmbedding;
@@ -366,6 +367,20 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
             None => None,
         }
         .map(|b| b.cast(dtype));
+        if folds_layers::<B>(batch * len) {
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = layer.attention.forward_residual(
+                    x,
+                    &layer.input_norm,
+                    &rope,
+                    bias.as_ref(),
+                    i,
+                    cache,
+                )?;
+                x = layer.mlp.forward_residual(x, &layer.post_attention_norm);
+            }
+            return Ok(self.norm.forward(x));
+        }
         // Each residual add is done by the norm that follows it (one kernel on the GPUs); the
         // last one by the final norm.
         let mut normed = match self.layers.first() {
