@@ -11,14 +11,17 @@
 //! - [`rotate_qkv`] (Q and K rotated and every head written in the layout attention reads),
 //! - [`swiglu`],
 //! - [`silu_sum`] (the draft head's `residual + silu(a + b + bias)`),
-//! - [`top_k`] (each beam's best candidates) and [`beam_advance`] (the rest of a beam-search
+//! - [`top_k`] (each beam's best candidates) and `beam_advance` (the rest of a beam-search
 //!   step: warp, selection and the new beams),
 //! - [`attention`] (scores, softmax with the bias and the value product of grouped-query
 //!   attention, written in the output projection's layout),
 //! - [`argmax`] (greedy choices: a cube per row, where Burn's walks a row with one thread),
-//! - [`greedy_accept`] (the longest accepted beam of a verified tree, its bonus token and the
+//! - `greedy_accept` (the longest accepted beam of a verified tree, its bonus token and the
 //!   hidden state to draft from),
-//! - [`matmul`] for a few rows (the projections of a decoding step or a verification tree).
+//! - [`matmul`] for a few rows (the projections of a decoding step or a verification tree), and
+//!   [`fused_matmul`], the same product with the norm before it, a SwiGLU or a residual add after
+//!   it folded in, and [`rotate_qkv_into_cache`], which writes K and V into the KV cache itself:
+//!   with them a Llama layer is six launches (`src/models/llama/fold.rs`).
 //!
 //! Each function returns `None` when it does not apply — a backend other than CUDA or WGPU without
 //! fusion (e.g. the CPU, or `Autodiff<_>`, which must record every op for training), a float type

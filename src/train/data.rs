@@ -17,7 +17,7 @@
 //!
 //! # Batching
 //!
-//! [`crate::generate`] right-pads a batch and keeps finished rows running until the last row
+//! [`crate::generate()`] right-pads a batch and keeps finished rows running until the last row
 //! stops, so a batch costs as much as its longest prompt plus its longest response. Prompts are
 //! therefore sorted by length within chunks of [`DataGenConfig::sort_chunk`] batches before
 //! they are cut into batches.
@@ -253,9 +253,9 @@ pub fn tokenize_prompts(
 /// How to generate the responses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataGenConfig {
-    /// Passed to [`crate::generate`]: max new tokens, stop tokens (EOS), greedy or sampled, seed.
+    /// Passed to [`crate::generate()`]: max new tokens, stop tokens (EOS), greedy or sampled, seed.
     pub generation: GenerationConfig,
-    /// Prompts per [`crate::generate`] call. Large batches amortise the per-token overhead on
+    /// Prompts per [`crate::generate()`] call. Large batches amortise the per-token overhead on
     /// GPUs (a decode step costs about the same for 1 or 64 rows).
     pub batch_size: usize,
     /// Prompts are sorted by length within chunks of this many batches.

@@ -4,7 +4,7 @@
 //!
 //! 1. **Data** ([`prompts`], [`data`]): read a prompt file (JSON array or JSON Lines, any field
 //!    spec), apply the chat template, let the target answer in large batches with
-//!    [`crate::generate`], and write `{prompt_ids, response_ids}` records plus a manifest. The
+//!    [`crate::generate()`], and write `{prompt_ids, response_ids}` records plus a manifest. The
 //!    ablation "train on the dataset's reference answers" writes tokenised answers instead.
 //! 2. **Training** ([`trainer`]): the frozen target (on `B`) gives hidden states; the
 //!    [`RecurrentDrafter`](crate::drafter::RecurrentDrafter) trains on `Autodiff<B>` with
