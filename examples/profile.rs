@@ -548,7 +548,7 @@ fn op_costs<B: Backend>(
                     let folds = ProductFolds {
                         rms_norm_eps: Some(eps),
                         swiglu,
-                        residual: None,
+                        ..ProductFolds::default()
                     };
                     cube_kernels::fused_matmul(&x, &weight, folds).expect("applies")
                 })

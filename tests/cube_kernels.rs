@@ -389,6 +389,7 @@ fn fused_products_match_the_operations_they_fold() {
                         rms_norm_eps: Some(eps),
                         swiglu: true,
                         residual: Some(&residual),
+                        ..Default::default()
                     },
                     residual.clone() + swiglu(product(&normed)),
                 ),
@@ -409,6 +410,64 @@ fn fused_products_match_the_operations_they_fold() {
     }
 }
 
+/// The draft head's folds: `x + silu(x·W + b)` (a residual block), `silu(s·U + a + b)` (the RNN
+/// update) and `x·W + b`, against Burn's ops.
+#[test]
+fn fused_products_fold_the_draft_heads_bias_silu_and_adds() {
+    use cube_kernels::ProductFolds;
+    let (rows, width) = (6, 130);
+    let x = random([rows, width]);
+    let w = random([width, width]).div_scalar(10.0);
+    let addend = random([rows, width]);
+    let bias = Tensor::<B, 1>::random([width], Distribution::Normal(0.0, 1.0), &device());
+    let product = cube_kernels::matmul(&x, &w).unwrap();
+    let row_bias = bias.clone().unsqueeze::<2>();
+    let cases = [
+        (
+            ProductFolds {
+                bias: Some(&bias),
+                silu: true,
+                residual: Some(&x),
+                ..Default::default()
+            },
+            x.clone() + silu(product.clone() + row_bias.clone()),
+        ),
+        (
+            ProductFolds {
+                addend: Some(&addend),
+                bias: Some(&bias),
+                silu: true,
+                ..Default::default()
+            },
+            silu(product.clone() + addend.clone() + row_bias.clone()),
+        ),
+        (
+            ProductFolds {
+                bias: Some(&bias),
+                ..Default::default()
+            },
+            product.clone() + row_bias.clone(),
+        ),
+    ];
+    for (folds, want) in cases {
+        let got = cube_kernels::fused_matmul(&x, &w, folds).expect("applies");
+        close_to_host(got, &host(&want), 1e-4);
+    }
+    // SiLU and SwiGLU together, or a bias of the wrong width, are declined.
+    let both = ProductFolds {
+        silu: true,
+        swiglu: true,
+        ..Default::default()
+    };
+    assert!(cube_kernels::fused_matmul(&x, &w, both).is_none());
+    let short = bias.clone().narrow(0, 0, width - 1);
+    let wrong = ProductFolds {
+        bias: Some(&short),
+        ..Default::default()
+    };
+    assert!(cube_kernels::fused_matmul(&x, &w, wrong).is_none());
+}
+
 /// A folded product's rows, like the plain product's, do not depend on the other rows: the
 /// norm's sums of squares included, a row alone and among 70 give the same bits.
 #[test]
@@ -421,6 +480,7 @@ fn a_rows_fused_product_does_not_depend_on_the_other_rows() {
         rms_norm_eps: Some(1e-5),
         swiglu: true,
         residual,
+        ..Default::default()
     };
     let all = cube_kernels::fused_matmul(&x, &w, folds(Some(&residual))).unwrap();
     let alone_residual = residual.clone().slice([13..14, 0..480]);

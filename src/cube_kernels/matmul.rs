@@ -63,12 +63,17 @@ const MIN_WIDE_CUBES: usize = 16;
 /// - `normalize`: `scale(row) = 1 / sqrt(mean(x[row]²) + eps)` (an RMSNorm whose weight is folded
 ///   into `weight`'s rows); otherwise 1 and `eps` is unused.
 /// - `swiglu` (with `halves` = 2): `output = silu(gate) · up`; otherwise the product itself.
-/// - `add_residual`: `output += residual`; otherwise `residual` is unused (any tensor).
+/// - `add_addend`, `add_bias`: `+ addend[row, column]`, `+ bias[0, column]`; then `silu`: SiLU.
+/// - `add_residual`: `output += residual`, last.
+///
+/// Tensors whose flag is off are not read (any tensor will do).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 fn row_matmul_kernel<F: Float>(
     x: &Tensor<F>,
     weight: &Tensor<F>,
+    addend: &Tensor<F>,
+    bias: &Tensor<F>,
     residual: &Tensor<F>,
     output: &mut Tensor<F>,
     eps: f32,
@@ -77,6 +82,9 @@ fn row_matmul_kernel<F: Float>(
     #[comptime] halves: usize,
     #[comptime] swiglu: bool,
     #[comptime] normalize: bool,
+    #[comptime] add_addend: bool,
+    #[comptime] add_bias: bool,
+    #[comptime] silu: bool,
     #[comptime] add_residual: bool,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -251,6 +259,15 @@ fn row_matmul_kernel<F: Float>(
                     }
                     value = value / (f32::new(1.0) + (-value).exp()) * up;
                 }
+                if add_addend {
+                    value += f32::cast_from(addend[at(addend, row, column)]);
+                }
+                if add_bias {
+                    value += f32::cast_from(bias[at(bias, 0, column)]);
+                }
+                if silu {
+                    value = value / (f32::new(1.0) + (-value).exp());
+                }
                 if add_residual {
                     value += f32::cast_from(residual[at(residual, row, column)]);
                 }
@@ -282,19 +299,31 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
             || columns == 0
             || weight_inputs != inputs
             || weight_columns % halves != 0
-            || folds
-                .residual
-                .is_some_and(|residual| residual.dims() != [rows, columns])
+            || (folds.swiglu && folds.silu)
+            || [folds.residual, folds.addend]
+                .into_iter()
+                .flatten()
+                .any(|tensor| tensor.dims() != [rows, columns])
+            || folds.bias.is_some_and(|bias| bias.dims() != [columns])
         {
             return None;
         }
         let x = to_cube::<R, B, 2>(self.x)?;
         let weight = to_cube::<R, B, 2>(self.weight)?;
-        let residual = match folds.residual {
-            Some(residual) => Some(to_cube::<R, B, 2>(residual)?),
-            None => None,
+        let optional = |tensor: Option<&BurnTensor<B, 2>>| match tensor {
+            Some(tensor) => to_cube::<R, B, 2>(tensor).map(Some),
+            None => Some(None),
         };
-        if weight.dtype != x.dtype || residual.as_ref().is_some_and(|r| r.dtype != x.dtype) {
+        let residual = optional(folds.residual)?;
+        let addend = optional(folds.addend)?;
+        let bias_row = folds.bias.map(|bias| bias.clone().reshape([1, columns]));
+        let bias = optional(bias_row.as_ref())?;
+        if weight.dtype != x.dtype
+            || [&residual, &addend, &bias]
+                .into_iter()
+                .flatten()
+                .any(|tensor| tensor.dtype != x.dtype)
+        {
             return None;
         }
         let output = empty_like(&x, [rows, columns]);
@@ -325,9 +354,12 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
             columns.div_ceil(COLUMNS * groups) as u32,
             1,
         );
-        let add_residual = residual.is_some();
-        // An unused residual binding: any tensor will do.
+        let (add_residual, add_addend, add_bias) =
+            (residual.is_some(), addend.is_some(), bias.is_some());
+        // Unused bindings: any tensor will do.
         let residual = residual.unwrap_or_else(|| x.clone());
+        let addend = addend.unwrap_or_else(|| x.clone());
+        let bias = bias.unwrap_or_else(|| x.clone());
         unsafe {
             row_matmul_kernel::launch_unchecked::<R>(
                 &client,
@@ -335,6 +367,8 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
                 CubeDim::new_2d(COLUMNS as u32, SPLITS as u32),
                 x.into_tensor_arg(),
                 weight.into_tensor_arg(),
+                addend.into_tensor_arg(),
+                bias.into_tensor_arg(),
                 residual.into_tensor_arg(),
                 output.clone().into_tensor_arg(),
                 folds.rms_norm_eps.unwrap_or(0.0) as f32,
@@ -343,6 +377,9 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
                 halves,
                 folds.swiglu,
                 folds.rms_norm_eps.is_some(),
+                add_addend,
+                add_bias,
+                folds.silu,
                 add_residual,
                 dtype.into(),
             )

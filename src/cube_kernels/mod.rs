@@ -520,6 +520,12 @@ pub struct ProductFolds<'a, B: Backend> {
     pub rms_norm_eps: Option<f64>,
     /// `silu(gate) · up` of a gate | up product: the output has half the weight's columns.
     pub swiglu: bool,
+    /// Added to the product before the activation, `[rows, output columns]`.
+    pub addend: Option<&'a Tensor<B, 2>>,
+    /// Added to every row of the product before the activation, `[output columns]`.
+    pub bias: Option<&'a Tensor<B, 1>>,
+    /// SiLU of the product (after `addend` and `bias`); not with `swiglu`.
+    pub silu: bool,
     /// Added to the output last, `[rows, output columns]`.
     pub residual: Option<&'a Tensor<B, 2>>,
 }
@@ -537,20 +543,26 @@ impl<B: Backend> Default for ProductFolds<'_, B> {
         Self {
             rms_norm_eps: None,
             swiglu: false,
+            addend: None,
+            bias: None,
+            silu: false,
             residual: None,
         }
     }
 }
 
-/// [`matmul`] with a Llama layer's neighbouring operations folded in, one launch:
-/// `residual + swiglu(norm(x) · weight)`, each part optional ([`ProductFolds`]). Every output is
+/// [`matmul`] with a layer's neighbouring operations folded in, one launch:
+/// `residual + act(norm(x) · weight + addend + bias)`, `act` a SwiGLU, a SiLU or none, each part
+/// optional ([`ProductFolds`]): a Llama layer's products, and the draft head's
+/// (`x + silu(x·W + b)` blocks, the RNN's `silu(s·U + e·W + b)`). Every output is
 /// still summed in an order that depends neither on the number of rows nor on the row's place
 /// among them, the norm's sum of squares included. `None` where [`folds_switched_on`] is false or
 /// [`matmul`] would decline.
 ///
 /// # Shapes
 /// - `x`: `[rows, in]`, `weight`: `[in, out]`
-/// - `residual`: `[rows, out]`, or `[rows, out / 2]` with `swiglu`
+/// - `addend`, `residual`: `[rows, out]`, or `[rows, out / 2]` with `swiglu`; `bias`: likewise
+///   `[out]` or `[out / 2]`
 /// - returns `[rows, out]`, or `[rows, out / 2]` with `swiglu`
 pub fn fused_matmul<B: Backend>(
     x: &Tensor<B, 2>,

@@ -260,7 +260,13 @@ impl<B: Backend> ResBlock<B> {
     /// `[..., exit_dim]` to `[..., exit_dim]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         if crate::cube_kernels::applies::<B>() {
-            // On the GPUs the bias, SiLU and residual add are one launch instead of nine.
+            // On the GPUs the product, bias, SiLU and residual add are one launch.
+            let bias = self.linear.bias.as_ref().map(Param::val);
+            let weight = self.linear.weight.val();
+            if let Some(out) = folded_product(&x, &weight, None, bias.as_ref(), true, true) {
+                return out;
+            }
+            // Else two: the product, then the bias, SiLU and residual add (instead of nine).
             let product = gpu_product(x.clone(), self.linear.weight.val());
             let bias = self.linear.bias.as_ref().map(Param::val);
             return fused_silu_sum(product, None, bias, Some(x));
@@ -486,7 +492,31 @@ impl<B: Backend> RecurrentDrafter<B> {
         }
         Ok(match (&self.rnn_w, &self.rnn_u) {
             (Some(w), Some(u)) if crate::cube_kernels::applies::<B>() => {
-                // One launch for both adds and the SiLU on the GPUs (instead of nine).
+                // Two launches on the GPUs: `e·W (+ b)`, then `silu(s·U + that + b)`.
+                let w_bias = w.bias.as_ref().map(Param::val);
+                let u_bias = u.bias.as_ref().map(Param::val);
+                let folded = folded_product(
+                    &token_embedding,
+                    &w.weight.val(),
+                    None,
+                    w_bias.as_ref(),
+                    false,
+                    false,
+                )
+                .and_then(|input| {
+                    folded_product(
+                        &state,
+                        &u.weight.val(),
+                        Some(&input),
+                        u_bias.as_ref(),
+                        true,
+                        false,
+                    )
+                });
+                if let Some(updated) = folded {
+                    return Ok(updated);
+                }
+                // Else one launch for both adds and the SiLU (instead of nine).
                 let mut input = gpu_product(token_embedding, w.weight.val());
                 if let Some(bias) = &w.bias {
                     input = input + bias.val().unsqueeze();
@@ -556,6 +586,13 @@ impl<B: Backend> RecurrentDrafter<B> {
         }
         let x = Tensor::cat(vec![context, state], D - 1);
         let mut x = match &self.input_proj {
+            Some(proj) if crate::cube_kernels::applies::<B>() => {
+                // Our row product with the bias folded in (Burn's Linear: CubeCL's matmul and an
+                // add).
+                let bias = proj.bias.as_ref().map(Param::val);
+                folded_product(&x, &proj.weight.val(), None, bias.as_ref(), false, false)
+                    .unwrap_or_else(|| proj.forward(x))
+            }
             Some(proj) => proj.forward(x),
             None => x,
         };
@@ -611,6 +648,42 @@ fn gpu_product<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>
         Some(product) => product.reshape(shape),
         None => linear(x, weight, None),
     }
+}
+
+/// `[x +] act(x · weight [+ addend] [+ bias])` (`act` SiLU when `silu`, else none; `x` added when
+/// `add_x`) in one launch on the GPUs ([`crate::cube_kernels::fused_matmul`]); `None` where it
+/// does not apply (then compose [`gpu_product`] and [`fused_silu_sum`]).
+///
+/// # Shapes
+/// `x`, `addend`: `[..., in]` and `[..., out]` (same leading dimensions); `weight`: `[in, out]`;
+/// `bias`: `[out]`; returns `[..., out]`
+fn folded_product<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: &Tensor<B, 2>,
+    addend: Option<&Tensor<B, D>>,
+    bias: Option<&Tensor<B, 1>>,
+    silu: bool,
+    add_x: bool,
+) -> Option<Tensor<B, D>> {
+    let mut shape = x.dims();
+    let inputs = shape[D - 1];
+    let rows = shape[..D - 1].iter().product::<usize>();
+    let outputs = weight.dims()[1];
+    shape[D - 1] = outputs;
+    let flat = x.clone().reshape([rows, inputs]);
+    let addend = match addend {
+        Some(addend) if addend.dims() != shape => return None,
+        Some(addend) => Some(addend.clone().reshape([rows, outputs])),
+        None => None,
+    };
+    let folds = crate::cube_kernels::ProductFolds {
+        addend: addend.as_ref(),
+        bias,
+        silu,
+        residual: add_x.then_some(&flat),
+        ..Default::default()
+    };
+    crate::cube_kernels::fused_matmul(&flat, weight, folds).map(|out| out.reshape(shape))
 }
 
 /// `residual + silu(a + b + bias)` for the GPU branches of the head: one kernel
