@@ -162,9 +162,7 @@ impl<B: Backend> Projection<B> {
             }
         }
     }
-}
 
-impl<B: Backend> Projection<B> {
     /// `x·W` with a layer's neighbouring operations folded into the product, one launch on the
     /// GPU backends ([`crate::cube_kernels::fused_matmul`]); `None` where that does not apply (an
     /// `[out, in]` weight, another backend, too many rows): compose the operations instead.

@@ -267,8 +267,7 @@ impl<B: Backend> ResBlock<B> {
                 return out;
             }
             // Else two: the product, then the bias, SiLU and residual add (instead of nine).
-            let product = gpu_product(x.clone(), self.linear.weight.val());
-            let bias = self.linear.bias.as_ref().map(Param::val);
+            let product = gpu_product(x.clone(), weight);
             return fused_silu_sum(product, None, bias, Some(x));
         }
         x.clone() + silu(self.linear.forward(x))

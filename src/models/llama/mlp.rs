@@ -22,18 +22,25 @@ impl<B: Backend> Mlp<B> {
     /// `[batch, T, hidden]` to `[batch, T, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, len, hidden] = x.dims();
-        let inter = self.down.inputs();
         let gate_up = self.gate_up.forward(x.reshape([batch * len, hidden]));
-        let fused = cube_kernels::swiglu(&gate_up).or_else(|| cpu_kernels::swiglu(&gate_up));
-        let activated = match fused {
-            Some(activated) => activated,
-            None => {
-                let gate = gate_up.clone().slice([0..batch * len, 0..inter]);
-                let up = gate_up.slice([0..batch * len, inter..2 * inter]);
-                silu(gate).mul(up)
-            }
-        };
+        let activated = self.swiglu(gate_up);
         self.down.forward(activated).reshape([batch, len, hidden])
+    }
+
+    /// `silu(gate) * up` of a gate | up product: one kernel where the GPU or CPU kernels apply,
+    /// Burn's ops otherwise.
+    ///
+    /// # Shapes
+    /// `[rows, 2 * intermediate]` to `[rows, intermediate]`
+    fn swiglu(&self, gate_up: Tensor<B, 2>) -> Tensor<B, 2> {
+        let fused = cube_kernels::swiglu(&gate_up).or_else(|| cpu_kernels::swiglu(&gate_up));
+        fused.unwrap_or_else(|| {
+            let [rows, _] = gate_up.dims();
+            let inter = self.down.inputs();
+            let gate = gate_up.clone().slice([0..rows, 0..inter]);
+            let up = gate_up.slice([0..rows, inter..2 * inter]);
+            silu(gate).mul(up)
+        })
     }
 
     /// The feed-forward half of a layer on the residual stream, `x + mlp(norm(x))`, with the norm
@@ -46,15 +53,8 @@ impl<B: Backend> Mlp<B> {
     pub fn forward_residual(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
         let [batch, len, hidden] = x.dims();
         let x = x.reshape([batch * len, hidden]);
-        let activated = fold::normed_swiglu(&self.gate_up, &x, norm).unwrap_or_else(|| {
-            let gate_up = fold::normed_product(&self.gate_up, &x, norm);
-            let inter = self.down.inputs();
-            cube_kernels::swiglu(&gate_up).unwrap_or_else(|| {
-                let gate = gate_up.clone().slice([0..batch * len, 0..inter]);
-                let up = gate_up.slice([0..batch * len, inter..2 * inter]);
-                silu(gate).mul(up)
-            })
-        });
+        let activated = fold::normed_swiglu(&self.gate_up, &x, norm)
+            .unwrap_or_else(|| self.swiglu(fold::normed_product(&self.gate_up, &x, norm)));
         fold::residual_product(&self.down, &activated, &x).reshape([batch, len, hidden])
     }
 }
