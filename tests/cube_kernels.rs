@@ -296,10 +296,16 @@ fn close_to_host(got: Tensor<B, 2>, want: &[f64], tolerance: f64) {
 
 #[test]
 fn matmul_matches_a_host_product() {
-    // Widths that are not multiples of the kernel's column tiles or 4 input slices. Every layout
-    // of the kernel: 1 and 7 rows of 130 outputs take one column per unit, 70 rows of 130 two,
-    // 13 and 70 rows of 4,001 four.
-    for (inputs, outputs, row_counts) in [(301, 130, &[1, 7, 13, 70][..]), (301, 4001, &[13, 70])] {
+    // Every layout of the kernel. Widths that are not multiples of 4 read one element at a time:
+    // 1 and 7 rows of 130 outputs take one column per unit, 70 rows of 130 two, 13 and 70 rows of
+    // 4,001 four. Multiples of 4 read vectors of 4 columns (and of 4 inputs with 576): trees of
+    // 13, 40 and 70 rows take row tiles of 4, 8 and 16 for 1,024 outputs.
+    for (inputs, outputs, row_counts) in [
+        (301, 130, &[1, 7, 13, 70][..]),
+        (301, 4001, &[13, 70]),
+        (301, 4000, &[1, 20]),
+        (576, 1024, &[1, 13, 40, 70]),
+    ] {
         product_matches_the_host(inputs, outputs, row_counts);
     }
 }
@@ -326,8 +332,11 @@ fn product_matches_the_host(inputs: usize, outputs: usize, row_counts: &[usize])
 #[test]
 fn a_rows_product_does_not_depend_on_the_other_rows() {
     let x = random([70, 576]);
-    // 70 rows of 960 and of 4,001 outputs take four columns per unit; 3 rows of 960 two.
-    for outputs in [960, 4001] {
+    // Row 13 of 70 against the row alone (one row's layout) and first of 3: every tree layout —
+    // 70 rows of 960 outputs take row tiles of 16, of 4,001 four columns per unit; 40 rows of
+    // 1,024 tiles of 8; 3 rows of 960 tiles of 4.
+    for (rows, outputs) in [(70, 960), (70, 4001), (40, 1024)] {
+        let x = x.clone().slice([0..rows, 0..576]);
         let w = random([576, outputs]);
         let all = cube_kernels::matmul(&x, &w).unwrap();
         // Row 13 alone, and as the first row of a 3-row product: another place in a tile.
@@ -350,8 +359,12 @@ fn a_rows_product_does_not_depend_on_the_other_rows() {
 fn fused_products_match_the_operations_they_fold() {
     use burn::tensor::DType;
     use cube_kernels::ProductFolds;
-    let (inputs, inter, eps) = (301, 130, 1e-5);
-    for dtype in [DType::F32, DType::F16] {
+    // 301 inputs and 130 outputs are read an element at a time, 576 and 192 four at a time.
+    for (dtype, (inputs, inter)) in [DType::F32, DType::F16]
+        .into_iter()
+        .flat_map(|dtype| [(dtype, (301, 130)), (dtype, (576, 192))])
+    {
+        let eps = 1e-5;
         // f16 carries ~3 significant digits: compare at its resolution.
         let tolerance = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
         let w = random([inputs, 2 * inter]).div_scalar(10.0).cast(dtype);
@@ -394,7 +407,7 @@ fn fused_products_match_the_operations_they_fold() {
                     residual.clone() + swiglu(product(&normed)),
                 ),
             ];
-            for (i, (folds, want)) in cases.into_iter().enumerate() {
+            for (folds, want) in cases {
                 let weight = if folds.residual.is_some() && !folds.swiglu {
                     &w_half
                 } else {
@@ -404,7 +417,6 @@ fn fused_products_match_the_operations_they_fold() {
                 assert_eq!(got.dtype(), dtype);
                 let want = host(&want.cast(DType::F32));
                 close_to_host(got.cast(DType::F32), &want, tolerance);
-                let _ = i;
             }
         }
     }

@@ -15,10 +15,12 @@
 //! The kernel is written for the shapes of decoding: 1 to a few hundred rows against a weight of a
 //! few hundred to tens of thousands of columns. Units along `x` take consecutive columns (the
 //! weight reads of a warp coalesce); the rows' inputs are the same for every unit of a split and
-//! come from the cache.
+//! come from the cache. A tree's product, bound by its load instructions rather than by bytes,
+//! reads four columns and four inputs per load where the layout allows ([`Layout`]): a 24-token
+//! tree's forward on the H200 went from 5.11 to 4.11 ms (docs/benchmarks.md, session 17).
 
 use burn::tensor::{Tensor as BurnTensor, backend::Backend};
-use burn_cubecl::CubeRuntime;
+use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
 use cubecl::prelude::*;
 
 use super::ProductFolds;
@@ -54,32 +56,39 @@ const MIN_WIDE_CUBES: usize = 16;
 /// `output [rows, columns] = epilogue(scale(row) · x [rows, inputs] · weight [inputs, _])`, f32
 /// accumulation.
 ///
-/// Each cube covers `rows_per_cube` rows (1 for a single-row product, [`ROWS`] or [`MANY_ROWS`])
-/// and `groups · COLUMNS` output columns: unit `lane` takes output columns `lane + g · COLUMNS`,
-/// and for each of them the weight column of every half (`halves` = 2 for SwiGLU: gate column `c`
-/// and up column `columns + c`), so an input it loads feeds `groups · halves` sums (a tree-sized
-/// product is bound by those loads). Neither choice changes the operations of any one sum.
+/// Each cube covers `rows_per_cube` rows and `groups · COLUMNS · NW` output columns: unit `lane`
+/// takes the `NW` consecutive columns of weight vector `lane + g · COLUMNS` for each group `g`,
+/// and for each of them the weight vector of every half (`halves` = 2 for SwiGLU: gate columns
+/// `c` and up columns `columns + c`), so an input it loads feeds `groups · halves · NW` sums per
+/// row. `x` is read `NX` inputs at a time. Neither vector width changes the operations of any one
+/// sum: unit `split` sums inputs `split · slice ..` in order, `slice` a multiple of [`UNROLL`]
+/// whatever the widths, and the splits' sums are added in split order. (`x_width` and `width`
+/// repeat `NX` and `NW` as values the kernel can size its arrays with.)
 ///
 /// - `normalize`: `scale(row) = 1 / sqrt(mean(x[row]²) + eps)` (an RMSNorm whose weight is folded
 ///   into `weight`'s rows); otherwise 1 and `eps` is unused.
 /// - `swiglu` (with `halves` = 2): `output = silu(gate) · up`; otherwise the product itself.
 /// - `add_addend`, `add_bias`: `+ addend[row, column]`, `+ bias[0, column]`; then `silu`: SiLU.
 /// - `add_residual`: `output += residual`, last.
+/// - `batch`: sums of how many output columns go through shared memory together (divides `NW`).
 ///
 /// Tensors whose flag is off are not read (any tensor will do).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
-fn row_matmul_kernel<F: Float>(
-    x: &Tensor<F>,
-    weight: &Tensor<F>,
+fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
+    x: &Tensor<Vector<F, NX>>,
+    weight: &Tensor<Vector<F, NW>>,
     addend: &Tensor<F>,
     bias: &Tensor<F>,
     residual: &Tensor<F>,
     output: &mut Tensor<F>,
     eps: f32,
+    #[comptime] x_width: usize,
+    #[comptime] width: usize,
     #[comptime] rows_per_cube: usize,
     #[comptime] groups: usize,
     #[comptime] halves: usize,
+    #[comptime] batch: usize,
     #[comptime] swiglu: bool,
     #[comptime] normalize: bool,
     #[comptime] add_addend: bool,
@@ -93,29 +102,31 @@ fn row_matmul_kernel<F: Float>(
     let columns = output.shape(1);
     let lane = UNIT_POS_X as usize;
     let split = UNIT_POS_Y as usize;
-    let columns_per_unit = groups * halves;
+    let slots = groups * halves;
+    let components = slots * width;
     // The row tiles of one column tile are neighbours in the grid (x): they run together and
     // share the weight tile's reads through the L2 cache.
-    let first_column = CUBE_POS_Y as usize * COLUMNS * groups + lane;
+    let first_column = (CUBE_POS_Y as usize * COLUMNS * groups + lane) * width;
     let first_row = CUBE_POS_X as usize * rows_per_cube;
     // Units past the last column or row compute on clamped indices (valid memory) and write
-    // nothing: every unit must reach the barriers below. Slot `h · groups + g` is output column
-    // `first_column + g · COLUMNS` of half `h`.
-    let mut read_columns = Array::<usize>::new(columns_per_unit);
+    // nothing: every unit must reach the barriers below. Slot `h · groups + g` is the weight
+    // vector of output columns `first_column + g · COLUMNS · width ..` of half `h`.
+    let mut read_columns = Array::<usize>::new(slots);
     #[unroll]
     for h in 0..halves {
         #[unroll]
         for g in 0..groups {
-            let column = first_column + g * COLUMNS;
+            let column = first_column + g * COLUMNS * width;
             let clamped = if column < columns {
                 column
             } else {
-                columns - 1
+                columns - width
             };
             read_columns[h * groups + g] = clamped + h * columns;
         }
     }
-    let slice = inputs.div_ceil(SPLITS);
+    // A multiple of UNROLL, so that a slice starts on an `x` vector whatever its width.
+    let slice = inputs.div_ceil(SPLITS * UNROLL) * UNROLL;
     let start = split * slice;
     let end = if start + slice < inputs {
         start + slice
@@ -123,8 +134,9 @@ fn row_matmul_kernel<F: Float>(
         inputs
     };
 
-    // Sum of row `r`, slot `j` at `r * columns_per_unit + j`; the row's sum of squares at `r`.
-    let mut sums = Array::<f32>::new(rows_per_cube * columns_per_unit);
+    // Sum of row `r`, component `c` (slot `c / width`, column `c % width` of its vector) at
+    // `r * components + c`; the row's sum of squares at `r`.
+    let mut sums = Array::<f32>::new(rows_per_cube * components);
     let mut squares = Array::<f32>::new(rows_per_cube);
     let mut source_rows = Array::<usize>::new(rows_per_cube);
     #[unroll]
@@ -136,76 +148,92 @@ fn row_matmul_kernel<F: Float>(
         };
         squares[r] = f32::new(0.0);
         #[unroll]
-        for j in 0..columns_per_unit {
-            sums[r * columns_per_unit + j] = f32::new(0.0);
+        for c in 0..components {
+            sums[r * components + c] = f32::new(0.0);
         }
     }
-    // Four inputs at a time: their loads are issued together, then added in input order, so
+    // UNROLL inputs at a time: their loads are issued together, then added in input order, so
     // every sum is the same sequence of operations as one input at a time.
-    let mut w0 = Array::<f32>::new(columns_per_unit);
-    let mut w1 = Array::<f32>::new(columns_per_unit);
-    let mut w2 = Array::<f32>::new(columns_per_unit);
-    let mut w3 = Array::<f32>::new(columns_per_unit);
+    let mut w = Array::<f32>::new(UNROLL * components);
+    let mut xs = Array::<f32>::new(UNROLL);
     let mut k = start;
     while k + UNROLL <= end {
         #[unroll]
-        for j in 0..columns_per_unit {
-            w0[j] = f32::cast_from(weight[at(weight, k, read_columns[j])]);
-            w1[j] = f32::cast_from(weight[at(weight, k + 1, read_columns[j])]);
-            w2[j] = f32::cast_from(weight[at(weight, k + 2, read_columns[j])]);
-            w3[j] = f32::cast_from(weight[at(weight, k + 3, read_columns[j])]);
+        for u in 0..UNROLL {
+            #[unroll]
+            for j in 0..slots {
+                let vector = weight[at(weight, k + u, read_columns[j]) / width];
+                #[unroll]
+                for v in 0..width {
+                    w[u * components + j * width + v] = f32::cast_from(vector[v]);
+                }
+            }
         }
         #[unroll]
         for r in 0..rows_per_cube {
             let row = source_rows[r];
-            let x0 = f32::cast_from(x[at(x, row, k)]);
-            let x1 = f32::cast_from(x[at(x, row, k + 1)]);
-            let x2 = f32::cast_from(x[at(x, row, k + 2)]);
-            let x3 = f32::cast_from(x[at(x, row, k + 3)]);
+            #[unroll]
+            for q in 0..UNROLL / x_width {
+                let vector = x[at(x, row, k + q * x_width) / x_width];
+                #[unroll]
+                for i in 0..x_width {
+                    xs[q * x_width + i] = f32::cast_from(vector[i]);
+                }
+            }
             if normalize {
                 let mut square = squares[r];
-                square += x0 * x0;
-                square += x1 * x1;
-                square += x2 * x2;
-                square += x3 * x3;
+                #[unroll]
+                for u in 0..UNROLL {
+                    square += xs[u] * xs[u];
+                }
                 squares[r] = square;
             }
             #[unroll]
-            for j in 0..columns_per_unit {
-                let mut sum = sums[r * columns_per_unit + j];
-                sum += x0 * w0[j];
-                sum += x1 * w1[j];
-                sum += x2 * w2[j];
-                sum += x3 * w3[j];
-                sums[r * columns_per_unit + j] = sum;
+            for c in 0..components {
+                let mut sum = sums[r * components + c];
+                #[unroll]
+                for u in 0..UNROLL {
+                    sum += xs[u] * w[u * components + c];
+                }
+                sums[r * components + c] = sum;
             }
         }
         k += UNROLL;
     }
+    // The last slice's tail, only where `inputs` is not a multiple of UNROLL: `x` is then read
+    // one input at a time (`NX` = 1), so an input is element 0 of its vector.
     while k < end {
         #[unroll]
-        for j in 0..columns_per_unit {
-            w0[j] = f32::cast_from(weight[at(weight, k, read_columns[j])]);
+        for j in 0..slots {
+            let vector = weight[at(weight, k, read_columns[j]) / width];
+            #[unroll]
+            for v in 0..width {
+                w[j * width + v] = f32::cast_from(vector[v]);
+            }
         }
         #[unroll]
         for r in 0..rows_per_cube {
-            let x0 = f32::cast_from(x[at(x, source_rows[r], k)]);
+            let x0 = f32::cast_from(x[at(x, source_rows[r], k) / x_width][0]);
             if normalize {
                 squares[r] += x0 * x0;
             }
             #[unroll]
-            for j in 0..columns_per_unit {
-                sums[r * columns_per_unit + j] += x0 * w0[j];
+            for c in 0..components {
+                sums[r * components + c] += x0 * w[c];
             }
         }
         k += 1;
     }
 
-    // Unit row `r` of the cube finishes row `r`: its scale from the slices' sums of squares (in
-    // slice order), then one slot at a time through shared memory, its slot sums in slice order.
-    // The squares pass through the same shared memory first (32 KiB is all some devices have).
-    let r = split;
-    let mut partial = SharedMemory::<f32>::new(SPLITS * rows_per_cube * COLUMNS);
+    // Unit `split` finishes row `split % rows_per_cube`, the `batch`-th share of the components
+    // that `split / rows_per_cube` picks: first its scale from the slices' sums of squares (in
+    // slice order), then `batch` components at a time through shared memory, each sum over the
+    // slices in slice order. The squares pass through the same shared memory first (32 KiB is
+    // all some devices have).
+    let finisher = split < rows_per_cube * batch;
+    let r = split % rows_per_cube;
+    let share = split / rows_per_cube;
+    let mut partial = SharedMemory::<f32>::new(SPLITS * rows_per_cube * batch * COLUMNS);
     let mut scale = f32::new(1.0);
     if normalize {
         if lane == 0 {
@@ -215,7 +243,7 @@ fn row_matmul_kernel<F: Float>(
             }
         }
         sync_cube();
-        if r < rows_per_cube {
+        if finisher {
             let mut total = partial[r];
             for s in 1..SPLITS {
                 total += partial[s * rows_per_cube + r];
@@ -224,36 +252,43 @@ fn row_matmul_kernel<F: Float>(
         }
         sync_cube();
     }
-    let mut totals = Array::<f32>::new(columns_per_unit);
+    let rounds = components / batch;
+    let mut totals = Array::<f32>::new(rounds);
     #[unroll]
-    for j in 0..columns_per_unit {
+    for b in 0..rounds {
         #[unroll]
         for row in 0..rows_per_cube {
-            partial[(split * rows_per_cube + row) * COLUMNS + lane] =
-                sums[row * columns_per_unit + j];
+            #[unroll]
+            for e in 0..batch {
+                partial[((split * rows_per_cube + row) * batch + e) * COLUMNS + lane] =
+                    sums[row * components + b * batch + e];
+            }
         }
         sync_cube();
-        if r < rows_per_cube {
-            let mut total = partial[r * COLUMNS + lane];
+        if finisher {
+            let mut total = partial[(r * batch + share) * COLUMNS + lane];
             for s in 1..SPLITS {
-                total += partial[(s * rows_per_cube + r) * COLUMNS + lane];
+                total += partial[((s * rows_per_cube + r) * batch + share) * COLUMNS + lane];
             }
-            totals[j] = total;
+            totals[b] = total;
         }
         sync_cube();
     }
     let row = first_row + r;
-    if r < rows_per_cube && row < rows {
+    if finisher && row < rows {
+        // Round `b` gave this unit component `b · batch + share`; the first half's rounds hold
+        // the outputs (the gates with SwiGLU), the second half's the up projections.
         #[unroll]
-        for g in 0..groups {
-            let column = first_column + g * COLUMNS;
+        for b in 0..groups * width / batch {
+            let component = b * batch + share;
+            let column = first_column + (component / width) * COLUMNS * width + component % width;
             if column < columns {
-                let mut value = totals[g];
+                let mut value = totals[b];
                 if normalize {
                     value *= scale;
                 }
                 if swiglu {
-                    let mut up = totals[groups + g];
+                    let mut up = totals[b + groups * width / batch];
                     if normalize {
                         up *= scale;
                     }
@@ -328,30 +363,10 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
         }
         let output = empty_like(&x, [rows, columns]);
         let (client, dtype) = (x.client.clone(), x.dtype);
-        // Smaller row tiles (1, 2, 4 or 8 rows for the layer's products) were no faster for
-        // 12–40-row trees on the H200 (docs/benchmarks.md, session 16).
-        let rows_per_cube = match rows {
-            1 => 1,
-            2..=ROWS => ROWS,
-            _ => MANY_ROWS,
-        };
-        let row_tiles = rows.div_ceil(rows_per_cube);
-        // Several column groups per unit for a tree (each loaded input then feeds several sums);
-        // one for a decoding step, and where even 2 would leave fewer than MIN_WIDE_CUBES cubes.
-        let widest = if folds.swiglu { 2 } else { WIDE_COLUMNS };
-        let cubes_with = |per_unit: usize| columns.div_ceil(COLUMNS * per_unit) * row_tiles;
-        let groups = if rows == 1 {
-            1
-        } else if cubes_with(widest) >= MIN_WIDE_CUBES {
-            widest
-        } else if cubes_with(2) >= MIN_WIDE_CUBES {
-            2
-        } else {
-            1
-        };
+        let layout = Layout::choose(rows, columns, halves, &x, &weight);
         let cubes = CubeCount::Static(
-            row_tiles as u32,
-            columns.div_ceil(COLUMNS * groups) as u32,
+            rows.div_ceil(layout.rows_per_cube) as u32,
+            columns.div_ceil(COLUMNS * layout.groups * layout.width) as u32,
             1,
         );
         let (add_residual, add_addend, add_bias) =
@@ -365,6 +380,8 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
                 &client,
                 cubes,
                 CubeDim::new_2d(COLUMNS as u32, SPLITS as u32),
+                layout.x_width,
+                layout.width,
                 x.into_tensor_arg(),
                 weight.into_tensor_arg(),
                 addend.into_tensor_arg(),
@@ -372,9 +389,12 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
                 residual.into_tensor_arg(),
                 output.clone().into_tensor_arg(),
                 folds.rms_norm_eps.unwrap_or(0.0) as f32,
-                rows_per_cube,
-                groups,
+                layout.x_width,
+                layout.width,
+                layout.rows_per_cube,
+                layout.groups,
                 halves,
+                layout.batch,
                 folds.swiglu,
                 folds.rms_norm_eps.is_some(),
                 add_addend,
@@ -386,4 +406,100 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
         };
         from_cube::<R, B, 2>(output)
     }
+}
+
+/// Inputs or columns a unit loads at once where the tensor's layout allows: four f32 are one
+/// 16-byte load.
+const VECTOR: usize = 4;
+/// The most f32 sums a unit keeps for a tree with vector loads (`rows_per_cube · halves · width`).
+const TREE_SUMS: usize = 64;
+/// The fewest cubes a tree product with vector loads takes the largest row tile for. On the H200
+/// a 24-token tree's forward took 4.11 ms with 64, 4.27 with 132, 4.51 with 16 (5.11 ms before
+/// vector loads; docs/benchmarks.md, session 17).
+const MIN_TREE_CUBES: usize = 64;
+
+/// How a product's work is laid out over cubes and units. No choice here changes the operations
+/// of any one output's sum (see [`row_matmul_kernel`]): only how many run, and where.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    rows_per_cube: usize,
+    groups: usize,
+    /// `NX`: inputs per load of `x`.
+    x_width: usize,
+    /// `NW`: columns per load of the weight.
+    width: usize,
+    /// Components per round through shared memory.
+    batch: usize,
+}
+
+impl Layout {
+    fn choose<R: CubeRuntime>(
+        rows: usize,
+        columns: usize,
+        halves: usize,
+        x: &CubeTensor<R>,
+        weight: &CubeTensor<R>,
+    ) -> Self {
+        let inputs = x.meta.shape()[1];
+        let x_width = if loads_vectors(x, inputs) { VECTOR } else { 1 };
+        if rows == 1 {
+            // A decoding step's product reads the weight once, one column per unit: 2 or 4
+            // columns per unit were no faster (fewer cubes; docs/benchmarks.md, session 17).
+            return Self {
+                rows_per_cube: 1,
+                groups: 1,
+                x_width,
+                width: 1,
+                batch: 1,
+            };
+        }
+        if loads_vectors(weight, columns) {
+            // Vector loads cut a tree product's load instructions four-fold; what is left is
+            // spreading its sums over enough multiprocessors, with the largest row tile (the
+            // fewest reads of the weight) that still gives MIN_TREE_CUBES cubes.
+            let column_tiles = columns.div_ceil(COLUMNS * VECTOR);
+            // The smallest tile, 4 rows, fits every product's sums.
+            let rows_per_cube = [16, 8]
+                .into_iter()
+                .filter(|&tile| tile * halves * VECTOR <= TREE_SUMS)
+                .find(|&tile| rows.div_ceil(tile) * column_tiles >= MIN_TREE_CUBES)
+                .unwrap_or(4);
+            return Self {
+                rows_per_cube,
+                groups: 1,
+                x_width,
+                width: VECTOR,
+                batch: VECTOR.min(16 / rows_per_cube),
+            };
+        }
+        // Smaller row tiles (1, 2, 4 or 8 rows for the layer's products) were no faster for
+        // 12–40-row trees on the H200 (docs/benchmarks.md, session 16).
+        let rows_per_cube = if rows <= ROWS { ROWS } else { MANY_ROWS };
+        let row_tiles = rows.div_ceil(rows_per_cube);
+        // Several column groups per unit for a tree (each loaded input then feeds several sums),
+        // except where even 2 would leave fewer than MIN_WIDE_CUBES cubes.
+        let widest = if halves == 2 { 2 } else { WIDE_COLUMNS };
+        let cubes_with = |per_unit: usize| columns.div_ceil(COLUMNS * per_unit) * row_tiles;
+        let groups = if cubes_with(widest) >= MIN_WIDE_CUBES {
+            widest
+        } else if cubes_with(2) >= MIN_WIDE_CUBES {
+            2
+        } else {
+            1
+        };
+        Self {
+            rows_per_cube,
+            groups,
+            x_width,
+            width: 1,
+            batch: 1,
+        }
+    }
+}
+
+/// Whether `tensor` `[_, n]` can be read [`VECTOR`] elements at a time along its rows: unit
+/// stride along them, row strides and `n` (and so every slice start) multiples of the width.
+fn loads_vectors<R: CubeRuntime>(tensor: &CubeTensor<R>, n: usize) -> bool {
+    let strides = tensor.meta.strides();
+    n.is_multiple_of(VECTOR) && strides[1] == 1 && strides[0].is_multiple_of(VECTOR)
 }
