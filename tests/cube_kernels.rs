@@ -685,43 +685,71 @@ fn tree_like_bias(batch: usize, len: usize, slots: usize) -> Tensor<B, 4> {
 #[test]
 fn attention_matches_a_host_computation_over_a_strided_cache() {
     let (batch, heads, kv_heads, len, dim) = (2, 6, 2, 5, 40);
-    // 300 slots (more than one chunk of 128) visible out of a cache of 320: a strided view.
-    let (slots, capacity) = (300, 320);
-    let q = random([batch, heads, len, dim]).mul_scalar(0.2);
-    let cache_k = random([batch, kv_heads, capacity, dim]);
-    let cache_v = random([batch, kv_heads, capacity, dim]);
-    let keys = cache_k.slice([0..batch, 0..kv_heads, 0..slots, 0..dim]);
-    let values = cache_v.slice([0..batch, 0..kv_heads, 0..slots, 0..dim]);
-    let bias = tree_like_bias(batch, len, slots);
-    let got = cube_kernels::attention(&q, &keys, &values, Some(&bias)).expect("applies");
-    close_to_host(got, &host_attention(&q, &keys, &values, Some(&bias)), 1e-5);
-    let got = cube_kernels::attention(&q, &keys, &values, None).unwrap();
-    close_to_host(got, &host_attention(&q, &keys, &values, None), 1e-5);
+    // 300 slots (two per unit of the cube, units past 150 with none) visible out of a cache of
+    // 320: a strided view. 2,100 slots also pass the 2,048 whose scores the kernel keeps.
+    for (slots, capacity) in [(300, 320), (2100, 2112)] {
+        let q = random([batch, heads, len, dim]).mul_scalar(0.2);
+        let cache_k = random([batch, kv_heads, capacity, dim]);
+        let cache_v = random([batch, kv_heads, capacity, dim]);
+        let keys = cache_k.slice([0..batch, 0..kv_heads, 0..slots, 0..dim]);
+        let values = cache_v.slice([0..batch, 0..kv_heads, 0..slots, 0..dim]);
+        let bias = tree_like_bias(batch, len, slots);
+        let got = cube_kernels::attention(&q, &keys, &values, Some(&bias)).expect("applies");
+        close_to_host(got, &host_attention(&q, &keys, &values, Some(&bias)), 1e-5);
+        let got = cube_kernels::attention(&q, &keys, &values, None).unwrap();
+        close_to_host(got, &host_attention(&q, &keys, &values, None), 1e-5);
+    }
 }
 
 /// A tree row masked down to some slots gives, bit for bit, the output of the same query over
-/// just those slots, unmasked: what makes a verification tree agree with plain decoding.
+/// just those slots, unmasked: what makes a verification tree agree with plain decoding. The
+/// kernel splits the value sums among groups of units by the rank of a slot among the visible
+/// ones, so the masks interleave masked and visible slots over more than one block of the cube,
+/// the visible counts do not divide evenly among the groups (four for a head dimension of 64, six
+/// for 40, two for 128), and the slots pass the 2,048 whose scores the kernel keeps in shared
+/// memory while the visible ones do not.
 #[test]
 fn a_masked_attention_row_equals_the_row_over_its_visible_slots() {
-    let (heads, kv_heads, dim, slots) = (9, 3, 64, 200);
-    let visible: Vec<usize> = (0..slots).filter(|s| s % 3 != 1).collect();
-    let q = random([1, heads, 1, dim]).mul_scalar(0.2);
-    let keys = random([1, kv_heads, slots, dim]);
-    let values = random([1, kv_heads, slots, dim]);
-    let mask: Vec<f32> = (0..slots)
-        .map(|s| if s % 3 != 1 { 0.0 } else { MASKED })
-        .collect();
-    let bias = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, 1, slots]), &device());
-    let masked = cube_kernels::attention(&q, &keys, &values, Some(&bias)).unwrap();
+    for (heads, kv_heads, dim, slots, len) in
+        [(9, 3, 64, 333, 3), (4, 2, 40, 2200, 3), (2, 1, 128, 150, 2)]
+    {
+        let visible = |t: usize, s: usize| match t {
+            0 => s % 3 != 1,
+            1 => (s * 7 + 3) % 11 < 6 && !(slots / 3..slots / 3 + 40).contains(&s),
+            _ => s % 17 != 5 && s + 9 < slots && !(700..1500).contains(&s),
+        };
+        let q = random([1, heads, len, dim]).mul_scalar(0.2);
+        let keys = random([1, kv_heads, slots, dim]);
+        let values = random([1, kv_heads, slots, dim]);
+        let mask: Vec<f32> = (0..len * slots)
+            .map(|i| {
+                if visible(i / slots, i % slots) {
+                    0.0
+                } else {
+                    MASKED
+                }
+            })
+            .collect();
+        let bias = Tensor::<B, 4>::from_data(TensorData::new(mask, [1, 1, len, slots]), &device());
+        let masked = cube_kernels::attention(&q, &keys, &values, Some(&bias)).unwrap();
 
-    let ids = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(visible.iter().map(|&s| s as i64).collect(), [visible.len()]),
-        &device(),
-    );
-    let dense_k = keys.select(2, ids.clone());
-    let dense_v = values.select(2, ids);
-    let dense = cube_kernels::attention(&q, &dense_k, &dense_v, None).unwrap();
-    assert_eq!(bits(masked), bits(dense));
+        for t in 0..len {
+            let ids: Vec<i64> = (0..slots)
+                .filter(|&s| visible(t, s))
+                .map(|s| s as i64)
+                .collect();
+            let ids = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(ids.clone(), [ids.len()]),
+                &device(),
+            );
+            let dense_k = keys.clone().select(2, ids.clone());
+            let dense_v = values.clone().select(2, ids);
+            let query = q.clone().slice([0..1, 0..heads, t..t + 1, 0..dim]);
+            let dense = cube_kernels::attention(&query, &dense_k, &dense_v, None).unwrap();
+            let row = masked.clone().slice([t..t + 1, 0..heads * dim]);
+            assert_eq!(bits(row), bits(dense), "dim {dim}, {slots} slots, row {t}");
+        }
+    }
 }
 
 /// The whole Llama forward on the GPU: a verification tree's logits along its accepted path are

@@ -1,35 +1,56 @@
-//! Grouped-query attention with an additive bias in one kernel, summed in slot order.
+//! Grouped-query attention with an additive bias in one kernel, its sums in a fixed order.
 //!
 //! Burn's ops take five launches for this (the score product, our softmax, the value product, and
 //! the copies that lay the heads out again), and the two products go through CubeCL's matmul,
 //! whose rounding depends on the shape (TF32 tensor cores on CUDA, see [`super::matmul`]). Here one
-//! cube computes one query row of one head:
+//! cube of [`UNITS`] units computes one query row of one head:
 //!
-//! 1. every unit scores a share of the slots (`q · k` summed over the head dimension in order,
-//!    plus the bias; the query row is read once into shared memory) and the cube takes the
-//!    maximum;
-//! 2. the slots are walked in order, a chunk of [`ROW_UNITS`] at a time: the units put the chunk's
-//!    `exp(score − max)` in shared memory, then unit `d` adds them and their weighted values
-//!    `v[slot, d]` to its running sums, slot after slot (the loads of [`GROUP`] slots issued
-//!    together, the sums still in slot order);
-//! 3. unit `d` writes `sum(p·v) / sum(p)` straight into the `[rows, heads · dim]` layout the output
+//! 1. every unit scores a block of consecutive slots (`q · k` summed over the head dimension in
+//!    order, plus the bias; the query row is read once into shared memory), keeps the scores of
+//!    the first [`CACHED`] slots in shared memory, and the cube takes the maximum;
+//! 2. every unit counts the slots of its block whose weight `p = exp(score − max)` is not zero,
+//!    and a prefix sum of the counts across the cube gives the number `V` of such slots and the
+//!    *rank* of each (how many of them come before it);
+//! 3. the units form `G = UNITS / dim` groups of `dim` (units past `G · dim` idle), and group `g`
+//!    sums the ranks `[g·⌈V/G⌉, (g+1)·⌈V/G⌉)` in rank order: starting at the block that holds its
+//!    first rank, it puts the weights of `dim` slots at a time in shared memory, then its unit
+//!    `d` adds them and their weighted values `v[slot, d]`, slot after slot, skipping zero
+//!    weights (the loads of [`GROUP`] slots issued together, the sums still in order);
+//! 4. the first group adds the groups' sums in group order, `((s₀ + s₁) + s₂) + …`, and its unit
+//!    `d` writes `sum(p·v) / sum(p)` straight into the `[rows, heads · dim]` layout the output
 //!    projection reads.
 //!
-//! A masked slot's weight is exactly zero and is skipped, so a token's output in a draft tree is
-//! the same sequence of operations as its output when decoded alone over just the visible slots:
-//! bit for bit the same result (a maximum does not depend on order; the sums run in slot order).
+//! A masked slot's weight is exactly zero, so it gets no rank and is never added: a token's row
+//! in a draft tree has the same `V` and the same weights in the same rank order as the token
+//! decoded alone over just its visible slots, hence the same ranges per group and the same
+//! sequence of operations — bit for bit the same result (a maximum does not depend on order).
+//! Splitting the slots themselves among the groups would not do: the masked slots would move
+//! the boundaries. Before the split, `dim` units walked every slot in turn (half of a 128-unit
+//! cube idle for a head dimension of 64), ~40 µs per layer over 256 slots on the H200.
 
 use burn::tensor::{Tensor as BurnTensor, backend::Backend};
 use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
-use super::reduce::{ROW_UNITS, at, at4, cube_max};
+use super::reduce::{at, at4, fold_max};
+
+/// Units per cube: four groups for a head dimension of 64 (SmolLM2's), two for 128. A one-token
+/// decoding step has only a cube per head (9 for SmolLM2), so a wide cube is what spreads it.
+const UNITS: usize = 256;
+/// The largest head dimension: the query row's shared memory, and at least two groups.
+const MAX_DIM: usize = 128;
+/// Slots whose scores phase 1 keeps in shared memory (8 KiB), so that counting and summing them
+/// need no second product with the keys. Later slots are scored again: the same function on the
+/// same inputs, so the same score. A buffer of every score would bound the context by shared
+/// memory.
+const CACHED: usize = 2048;
 
 /// Attention of query row `(batch, head, t)` — one per cube — over `keys`/`values`
 /// `[batch, kv_heads, slots, dim]`, written to `output` `[batch * len, heads * dim]`. The bias
 /// `[batch, 1, len, slots]` is read only `with_bias`, through its strides (on CUDA its rows are
-/// padded, and flattening it to `[batch * len, slots]` first cost a copy per layer).
+/// padded, and flattening it to `[batch * len, slots]` first cost a copy per layer). See the
+/// module documentation for the phases and why the value sums are split by rank.
 #[cube(launch_unchecked)]
 fn attention_kernel<F: Float>(
     queries: &Tensor<F>,
@@ -54,81 +75,274 @@ fn attention_kernel<F: Float>(
     let t = row % len;
     let kv_head = head / (heads / kv_heads);
     let unit = UNIT_POS_X as usize;
-    let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
+    let mut shared = SharedMemory::<f32>::new(UNITS);
+    let mut scores = SharedMemory::<f32>::new(CACHED);
+    // Per unit, its count of non-zero weights, then the ranks up to the end of its block.
+    let mut ranks = SharedMemory::<u32>::new(UNITS);
+    // Per group, the slot its walk starts at, the rank of that slot and the slot it stops before.
+    let mut starts = SharedMemory::<u32>::new(UNITS);
+    let mut start_ranks = SharedMemory::<u32>::new(UNITS);
+    let mut stops = SharedMemory::<u32>::new(UNITS);
+    // Per group, the weights of the `dim` slots it is walking; at the end, its weighted sums.
+    let mut window = SharedMemory::<f32>::new(UNITS);
     // The query row, read once: every score below reads it from here.
-    let mut query = SharedMemory::<f32>::new(ROW_UNITS);
+    let mut query = SharedMemory::<f32>::new(MAX_DIM);
     if unit < dim {
         query[unit] = f32::cast_from(queries[at4(queries, batch, head, t, unit)]);
     }
+    // No walk yet: a group without ranks (fewer non-zero weights than groups) walks nothing.
+    starts[unit] = u32::new(0);
+    start_ranks[unit] = u32::new(0);
+    stops[unit] = u32::new(0);
     sync_cube();
 
+    // Phase 1. Blocks of consecutive slots (not every UNITS-th slot): the prefix sum of their
+    // counts below is then a rank.
+    let block = slots.div_ceil(UNITS);
+    let first = unit * block;
+    let mut end = first + block;
+    if end > slots {
+        end = slots;
+    }
     let mut largest = f32::new(-3.0e38);
-    let mut slot = unit;
-    while slot < slots {
+    let mut slot = first;
+    while slot < end {
         let value = score(&query, keys, bias, batch, t, kv_head, slot, dim, with_bias);
+        if slot < CACHED {
+            scores[slot] = value;
+        }
         if value > largest {
             largest = value;
         }
-        slot += ROW_UNITS;
+        slot += 1;
     }
     let largest = cube_max(&mut shared, largest);
 
-    let mut total = f32::new(0.0);
-    let mut weighted = f32::new(0.0);
-    // Units past the head dimension read a valid lane and write nothing.
-    let lane = if unit < dim { unit } else { dim - 1 };
-    let mut loaded = Array::<f32>::new(GROUP);
-    let mut chunk = 0usize;
-    while chunk < slots {
-        // The same slots this unit scored above (the chunk advances by the cube's width). They
-        // are scored again rather than kept: how many a unit holds depends on the slot count,
-        // and a shared buffer of every score would bound the context by shared memory.
-        let mine = chunk + unit;
-        let mut weight = f32::new(0.0);
-        if mine < slots {
-            let value = score(&query, keys, bias, batch, t, kv_head, mine, dim, with_bias);
-            weight = (value - largest).exp();
+    // Phase 2: the ranks.
+    let mut count = 0usize;
+    slot = first;
+    while slot < end {
+        let p = weight(
+            &scores, &query, keys, bias, batch, t, kv_head, slot, dim, largest, with_bias,
+        );
+        if p != f32::new(0.0) {
+            count += 1;
         }
-        shared[unit] = weight;
-        sync_cube();
-        let mut count = slots - chunk;
-        if count > ROW_UNITS {
-            count = ROW_UNITS;
-        }
-        // GROUP slots at a time: their value loads are issued together (a unit's loads would
-        // otherwise wait on each other, slot after slot), then added in slot order.
-        let mut j = 0usize;
-        while j + GROUP <= count {
-            #[unroll]
-            for i in 0..GROUP {
-                loaded[i] =
-                    f32::cast_from(values[at4(values, batch, kv_head, chunk + j + i, lane)]);
-            }
-            #[unroll]
-            for i in 0..GROUP {
-                let p = shared[j + i];
-                if p != f32::new(0.0) {
-                    total += p;
-                    weighted += p * loaded[i];
+        slot += 1;
+    }
+    ranks[unit] = u32::cast_from(count);
+    sync_cube();
+    scan_step(&mut ranks, unit, 1usize);
+    scan_step(&mut ranks, unit, 2usize);
+    scan_step(&mut ranks, unit, 4usize);
+    scan_step(&mut ranks, unit, 8usize);
+    scan_step(&mut ranks, unit, 16usize);
+    scan_step(&mut ranks, unit, 32usize);
+    scan_step(&mut ranks, unit, 64usize);
+    scan_step(&mut ranks, unit, 128usize);
+    let after = usize::cast_from(ranks[unit]);
+    let before = after - count;
+    let visible = usize::cast_from(ranks[UNITS - 1]);
+    let groups = UNITS / dim;
+    let share = visible.div_ceil(groups);
+    // The unit whose block holds a group's first rank says where that group starts; the one whose
+    // block holds its last rank, where it stops.
+    if count > 0 {
+        for g in 0..groups {
+            let from = g * share;
+            if from < visible {
+                let mut to = from + share;
+                if to > visible {
+                    to = visible;
+                }
+                if before <= from && from < after {
+                    starts[g] = u32::cast_from(first);
+                    start_ranks[g] = u32::cast_from(before);
+                }
+                if before < to && to <= after {
+                    stops[g] = u32::cast_from(end);
                 }
             }
-            j += GROUP;
         }
-        while j < count {
-            let p = shared[j];
-            if p != f32::new(0.0) {
-                total += p;
-                weighted +=
-                    p * f32::cast_from(values[at4(values, batch, kv_head, chunk + j, lane)]);
+    }
+    sync_cube();
+
+    // Phase 3. Every unit must meet every sync: all walk as many windows as the longest group.
+    let mut windows = 0usize;
+    for g in 0..groups {
+        let span = usize::cast_from(stops[g] - starts[g]);
+        let needed = span.div_ceil(dim);
+        if needed > windows {
+            windows = needed;
+        }
+    }
+    let group = unit / dim;
+    let lane = unit % dim;
+    let walking = group < groups;
+    let mut from = 0usize;
+    let mut to = 0usize;
+    let mut base = 0usize;
+    let mut stop = 0usize;
+    let mut rank = 0usize;
+    if walking {
+        from = group * share;
+        if from > visible {
+            from = visible;
+        }
+        to = from + share;
+        if to > visible {
+            to = visible;
+        }
+        base = usize::cast_from(starts[group]);
+        stop = usize::cast_from(stops[group]);
+        rank = usize::cast_from(start_ranks[group]);
+    }
+    let mut total = f32::new(0.0);
+    let mut weighted = f32::new(0.0);
+    let mut loaded = Array::<f32>::new(GROUP);
+    let mut w = 0usize;
+    while w < windows {
+        if walking {
+            let mut p = f32::new(0.0);
+            if base + lane < stop {
+                p = weight(
+                    &scores,
+                    &query,
+                    keys,
+                    bias,
+                    batch,
+                    t,
+                    kv_head,
+                    base + lane,
+                    dim,
+                    largest,
+                    with_bias,
+                );
             }
-            j += 1;
+            window[unit] = p;
         }
         sync_cube();
-        chunk += ROW_UNITS;
+        if walking && base < stop {
+            let offset = group * dim;
+            let mut walked = stop - base;
+            if walked > dim {
+                walked = dim;
+            }
+            // GROUP slots at a time: their value loads are issued together (a unit's loads would
+            // otherwise wait on each other, slot after slot), then added in rank order.
+            let mut j = 0usize;
+            while j + GROUP <= walked {
+                #[unroll]
+                for i in 0..GROUP {
+                    loaded[i] =
+                        f32::cast_from(values[at4(values, batch, kv_head, base + j + i, lane)]);
+                }
+                #[unroll]
+                for i in 0..GROUP {
+                    let p = window[offset + j + i];
+                    if p != f32::new(0.0) {
+                        if from <= rank && rank < to {
+                            total += p;
+                            weighted += p * loaded[i];
+                        }
+                        rank += 1;
+                    }
+                }
+                j += GROUP;
+            }
+            while j < walked {
+                let p = window[offset + j];
+                if p != f32::new(0.0) {
+                    if from <= rank && rank < to {
+                        total += p;
+                        weighted +=
+                            p * f32::cast_from(values[at4(values, batch, kv_head, base + j, lane)]);
+                    }
+                    rank += 1;
+                }
+                j += 1;
+            }
+        }
+        sync_cube();
+        base += dim;
+        w += 1;
     }
+
+    // Phase 4: the groups' sums in group order.
+    if walking {
+        window[unit] = weighted;
+        if lane == 0 {
+            shared[group] = total;
+        }
+    }
+    sync_cube();
     if unit < dim {
+        let mut total = shared[0];
+        let mut weighted = window[unit];
+        for g in 1..groups {
+            total += shared[g];
+            weighted += window[g * dim + unit];
+        }
         output[at(output, batch * len + t, head * dim + unit)] = F::cast_from(weighted / total);
     }
+}
+
+/// The maximum of `value` over the cube's [`UNITS`] units, returned to every unit.
+#[cube]
+fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    shared[unit] = value;
+    sync_cube();
+    fold_max(shared, unit, 128usize);
+    fold_max(shared, unit, 64usize);
+    fold_max(shared, unit, 32usize);
+    fold_max(shared, unit, 16usize);
+    fold_max(shared, unit, 8usize);
+    fold_max(shared, unit, 4usize);
+    fold_max(shared, unit, 2usize);
+    fold_max(shared, unit, 1usize);
+    let largest = shared[0];
+    // Nobody may overwrite the shared memory before every unit has read the maximum.
+    sync_cube();
+    largest
+}
+
+/// One step of an inclusive prefix sum over the cube's [`UNITS`] units (strides 1, 2, 4, …):
+/// unit `u` adds the entry `stride` places before its own. Every unit reads before any writes.
+#[cube]
+fn scan_step(counts: &mut SharedMemory<u32>, unit: usize, #[comptime] stride: usize) {
+    let mut sum = counts[unit];
+    if unit >= stride {
+        sum += counts[unit - stride];
+    }
+    sync_cube();
+    counts[unit] = sum;
+    sync_cube();
+}
+
+/// The weight `exp(score − largest)` of `slot`, its score taken from `scores` for the first
+/// [`CACHED`] slots.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn weight<F: Float>(
+    scores: &SharedMemory<f32>,
+    query: &SharedMemory<f32>,
+    keys: &Tensor<F>,
+    bias: &Tensor<F>,
+    batch: usize,
+    t: usize,
+    kv_head: usize,
+    slot: usize,
+    dim: usize,
+    largest: f32,
+    #[comptime] with_bias: bool,
+) -> f32 {
+    let value = if slot < CACHED {
+        scores[slot]
+    } else {
+        score(query, keys, bias, batch, t, kv_head, slot, dim, with_bias)
+    };
+    (value - largest).exp()
 }
 
 /// Loads a unit issues together before it adds them up, in order (key elements of a score,
@@ -193,7 +407,7 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
         if rows == 0
             || slots == 0
             || dim == 0
-            || dim > ROW_UNITS
+            || dim > MAX_DIM
             || k_batch != batch
             || k_dim != dim
             || kv_heads == 0
@@ -226,7 +440,7 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
             attention_kernel::launch_unchecked::<R>(
                 &client,
                 row_grid(rows),
-                CubeDim::new_1d(ROW_UNITS as u32),
+                CubeDim::new_1d(UNITS as u32),
                 queries.into_tensor_arg(),
                 keys.into_tensor_arg(),
                 values.into_tensor_arg(),

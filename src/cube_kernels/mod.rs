@@ -584,10 +584,11 @@ pub fn fused_matmul<B: Backend>(
 }
 
 /// Grouped-query attention with an additive bias: query head `h` reads KV head
-/// `h / (heads / kv_heads)`; the 1/√dim scale is expected to be folded into the queries. Scores,
-/// softmax and the value sums run in slot order, a masked slot (bias
-/// [`crate::kv_cache::MASKED`]) adding exactly nothing, so a tree row's output equals its output
-/// decoded alone. Declines head dimensions above 128.
+/// `h / (heads / kv_heads)`; the 1/√dim scale is expected to be folded into the queries. Every
+/// sum runs in a fixed order (the value sums split among groups of units by a slot's rank among
+/// the slots of non-zero weight), a masked slot (bias [`crate::kv_cache::MASKED`]) having weight
+/// exactly zero and no rank, so a tree row's output equals its output decoded alone. Declines
+/// head dimensions above 128.
 ///
 /// # Shapes
 /// - `queries`: `[batch, heads, len, dim]`

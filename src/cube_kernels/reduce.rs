@@ -42,8 +42,10 @@ fn fold_sum(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usi
     sync_cube();
 }
 
+/// One level of a cube's maximum: unit `u < stride` keeps the larger of its value and unit
+/// `u + stride`'s (for cubes wider than [`ROW_UNITS`], which fold from a wider stride).
 #[cube]
-fn fold_max(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usize) {
+pub(super) fn fold_max(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usize) {
     if unit < stride {
         let other = shared[unit + stride];
         if other > shared[unit] {
