@@ -33,7 +33,7 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
-use super::reduce::{at, at4, fold_max};
+use super::reduce::{Strides2, Strides4, fold_max, offset2, offset4, scalars, strides2, strides4};
 
 /// Units per cube: four groups for a head dimension of 64 (SmolLM2's), two for 128. A one-token
 /// decoding step has only a cube per head (9 for SmolLM2), so a wide cube is what spreads it.
@@ -51,23 +51,37 @@ const CACHED: usize = 2048;
 /// `[batch, 1, len, slots]` is read only `with_bias`, through its strides (on CUDA its rows are
 /// padded, and flattening it to `[batch * len, slots]` first cost a copy per layer). See the
 /// module documentation for the phases and why the value sums are split by rank.
+///
+/// The buffers are `Array`s and their shapes and strides scalar arguments, since a launch binding
+/// `Tensor`s costs the host ~10–11.5 µs on the H200 against ~5–6.3 µs for arrays and scalars
+/// (CubeCL copies tensors' shapes and strides into a fresh device buffer per launch;
+/// docs/benchmarks.md, session 17).
+#[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 fn attention_kernel<F: Float>(
-    queries: &Tensor<F>,
-    keys: &Tensor<F>,
-    values: &Tensor<F>,
-    bias: &Tensor<F>,
-    output: &mut Tensor<F>,
+    queries: &Array<F>,
+    keys: &Array<F>,
+    values: &Array<F>,
+    bias: &Array<F>,
+    output: &mut Array<F>,
+    query_strides: &Strides4,
+    key_strides: &Strides4,
+    value_strides: &Strides4,
+    bias_strides: &Strides4,
+    output_strides: &Strides2,
+    batches: u32,
+    heads: u32,
+    len: u32,
+    dim: u32,
+    kv_heads: u32,
+    slots: u32,
     #[comptime] with_bias: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let heads = queries.shape(1);
-    let len = queries.shape(2);
-    let dim = queries.shape(3);
-    let kv_heads = keys.shape(1);
-    let slots = keys.shape(2);
+    let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
+    let (kv_heads, slots) = (kv_heads as usize, slots as usize);
     let row = CUBE_POS;
-    if row >= queries.shape(0) * heads * len {
+    if row >= (batches as usize) * heads * len {
         terminate!();
     }
     let batch = row / (heads * len);
@@ -88,7 +102,7 @@ fn attention_kernel<F: Float>(
     // The query row, read once: every score below reads it from here.
     let mut query = SharedMemory::<f32>::new(MAX_DIM);
     if unit < dim {
-        query[unit] = f32::cast_from(queries[at4(queries, batch, head, t, unit)]);
+        query[unit] = f32::cast_from(queries[offset4(query_strides, batch, head, t, unit)]);
     }
     // No walk yet: a group without ranks (fewer non-zero weights than groups) walks nothing.
     starts[unit] = u32::new(0);
@@ -107,7 +121,19 @@ fn attention_kernel<F: Float>(
     let mut largest = f32::new(-3.0e38);
     let mut slot = first;
     while slot < end {
-        let value = score(&query, keys, bias, batch, t, kv_head, slot, dim, with_bias);
+        let value = score(
+            &query,
+            keys,
+            key_strides,
+            bias,
+            bias_strides,
+            batch,
+            t,
+            kv_head,
+            slot,
+            dim,
+            with_bias,
+        );
         if slot < CACHED {
             scores[slot] = value;
         }
@@ -123,7 +149,19 @@ fn attention_kernel<F: Float>(
     slot = first;
     while slot < end {
         let p = weight(
-            &scores, &query, keys, bias, batch, t, kv_head, slot, dim, largest, with_bias,
+            &scores,
+            &query,
+            keys,
+            key_strides,
+            bias,
+            bias_strides,
+            batch,
+            t,
+            kv_head,
+            slot,
+            dim,
+            largest,
+            with_bias,
         );
         if p != f32::new(0.0) {
             count += 1;
@@ -209,7 +247,9 @@ fn attention_kernel<F: Float>(
                     &scores,
                     &query,
                     keys,
+                    key_strides,
                     bias,
+                    bias_strides,
                     batch,
                     t,
                     kv_head,
@@ -234,8 +274,9 @@ fn attention_kernel<F: Float>(
             while j + GROUP <= walked {
                 #[unroll]
                 for i in 0..GROUP {
-                    loaded[i] =
-                        f32::cast_from(values[at4(values, batch, kv_head, base + j + i, lane)]);
+                    loaded[i] = f32::cast_from(
+                        values[offset4(value_strides, batch, kv_head, base + j + i, lane)],
+                    );
                 }
                 #[unroll]
                 for i in 0..GROUP {
@@ -255,8 +296,9 @@ fn attention_kernel<F: Float>(
                 if p != f32::new(0.0) {
                     if from <= rank && rank < to {
                         total += p;
-                        weighted +=
-                            p * f32::cast_from(values[at4(values, batch, kv_head, base + j, lane)]);
+                        weighted += p * f32::cast_from(
+                            values[offset4(value_strides, batch, kv_head, base + j, lane)],
+                        );
                     }
                     rank += 1;
                 }
@@ -283,7 +325,8 @@ fn attention_kernel<F: Float>(
             total += shared[g];
             weighted += window[g * dim + unit];
         }
-        output[at(output, batch * len + t, head * dim + unit)] = F::cast_from(weighted / total);
+        let at = offset2(output_strides, batch * len + t, head * dim + unit);
+        output[at] = F::cast_from(weighted / total);
     }
 }
 
@@ -327,8 +370,10 @@ fn scan_step(counts: &mut SharedMemory<u32>, unit: usize, #[comptime] stride: us
 fn weight<F: Float>(
     scores: &SharedMemory<f32>,
     query: &SharedMemory<f32>,
-    keys: &Tensor<F>,
-    bias: &Tensor<F>,
+    keys: &Array<F>,
+    key_strides: &Strides4,
+    bias: &Array<F>,
+    bias_strides: &Strides4,
     batch: usize,
     t: usize,
     kv_head: usize,
@@ -340,7 +385,19 @@ fn weight<F: Float>(
     let value = if slot < CACHED {
         scores[slot]
     } else {
-        score(query, keys, bias, batch, t, kv_head, slot, dim, with_bias)
+        score(
+            query,
+            keys,
+            key_strides,
+            bias,
+            bias_strides,
+            batch,
+            t,
+            kv_head,
+            slot,
+            dim,
+            with_bias,
+        )
     };
     (value - largest).exp()
 }
@@ -356,8 +413,10 @@ const GROUP: usize = 16;
 #[allow(clippy::too_many_arguments)]
 fn score<F: Float>(
     query: &SharedMemory<f32>,
-    keys: &Tensor<F>,
-    bias: &Tensor<F>,
+    keys: &Array<F>,
+    key_strides: &Strides4,
+    bias: &Array<F>,
+    bias_strides: &Strides4,
     batch: usize,
     t: usize,
     kv_head: usize,
@@ -371,7 +430,7 @@ fn score<F: Float>(
     while d + GROUP <= dim {
         #[unroll]
         for i in 0..GROUP {
-            loaded[i] = f32::cast_from(keys[at4(keys, batch, kv_head, slot, d + i)]);
+            loaded[i] = f32::cast_from(keys[offset4(key_strides, batch, kv_head, slot, d + i)]);
         }
         #[unroll]
         for i in 0..GROUP {
@@ -380,11 +439,11 @@ fn score<F: Float>(
         d += GROUP;
     }
     while d < dim {
-        dot += query[d] * f32::cast_from(keys[at4(keys, batch, kv_head, slot, d)]);
+        dot += query[d] * f32::cast_from(keys[offset4(key_strides, batch, kv_head, slot, d)]);
         d += 1;
     }
     if with_bias {
-        dot += f32::cast_from(bias[at4(bias, batch, 0, t, slot)]);
+        dot += f32::cast_from(bias[offset4(bias_strides, batch, 0, t, slot)]);
     }
     dot
 }
@@ -435,17 +494,34 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
             None => queries.clone(),
         };
         let output = empty_like(&queries, [batch * len, heads * dim]);
+        let (query_strides, key_strides) = (strides4(&queries)?, strides4(&keys)?);
+        let (value_strides, bias_strides) = (strides4(&values)?, strides4(&bias)?);
+        let output_strides = strides2(&output)?;
+        let [batch, heads, len, dim, kv_heads, slots] =
+            scalars(&[batch, heads, len, dim, kv_heads, slots])?;
         let (client, dtype) = (queries.client.clone(), queries.dtype);
+        // Arrays bound at the views' offsets, read through the strides above.
         unsafe {
             attention_kernel::launch_unchecked::<R>(
                 &client,
                 row_grid(rows),
                 CubeDim::new_1d(UNITS as u32),
-                queries.into_tensor_arg(),
-                keys.into_tensor_arg(),
-                values.into_tensor_arg(),
-                bias.into_tensor_arg(),
-                output.clone().into_tensor_arg(),
+                queries.into_array_arg(),
+                keys.into_array_arg(),
+                values.into_array_arg(),
+                bias.into_array_arg(),
+                output.clone().into_array_arg(),
+                query_strides,
+                key_strides,
+                value_strides,
+                bias_strides,
+                output_strides,
+                batch,
+                heads,
+                len,
+                dim,
+                kv_heads,
+                slots,
                 self.bias.is_some(),
                 dtype.into(),
             )

@@ -25,7 +25,6 @@ use cubecl::prelude::*;
 
 use super::ProductFolds;
 use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
-use super::reduce::at;
 
 /// Output columns per cube (units along `x`).
 const COLUMNS: usize = 16;
@@ -76,12 +75,13 @@ const MIN_WIDE_CUBES: usize = 16;
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
-    x: &Tensor<Vector<F, NX>>,
-    weight: &Tensor<Vector<F, NW>>,
-    addend: &Tensor<F>,
-    bias: &Tensor<F>,
-    residual: &Tensor<F>,
-    output: &mut Tensor<F>,
+    x: &Array<Vector<F, NX>>,
+    weight: &Array<Vector<F, NW>>,
+    addend: &Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    output: &mut Array<F>,
+    strides: ProductStrides,
     eps: f32,
     #[comptime] x_width: usize,
     #[comptime] width: usize,
@@ -97,9 +97,11 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     #[comptime] add_residual: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let rows = x.shape(0);
-    let inputs = x.shape(1);
-    let columns = output.shape(1);
+    let rows = strides.rows as usize;
+    let inputs = strides.inputs as usize;
+    let columns = strides.columns as usize;
+    let (x_row, x_step) = (strides.x_row as usize, strides.x_step as usize);
+    let (weight_row, weight_step) = (strides.weight_row as usize, strides.weight_step as usize);
     let lane = UNIT_POS_X as usize;
     let split = UNIT_POS_Y as usize;
     let slots = groups * halves;
@@ -162,7 +164,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
         for u in 0..UNROLL {
             #[unroll]
             for j in 0..slots {
-                let vector = weight[at(weight, k + u, read_columns[j]) / width];
+                let vector = weight[((k + u) * weight_row + read_columns[j] * weight_step) / width];
                 #[unroll]
                 for v in 0..width {
                     w[u * components + j * width + v] = f32::cast_from(vector[v]);
@@ -174,7 +176,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
             let row = source_rows[r];
             #[unroll]
             for q in 0..UNROLL / x_width {
-                let vector = x[at(x, row, k + q * x_width) / x_width];
+                let vector = x[(row * x_row + (k + q * x_width) * x_step) / x_width];
                 #[unroll]
                 for i in 0..x_width {
                     xs[q * x_width + i] = f32::cast_from(vector[i]);
@@ -205,7 +207,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     while k < end {
         #[unroll]
         for j in 0..slots {
-            let vector = weight[at(weight, k, read_columns[j]) / width];
+            let vector = weight[(k * weight_row + read_columns[j] * weight_step) / width];
             #[unroll]
             for v in 0..width {
                 w[j * width + v] = f32::cast_from(vector[v]);
@@ -213,7 +215,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
         }
         #[unroll]
         for r in 0..rows_per_cube {
-            let x0 = f32::cast_from(x[at(x, source_rows[r], k) / x_width][0]);
+            let x0 = f32::cast_from(x[(source_rows[r] * x_row + k * x_step) / x_width][0]);
             if normalize {
                 squares[r] += x0 * x0;
             }
@@ -295,21 +297,48 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
                     value = value / (f32::new(1.0) + (-value).exp()) * up;
                 }
                 if add_addend {
-                    value += f32::cast_from(addend[at(addend, row, column)]);
+                    value += f32::cast_from(
+                        addend[row * strides.addend_row as usize
+                            + column * strides.addend_step as usize],
+                    );
                 }
                 if add_bias {
-                    value += f32::cast_from(bias[at(bias, 0, column)]);
+                    value += f32::cast_from(bias[column * strides.bias_step as usize]);
                 }
                 if silu {
                     value = value / (f32::new(1.0) + (-value).exp());
                 }
                 if add_residual {
-                    value += f32::cast_from(residual[at(residual, row, column)]);
+                    value += f32::cast_from(
+                        residual[row * strides.residual_row as usize
+                            + column * strides.residual_step as usize],
+                    );
                 }
-                output[at(output, row, column)] = F::cast_from(value);
+                output[row * columns + column] = F::cast_from(value);
             }
         }
     }
+}
+
+/// What [`row_matmul_kernel`] indexes its arrays with, passed as launch constants: tensor
+/// arguments would carry the same shapes and strides, but CubeCL copies those into a new device
+/// buffer at every launch, which cost the host ~5 µs of a launch's ~11 on the H200
+/// (`examples/launch_cost.rs`, docs/benchmarks.md, session 17). Strides count elements.
+#[derive(CubeLaunch, CubeType)]
+struct ProductStrides {
+    rows: u32,
+    inputs: u32,
+    /// Output columns (the output is row-major without padding).
+    columns: u32,
+    x_row: u32,
+    x_step: u32,
+    weight_row: u32,
+    weight_step: u32,
+    addend_row: u32,
+    addend_step: u32,
+    bias_step: u32,
+    residual_row: u32,
+    residual_step: u32,
 }
 
 /// The operation behind [`super::matmul`] and [`super::fused_matmul`].
@@ -371,6 +400,25 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
         );
         let (add_residual, add_addend, add_bias) =
             (residual.is_some(), addend.is_some(), bias.is_some());
+        let stride = |tensor: &Option<CubeTensor<R>>, dim: usize| {
+            tensor
+                .as_ref()
+                .map_or(0, |tensor| tensor.meta.strides()[dim] as u32)
+        };
+        let strides = ProductStridesLaunch::new(
+            rows as u32,
+            inputs as u32,
+            columns as u32,
+            x.meta.strides()[0] as u32,
+            x.meta.strides()[1] as u32,
+            weight.meta.strides()[0] as u32,
+            weight.meta.strides()[1] as u32,
+            stride(&addend, 0),
+            stride(&addend, 1),
+            stride(&bias, 1),
+            stride(&residual, 0),
+            stride(&residual, 1),
+        );
         // Unused bindings: any tensor will do.
         let residual = residual.unwrap_or_else(|| x.clone());
         let addend = addend.unwrap_or_else(|| x.clone());
@@ -382,12 +430,13 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
                 CubeDim::new_2d(COLUMNS as u32, SPLITS as u32),
                 layout.x_width,
                 layout.width,
-                x.into_tensor_arg(),
-                weight.into_tensor_arg(),
-                addend.into_tensor_arg(),
-                bias.into_tensor_arg(),
-                residual.into_tensor_arg(),
-                output.clone().into_tensor_arg(),
+                x.into_array_arg(),
+                weight.into_array_arg(),
+                addend.into_array_arg(),
+                bias.into_array_arg(),
+                residual.into_array_arg(),
+                output.clone().into_array_arg(),
+                strides,
                 folds.rms_norm_eps.unwrap_or(0.0) as f32,
                 layout.x_width,
                 layout.width,

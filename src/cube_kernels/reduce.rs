@@ -1,5 +1,6 @@
 //! Reductions across the units of one cube, for kernels that give each row a cube.
 
+use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
 use cubecl::prelude::*;
 
 /// Units per cube in the row kernels. Rows are a few hundred to a few thousand wide (hidden size,
@@ -21,17 +22,63 @@ pub(super) fn at3<E: CubePrimitive>(tensor: &Tensor<E>, a: usize, b: usize, c: u
     a * tensor.stride(0) + b * tensor.stride(1) + c * tensor.stride(2)
 }
 
-/// The position of element `(a, b, c, d)` of a 4-D tensor in its buffer (through its strides,
-/// as [`at`]).
+/// The strides of a 2-D tensor as scalar kernel arguments, for kernels that take their buffers as
+/// `Array`s: a launch binding a `Tensor` costs the host ~5 µs more on the H200, as CubeCL copies
+/// every tensor's shape and strides into a fresh device buffer while scalars travel in the
+/// launch's constant block (docs/benchmarks.md, session 17).
+#[derive(CubeLaunch, CubeType)]
+pub(super) struct Strides2 {
+    s0: u32,
+    s1: u32,
+}
+
+/// The strides of a 4-D tensor as scalar kernel arguments (see [`Strides2`]).
+#[derive(CubeLaunch, CubeType)]
+pub(super) struct Strides4 {
+    s0: u32,
+    s1: u32,
+    s2: u32,
+    s3: u32,
+}
+
+/// [`at`] for an array whose strides are `strides`.
 #[cube]
-pub(super) fn at4<E: CubePrimitive>(
-    tensor: &Tensor<E>,
-    a: usize,
-    b: usize,
-    c: usize,
-    d: usize,
-) -> usize {
-    a * tensor.stride(0) + b * tensor.stride(1) + c * tensor.stride(2) + d * tensor.stride(3)
+pub(super) fn offset2(strides: &Strides2, row: usize, column: usize) -> usize {
+    row * (strides.s0 as usize) + column * (strides.s1 as usize)
+}
+
+/// The position of element `(a, b, c, d)` of a 4-D array whose strides are `strides`.
+#[cube]
+pub(super) fn offset4(strides: &Strides4, a: usize, b: usize, c: usize, d: usize) -> usize {
+    a * (strides.s0 as usize)
+        + b * (strides.s1 as usize)
+        + c * (strides.s2 as usize)
+        + d * (strides.s3 as usize)
+}
+
+/// `tensor`'s strides as [`Strides2`] arguments; `None` unless it is 2-D with strides that fit
+/// in a `u32`.
+pub(super) fn strides2<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides2Launch<R>> {
+    let [s0, s1] = scalars(tensor.meta.strides())?;
+    Some(Strides2Launch::new(s0, s1))
+}
+
+/// `tensor`'s strides as [`Strides4`] arguments; `None` unless it is 4-D with strides that fit
+/// in a `u32`.
+pub(super) fn strides4<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides4Launch<R>> {
+    let [s0, s1, s2, s3] = scalars(tensor.meta.strides())?;
+    Some(Strides4Launch::new(s0, s1, s2, s3))
+}
+
+/// `values` as `D` scalar kernel arguments; `None` if there are not `D` of them or one does not
+/// fit in a `u32`.
+pub(super) fn scalars<const D: usize>(values: &[usize]) -> Option<[u32; D]> {
+    let values: &[usize; D] = values.try_into().ok()?;
+    let mut scalars = [0; D];
+    for (scalar, &value) in scalars.iter_mut().zip(values) {
+        *scalar = u32::try_from(value).ok()?;
+    }
+    Some(scalars)
 }
 
 #[cube]

@@ -1,26 +1,40 @@
 //! Rotary position embedding of Q and K, straight from the fused QKV projection.
 
 use burn::tensor::{Tensor as BurnTensor, backend::Backend};
-use burn_cubecl::CubeRuntime;
+use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
 use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
-use super::reduce::{at, at4};
+use super::reduce::{Strides2, Strides4, offset2, offset4, scalars, strides2, strides4};
 
 /// One unit per element of `qkv` `[batch * len, (heads + 2 * kv_heads) * dim]`: rotates Q and K
 /// elements (`x ⊙ cos + rotate_half(x) ⊙ sin`, tables `[batch * len, dim]`) and writes every
 /// element to its head-major place: in `q` `[batch, heads, len, dim]`, and in `k` and `v`
 /// `[layers, batch, kv_heads, slots, dim]` at layer `layer`, slots `start..start + len` (a KV
 /// cache's storage, or a one-layer tensor of `len` slots).
+///
+/// The buffers are `Array`s and their shapes and strides scalar arguments, since a launch binding
+/// `Tensor`s costs the host ~10–11.5 µs on the H200 against ~5–6.3 µs for arrays and scalars
+/// (CubeCL copies tensors' shapes and strides into a fresh device buffer per launch;
+/// docs/benchmarks.md, session 17).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 fn rotate_qkv_kernel<F: Float>(
-    qkv: &Tensor<F>,
-    cos: &Tensor<F>,
-    sin: &Tensor<F>,
-    q: &mut Tensor<F>,
-    k: &mut Tensor<F>,
-    v: &mut Tensor<F>,
+    qkv: &Array<F>,
+    cos: &Array<F>,
+    sin: &Array<F>,
+    q: &mut Array<F>,
+    k: &mut Array<F>,
+    v: &mut Array<F>,
+    qkv_strides: &Strides2,
+    cos_strides: &Strides2,
+    sin_strides: &Strides2,
+    q_strides: &Strides4,
+    k_strides: &Strides5,
+    v_strides: &Strides5,
+    tokens: u32,
+    width: u32,
+    dim: u32,
     len: u32,
     heads: u32,
     kv_heads: u32,
@@ -30,10 +44,10 @@ fn rotate_qkv_kernel<F: Float>(
 ) {
     let (len, heads, kv_heads) = (len as usize, heads as usize, kv_heads as usize);
     let (layer, start) = (layer as usize, start as usize);
-    let dim = cos.shape(1);
+    let dim = dim as usize;
     let half = dim / 2;
-    let width = qkv.shape(1);
-    if ABSOLUTE_POS >= qkv.shape(0) * width {
+    let width = width as usize;
+    if ABSOLUTE_POS >= (tokens as usize) * width {
         terminate!();
     }
     let token = ABSOLUTE_POS / width;
@@ -42,7 +56,7 @@ fn rotate_qkv_kernel<F: Float>(
     let d = within % dim;
     let batch = token / len;
     let t = token % len;
-    let value = f32::cast_from(qkv[at(qkv, token, within)]);
+    let value = f32::cast_from(qkv[offset2(qkv_strides, token, within)]);
 
     if head < heads + kv_heads {
         let partner = if d < half {
@@ -50,33 +64,53 @@ fn rotate_qkv_kernel<F: Float>(
         } else {
             within - half
         };
-        let rotated = value * f32::cast_from(cos[at(cos, token, d)])
-            + f32::cast_from(qkv[at(qkv, token, partner)]) * f32::cast_from(sin[at(sin, token, d)]);
+        let rotated = value * f32::cast_from(cos[offset2(cos_strides, token, d)])
+            + f32::cast_from(qkv[offset2(qkv_strides, token, partner)])
+                * f32::cast_from(sin[offset2(sin_strides, token, d)]);
         if head < heads {
-            q[at4(q, batch, head, t, d)] = F::cast_from(rotated);
+            q[offset4(q_strides, batch, head, t, d)] = F::cast_from(rotated);
         } else {
-            k[at5(k, layer, batch, head - heads, start + t, d)] = F::cast_from(rotated);
+            let at = offset5(k_strides, layer, batch, head - heads, start + t, d);
+            k[at] = F::cast_from(rotated);
         }
     } else {
-        v[at5(v, layer, batch, head - heads - kv_heads, start + t, d)] = F::cast_from(value);
+        let at = offset5(
+            v_strides,
+            layer,
+            batch,
+            head - heads - kv_heads,
+            start + t,
+            d,
+        );
+        v[at] = F::cast_from(value);
     }
 }
 
-/// The position of element `(a, b, c, d, e)` of a 5-D tensor in its buffer, through its strides.
+/// The strides of a 5-D tensor as scalar kernel arguments (see [`Strides2`]).
+#[derive(CubeLaunch, CubeType)]
+struct Strides5 {
+    s0: u32,
+    s1: u32,
+    s2: u32,
+    s3: u32,
+    s4: u32,
+}
+
+/// The position of element `(a, b, c, d, e)` of a 5-D array whose strides are `strides`.
 #[cube]
-fn at5<E: CubePrimitive>(
-    tensor: &Tensor<E>,
-    a: usize,
-    b: usize,
-    c: usize,
-    d: usize,
-    e: usize,
-) -> usize {
-    a * tensor.stride(0)
-        + b * tensor.stride(1)
-        + c * tensor.stride(2)
-        + d * tensor.stride(3)
-        + e * tensor.stride(4)
+fn offset5(strides: &Strides5, a: usize, b: usize, c: usize, d: usize, e: usize) -> usize {
+    a * (strides.s0 as usize)
+        + b * (strides.s1 as usize)
+        + c * (strides.s2 as usize)
+        + d * (strides.s3 as usize)
+        + e * (strides.s4 as usize)
+}
+
+/// `tensor`'s strides as [`Strides5`] arguments; `None` unless it is 5-D with strides that fit
+/// in a `u32`.
+fn strides5<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides5Launch<R>> {
+    let [s0, s1, s2, s3, s4] = scalars(tensor.meta.strides())?;
+    Some(Strides5Launch::new(s0, s1, s2, s3, s4))
 }
 
 /// The operation behind [`super::rotate_qkv`] (`cache: None`) and
@@ -162,25 +196,43 @@ impl<B: Backend> CubeOp<B> for RotateQkv<'_, B> {
         let cube_dim = CubeDim::new(&client, units);
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
         let dtype = qkv.dtype;
-        unsafe {
-            rotate_qkv_kernel::launch_unchecked::<R>(
-                &client,
-                cube_count,
-                cube_dim,
-                qkv.into_tensor_arg(),
-                cos.into_tensor_arg(),
-                sin.into_tensor_arg(),
-                q.clone().into_tensor_arg(),
-                k.clone().into_tensor_arg(),
-                v.clone().into_tensor_arg(),
-                len as u32,
-                heads as u32,
-                kv_heads as u32,
-                layer as u32,
-                start as u32,
-                dtype.into(),
-            )
-        };
+        // The scalars shadow the shapes only in this block: K and V are reshaped below.
+        {
+            let (qkv_strides, cos_strides, sin_strides) =
+                (strides2(&qkv)?, strides2(&cos)?, strides2(&sin)?);
+            let (q_strides, k_strides, v_strides) = (strides4(&q)?, strides5(&k)?, strides5(&v)?);
+            let [tokens, width, dim, len, heads, kv_heads, layer, start] =
+                scalars(&[tokens, width, dim, len, heads, kv_heads, layer, start])?;
+            // Arrays bound at the tensors' offsets, read through the strides above.
+            unsafe {
+                rotate_qkv_kernel::launch_unchecked::<R>(
+                    &client,
+                    cube_count,
+                    cube_dim,
+                    qkv.into_array_arg(),
+                    cos.into_array_arg(),
+                    sin.into_array_arg(),
+                    q.clone().into_array_arg(),
+                    k.clone().into_array_arg(),
+                    v.clone().into_array_arg(),
+                    qkv_strides,
+                    cos_strides,
+                    sin_strides,
+                    q_strides,
+                    k_strides,
+                    v_strides,
+                    tokens,
+                    width,
+                    dim,
+                    len,
+                    heads,
+                    kv_heads,
+                    layer,
+                    start,
+                    dtype.into(),
+                )
+            };
+        }
         let q = from_cube::<R, B, 4>(q)?;
         if self.cache.is_some() {
             return Some((q, None));
