@@ -365,16 +365,25 @@ fn fused_products_match_the_operations_they_fold() {
         .flat_map(|dtype| [(dtype, (301, 130)), (dtype, (576, 192))])
     {
         let eps = 1e-5;
-        // f16 carries ~3 significant digits: compare at its resolution.
-        let tolerance = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+        // The reference runs in f32 on the same (f16-valued) inputs: the kernel also sums in f32
+        // and rounds once, at the end, so f16 differs by about its last digit. (Rounding the
+        // reference's norm and gate/up product to f16 too put it ~2 % off where the residual and
+        // the SwiGLU cancel.)
+        let tolerance = if dtype == DType::F32 { 1e-4 } else { 3e-3 };
         let w = random([inputs, 2 * inter]).div_scalar(10.0).cast(dtype);
+        let w32 = w.clone().cast(DType::F32);
         for rows in [1, 7, 70] {
             let x = random([rows, inputs]).cast(dtype);
             let residual = random([rows, inter]).cast(dtype);
-            let normed = reference_norm(x.clone().cast(DType::F32), eps).cast(dtype);
-            let product = |x: &Tensor<B, 2>| cube_kernels::matmul(x, &w).unwrap();
+            let (x32, residual32) = (
+                x.clone().cast(DType::F32),
+                residual.clone().cast(DType::F32),
+            );
+            let normed = reference_norm(x32.clone(), eps);
+            let product = |x: &Tensor<B, 2>| cube_kernels::matmul(x, &w32).unwrap();
             let swiglu = |gate_up: Tensor<B, 2>| cube_kernels::swiglu(&gate_up).unwrap();
             let w_half = w.clone().slice([0..inputs, 0..inter]);
+            let w32_half = w32.clone().slice([0..inputs, 0..inter]);
             let cases: [(ProductFolds<'_, B>, Tensor<B, 2>); 4] = [
                 (
                     ProductFolds {
@@ -388,14 +397,14 @@ fn fused_products_match_the_operations_they_fold() {
                         swiglu: true,
                         ..Default::default()
                     },
-                    swiglu(product(&x)),
+                    swiglu(product(&x32)),
                 ),
                 (
                     ProductFolds {
                         residual: Some(&residual),
                         ..Default::default()
                     },
-                    residual.clone() + cube_kernels::matmul(&x, &w_half).unwrap(),
+                    residual32.clone() + cube_kernels::matmul(&x32, &w32_half).unwrap(),
                 ),
                 (
                     ProductFolds {
@@ -404,7 +413,7 @@ fn fused_products_match_the_operations_they_fold() {
                         residual: Some(&residual),
                         ..Default::default()
                     },
-                    residual.clone() + swiglu(product(&normed)),
+                    residual32.clone() + swiglu(product(&normed)),
                 ),
             ];
             for (folds, want) in cases {
@@ -415,8 +424,7 @@ fn fused_products_match_the_operations_they_fold() {
                 };
                 let got = cube_kernels::fused_matmul(&x, weight, folds).expect("applies");
                 assert_eq!(got.dtype(), dtype);
-                let want = host(&want.cast(DType::F32));
-                close_to_host(got.cast(DType::F32), &want, tolerance);
+                close_to_host(got.cast(DType::F32), &host(&want), tolerance);
             }
         }
     }

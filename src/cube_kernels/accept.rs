@@ -15,7 +15,7 @@ use super::GreedyAcceptance;
 use super::dispatch::{
     CubeOp, empty_int_like, empty_like, from_cube, from_cube_int, to_cube, to_cube_int,
 };
-use super::reduce::{at, at3};
+use super::reduce::{Strides2, Strides3, offset2, offset3, scalars, strides2, strides3};
 
 /// Units per cube: beams are walked one per unit (more beams than units take turns).
 const UNITS: usize = 128;
@@ -46,25 +46,33 @@ fn fold_longest(
 /// `[live, M·C]` (the tree node of each beam position), `beams` `[live, M, C]` (token 0 is the
 /// verified one, tokens 1.. the drafts), `hidden` `[live, L, H]`; writes `summary` `[live, 2]`
 /// (best beam, accepted drafts), `bonus` `[live, 1]` (the target's token after them) and
-/// `context` `[live, H]` (the hidden state at the last accepted node).
+/// `context` `[live, H]` (the hidden state at the last accepted node). Inputs are read through
+/// their strides, outputs are row-major; `beam_count` is `M`, `length` `C` and `width` `H`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn greedy_accept_kernel<F: Float, I: Int>(
-    choices: &Tensor<I>,
-    unpacker: &Tensor<I>,
-    beams: &Tensor<I>,
-    hidden: &Tensor<F>,
-    summary: &mut Tensor<I>,
-    bonus: &mut Tensor<I>,
-    context: &mut Tensor<F>,
+    choices: &Array<I>,
+    unpacker: &Array<I>,
+    beams: &Array<I>,
+    hidden: &Array<F>,
+    summary: &mut Array<I>,
+    bonus: &mut Array<I>,
+    context: &mut Array<F>,
+    choices_strides: &Strides2,
+    unpacker_strides: &Strides2,
+    beams_strides: &Strides3,
+    hidden_strides: &Strides3,
+    live: u32,
+    beam_count: u32,
+    length: u32,
+    width: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let row = CUBE_POS;
-    if row >= summary.shape(0) {
+    if row >= live as usize {
         terminate!();
     }
-    let beam_count = beams.shape(1);
-    let length = beams.shape(2);
+    let (beam_count, length) = (beam_count as usize, length as usize);
     let unit = UNIT_POS_X as usize;
     let mut runs = SharedMemory::<u32>::new(UNITS);
     let mut best_beams = SharedMemory::<u32>::new(UNITS);
@@ -77,9 +85,10 @@ fn greedy_accept_kernel<F: Float, I: Int>(
         let mut matching = true;
         for k in 0..length - 1 {
             if matching {
-                let node = usize::cast_from(unpacker[at(unpacker, row, beam * length + k)]);
-                let drafted = beams[at3(beams, row, beam, k + 1)];
-                if choices[at(choices, row, node)] == drafted {
+                let node =
+                    usize::cast_from(unpacker[offset2(unpacker_strides, row, beam * length + k)]);
+                let drafted = beams[offset3(beams_strides, row, beam, k + 1)];
+                if choices[offset2(choices_strides, row, node)] == drafted {
                     run += 1;
                 } else {
                     matching = false;
@@ -105,16 +114,17 @@ fn greedy_accept_kernel<F: Float, I: Int>(
     fold_longest(&mut runs, &mut best_beams, unit, 1usize);
     let accepted = usize::cast_from(runs[0]);
     let winner = usize::cast_from(best_beams[0]);
-    let end = usize::cast_from(unpacker[at(unpacker, row, winner * length + accepted)]);
+    let end =
+        usize::cast_from(unpacker[offset2(unpacker_strides, row, winner * length + accepted)]);
     if unit == 0 {
-        summary[at(summary, row, 0)] = I::cast_from(winner);
-        summary[at(summary, row, 1)] = I::cast_from(accepted);
-        bonus[at(bonus, row, 0)] = choices[at(choices, row, end)];
+        summary[row * 2] = I::cast_from(winner);
+        summary[row * 2 + 1] = I::cast_from(accepted);
+        bonus[row] = choices[offset2(choices_strides, row, end)];
     }
-    let width = context.shape(1);
+    let width = width as usize;
     let mut column = unit;
     while column < width {
-        context[at(context, row, column)] = hidden[at3(hidden, row, end, column)];
+        context[row * width + column] = hidden[offset3(hidden_strides, row, end, column)];
         column += UNITS;
     }
 }
@@ -154,18 +164,30 @@ impl<B: Backend> CubeOp<B> for GreedyAcceptance<'_, B> {
         let bonus = int_empty([live, 1]);
         let context = empty_like(&hidden, [live, width]);
         let (client, dtype) = (hidden.client.clone(), hidden.dtype);
+        let (choices_strides, unpacker_strides) = (strides2(&choices)?, strides2(&unpacker)?);
+        let (beams_strides, hidden_strides) = (strides3(&beams)?, strides3(&hidden)?);
+        let [live_arg, beam_count, length, width] = scalars(&[live, beam_count, length, width])?;
+        // Arrays bound at the tensors' offsets, the inputs read through the strides above.
         unsafe {
             greedy_accept_kernel::launch_unchecked::<R>(
                 &client,
                 super::dispatch::row_grid(live),
                 CubeDim::new_1d(UNITS as u32),
-                choices.into_tensor_arg(),
-                unpacker.into_tensor_arg(),
-                beams.into_tensor_arg(),
-                hidden.into_tensor_arg(),
-                summary.clone().into_tensor_arg(),
-                bonus.clone().into_tensor_arg(),
-                context.clone().into_tensor_arg(),
+                choices.into_array_arg(),
+                unpacker.into_array_arg(),
+                beams.into_array_arg(),
+                hidden.into_array_arg(),
+                summary.clone().into_array_arg(),
+                bonus.clone().into_array_arg(),
+                context.clone().into_array_arg(),
+                choices_strides,
+                unpacker_strides,
+                beams_strides,
+                hidden_strides,
+                live_arg,
+                beam_count,
+                length,
+                width,
                 [dtype.into(), int_dtype.into()],
             )
         };

@@ -10,37 +10,35 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_int_like, from_cube_int, to_cube};
-use super::reduce::{NO_COLUMN, PICK_UNITS, at, at3, cube_pick};
+use super::reduce::{
+    NO_COLUMN, PICK_UNITS, Strides3, Strides3Launch, cube_pick, offset3, scalars, strides3,
+};
 
-/// Row `CUBE_POS` of `values` (`[rows, width]`, or `[a, b, width]` read as `a · b` rows when
-/// `three_d`) to the column of its largest entry (the first on ties; a NaN never wins).
+/// Row `CUBE_POS` of `values` (`[rows / middle, middle, width]` with strides `strides`; a 2-D
+/// tensor is read as `[rows, 1, width]`) to the column of its largest entry (the first on ties; a
+/// NaN never wins), written to `output` `[rows]`.
 #[cube(launch_unchecked)]
 fn argmax_kernel<F: Float, I: Int>(
-    values: &Tensor<F>,
-    output: &mut Tensor<I>,
-    #[comptime] three_d: bool,
+    values: &Array<F>,
+    output: &mut Array<I>,
+    strides: &Strides3,
+    rows: u32,
+    middle: u32,
+    width: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let row = CUBE_POS;
-    if row >= output.shape(0) {
+    if row >= rows as usize {
         terminate!();
     }
-    let mut width = values.shape(1);
-    let mut middle = 1usize;
-    if three_d {
-        width = values.shape(2);
-        middle = values.shape(1);
-    }
+    let (middle, width) = (middle as usize, width as usize);
+    let (outer, inner) = (row / middle, row % middle);
     let unit = UNIT_POS_X as usize;
     let mut best = f32::new(-3.4e38);
     let mut best_column = u32::new(NO_COLUMN as i64);
     let mut column = unit;
     while column < width {
-        let mut index = at(values, row, column);
-        if three_d {
-            index = at3(values, row / middle, row % middle, column);
-        }
-        let value = f32::cast_from(values[index]);
+        let value = f32::cast_from(values[offset3(strides, outer, inner, column)]);
         // Columns rise: only a strictly larger value replaces the unit's best (never a NaN:
         // comparisons with it are false).
         if value > best {
@@ -64,7 +62,7 @@ fn argmax_kernel<F: Float, I: Int>(
             // No entry above -3.4e38 (all NaN or -inf): column 0, as a host scan would answer.
             winner = u32::new(0);
         }
-        output[at(output, row, 0)] = I::cast_from(winner);
+        output[row] = I::cast_from(winner);
     }
 }
 
@@ -83,17 +81,28 @@ impl<B: Backend, const D: usize> CubeOp<B> for Argmax<'_, B, D> {
         }
         let rows = dims[..D - 1].iter().product::<usize>();
         let values = to_cube::<R, B, D>(self.values)?;
+        let (middle, strides) = if D == 3 {
+            (dims[1], strides3(&values)?)
+        } else {
+            let [s0, s1] = scalars(values.meta.strides())?;
+            (1, Strides3Launch::new(s0, 0, s1))
+        };
+        let [rows_arg, middle, width] = scalars(&[rows, middle, dims[D - 1]])?;
         let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
         let output = empty_int_like(&values, [rows, 1], int_dtype);
         let (client, dtype) = (values.client.clone(), values.dtype);
+        // Arrays bound at the tensors' offsets, the input read through its strides.
         unsafe {
             argmax_kernel::launch_unchecked::<R>(
                 &client,
                 super::dispatch::row_grid(rows),
                 CubeDim::new_1d(PICK_UNITS as u32),
-                values.into_tensor_arg(),
-                output.clone().into_tensor_arg(),
-                D == 3,
+                values.into_array_arg(),
+                output.clone().into_array_arg(),
+                strides,
+                rows_arg,
+                middle,
+                width,
                 [dtype.into(), int_dtype.into()],
             )
         };

@@ -25,7 +25,9 @@ use cubecl::prelude::*;
 use super::dispatch::{
     CubeOp, empty_int_like, empty_like, from_cube, from_cube_int, to_cube, to_cube_int,
 };
-use super::reduce::{NO_COLUMN, PICK_UNITS, at, cube_pick, improves};
+use super::reduce::{
+    NO_COLUMN, PICK_UNITS, Strides2, cube_pick, improves, offset2, scalars, strides2,
+};
 use super::{BeamAdvance, BeamStep};
 use crate::drafter::LOG_ZERO;
 
@@ -39,11 +41,18 @@ const _: () = assert!(super::BEAM_MAX_WIDTH == PICK_UNITS);
 /// Parent `row`'s warped log-probability of its `j`-th best logit: `logit − max − log_norm` for
 /// the kept logits, the placeholder `LOG_ZERO − (j − kept) − log_norm` past them.
 #[cube]
-fn warped<F: Float>(sorted: &Tensor<F>, row: usize, j: usize, kept: usize, log_norm: f32) -> f32 {
-    let top = f32::cast_from(sorted[at(sorted, row, 0)]);
+fn warped<F: Float>(
+    sorted: &Array<F>,
+    strides: &Strides2,
+    row: usize,
+    j: usize,
+    kept: usize,
+    log_norm: f32,
+) -> f32 {
+    let top = f32::cast_from(sorted[offset2(strides, row, 0)]);
     let mut shifted = f32::new(LOG_ZERO) - f32::cast_from(j) + f32::cast_from(kept);
     if j < kept {
-        shifted = f32::cast_from(sorted[at(sorted, row, j)]) - top;
+        shifted = f32::cast_from(sorted[offset2(strides, row, j)]) - top;
     }
     shifted - log_norm
 }
@@ -54,21 +63,37 @@ fn warped<F: Float>(sorted: &Tensor<F>, row: usize, j: usize, kept: usize, log_n
 /// indices), `draft_ids` `[1, Vd]` (read if `mapped`), `scores_in` `[B, P]` (read if
 /// `with_scores`, else zeros), `beams_in` `[B·P, t]`, `history_in` `[B·P, t − 1]` (read if
 /// `with_history`); outputs `scores_out` `[B, M]`, `beams_out` `[B·M, t + 1]`, `history_out`
-/// `[B·M, t]`, `parents` and `last` `[B·M, 1]`.
+/// `[B·M, t]`, `parents` and `last` `[B·M, 1]`. Inputs are read through their strides (only
+/// `draft_ids`' column stride matters), outputs are row-major; `batches` is `B`, `width` `M`,
+/// `parent_count` `P` and `length` `t`.
+///
+/// Like the other per-round kernels, it takes `Array`s and scalar shapes and strides, not
+/// `Tensor`s, whose metadata CubeCL copies to the device at every launch (docs/benchmarks.md,
+/// session 17).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn beam_advance_kernel<F: Float, I: Int>(
-    sorted: &Tensor<F>,
-    columns: &Tensor<I>,
-    draft_ids: &Tensor<I>,
-    scores_in: &Tensor<F>,
-    beams_in: &Tensor<I>,
-    history_in: &Tensor<F>,
-    scores_out: &mut Tensor<F>,
-    beams_out: &mut Tensor<I>,
-    history_out: &mut Tensor<F>,
-    parents: &mut Tensor<I>,
-    last: &mut Tensor<I>,
+    sorted: &Array<F>,
+    columns: &Array<I>,
+    draft_ids: &Array<I>,
+    scores_in: &Array<F>,
+    beams_in: &Array<I>,
+    history_in: &Array<F>,
+    scores_out: &mut Array<F>,
+    beams_out: &mut Array<I>,
+    history_out: &mut Array<F>,
+    parents: &mut Array<I>,
+    last: &mut Array<I>,
+    sorted_strides: &Strides2,
+    columns_strides: &Strides2,
+    draft_ids_stride: u32,
+    scores_strides: &Strides2,
+    beams_strides: &Strides2,
+    history_strides: &Strides2,
+    batches: u32,
+    width: u32,
+    parent_count: u32,
+    length: u32,
     kept: u32,
     per_beam: u32,
     #[comptime] mapped: bool,
@@ -77,11 +102,10 @@ fn beam_advance_kernel<F: Float, I: Int>(
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let batch = CUBE_POS;
-    if batch >= scores_out.shape(0) {
+    if batch >= batches as usize {
         terminate!();
     }
-    let width = scores_out.shape(1);
-    let parent_count = sorted.shape(0) / scores_out.shape(0);
+    let (width, parent_count, length) = (width as usize, parent_count as usize, length as usize);
     let (kept, per_beam) = (kept as usize, per_beam as usize);
     let unit = UNIT_POS_X as usize;
     let mut log_norms = SharedMemory::<f32>::new(PICK_UNITS);
@@ -93,10 +117,10 @@ fn beam_advance_kernel<F: Float, I: Int>(
     // 1. Each parent's normaliser over its kept logits, summed in order.
     if unit < parent_count {
         let row = batch * parent_count + unit;
-        let top = f32::cast_from(sorted[at(sorted, row, 0)]);
+        let top = f32::cast_from(sorted[offset2(sorted_strides, row, 0)]);
         let mut total = f32::new(0.0);
         for j in 0..kept {
-            total += (f32::cast_from(sorted[at(sorted, row, j)]) - top).exp();
+            total += (f32::cast_from(sorted[offset2(sorted_strides, row, j)]) - top).exp();
         }
         log_norms[unit] = total.ln();
     }
@@ -112,9 +136,16 @@ fn beam_advance_kernel<F: Float, I: Int>(
         if candidate < candidate_count {
             let parent = candidate / per_beam;
             let row = batch * parent_count + parent;
-            let mut score = warped(sorted, row, candidate % per_beam, kept, log_norms[parent]);
+            let mut score = warped(
+                sorted,
+                sorted_strides,
+                row,
+                candidate % per_beam,
+                kept,
+                log_norms[parent],
+            );
             if with_scores {
-                score += f32::cast_from(scores_in[at(scores_in, batch, parent)]);
+                score += f32::cast_from(scores_in[offset2(scores_strides, batch, parent)]);
             }
             held[i] = score;
         }
@@ -156,23 +187,28 @@ fn beam_advance_kernel<F: Float, I: Int>(
     }
 
     // 4. The new beams.
-    let length = beams_in.shape(1);
     if unit < width {
         let candidate = usize::cast_from(chosen[unit]);
         let parent = candidate / per_beam;
         let j = candidate % per_beam;
         let row = batch * parent_count + parent;
         let beam = batch * width + unit;
-        let mut token = columns[at(columns, row, j)];
+        let mut token = columns[offset2(columns_strides, row, j)];
         if mapped {
-            token = draft_ids[at(draft_ids, 0, usize::cast_from(token))];
+            token = draft_ids[usize::cast_from(token) * (draft_ids_stride as usize)];
         }
-        scores_out[at(scores_out, batch, unit)] = F::cast_from(chosen_values[unit]);
-        parents[at(parents, beam, 0)] = I::cast_from(row);
-        last[at(last, beam, 0)] = token;
-        beams_out[at(beams_out, beam, length)] = token;
-        history_out[at(history_out, beam, length - 1)] =
-            F::cast_from(warped(sorted, row, j, kept, log_norms[parent]));
+        scores_out[batch * width + unit] = F::cast_from(chosen_values[unit]);
+        parents[beam] = I::cast_from(row);
+        last[beam] = token;
+        beams_out[beam * (length + 1) + length] = token;
+        history_out[beam * length + length - 1] = F::cast_from(warped(
+            sorted,
+            sorted_strides,
+            row,
+            j,
+            kept,
+            log_norms[parent],
+        ));
     }
     // Each beam's earlier tokens and log-probabilities, copied from its parent.
     let mut e = unit;
@@ -181,10 +217,11 @@ fn beam_advance_kernel<F: Float, I: Int>(
         let column = e % length;
         let parent_row = batch * parent_count + usize::cast_from(chosen[beam]) / per_beam;
         let out_row = batch * width + beam;
-        beams_out[at(beams_out, out_row, column)] = beams_in[at(beams_in, parent_row, column)];
+        beams_out[out_row * (length + 1) + column] =
+            beams_in[offset2(beams_strides, parent_row, column)];
         if with_history && column + 1 < length {
-            history_out[at(history_out, out_row, column)] =
-                history_in[at(history_in, parent_row, column)];
+            history_out[out_row * length + column] =
+                history_in[offset2(history_strides, parent_row, column)];
         }
         e += PICK_UNITS;
     }
@@ -264,25 +301,43 @@ impl<B: Backend> CubeOp<B> for BeamStep<'_, B> {
         // Absent inputs are not read: any tensor of the right type stands in for them.
         let or_sorted = |t: Option<CubeTensor<R>>| t.unwrap_or_else(|| sorted.clone());
         let draft_ids = draft_ids.unwrap_or_else(|| columns.clone());
+        let (scores_in, history_in) = (or_sorted(scores_in), or_sorted(history_in));
+        let (sorted_strides, columns_strides) = (strides2(&sorted)?, strides2(&columns)?);
+        let [_, draft_ids_stride] = scalars(draft_ids.meta.strides())?;
+        let (scores_strides, beams_strides) = (strides2(&scores_in)?, strides2(&beams_in)?);
+        let history_strides = strides2(&history_in)?;
+        let [batches, width, parent_count, length, kept, per_beam] =
+            scalars(&[batch, width, parent_count, length, kept, per_beam])?;
         let client = sorted.client.clone();
+        // Arrays bound at the tensors' offsets, the inputs read through the strides above.
         unsafe {
             beam_advance_kernel::launch_unchecked::<R>(
                 &client,
                 super::dispatch::row_grid(batch),
                 CubeDim::new_1d(PICK_UNITS as u32),
-                sorted.clone().into_tensor_arg(),
-                columns.into_tensor_arg(),
-                draft_ids.into_tensor_arg(),
-                or_sorted(scores_in).into_tensor_arg(),
-                beams_in.into_tensor_arg(),
-                or_sorted(history_in).into_tensor_arg(),
-                scores_out.clone().into_tensor_arg(),
-                beams_out.clone().into_tensor_arg(),
-                history_out.clone().into_tensor_arg(),
-                parents.clone().into_tensor_arg(),
-                last.clone().into_tensor_arg(),
-                kept as u32,
-                per_beam as u32,
+                sorted.clone().into_array_arg(),
+                columns.into_array_arg(),
+                draft_ids.into_array_arg(),
+                scores_in.into_array_arg(),
+                beams_in.into_array_arg(),
+                history_in.into_array_arg(),
+                scores_out.clone().into_array_arg(),
+                beams_out.clone().into_array_arg(),
+                history_out.clone().into_array_arg(),
+                parents.clone().into_array_arg(),
+                last.clone().into_array_arg(),
+                sorted_strides,
+                columns_strides,
+                draft_ids_stride,
+                scores_strides,
+                beams_strides,
+                history_strides,
+                batches,
+                width,
+                parent_count,
+                length,
+                kept,
+                per_beam,
                 mapped,
                 with_scores,
                 with_history,

@@ -85,9 +85,9 @@ pub(super) fn from_cube<R: CubeRuntime, B: Backend, const D: usize>(
     Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
 }
 
-/// An uninitialised row-major tensor (no row padding) of `like`'s device and float type. Kernels
-/// still index outputs through their strides, but a contiguous result reshapes and feeds Burn's
-/// own kernels without a copy, which a padded one does not.
+/// An uninitialised row-major tensor (no row padding) of `like`'s device and float type: kernels
+/// that take their outputs as `Array`s index them as `row * width + column`, and a contiguous
+/// result reshapes and feeds Burn's own kernels without a copy, which a padded one does not.
 pub(super) fn empty_like<R: CubeRuntime, const D: usize>(
     like: &CubeTensor<R>,
     dims: [usize; D],

@@ -5,27 +5,31 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
-use super::reduce::{ROW_UNITS, at, cube_sum};
+use super::reduce::{ROW_UNITS, Strides2, cube_sum, offset2, scalars, strides2};
 
-/// `output = input / sqrt(mean(input²) + eps)` per row of a `[rows, width]` tensor.
+/// `output = input / sqrt(mean(input²) + eps)` per row of a `[rows, width]` array (`input` read
+/// through its strides, `output` row-major).
 #[cube(launch_unchecked)]
 fn rms_norm_kernel<F: Float>(
-    input: &Tensor<F>,
-    output: &mut Tensor<F>,
+    input: &Array<F>,
+    output: &mut Array<F>,
+    input_strides: &Strides2,
+    rows: u32,
+    width: u32,
     eps: f32,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = CUBE_POS;
-    if row >= input.shape(0) {
+    if row >= rows as usize {
         terminate!();
     }
-    let width = input.shape(1);
+    let width = width as usize;
     let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
 
     let mut squares = f32::new(0.0);
     let mut read = UNIT_POS_X as usize;
     while read < width {
-        let value = f32::cast_from(input[at(input, row, read)]);
+        let value = f32::cast_from(input[offset2(input_strides, row, read)]);
         squares += value * value;
         read += CUBE_DIM_X as usize;
     }
@@ -33,34 +37,41 @@ fn rms_norm_kernel<F: Float>(
 
     let mut write = UNIT_POS_X as usize;
     while write < width {
-        let value = f32::cast_from(input[at(input, row, write)]);
-        output[at(output, row, write)] = F::cast_from(value / rms);
+        let value = f32::cast_from(input[offset2(input_strides, row, write)]);
+        output[row * width + write] = F::cast_from(value / rms);
         write += CUBE_DIM_X as usize;
     }
 }
 
-/// `sum = input + delta` (in the tensors' own type), then `output = rms_norm(sum)`.
+/// `sum = input + delta` (in the tensors' own type), then `output = rms_norm(sum)` (`sum` and
+/// `output` row-major).
+#[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 fn add_rms_norm_kernel<F: Float>(
-    input: &Tensor<F>,
-    delta: &Tensor<F>,
-    sum: &mut Tensor<F>,
-    output: &mut Tensor<F>,
+    input: &Array<F>,
+    delta: &Array<F>,
+    sum: &mut Array<F>,
+    output: &mut Array<F>,
+    input_strides: &Strides2,
+    delta_strides: &Strides2,
+    rows: u32,
+    width: u32,
     eps: f32,
     #[define(F)] _dtype: StorageType,
 ) {
     let row = CUBE_POS;
-    if row >= input.shape(0) {
+    if row >= rows as usize {
         terminate!();
     }
-    let width = input.shape(1);
+    let width = width as usize;
     let mut shared = SharedMemory::<f32>::new(ROW_UNITS);
 
     let mut squares = f32::new(0.0);
     let mut read = UNIT_POS_X as usize;
     while read < width {
-        let total = input[at(input, row, read)] + delta[at(delta, row, read)];
-        sum[at(sum, row, read)] = total;
+        let total =
+            input[offset2(input_strides, row, read)] + delta[offset2(delta_strides, row, read)];
+        sum[row * width + read] = total;
         let value = f32::cast_from(total);
         squares += value * value;
         read += CUBE_DIM_X as usize;
@@ -70,8 +81,8 @@ fn add_rms_norm_kernel<F: Float>(
     // Each unit reads back only what it wrote itself.
     let mut write = UNIT_POS_X as usize;
     while write < width {
-        let value = f32::cast_from(sum[at(sum, row, write)]);
-        output[at(output, row, write)] = F::cast_from(value / rms);
+        let value = f32::cast_from(sum[row * width + write]);
+        output[row * width + write] = F::cast_from(value / rms);
         write += CUBE_DIM_X as usize;
     }
 }
@@ -104,6 +115,8 @@ impl<B: Backend, const D: usize> CubeOp<B> for RmsNorm<'_, B, D> {
         let (client, dtype) = (input.client.clone(), input.dtype);
         let (grid, units) = (row_grid(rows), CubeDim::new_1d(ROW_UNITS as u32));
         let eps = self.eps as f32;
+        let input_strides = strides2(&input)?;
+        let [rows_arg, width_arg] = scalars(&[rows, width])?;
         let sum = match self.delta {
             None => {
                 unsafe {
@@ -111,8 +124,11 @@ impl<B: Backend, const D: usize> CubeOp<B> for RmsNorm<'_, B, D> {
                         &client,
                         grid,
                         units,
-                        input.into_tensor_arg(),
-                        output.clone().into_tensor_arg(),
+                        input.into_array_arg(),
+                        output.clone().into_array_arg(),
+                        input_strides,
+                        rows_arg,
+                        width_arg,
                         eps,
                         dtype.into(),
                     )
@@ -124,16 +140,21 @@ impl<B: Backend, const D: usize> CubeOp<B> for RmsNorm<'_, B, D> {
                 if delta.dtype != dtype {
                     return None;
                 }
+                let delta_strides = strides2(&delta)?;
                 let sum = empty_like(&input, [rows, width]);
                 unsafe {
                     add_rms_norm_kernel::launch_unchecked::<R>(
                         &client,
                         grid,
                         units,
-                        input.into_tensor_arg(),
-                        delta.into_tensor_arg(),
-                        sum.clone().into_tensor_arg(),
-                        output.clone().into_tensor_arg(),
+                        input.into_array_arg(),
+                        delta.into_array_arg(),
+                        sum.clone().into_array_arg(),
+                        output.clone().into_array_arg(),
+                        input_strides,
+                        delta_strides,
+                        rows_arg,
+                        width_arg,
                         eps,
                         dtype.into(),
                     )

@@ -15,13 +15,6 @@ pub(super) fn at<E: CubePrimitive>(tensor: &Tensor<E>, row: usize, column: usize
     row * tensor.stride(0) + column * tensor.stride(1)
 }
 
-/// The position of element `(a, b, c)` of a 3-D tensor in its buffer (through its strides, as
-/// [`at`]).
-#[cube]
-pub(super) fn at3<E: CubePrimitive>(tensor: &Tensor<E>, a: usize, b: usize, c: usize) -> usize {
-    a * tensor.stride(0) + b * tensor.stride(1) + c * tensor.stride(2)
-}
-
 /// The strides of a 2-D tensor as scalar kernel arguments, for kernels that take their buffers as
 /// `Array`s: a launch binding a `Tensor` costs the host ~5 µs more on the H200, as CubeCL copies
 /// every tensor's shape and strides into a fresh device buffer while scalars travel in the
@@ -30,6 +23,14 @@ pub(super) fn at3<E: CubePrimitive>(tensor: &Tensor<E>, a: usize, b: usize, c: u
 pub(super) struct Strides2 {
     s0: u32,
     s1: u32,
+}
+
+/// The strides of a 3-D tensor as scalar kernel arguments (see [`Strides2`]).
+#[derive(CubeLaunch, CubeType)]
+pub(super) struct Strides3 {
+    s0: u32,
+    s1: u32,
+    s2: u32,
 }
 
 /// The strides of a 4-D tensor as scalar kernel arguments (see [`Strides2`]).
@@ -47,6 +48,12 @@ pub(super) fn offset2(strides: &Strides2, row: usize, column: usize) -> usize {
     row * (strides.s0 as usize) + column * (strides.s1 as usize)
 }
 
+/// The position of element `(a, b, c)` of a 3-D array whose strides are `strides`.
+#[cube]
+pub(super) fn offset3(strides: &Strides3, a: usize, b: usize, c: usize) -> usize {
+    a * (strides.s0 as usize) + b * (strides.s1 as usize) + c * (strides.s2 as usize)
+}
+
 /// The position of element `(a, b, c, d)` of a 4-D array whose strides are `strides`.
 #[cube]
 pub(super) fn offset4(strides: &Strides4, a: usize, b: usize, c: usize, d: usize) -> usize {
@@ -61,6 +68,13 @@ pub(super) fn offset4(strides: &Strides4, a: usize, b: usize, c: usize, d: usize
 pub(super) fn strides2<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides2Launch<R>> {
     let [s0, s1] = scalars(tensor.meta.strides())?;
     Some(Strides2Launch::new(s0, s1))
+}
+
+/// `tensor`'s strides as [`Strides3`] arguments; `None` unless it is 3-D with strides that fit
+/// in a `u32`.
+pub(super) fn strides3<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides3Launch<R>> {
+    let [s0, s1, s2] = scalars(tensor.meta.strides())?;
+    Some(Strides3Launch::new(s0, s1, s2))
 }
 
 /// `tensor`'s strides as [`Strides4`] arguments; `None` unless it is 4-D with strides that fit

@@ -14,28 +14,34 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_int_like, empty_like, from_cube, from_cube_int, to_cube};
-use super::reduce::{NO_COLUMN, PICK_UNITS, at, cube_pick, improves};
+use super::reduce::{
+    NO_COLUMN, PICK_UNITS, Strides2, cube_pick, improves, offset2, scalars, strides2,
+};
 
 /// Entries per unit a row may have to be held in registers (rows up to `PICK_UNITS · HELD` = 8192
 /// entries: a draft vocabulary's logits, or beam search's candidates).
 const HELD: usize = 32;
 
-/// `values` `[rows, width]` to its `k = sorted.shape(1)` largest entries per row, sorted
-/// descending, and their columns.
+/// `values` `[rows, width]` (read through `strides`) to its `k` largest entries per row, sorted
+/// descending, and their columns (`sorted` and `columns` `[rows, k]`, row-major).
+#[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
 fn top_k_kernel<F: Float, I: Int>(
-    values: &Tensor<F>,
-    sorted: &mut Tensor<F>,
-    columns: &mut Tensor<I>,
+    values: &Array<F>,
+    sorted: &mut Array<F>,
+    columns: &mut Array<I>,
+    strides: &Strides2,
+    rows: u32,
+    width: u32,
+    k: u32,
     #[comptime] in_registers: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let row = CUBE_POS;
-    if row >= values.shape(0) {
+    if row >= rows as usize {
         terminate!();
     }
-    let width = values.shape(1);
-    let k = sorted.shape(1);
+    let (width, k) = (width as usize, k as usize);
     let unit = UNIT_POS_X as usize;
     let mut shared_values = SharedMemory::<f32>::new(PICK_UNITS);
     let mut shared_columns = SharedMemory::<u32>::new(PICK_UNITS);
@@ -49,7 +55,7 @@ fn top_k_kernel<F: Float, I: Int>(
             let column = i * PICK_UNITS + unit;
             held[i] = f32::new(-3.4e38);
             if column < width {
-                held[i] = f32::cast_from(values[at(values, row, column)]);
+                held[i] = f32::cast_from(values[offset2(strides, row, column)]);
             }
         }
     }
@@ -83,7 +89,7 @@ fn top_k_kernel<F: Float, I: Int>(
         } else {
             let mut column = unit;
             while column < width {
-                let value = f32::cast_from(values[at(values, row, column)]);
+                let value = f32::cast_from(values[offset2(strides, row, column)]);
                 let c = u32::cast_from(column);
                 if improves(
                     value,
@@ -110,8 +116,8 @@ fn top_k_kernel<F: Float, I: Int>(
         previous_value = shared_values[0];
         previous_column = shared_columns[0];
         if unit == 0 {
-            sorted[at(sorted, row, pick)] = F::cast_from(previous_value);
-            columns[at(columns, row, pick)] = I::cast_from(previous_column);
+            sorted[row * k + pick] = F::cast_from(previous_value);
+            columns[row * k + pick] = I::cast_from(previous_column);
         }
         // Nobody may overwrite the shared memory before every unit has read the pick.
         sync_cube();
@@ -138,14 +144,20 @@ impl<B: Backend> CubeOp<B> for TopK<'_, B> {
         let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
         let columns = empty_int_like(&values, [rows, k], int_dtype);
         let (client, dtype) = (values.client.clone(), values.dtype);
+        let strides = strides2(&values)?;
+        let [rows_arg, width_arg, k] = scalars(&[rows, width, k])?;
         unsafe {
             top_k_kernel::launch_unchecked::<R>(
                 &client,
                 super::dispatch::row_grid(rows),
                 CubeDim::new_1d(PICK_UNITS as u32),
-                values.into_tensor_arg(),
-                sorted.clone().into_tensor_arg(),
-                columns.clone().into_tensor_arg(),
+                values.into_array_arg(),
+                sorted.clone().into_array_arg(),
+                columns.clone().into_array_arg(),
+                strides,
+                rows_arg,
+                width_arg,
+                k,
                 width <= PICK_UNITS * HELD,
                 [dtype.into(), int_dtype.into()],
             )
