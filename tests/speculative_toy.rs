@@ -24,6 +24,18 @@ const TOY: ToyConfig = ToyConfig {
     max_len: 32,
 };
 
+/// The backend's random generator is one per process, seeded by `B::seed` (models here, and every
+/// `generate` at a temperature): tests running in parallel would draw from each other's streams,
+/// and the reproducibility check failed now and then. Each test holds this while it runs.
+static BACKEND_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive_rng() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it leaves it poisoned; the generator is still usable.
+    BACKEND_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn toy(seed: u64) -> ToyModel<B> {
     use burn::tensor::backend::Backend;
     let device = Default::default();
@@ -145,6 +157,7 @@ fn assert_exact_samples(joint: &HashMap<Vec<u32>, f64>, samples: &[Vec<u32>], wh
 
 #[test]
 fn exact_sampling_matches_the_target_distribution() {
+    let _rng = exclusive_rng();
     let model = toy(11);
     let joint = exact_joint(&model, &[1, 4, 2], 3);
     // The same walk over a tree that also holds prompt-lookup guesses: the guesses depend only
@@ -165,6 +178,7 @@ fn exact_sampling_matches_the_target_distribution() {
 
 #[test]
 fn plain_sampling_matches_the_target_distribution_and_is_reproducible() {
+    let _rng = exclusive_rng();
     // `generate` at a temperature draws on the device (Gumbel-max): the same χ² check as the
     // speculative modes, against the exact joint of three tokens.
     let model = toy(11);
@@ -194,6 +208,7 @@ fn plain_sampling_matches_the_target_distribution_and_is_reproducible() {
 
 #[test]
 fn reference_parity_mode_is_measurably_biased() {
+    let _rng = exclusive_rng();
     let model = toy(11);
     let joint = exact_joint(&model, &[1, 4, 2], 3);
     let samples = sample_sequences(&model, Acceptance::ReferenceParity, None, 40, 500);
@@ -211,6 +226,7 @@ fn reference_parity_mode_is_measurably_biased() {
 
 #[test]
 fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
+    let _rng = exclusive_rng();
     let model = toy(5);
     let drafter = drafter(&model, 9);
     let prompts = vec![vec![1u32, 2, 3], vec![5, 0], vec![3, 3, 3, 1, 2]];
@@ -264,6 +280,7 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
 
 #[test]
 fn bad_settings_and_inputs_are_typed_errors() {
+    let _rng = exclusive_rng();
     let model = toy(1);
     let d = drafter(&model, 1);
     let make = |config: SpeculativeConfig| SpeculativeDecoder::new(&model, &d, config).err();
@@ -365,6 +382,7 @@ fn bad_settings_and_inputs_are_typed_errors() {
 
 #[test]
 fn typical_acceptance_thresholds_bound_the_accepted_length() {
+    let _rng = exclusive_rng();
     let model = toy(5);
     let drafter = drafter(&model, 9);
     let prompts = vec![vec![1u32, 2, 3], vec![4, 0]];
