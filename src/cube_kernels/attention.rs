@@ -33,7 +33,7 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
-use super::reduce::{Strides2, Strides4, fold_max, offset2, offset4, scalars, strides2, strides4};
+use super::reduce::{Strides2, Strides4, cube_max, offset2, offset4, scalars, strides2, strides4};
 
 /// Units per cube: four groups for a head dimension of 64 (SmolLM2's), two for 128. A one-token
 /// decoding step has only a cube per head (9 for SmolLM2), so a wide cube is what spreads it.
@@ -142,7 +142,7 @@ fn attention_kernel<F: Float>(
         }
         slot += 1;
     }
-    let largest = cube_max(&mut shared, largest);
+    let largest = cube_max(&mut shared, largest, UNITS);
 
     // Phase 2: the ranks.
     let mut count = 0usize;
@@ -328,26 +328,6 @@ fn attention_kernel<F: Float>(
         let at = offset2(output_strides, batch * len + t, head * dim + unit);
         output[at] = F::cast_from(weighted / total);
     }
-}
-
-/// The maximum of `value` over the cube's [`UNITS`] units, returned to every unit.
-#[cube]
-fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
-    let unit = UNIT_POS_X as usize;
-    shared[unit] = value;
-    sync_cube();
-    fold_max(shared, unit, 128usize);
-    fold_max(shared, unit, 64usize);
-    fold_max(shared, unit, 32usize);
-    fold_max(shared, unit, 16usize);
-    fold_max(shared, unit, 8usize);
-    fold_max(shared, unit, 4usize);
-    fold_max(shared, unit, 2usize);
-    fold_max(shared, unit, 1usize);
-    let largest = shared[0];
-    // Nobody may overwrite the shared memory before every unit has read the maximum.
-    sync_cube();
-    largest
 }
 
 /// One step of an inclusive prefix sum over the cube's [`UNITS`] units (strides 1, 2, 4, …):

@@ -106,7 +106,7 @@ fn fold_sum(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usi
 /// One level of a cube's maximum: unit `u < stride` keeps the larger of its value and unit
 /// `u + stride`'s (for cubes wider than [`ROW_UNITS`], which fold from a wider stride).
 #[cube]
-pub(super) fn fold_max(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usize) {
+fn fold_max(shared: &mut SharedMemory<f32>, unit: usize, #[comptime] stride: usize) {
     if unit < stride {
         let other = shared[unit + stride];
         if other > shared[unit] {
@@ -136,12 +136,19 @@ pub(super) fn cube_sum(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
     total
 }
 
-/// The maximum of `value` over the cube's [`ROW_UNITS`] units, returned to every unit.
+/// The maximum of `value` over the cube's `units` units (128 or 256), returned to every unit.
 #[cube]
-pub(super) fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(super) fn cube_max(
+    shared: &mut SharedMemory<f32>,
+    value: f32,
+    #[comptime] units: usize,
+) -> f32 {
     let unit = UNIT_POS_X as usize;
     shared[unit] = value;
     sync_cube();
+    if units > 128 {
+        fold_max(shared, unit, 128usize);
+    }
     fold_max(shared, unit, 64usize);
     fold_max(shared, unit, 32usize);
     fold_max(shared, unit, 16usize);
@@ -150,6 +157,7 @@ pub(super) fn cube_max(shared: &mut SharedMemory<f32>, value: f32) -> f32 {
     fold_max(shared, unit, 2usize);
     fold_max(shared, unit, 1usize);
     let largest = shared[0];
+    // Nobody may overwrite the shared memory before every unit has read the maximum.
     sync_cube();
     largest
 }

@@ -38,7 +38,7 @@ fn softmax_kernel<F: Float>(
         }
         find += CUBE_DIM_X as usize;
     }
-    let largest = cube_max(&mut shared, largest);
+    let largest = cube_max(&mut shared, largest, ROW_UNITS);
 
     let mut total = f32::new(0.0);
     let mut add = UNIT_POS_X as usize;
