@@ -25,6 +25,7 @@ use cubecl::prelude::*;
 
 use super::ProductFolds;
 use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
+use super::reduce::scalars;
 
 /// Output columns per cube (units along `x`).
 const COLUMNS: usize = 16;
@@ -403,21 +404,49 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
         let stride = |tensor: &Option<CubeTensor<R>>, dim: usize| {
             tensor
                 .as_ref()
-                .map_or(0, |tensor| tensor.meta.strides()[dim] as u32)
+                .map_or(0, |tensor| tensor.meta.strides()[dim])
         };
-        let strides = ProductStridesLaunch::new(
-            rows as u32,
-            inputs as u32,
-            columns as u32,
-            x.meta.strides()[0] as u32,
-            x.meta.strides()[1] as u32,
-            weight.meta.strides()[0] as u32,
-            weight.meta.strides()[1] as u32,
+        // Declined, like every other kernel's launch, where a size or stride does not fit a u32.
+        let [
+            rows_u32,
+            inputs_u32,
+            columns_u32,
+            x_row,
+            x_step,
+            weight_row,
+            weight_step,
+            addend_row,
+            addend_step,
+            bias_step,
+            residual_row,
+            residual_step,
+        ] = scalars(&[
+            rows,
+            inputs,
+            columns,
+            x.meta.strides()[0],
+            x.meta.strides()[1],
+            weight.meta.strides()[0],
+            weight.meta.strides()[1],
             stride(&addend, 0),
             stride(&addend, 1),
             stride(&bias, 1),
             stride(&residual, 0),
             stride(&residual, 1),
+        ])?;
+        let strides = ProductStridesLaunch::new(
+            rows_u32,
+            inputs_u32,
+            columns_u32,
+            x_row,
+            x_step,
+            weight_row,
+            weight_step,
+            addend_row,
+            addend_step,
+            bias_step,
+            residual_row,
+            residual_step,
         );
         // Unused bindings: any tensor will do.
         let residual = residual.unwrap_or_else(|| x.clone());

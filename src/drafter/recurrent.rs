@@ -638,15 +638,24 @@ impl<B: Backend> RecurrentDrafter<B> {
 /// head's few rows CubeCL's matmul cost more device time: a draft round (M = 4, C = 5) took 1.55
 /// ms with it and 1.03 ms with ours on the H200 (docs/benchmarks.md, session 12).
 fn gpu_product<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
-    let mut shape = x.dims();
-    let inputs = shape[D - 1];
-    let rows = shape[..D - 1].iter().product::<usize>();
-    shape[D - 1] = weight.dims()[1];
-    let flat = x.clone().reshape([rows, inputs]);
+    let (flat, shape) = as_rows(&x, weight.dims()[1]);
     match crate::cube_kernels::matmul(&flat, &weight) {
         Some(product) => product.reshape(shape),
         None => linear(x, weight, None),
     }
+}
+
+/// `x` `[..., in]` as the rows `[rows, in]` our products take, and the shape `[..., outputs]` of
+/// their product to reshape it back to.
+fn as_rows<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    outputs: usize,
+) -> (Tensor<B, 2>, [usize; D]) {
+    let mut shape = x.dims();
+    let inputs = shape[D - 1];
+    let rows = shape[..D - 1].iter().product::<usize>();
+    shape[D - 1] = outputs;
+    (x.clone().reshape([rows, inputs]), shape)
 }
 
 /// `[x +] act(x · weight [+ addend] [+ bias])` (`act` SiLU when `silu`, else none; `x` added when
@@ -664,12 +673,9 @@ fn folded_product<B: Backend, const D: usize>(
     silu: bool,
     add_x: bool,
 ) -> Option<Tensor<B, D>> {
-    let mut shape = x.dims();
-    let inputs = shape[D - 1];
-    let rows = shape[..D - 1].iter().product::<usize>();
     let outputs = weight.dims()[1];
-    shape[D - 1] = outputs;
-    let flat = x.clone().reshape([rows, inputs]);
+    let (flat, shape) = as_rows(x, outputs);
+    let rows = flat.dims()[0];
     let addend = match addend {
         Some(addend) if addend.dims() != shape => return None,
         Some(addend) => Some(addend.clone().reshape([rows, outputs])),
