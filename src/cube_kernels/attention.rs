@@ -33,7 +33,10 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
-use super::reduce::{Strides2, Strides4, cube_max, offset2, offset4, scalars, strides2, strides4};
+use super::reduce::{
+    Strides2, Strides4, cube_max, offset2, offset4, scalars, strides2, strides4, strides4_of,
+};
+use super::rope::{rotate_pair, rotated_element};
 
 /// Units per cube: four groups for a head dimension of 64 (SmolLM2's), two for 128. A one-token
 /// decoding step has only a cube per head (9 for SmolLM2), so a wide cube is what spreads it.
@@ -45,6 +48,20 @@ const MAX_DIM: usize = 128;
 /// same inputs, so the same score. A buffer of every score would bound the context by shared
 /// memory.
 const CACHED: usize = 2048;
+/// Most groups of phase 3: head dimensions down to `UNITS / MAX_GROUPS` = 4.
+const MAX_GROUPS: usize = 64;
+/// Block keys a unit of [`rotary_attention_kernel`] loads at once.
+const FILL: usize = 2;
+/// The most keys a block may have in [`rotary_attention_kernel`] (`len · dim`, 8 tokens of a head
+/// dimension of 64): one pass of [`FILL`] loads per unit, and 14.3 KiB of shared memory in all,
+/// within the 16 KiB WebGPU guarantees. Every cube rotates all of its block's keys, so the work
+/// grows with the square of the block: on the H200 a decoding step's forward took 2.02–2.06 ms
+/// with it against 2.24 with the rotation kernel, but trees of 12 and 24 tokens took 0.07–0.11 ms
+/// longer (docs/benchmarks.md, session 18). Longer blocks take the rotation and attention kernels.
+const BLOCK_KEYS: usize = FILL * UNITS;
+
+/// Shared memory of [`rotary_attention_kernel`].
+const ROTARY_SHARED_BYTES: usize = 4 * (BLOCK_KEYS + MAX_DIM + CACHED + 3 * UNITS + 3 * MAX_GROUPS);
 
 /// Attention of query row `(batch, head, t)` — one per cube — over `keys`/`values`
 /// `[batch, kv_heads, slots, dim]`, written to `output` `[batch * len, heads * dim]`. The bias
@@ -89,27 +106,237 @@ fn attention_kernel<F: Float>(
     let t = row % len;
     let kv_head = head / (heads / kv_heads);
     let unit = UNIT_POS_X as usize;
+    // The query row, read once: every score reads it from here.
+    let mut query = SharedMemory::<f32>::new(MAX_DIM);
+    if unit < dim {
+        query[unit] = f32::cast_from(queries[offset4(query_strides, batch, head, t, unit)]);
+    }
+    // No block of new slots: every slot is read from `keys` and `values` (the block starts at
+    // `slots`, so neither this nor the second `values` below is read).
+    let new_keys = SharedMemory::<f32>::new(1usize);
+    let base = 0usize;
+    attend_row::<F>(
+        &query,
+        &new_keys,
+        keys,
+        key_strides,
+        base,
+        values,
+        value_strides,
+        base,
+        values,
+        output_strides,
+        base,
+        bias,
+        bias_strides,
+        output,
+        output_strides,
+        batch,
+        head,
+        t,
+        len,
+        kv_head,
+        dim,
+        slots,
+        slots,
+        with_bias,
+    );
+}
+
+/// [`attention_kernel`] that takes the block's queries, keys and values straight from the QKV
+/// product `qkv` `[batch * len, (heads + 2 * kv_heads) * dim]`, rotates the queries and keys
+/// itself (tables `cos`, `sin` `[batch * len, dim]`), and writes the block's keys and values into
+/// the cache's storage at slots `start..start + len` — the rotation kernel's work, one launch
+/// less per layer.
+///
+/// `keys`/`values` are one layer of the storage (`key_base`/`value_base` its first element,
+/// strides of `[batch, kv_heads, slots, dim]`); slots before `start` are read from there, the
+/// block's from `qkv`: its keys rotated once per cube into shared memory (at most
+/// [`BLOCK_KEYS`]), its values read in place. No cube reads the block's slots from the cache,
+/// so the cubes that write them (the first query head of each KV head, one token each) need not
+/// wait for anyone. The key written is the value scored, one `rotated_element` rounded to `F`:
+/// a later step reads from the cache exactly what this one computed.
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+fn rotary_attention_kernel<F: Float>(
+    qkv: &Array<F>,
+    cos: &Array<F>,
+    sin: &Array<F>,
+    keys: &mut Array<F>,
+    values: &mut Array<F>,
+    bias: &Array<F>,
+    output: &mut Array<F>,
+    qkv_strides: &Strides2,
+    cos_strides: &Strides2,
+    sin_strides: &Strides2,
+    key_strides: &Strides4,
+    value_strides: &Strides4,
+    bias_strides: &Strides4,
+    output_strides: &Strides2,
+    batches: u32,
+    heads: u32,
+    len: u32,
+    dim: u32,
+    kv_heads: u32,
+    key_base: u32,
+    value_base: u32,
+    start: u32,
+    #[comptime] with_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
+    let (kv_heads, start) = (kv_heads as usize, start as usize);
+    let (key_base, value_base) = (key_base as usize, value_base as usize);
+    let row = CUBE_POS;
+    if row >= (batches as usize) * heads * len {
+        terminate!();
+    }
+    let batch = row / (heads * len);
+    let head = (row / len) % heads;
+    let t = row % len;
+    let kv_head = head / (heads / kv_heads);
+    let unit = UNIT_POS_X as usize;
+    let half = dim / 2;
+    let token = batch * len + t;
+    // Rounded to `F` as the rotation kernel's output would be, so that both paths agree.
+    let mut query = SharedMemory::<f32>::new(MAX_DIM);
+    if unit < dim {
+        let rotated = rotated_element(
+            qkv,
+            qkv_strides,
+            cos,
+            cos_strides,
+            sin,
+            sin_strides,
+            token,
+            head * dim,
+            unit,
+            half,
+        );
+        query[unit] = f32::cast_from(F::cast_from(rotated));
+    }
+    let key_column = (heads + kv_head) * dim;
+    let value_column = (heads + kv_heads + kv_head) * dim;
+    let mut new_keys = SharedMemory::<f32>::new(BLOCK_KEYS);
+    // FILL elements per unit and pass, their loads issued together (rotating its share one
+    // element after another, a unit waited on each element's loads in turn).
+    let total = len * dim;
+    let mut value = Array::<f32>::new(FILL);
+    let mut other = Array::<f32>::new(FILL);
+    let mut cosine = Array::<f32>::new(FILL);
+    let mut sine = Array::<f32>::new(FILL);
+    let mut first = 0usize;
+    while first < total {
+        #[unroll]
+        for k in 0..FILL {
+            let i = first + k * UNITS + unit;
+            if i < total {
+                let token = batch * len + i / dim;
+                let d = i % dim;
+                let partner = if d < half { d + half } else { d - half };
+                value[k] = f32::cast_from(qkv[offset2(qkv_strides, token, key_column + d)]);
+                other[k] = f32::cast_from(qkv[offset2(qkv_strides, token, key_column + partner)]);
+                cosine[k] = f32::cast_from(cos[offset2(cos_strides, token, d)]);
+                sine[k] = f32::cast_from(sin[offset2(sin_strides, token, d)]);
+            }
+        }
+        #[unroll]
+        for k in 0..FILL {
+            let i = first + k * UNITS + unit;
+            if i < total {
+                let rotated = rotate_pair(value[k], other[k], cosine[k], sine[k]);
+                new_keys[i] = f32::cast_from(F::cast_from(rotated));
+            }
+        }
+        first += FILL * UNITS;
+    }
+    // `attend_row` syncs the cube before it reads the query or the block's keys.
+    attend_row::<F>(
+        &query,
+        &new_keys,
+        keys,
+        key_strides,
+        key_base,
+        values,
+        value_strides,
+        value_base,
+        qkv,
+        qkv_strides,
+        value_column,
+        bias,
+        bias_strides,
+        output,
+        output_strides,
+        batch,
+        head,
+        t,
+        len,
+        kv_head,
+        dim,
+        start + len,
+        start,
+        with_bias,
+    );
+    if head % (heads / kv_heads) == 0 && unit < dim {
+        let slot = start + t;
+        keys[key_base + offset4(key_strides, batch, kv_head, slot, unit)] =
+            F::cast_from(new_keys[t * dim + unit]);
+        values[value_base + offset4(value_strides, batch, kv_head, slot, unit)] =
+            qkv[offset2(qkv_strides, token, value_column + unit)];
+    }
+}
+
+/// The four phases of the module documentation for one query row, whose query is in `query`.
+/// Slots before `start` are read from `keys`/`values` (at `key_base`/`value_base` plus the
+/// strides' offset); slot `start + j` is a block token's: its key is `new_keys[j * dim ..]`, its
+/// value row `j` of the block in `new_values` from column `value_column` (then `len` is the
+/// block's length). `slots` counts both.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn attend_row<F: Float>(
+    query: &SharedMemory<f32>,
+    new_keys: &SharedMemory<f32>,
+    keys: &Array<F>,
+    key_strides: &Strides4,
+    key_base: usize,
+    values: &Array<F>,
+    value_strides: &Strides4,
+    value_base: usize,
+    new_values: &Array<F>,
+    new_value_strides: &Strides2,
+    value_column: usize,
+    bias: &Array<F>,
+    bias_strides: &Strides4,
+    output: &mut Array<F>,
+    output_strides: &Strides2,
+    batch: usize,
+    head: usize,
+    t: usize,
+    len: usize,
+    kv_head: usize,
+    dim: usize,
+    slots: usize,
+    start: usize,
+    #[comptime] with_bias: bool,
+) {
+    let unit = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(UNITS);
     let mut scores = SharedMemory::<f32>::new(CACHED);
     // Per unit, its count of non-zero weights, then the ranks up to the end of its block.
     let mut ranks = SharedMemory::<u32>::new(UNITS);
     // Per group, the slot its walk starts at, the rank of that slot and the slot it stops before.
-    let mut starts = SharedMemory::<u32>::new(UNITS);
-    let mut start_ranks = SharedMemory::<u32>::new(UNITS);
-    let mut stops = SharedMemory::<u32>::new(UNITS);
+    let mut starts = SharedMemory::<u32>::new(MAX_GROUPS);
+    let mut start_ranks = SharedMemory::<u32>::new(MAX_GROUPS);
+    let mut stops = SharedMemory::<u32>::new(MAX_GROUPS);
     // Per group, the weights of the `dim` slots it is walking; at the end, its weighted sums.
     let mut window = SharedMemory::<f32>::new(UNITS);
-    // The query row, read once: every score below reads it from here.
-    let mut query = SharedMemory::<f32>::new(MAX_DIM);
-    if unit < dim {
-        query[unit] = f32::cast_from(queries[offset4(query_strides, batch, head, t, unit)]);
-    }
     // No walk yet: a group without ranks (fewer non-zero weights than groups) walks nothing.
-    starts[unit] = u32::new(0);
-    start_ranks[unit] = u32::new(0);
-    stops[unit] = u32::new(0);
+    if unit < MAX_GROUPS {
+        starts[unit] = u32::new(0);
+        start_ranks[unit] = u32::new(0);
+        stops[unit] = u32::new(0);
+    }
     sync_cube();
-
     // Phase 1. Blocks of consecutive slots (not every UNITS-th slot): the prefix sum of their
     // counts below is then a rank.
     let block = slots.div_ceil(UNITS);
@@ -122,9 +349,12 @@ fn attention_kernel<F: Float>(
     let mut slot = first;
     while slot < end {
         let value = score(
-            &query,
+            query,
+            new_keys,
             keys,
             key_strides,
+            key_base,
+            start,
             bias,
             bias_strides,
             batch,
@@ -150,9 +380,12 @@ fn attention_kernel<F: Float>(
     while slot < end {
         let p = weight(
             &scores,
-            &query,
+            query,
+            new_keys,
             keys,
             key_strides,
+            key_base,
+            start,
             bias,
             bias_strides,
             batch,
@@ -245,9 +478,12 @@ fn attention_kernel<F: Float>(
             if base + lane < stop {
                 p = weight(
                     &scores,
-                    &query,
+                    query,
+                    new_keys,
                     keys,
                     key_strides,
+                    key_base,
+                    start,
                     bias,
                     bias_strides,
                     batch,
@@ -274,8 +510,19 @@ fn attention_kernel<F: Float>(
             while j + GROUP <= walked {
                 #[unroll]
                 for i in 0..GROUP {
-                    loaded[i] = f32::cast_from(
-                        values[offset4(value_strides, batch, kv_head, base + j + i, lane)],
+                    loaded[i] = value_element(
+                        values,
+                        value_strides,
+                        value_base,
+                        new_values,
+                        new_value_strides,
+                        value_column,
+                        start,
+                        batch * len,
+                        batch,
+                        kv_head,
+                        base + j + i,
+                        lane,
                     );
                 }
                 #[unroll]
@@ -296,8 +543,19 @@ fn attention_kernel<F: Float>(
                 if p != f32::new(0.0) {
                     if from <= rank && rank < to {
                         total += p;
-                        weighted += p * f32::cast_from(
-                            values[offset4(value_strides, batch, kv_head, base + j, lane)],
+                        weighted += p * value_element(
+                            values,
+                            value_strides,
+                            value_base,
+                            new_values,
+                            new_value_strides,
+                            value_column,
+                            start,
+                            batch * len,
+                            batch,
+                            kv_head,
+                            base + j,
+                            lane,
                         );
                     }
                     rank += 1;
@@ -350,8 +608,11 @@ fn scan_step(counts: &mut SharedMemory<u32>, unit: usize, #[comptime] stride: us
 fn weight<F: Float>(
     scores: &SharedMemory<f32>,
     query: &SharedMemory<f32>,
+    new_keys: &SharedMemory<f32>,
     keys: &Array<F>,
     key_strides: &Strides4,
+    key_base: usize,
+    start: usize,
     bias: &Array<F>,
     bias_strides: &Strides4,
     batch: usize,
@@ -367,8 +628,11 @@ fn weight<F: Float>(
     } else {
         score(
             query,
+            new_keys,
             keys,
             key_strides,
+            key_base,
+            start,
             bias,
             bias_strides,
             batch,
@@ -389,12 +653,18 @@ fn weight<F: Float>(
 const GROUP: usize = 16;
 
 /// `q · k` over the head dimension in order, plus the bias, in f32; `query` holds the query row.
+/// The key of a slot before `start` comes from `keys`, a block token's from `new_keys` (see
+/// [`attend_row`]); the products are added in one place either way, so a key scores the same
+/// whether it is still in the block or already in the cache.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn score<F: Float>(
     query: &SharedMemory<f32>,
+    new_keys: &SharedMemory<f32>,
     keys: &Array<F>,
     key_strides: &Strides4,
+    key_base: usize,
+    start: usize,
     bias: &Array<F>,
     bias_strides: &Strides4,
     batch: usize,
@@ -406,11 +676,25 @@ fn score<F: Float>(
 ) -> f32 {
     let mut dot = f32::new(0.0);
     let mut loaded = Array::<f32>::new(GROUP);
+    let cached = slot < start;
+    let mut new_row = 0usize;
+    if !cached {
+        new_row = (slot - start) * dim;
+    }
     let mut d = 0usize;
     while d + GROUP <= dim {
-        #[unroll]
-        for i in 0..GROUP {
-            loaded[i] = f32::cast_from(keys[offset4(key_strides, batch, kv_head, slot, d + i)]);
+        if cached {
+            #[unroll]
+            for i in 0..GROUP {
+                loaded[i] = f32::cast_from(
+                    keys[key_base + offset4(key_strides, batch, kv_head, slot, d + i)],
+                );
+            }
+        } else {
+            #[unroll]
+            for i in 0..GROUP {
+                loaded[i] = new_keys[new_row + d + i];
+            }
         }
         #[unroll]
         for i in 0..GROUP {
@@ -419,13 +703,50 @@ fn score<F: Float>(
         d += GROUP;
     }
     while d < dim {
-        dot += query[d] * f32::cast_from(keys[offset4(key_strides, batch, kv_head, slot, d)]);
+        let key = if cached {
+            f32::cast_from(keys[key_base + offset4(key_strides, batch, kv_head, slot, d)])
+        } else {
+            new_keys[new_row + d]
+        };
+        dot += query[d] * key;
         d += 1;
     }
     if with_bias {
         dot += f32::cast_from(bias[offset4(bias_strides, batch, 0, t, slot)]);
     }
     dot
+}
+
+/// Element `lane` of the value of `slot`: from `values` before `start`, else from the block's
+/// row `block_row + slot - start` of `new_values`, column `value_column + lane` (see
+/// [`attend_row`]).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn value_element<F: Float>(
+    values: &Array<F>,
+    value_strides: &Strides4,
+    value_base: usize,
+    new_values: &Array<F>,
+    new_value_strides: &Strides2,
+    value_column: usize,
+    start: usize,
+    block_row: usize,
+    batch: usize,
+    kv_head: usize,
+    slot: usize,
+    lane: usize,
+) -> f32 {
+    if slot < start {
+        f32::cast_from(values[value_base + offset4(value_strides, batch, kv_head, slot, lane)])
+    } else {
+        f32::cast_from(
+            new_values[offset2(
+                new_value_strides,
+                block_row + slot - start,
+                value_column + lane,
+            )],
+        )
+    }
 }
 
 /// The operation behind [`super::attention`].
@@ -447,6 +768,7 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
             || slots == 0
             || dim == 0
             || dim > MAX_DIM
+            || UNITS / dim > MAX_GROUPS
             || k_batch != batch
             || k_dim != dim
             || kv_heads == 0
@@ -502,6 +824,131 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
                 dim,
                 kv_heads,
                 slots,
+                self.bias.is_some(),
+                dtype.into(),
+            )
+        };
+        from_cube::<R, B, 2>(output)
+    }
+}
+
+/// The operation behind [`super::rotary_attention_into_cache`].
+pub(super) struct RotaryAttention<'a, B: Backend> {
+    pub qkv: &'a BurnTensor<B, 3>,
+    pub cos: &'a BurnTensor<B, 4>,
+    pub sin: &'a BurnTensor<B, 4>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub keys: &'a BurnTensor<B, 5>,
+    pub values: &'a BurnTensor<B, 5>,
+    pub layer: usize,
+    pub start: usize,
+    pub bias: Option<&'a BurnTensor<B, 4>>,
+}
+
+impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
+    type Output = BurnTensor<B, 2>;
+
+    fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
+        let [batch, len, width] = self.qkv.dims();
+        let [_, _, _, dim] = self.cos.dims();
+        let (heads, kv_heads, layer, start) = (self.heads, self.kv_heads, self.layer, self.start);
+        let [layers, cache_batch, cache_heads, capacity, cache_dim] = self.keys.dims();
+        let (tokens, slots) = (batch * len, start + len);
+        if tokens == 0
+            || dim == 0
+            || dim % 2 != 0
+            || dim > MAX_DIM
+            || UNITS / dim > MAX_GROUPS
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || width != (heads + 2 * kv_heads) * dim
+            || self.cos.dims() != [batch, 1, len, dim]
+            || self.sin.dims() != [batch, 1, len, dim]
+            || self.values.dims() != self.keys.dims()
+            || layer >= layers
+            || cache_batch != batch
+            || cache_heads != kv_heads
+            || cache_dim != dim
+            || slots > capacity
+            || len * dim > BLOCK_KEYS
+            || self
+                .bias
+                .is_some_and(|b| b.dims() != [batch, 1, len, slots])
+        {
+            return None;
+        }
+        let qkv = to_cube::<R, B, 2>(&self.qkv.clone().reshape([tokens, width]))?;
+        let cos = to_cube::<R, B, 2>(&self.cos.clone().reshape([tokens, dim]))?;
+        let sin = to_cube::<R, B, 2>(&self.sin.clone().reshape([tokens, dim]))?;
+        let keys = to_cube::<R, B, 5>(self.keys)?;
+        let values = to_cube::<R, B, 5>(self.values)?;
+        let dtype = qkv.dtype;
+        if [&cos, &sin, &keys, &values]
+            .iter()
+            .any(|t| t.dtype != dtype)
+        {
+            return None;
+        }
+        let client = qkv.client.clone();
+        if ROTARY_SHARED_BYTES > client.properties().hardware.max_shared_memory_size {
+            return None;
+        }
+        let bias = match self.bias {
+            Some(bias) => {
+                let bias = to_cube::<R, B, 4>(bias)?;
+                (bias.dtype == dtype).then_some(bias)?
+            }
+            // Not read: any tensor of the right type will do.
+            None => qkv.clone(),
+        };
+        let bias_strides = match self.bias {
+            Some(_) => strides4(&bias)?,
+            None => strides4_of(&[0; 4])?,
+        };
+        let output = empty_like(&qkv, [tokens, heads * dim]);
+        // One layer of the storage as a 4-D array: its first element and the other strides.
+        let (key_strides, value_strides) = (keys.meta.strides(), values.meta.strides());
+        let [key_base, value_base] = scalars(&[layer * key_strides[0], layer * value_strides[0]])?;
+        let (key_strides, value_strides) = (
+            strides4_of(&key_strides[1..])?,
+            strides4_of(&value_strides[1..])?,
+        );
+        let (qkv_strides, cos_strides, sin_strides) =
+            (strides2(&qkv)?, strides2(&cos)?, strides2(&sin)?);
+        let output_strides = strides2(&output)?;
+        let rows = tokens * heads;
+        let [batch, heads, len, dim, kv_heads, start] =
+            scalars(&[batch, heads, len, dim, kv_heads, start])?;
+        // Arrays bound at the tensors' offsets, read through the strides above; the cache's
+        // storage is written in place.
+        unsafe {
+            rotary_attention_kernel::launch_unchecked::<R>(
+                &client,
+                row_grid(rows),
+                CubeDim::new_1d(UNITS as u32),
+                qkv.into_array_arg(),
+                cos.into_array_arg(),
+                sin.into_array_arg(),
+                keys.into_array_arg(),
+                values.into_array_arg(),
+                bias.into_array_arg(),
+                output.clone().into_array_arg(),
+                qkv_strides,
+                cos_strides,
+                sin_strides,
+                key_strides,
+                value_strides,
+                bias_strides,
+                output_strides,
+                batch,
+                heads,
+                len,
+                dim,
+                kv_heads,
+                key_base,
+                value_base,
+                start,
                 self.bias.is_some(),
                 dtype.into(),
             )

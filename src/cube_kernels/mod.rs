@@ -512,6 +512,18 @@ pub fn folds_switched_on() -> bool {
     *ON.get_or_init(|| exact_switched_on() && variable_allows(FOLD_SWITCH_VARIABLE))
 }
 
+/// The environment variable that switches off only [`rotary_attention_into_cache`] (`off`, `0`
+/// or `false`): the layer then rotates Q and K in a launch of its own before the attention, as
+/// in session 17 — how the benchmarks measure what folding the rotation saves.
+pub const ROTARY_SWITCH_VARIABLE: &str = "REDRAFTER_ROTARY_ATTENTION";
+
+/// Whether the Llama layer's attention rotates its block's queries and keys itself (it does where
+/// [`folds_switched_on`], unless [`ROTARY_SWITCH_VARIABLE`] says otherwise). Read once.
+pub fn rotary_attention_switched_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| folds_switched_on() && variable_allows(ROTARY_SWITCH_VARIABLE))
+}
+
 /// What [`fused_matmul`] folds around a product.
 #[derive(Debug)]
 pub struct ProductFolds<'a, B: Backend> {
@@ -617,6 +629,63 @@ pub fn attention<B: Backend>(
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = (queries, keys, values, bias);
+        None
+    }
+}
+
+/// [`rotate_qkv_into_cache`] and [`attention`] in one launch: the block's queries and keys are
+/// rotated inside the attention kernel, straight from the QKV product, its keys and values
+/// written into slots `start..start + len` of layer `layer` of the cache's storage, and the
+/// block attends to slots `0..start + len` — the cache's earlier slots from the storage, its own
+/// from `qkv`. Bit for bit the two kernels' result (a key is rotated by the same function and
+/// rounded to the element type before it is scored, as it would be stored), so a verification
+/// tree still agrees with decoding whichever path each of its blocks took. `None` where
+/// [`rotary_attention_switched_on`] is false, the shapes disagree, the block does not fit in the
+/// storage, or its `len · head_dim` keys exceed 512 (8 tokens of a head dimension of 64: longer
+/// blocks are faster in the two kernels) — then nothing was written.
+///
+/// # Shapes
+/// - `qkv`: `[batch, len, (heads + 2 * kv_heads) * head_dim]`, ordered Q | K | V
+/// - `cos`, `sin`: `[batch, 1, len, head_dim]`
+/// - `keys`, `values`: `[layers, batch, kv_heads, slots, head_dim]`
+/// - `bias`: `[batch, 1, len, start + len]`, or `None` (every slot visible)
+/// - returns `[batch · len, heads · head_dim]`
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_attention_into_cache<B: Backend>(
+    qkv: &Tensor<B, 3>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    heads: usize,
+    kv_heads: usize,
+    keys: &Tensor<B, 5>,
+    values: &Tensor<B, 5>,
+    layer: usize,
+    start: usize,
+    bias: Option<&Tensor<B, 4>>,
+) -> Option<Tensor<B, 2>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        if !rotary_attention_switched_on() {
+            return None;
+        }
+        dispatch::run(attention::RotaryAttention {
+            qkv,
+            cos,
+            sin,
+            heads,
+            kv_heads,
+            keys,
+            values,
+            layer,
+            start,
+            bias,
+        })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (
+            qkv, cos, sin, heads, kv_heads, keys, values, layer, start, bias,
+        );
         None
     }
 }

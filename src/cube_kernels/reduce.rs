@@ -42,6 +42,16 @@ pub(super) struct Strides4 {
     s3: u32,
 }
 
+/// The strides of a 5-D tensor as scalar kernel arguments (see [`Strides2`]).
+#[derive(CubeLaunch, CubeType)]
+pub(super) struct Strides5 {
+    s0: u32,
+    s1: u32,
+    s2: u32,
+    s3: u32,
+    s4: u32,
+}
+
 /// [`at`] for an array whose strides are `strides`.
 #[cube]
 pub(super) fn offset2(strides: &Strides2, row: usize, column: usize) -> usize {
@@ -63,6 +73,23 @@ pub(super) fn offset4(strides: &Strides4, a: usize, b: usize, c: usize, d: usize
         + d * (strides.s3 as usize)
 }
 
+/// The position of element `(a, b, c, d, e)` of a 5-D array whose strides are `strides`.
+#[cube]
+pub(super) fn offset5(
+    strides: &Strides5,
+    a: usize,
+    b: usize,
+    c: usize,
+    d: usize,
+    e: usize,
+) -> usize {
+    a * (strides.s0 as usize)
+        + b * (strides.s1 as usize)
+        + c * (strides.s2 as usize)
+        + d * (strides.s3 as usize)
+        + e * (strides.s4 as usize)
+}
+
 /// `tensor`'s strides as [`Strides2`] arguments; `None` unless it is 2-D with strides that fit
 /// in a `u32`.
 pub(super) fn strides2<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides2Launch<R>> {
@@ -80,8 +107,21 @@ pub(super) fn strides3<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides
 /// `tensor`'s strides as [`Strides4`] arguments; `None` unless it is 4-D with strides that fit
 /// in a `u32`.
 pub(super) fn strides4<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides4Launch<R>> {
-    let [s0, s1, s2, s3] = scalars(tensor.meta.strides())?;
+    strides4_of(tensor.meta.strides())
+}
+
+/// Four strides as [`Strides4`] arguments (the last four of a 5-D tensor's: one entry of its
+/// first axis, as a 4-D array); `None` unless there are four that fit in a `u32`.
+pub(super) fn strides4_of<R: CubeRuntime>(strides: &[usize]) -> Option<Strides4Launch<R>> {
+    let [s0, s1, s2, s3] = scalars(strides)?;
     Some(Strides4Launch::new(s0, s1, s2, s3))
+}
+
+/// `tensor`'s strides as [`Strides5`] arguments; `None` unless it is 5-D with strides that fit
+/// in a `u32`.
+pub(super) fn strides5<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides5Launch<R>> {
+    let [s0, s1, s2, s3, s4] = scalars(tensor.meta.strides())?;
+    Some(Strides5Launch::new(s0, s1, s2, s3, s4))
 }
 
 /// `values` as `D` scalar kernel arguments; `None` if there are not `D` of them or one does not

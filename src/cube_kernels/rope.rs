@@ -1,11 +1,13 @@
 //! Rotary position embedding of Q and K, straight from the fused QKV projection.
 
 use burn::tensor::{Tensor as BurnTensor, backend::Backend};
-use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
+use burn_cubecl::CubeRuntime;
 use cubecl::{calculate_cube_count_elemwise, prelude::*};
 
 use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
-use super::reduce::{Strides2, Strides4, offset2, offset4, scalars, strides2, strides4};
+use super::reduce::{
+    Strides2, Strides4, Strides5, offset2, offset4, offset5, scalars, strides2, strides4, strides5,
+};
 
 /// One unit per element of `qkv` `[batch * len, (heads + 2 * kv_heads) * dim]`: rotates Q and K
 /// elements (`x ⊙ cos + rotate_half(x) ⊙ sin`, tables `[batch * len, dim]`) and writes every
@@ -56,17 +58,19 @@ fn rotate_qkv_kernel<F: Float>(
     let d = within % dim;
     let batch = token / len;
     let t = token % len;
-    let value = f32::cast_from(qkv[offset2(qkv_strides, token, within)]);
-
     if head < heads + kv_heads {
-        let partner = if d < half {
-            within + half
-        } else {
-            within - half
-        };
-        let rotated = value * f32::cast_from(cos[offset2(cos_strides, token, d)])
-            + f32::cast_from(qkv[offset2(qkv_strides, token, partner)])
-                * f32::cast_from(sin[offset2(sin_strides, token, d)]);
+        let rotated = rotated_element(
+            qkv,
+            qkv_strides,
+            cos,
+            cos_strides,
+            sin,
+            sin_strides,
+            token,
+            head * dim,
+            d,
+            half,
+        );
         if head < heads {
             q[offset4(q_strides, batch, head, t, d)] = F::cast_from(rotated);
         } else {
@@ -82,35 +86,50 @@ fn rotate_qkv_kernel<F: Float>(
             start + t,
             d,
         );
-        v[at] = F::cast_from(value);
+        v[at] = qkv[offset2(qkv_strides, token, within)];
     }
 }
 
-/// The strides of a 5-D tensor as scalar kernel arguments (see [`Strides2`]).
-#[derive(CubeLaunch, CubeType)]
-struct Strides5 {
-    s0: u32,
-    s1: u32,
-    s2: u32,
-    s3: u32,
-    s4: u32,
-}
-
-/// The position of element `(a, b, c, d, e)` of a 5-D array whose strides are `strides`.
+/// Element `d` of the head whose first column in `qkv` is `column`, in token row `token`,
+/// rotated: `x[d] · cos[d] + x[partner] · sin[d]`, the partner half a head away (the tables carry
+/// rotate-half's sign in `sin`). In f32, not yet rounded to the element type.
+///
+/// The one place the rotation is written down ([`rotate_pair`]): the rotation kernel above and
+/// the attention that rotates on the fly ([`super::attention`]) both use it, so a key computed in
+/// either is the same value, bit for bit, whichever kernel a block went through.
 #[cube]
-fn offset5(strides: &Strides5, a: usize, b: usize, c: usize, d: usize, e: usize) -> usize {
-    a * (strides.s0 as usize)
-        + b * (strides.s1 as usize)
-        + c * (strides.s2 as usize)
-        + d * (strides.s3 as usize)
-        + e * (strides.s4 as usize)
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rotated_element<F: Float>(
+    qkv: &Array<F>,
+    qkv_strides: &Strides2,
+    cos: &Array<F>,
+    cos_strides: &Strides2,
+    sin: &Array<F>,
+    sin_strides: &Strides2,
+    token: usize,
+    column: usize,
+    d: usize,
+    half: usize,
+) -> f32 {
+    let partner = if d < half { d + half } else { d - half };
+    let value = f32::cast_from(qkv[offset2(qkv_strides, token, column + d)]);
+    let other = f32::cast_from(qkv[offset2(qkv_strides, token, column + partner)]);
+    rotate_pair(
+        value,
+        other,
+        f32::cast_from(cos[offset2(cos_strides, token, d)]),
+        f32::cast_from(sin[offset2(sin_strides, token, d)]),
+    )
 }
 
-/// `tensor`'s strides as [`Strides5`] arguments; `None` unless it is 5-D with strides that fit
-/// in a `u32`.
-fn strides5<R: CubeRuntime>(tensor: &CubeTensor<R>) -> Option<Strides5Launch<R>> {
-    let [s0, s1, s2, s3, s4] = scalars(tensor.meta.strides())?;
-    Some(Strides5Launch::new(s0, s1, s2, s3, s4))
+/// The arithmetic of [`rotated_element`] on loaded values, for kernels that load many elements
+/// before rotating them. The fused multiply-add is explicit: written as `value * cos + other *
+/// sin`, the compiler contracted it differently in the rotation kernel and in the attention's
+/// batched loads on CUDA, and the keys differed in their last bit (session 18); an explicit `fma`
+/// rounds the same way wherever it is compiled.
+#[cube]
+pub(super) fn rotate_pair(value: f32, other: f32, cos: f32, sin: f32) -> f32 {
+    fma(value, cos, other * sin)
 }
 
 /// The operation behind [`super::rotate_qkv`] (`cache: None`) and

@@ -92,7 +92,17 @@ impl<B: Backend> Attention<B> {
         let [rows, width] = qkv.dims();
         let len = rows / batch.max(1);
         let qkv = qkv.reshape([batch, len, width]);
-        // On the GPUs the rotation writes K and V straight into the cache's storage.
+        // On the GPUs the attention kernel rotates Q and K itself and writes K and V into the
+        // cache's storage: one launch for the rotation, the cache's append and the attention.
+        let attended = cache.append_written(layer, len, |keys, values, start| {
+            cube_kernels::rotary_attention_into_cache(
+                &qkv, &rope.cos, &rope.sin, heads, kv_heads, keys, values, layer, start, bias,
+            )
+        })?;
+        if let Some((out, _, _)) = attended {
+            return Ok(out);
+        }
+        // Else the rotation may still write K and V straight into the cache's storage.
         let written = cache.append_written(layer, len, |keys, values, start| {
             cube_kernels::rotate_qkv_into_cache(
                 &qkv, &rope.cos, &rope.sin, heads, kv_heads, keys, values, layer, start,
