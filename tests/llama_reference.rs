@@ -170,5 +170,9 @@ fn half_precision_logits_stay_close_to_transformers() {
         }
     }
     eprintln!("largest f16 logit difference to transformers: {worst:e}");
-    assert!(worst < 0.15, "f16 logits differ from fp32 by {worst}");
+    // How far f16 lands depends on the CPU's matmul kernels (how they round f16 sums): 0.158 on
+    // an AMD EPYC without AVX-512 (session 18), below 0.15 where this was written. A logit of ~20
+    // has an f16 spacing of 0.016, and 30 layers of f16 activations add up to ~10 of those; the
+    // f16-overflowing norm this guards against misses by whole units.
+    assert!(worst < 0.25, "f16 logits differ from fp32 by {worst}");
 }

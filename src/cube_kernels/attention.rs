@@ -277,7 +277,8 @@ fn rotary_attention_kernel<F: Float>(
         start,
         with_bias,
     );
-    if head % (heads / kv_heads) == 0 && unit < dim {
+    // The first query head of each KV head writes that KV head's block.
+    if head == kv_head * (heads / kv_heads) && unit < dim {
         let slot = start + t;
         keys[key_base + offset4(key_strides, batch, kv_head, slot, unit)] =
             F::cast_from(new_keys[t * dim + unit]);
