@@ -25,7 +25,7 @@ use cubecl::prelude::*;
 
 use super::ProductFolds;
 use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
-use super::reduce::scalars;
+use super::reduce::scalar;
 
 /// Output columns per cube (units along `x`).
 const COLUMNS: usize = 16;
@@ -404,49 +404,22 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
         let stride = |tensor: &Option<CubeTensor<R>>, dim: usize| {
             tensor
                 .as_ref()
-                .map_or(0, |tensor| tensor.meta.strides()[dim])
+                .map_or(Some(0), |tensor| scalar(tensor.meta.strides()[dim]))
         };
         // Declined, like every other kernel's launch, where a size or stride does not fit a u32.
-        let [
-            rows_u32,
-            inputs_u32,
-            columns_u32,
-            x_row,
-            x_step,
-            weight_row,
-            weight_step,
-            addend_row,
-            addend_step,
-            bias_step,
-            residual_row,
-            residual_step,
-        ] = scalars(&[
-            rows,
-            inputs,
-            columns,
-            x.meta.strides()[0],
-            x.meta.strides()[1],
-            weight.meta.strides()[0],
-            weight.meta.strides()[1],
-            stride(&addend, 0),
-            stride(&addend, 1),
-            stride(&bias, 1),
-            stride(&residual, 0),
-            stride(&residual, 1),
-        ])?;
         let strides = ProductStridesLaunch::new(
-            rows_u32,
-            inputs_u32,
-            columns_u32,
-            x_row,
-            x_step,
-            weight_row,
-            weight_step,
-            addend_row,
-            addend_step,
-            bias_step,
-            residual_row,
-            residual_step,
+            scalar(rows)?,
+            scalar(inputs)?,
+            scalar(columns)?,
+            scalar(x.meta.strides()[0])?,
+            scalar(x.meta.strides()[1])?,
+            scalar(weight.meta.strides()[0])?,
+            scalar(weight.meta.strides()[1])?,
+            stride(&addend, 0)?,
+            stride(&addend, 1)?,
+            stride(&bias, 1)?,
+            stride(&residual, 0)?,
+            stride(&residual, 1)?,
         );
         // Unused bindings: any tensor will do.
         let residual = residual.unwrap_or_else(|| x.clone());

@@ -130,9 +130,14 @@ pub(super) fn scalars<const D: usize>(values: &[usize]) -> Option<[u32; D]> {
     let values: &[usize; D] = values.try_into().ok()?;
     let mut scalars = [0; D];
     for (scalar, &value) in scalars.iter_mut().zip(values) {
-        *scalar = u32::try_from(value).ok()?;
+        *scalar = self::scalar(value)?;
     }
     Some(scalars)
+}
+
+/// `value` as a scalar kernel argument; `None` if it does not fit in a `u32`.
+pub(super) fn scalar(value: usize) -> Option<u32> {
+    u32::try_from(value).ok()
 }
 
 #[cube]
