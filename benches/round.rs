@@ -82,6 +82,7 @@ fn draft_round(c: &mut Criterion) {
                         first_tokens: int_tensor(vec![42], [1], &device),
                         beam_width: width,
                         beam_length: 5,
+                        needs_log_probs: false,
                     })
                     .expect("valid request");
                 beams.tokens.into_data()

@@ -281,6 +281,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                         first_tokens: first.clone(),
                         beam_width: width,
                         beam_length: length,
+                        needs_log_probs: false,
                     })?;
                     beams.tokens.into_data();
                     Ok(())

@@ -296,6 +296,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         // `c`: drafted beam length; `depth`: the tree's (longer when lookup beams are).
         let (m, c) = (config.beam_width, config.beam_length);
         let (total, depth) = (config.total_beams(), config.tree_length());
+        // Only the reference-parity rule reads the draft head's probabilities.
+        let needs_log_probs = config.acceptance == Acceptance::ReferenceParity;
         validate_prompts(
             prompts,
             self.target.vocab_size(),
@@ -332,6 +334,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             first_tokens: first.clone(),
             beam_width: m,
             beam_length: c,
+            needs_log_probs,
         })?;
         let data = Transaction::default()
             .register(first)
@@ -427,6 +430,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 first_tokens: bonus.clone(),
                 beam_width: m,
                 beam_length: c,
+                needs_log_probs,
             })?;
             stats.draft_time += draft_start.elapsed();
             let readback_start = Instant::now();

@@ -981,6 +981,7 @@ fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
     let embedding = random([vocab, hidden]).mul_scalar(0.5);
     for (batch, width, length, draft_vocab) in [
         (1, 1, 2, None),
+        (2, 1, 5, Some(300)),
         (2, 4, 5, None),
         (3, 4, 4, Some(300)),
         (1, 60, 3, None),
@@ -1004,7 +1005,7 @@ fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
         }
         let context = random([batch, hidden]);
         let first: Vec<i64> = (0..batch as i64).map(|b| 17 + 101 * b).collect();
-        let search = |method: TopKMethod| {
+        let search = |method: TopKMethod, needs_log_probs: bool| {
             drafter
                 .clone()
                 .with_top_k(method)
@@ -1016,21 +1017,34 @@ fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
                     ),
                     beam_width: width,
                     beam_length: length,
+                    needs_log_probs,
                 })
                 .unwrap()
         };
-        let (fused, composed) = (search(TopKMethod::Rank), search(TopKMethod::Sort));
-        let case = format!("batch {batch}, width {width}, length {length}, {draft_vocab:?}");
-        assert_eq!(fused.tokens.dims(), [batch, width, length], "{case}");
-        assert_eq!(
-            fused.tokens.into_data().iter::<i64>().collect::<Vec<_>>(),
-            composed
+        let tokens = |output: &redrafter::drafter::BeamSearchOutput<B>| {
+            output
                 .tokens
+                .clone()
                 .into_data()
                 .iter::<i64>()
-                .collect::<Vec<_>>(),
-            "{case}"
+                .collect::<Vec<_>>()
+        };
+        let (fused, composed) = (
+            search(TopKMethod::Rank, true),
+            search(TopKMethod::Sort, true),
         );
+        let case = format!("batch {batch}, width {width}, length {length}, {draft_vocab:?}");
+        assert_eq!(fused.tokens.dims(), [batch, width, length], "{case}");
+        assert_eq!(tokens(&fused), tokens(&composed), "{case}");
+        // Without log-probs (one beam selects only each step's best token): the same tokens.
+        for method in [TopKMethod::Rank, TopKMethod::Sort] {
+            let quick = search(method, false);
+            assert_eq!(
+                tokens(&quick),
+                tokens(&fused),
+                "{case}, {method:?} without log-probs"
+            );
+        }
         for (got, want) in [
             (
                 fused.scores.flatten::<1>(0, 1),
@@ -1093,7 +1107,8 @@ fn greedy_speculative_decoding_on_the_kernels_equals_plain_decoding() {
 }
 
 /// Argmax over the last dimension against a host scan (first column on ties), for 2-D and 3-D
-/// inputs, rows wider and narrower than a cube, many ties, and a strided view.
+/// inputs, rows wider and narrower than a cube (and than its batched loads), many ties, and a
+/// strided view.
 #[test]
 fn argmax_matches_a_host_scan_first_column_on_ties() {
     let host_argmax = |values: Vec<f32>, width: usize| -> Vec<i64> {
@@ -1102,7 +1117,12 @@ fn argmax_matches_a_host_scan_first_column_on_ties() {
             .map(|row| redrafter::sampling::argmax(row) as i64)
             .collect()
     };
-    for (rows, width, levels) in [(1, 49_152, None), (5, 300, Some(2.0)), (3, 7, None)] {
+    for (rows, width, levels) in [
+        (1, 49_152, None),
+        (2, 10_000, Some(3.0)),
+        (5, 300, Some(2.0)),
+        (3, 7, None),
+    ] {
         let mut values = random([rows, width]);
         if let Some(levels) = levels {
             values = values.mul_scalar(levels).round();

@@ -14,6 +14,9 @@ use super::reduce::{
     NO_COLUMN, PICK_UNITS, Strides3, Strides3Launch, cube_pick, offset3, scalars, strides3,
 };
 
+/// Entries a unit loads at once.
+const LOADS: usize = 32;
+
 /// Row `CUBE_POS` of `values` (`[rows / middle, middle, width]` with strides `strides`; a 2-D
 /// tensor is read as `[rows, 1, width]`) to the column of its largest entry (the first on ties; a
 /// NaN never wins), written to `output` `[rows]`.
@@ -37,6 +40,25 @@ fn argmax_kernel<F: Float, I: Int>(
     let mut best = f32::new(-3.4e38);
     let mut best_column = u32::new(NO_COLUMN as i64);
     let mut column = unit;
+    // LOADS columns at a time: their loads are issued together, then compared in column order
+    // (one load after another, a 49,152-entry row took 38.6 µs on the H200: 192 waits per unit;
+    // 12.1 µs now, docs/benchmarks.md session 19).
+    let mut loaded = Array::<f32>::new(LOADS);
+    while column + (LOADS - 1) * PICK_UNITS < width {
+        #[unroll]
+        for i in 0..LOADS {
+            loaded[i] =
+                f32::cast_from(values[offset3(strides, outer, inner, column + i * PICK_UNITS)]);
+        }
+        #[unroll]
+        for i in 0..LOADS {
+            if loaded[i] > best {
+                best = loaded[i];
+                best_column = u32::cast_from(column + i * PICK_UNITS);
+            }
+        }
+        column += LOADS * PICK_UNITS;
+    }
     while column < width {
         let value = f32::cast_from(values[offset3(strides, outer, inner, column)]);
         // Columns rise: only a strictly larger value replaces the unit's best (never a NaN:

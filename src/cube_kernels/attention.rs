@@ -11,12 +11,15 @@
 //! 2. every unit counts the slots of its block whose weight `p = exp(score − max)` is not zero,
 //!    and a prefix sum of the counts across the cube gives the number `V` of such slots and the
 //!    *rank* of each (how many of them come before it);
-//! 3. the units form `G = UNITS / dim` groups of `dim` (units past `G · dim` idle), and group `g`
-//!    sums the ranks `[g·⌈V/G⌉, (g+1)·⌈V/G⌉)` in rank order: starting at the block that holds its
-//!    first rank, it puts the weights of `dim` slots at a time in shared memory, then its unit
-//!    `d` adds them and their weighted values `v[slot, d]`, slot after slot, skipping zero
-//!    weights (the loads of [`GROUP`] slots issued together, the sums still in order);
-//! 4. the first group adds the groups' sums in group order, `((s₀ + s₁) + s₂) + …`, and its unit
+//! 3. each unit takes [`LANE_DIMS`] consecutive head dimensions (one where the head dimension is
+//!    not a multiple of it or too small), so the units form `G = UNITS · LANE_DIMS / dim` groups
+//!    of `dim / LANE_DIMS` lanes (units past the last whole group idle), and group `g` sums the
+//!    ranks `[g·⌈V/G⌉, (g+1)·⌈V/G⌉)` in rank order: starting at the block that holds its first
+//!    rank, it puts the weights of as many slots as it has lanes in shared memory, then each lane
+//!    adds them and their weighted values `v[slot, d]` for its dimensions `d`, slot after slot,
+//!    skipping zero weights (the loads of several slots issued together, the sums still in
+//!    order);
+//! 4. the first `dim` units add the groups' sums in group order, `((s₀ + s₁) + s₂) + …`, and unit
 //!    `d` writes `sum(p·v) / sum(p)` straight into the `[rows, heads · dim]` layout the output
 //!    projection reads.
 //!
@@ -48,8 +51,20 @@ const MAX_DIM: usize = 128;
 /// same inputs, so the same score. A buffer of every score would bound the context by shared
 /// memory.
 const CACHED: usize = 2048;
-/// Most groups of phase 3: head dimensions down to `UNITS / MAX_GROUPS` = 4.
+/// Most groups of phase 3: head dimensions down to `UNITS / MAX_GROUPS` = 4 (16 with
+/// [`LANE_DIMS`] per unit).
 const MAX_GROUPS: usize = 64;
+/// Head dimensions a unit of phase 3 sums (where the head dimension is a multiple of it and at
+/// least `LANE_DIMS · UNITS / MAX_GROUPS` = 16): `dim / 4` units walk a group's slots, so a
+/// cube has `4 · UNITS / dim` groups (16 for a head dimension of 64) and each unit walks a
+/// quarter of the slots it walked with one dimension each, its row's position computed once
+/// for four elements. A decoding step's attention was bound by the instructions of that walk
+/// (~3,200 per warp, each waiting ~16 cycles): 28.6 µs per layer with one dimension per unit,
+/// 20.9 with four (Nsight Compute on the H200, docs/benchmarks.md session 19).
+const LANE_DIMS: usize = 4;
+/// Slots whose value elements a unit loads at once with [`LANE_DIMS`] elements each.
+const WALK_BATCH: usize = 8;
+
 /// Block keys a unit of [`rotary_attention_kernel`] loads at once.
 const FILL: usize = 2;
 /// The most keys a block may have in [`rotary_attention_kernel`] (`len · dim`, 8 tokens of a head
@@ -62,6 +77,20 @@ const BLOCK_KEYS: usize = FILL * UNITS;
 
 /// Shared memory of [`rotary_attention_kernel`].
 const ROTARY_SHARED_BYTES: usize = 4 * (BLOCK_KEYS + MAX_DIM + CACHED + 3 * UNITS + 3 * MAX_GROUPS);
+
+/// Phase 3's shape for head dimension `dim`: dimensions per unit and slots loaded at once
+/// ([`LANE_DIMS`] and [`WALK_BATCH`] where they fit, else one dimension per unit and [`GROUP`]
+/// slots); `None` for a head dimension with too many groups either way. A function of `dim`
+/// alone, so a token sums its values in the same order in either kernel, alone or in a tree.
+fn walk_shape(dim: usize) -> Option<(usize, usize)> {
+    if dim.is_multiple_of(LANE_DIMS) && UNITS * LANE_DIMS / dim <= MAX_GROUPS {
+        Some((LANE_DIMS, WALK_BATCH))
+    } else if UNITS / dim <= MAX_GROUPS {
+        Some((1, GROUP))
+    } else {
+        None
+    }
+}
 
 /// Attention of query row `(batch, head, t)` — one per cube — over `keys`/`values`
 /// `[batch, kv_heads, slots, dim]`, written to `output` `[batch * len, heads * dim]`. The bias
@@ -93,6 +122,8 @@ fn attention_kernel<F: Float>(
     kv_heads: u32,
     slots: u32,
     #[comptime] with_bias: bool,
+    #[comptime] lane_dims: usize,
+    #[comptime] walk_batch: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
@@ -140,6 +171,8 @@ fn attention_kernel<F: Float>(
         slots,
         slots,
         with_bias,
+        lane_dims,
+        walk_batch,
     );
 }
 
@@ -182,6 +215,8 @@ fn rotary_attention_kernel<F: Float>(
     value_base: u32,
     start: u32,
     #[comptime] with_bias: bool,
+    #[comptime] lane_dims: usize,
+    #[comptime] walk_batch: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
@@ -276,6 +311,8 @@ fn rotary_attention_kernel<F: Float>(
         start + len,
         start,
         with_bias,
+        lane_dims,
+        walk_batch,
     );
     // The first query head of each KV head writes that KV head's block.
     if head == kv_head * (heads / kv_heads) && unit < dim {
@@ -319,6 +356,8 @@ fn attend_row<F: Float>(
     slots: usize,
     start: usize,
     #[comptime] with_bias: bool,
+    #[comptime] lane_dims: usize,
+    #[comptime] walk_batch: usize,
 ) {
     let unit = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(UNITS);
@@ -415,7 +454,8 @@ fn attend_row<F: Float>(
     let after = usize::cast_from(ranks[unit]);
     let before = after - count;
     let visible = usize::cast_from(ranks[UNITS - 1]);
-    let groups = UNITS / dim;
+    let lanes = dim / lane_dims;
+    let groups = UNITS / lanes;
     let share = visible.div_ceil(groups);
     // The unit whose block holds a group's first rank says where that group starts; the one whose
     // block holds its last rank, where it stops.
@@ -443,13 +483,14 @@ fn attend_row<F: Float>(
     let mut windows = 0usize;
     for g in 0..groups {
         let span = usize::cast_from(stops[g] - starts[g]);
-        let needed = span.div_ceil(dim);
+        let needed = span.div_ceil(lanes);
         if needed > windows {
             windows = needed;
         }
     }
-    let group = unit / dim;
-    let lane = unit % dim;
+    let group = unit / lanes;
+    let lane = unit % lanes;
+    let first_dim = lane * lane_dims;
     let walking = group < groups;
     let mut from = 0usize;
     let mut to = 0usize;
@@ -470,8 +511,12 @@ fn attend_row<F: Float>(
         rank = usize::cast_from(start_ranks[group]);
     }
     let mut total = f32::new(0.0);
-    let mut weighted = f32::new(0.0);
-    let mut loaded = Array::<f32>::new(GROUP);
+    let mut weighted = Array::<f32>::new(lane_dims);
+    #[unroll]
+    for c in 0..lane_dims {
+        weighted[c] = f32::new(0.0);
+    }
+    let mut loaded = Array::<f32>::new(walk_batch * lane_dims);
     let mut w = 0usize;
     while w < windows {
         if walking {
@@ -500,18 +545,20 @@ fn attend_row<F: Float>(
         }
         sync_cube();
         if walking && base < stop {
-            let offset = group * dim;
+            let offset = group * lanes;
             let mut walked = stop - base;
-            if walked > dim {
-                walked = dim;
+            if walked > lanes {
+                walked = lanes;
             }
-            // GROUP slots at a time: their value loads are issued together (a unit's loads would
-            // otherwise wait on each other, slot after slot), then added in rank order.
+            // `walk_batch` slots at a time: their value loads are issued together (a unit's loads
+            // would otherwise wait on each other, slot after slot), then added in rank order.
             let mut j = 0usize;
-            while j + GROUP <= walked {
+            while j + walk_batch <= walked {
                 #[unroll]
-                for i in 0..GROUP {
-                    loaded[i] = value_element(
+                for i in 0..walk_batch {
+                    load_values(
+                        &mut loaded,
+                        i * lane_dims,
                         values,
                         value_strides,
                         value_base,
@@ -523,28 +570,34 @@ fn attend_row<F: Float>(
                         batch,
                         kv_head,
                         base + j + i,
-                        lane,
+                        first_dim,
+                        lane_dims,
                     );
                 }
                 #[unroll]
-                for i in 0..GROUP {
+                for i in 0..walk_batch {
                     let p = window[offset + j + i];
                     if p != f32::new(0.0) {
                         if from <= rank && rank < to {
                             total += p;
-                            weighted += p * loaded[i];
+                            #[unroll]
+                            for c in 0..lane_dims {
+                                weighted[c] += p * loaded[i * lane_dims + c];
+                            }
                         }
                         rank += 1;
                     }
                 }
-                j += GROUP;
+                j += walk_batch;
             }
             while j < walked {
                 let p = window[offset + j];
                 if p != f32::new(0.0) {
                     if from <= rank && rank < to {
                         total += p;
-                        weighted += p * value_element(
+                        load_values(
+                            &mut loaded,
+                            0usize,
                             values,
                             value_strides,
                             value_base,
@@ -556,8 +609,13 @@ fn attend_row<F: Float>(
                             batch,
                             kv_head,
                             base + j,
-                            lane,
+                            first_dim,
+                            lane_dims,
                         );
+                        #[unroll]
+                        for c in 0..lane_dims {
+                            weighted[c] += p * loaded[c];
+                        }
                     }
                     rank += 1;
                 }
@@ -565,13 +623,18 @@ fn attend_row<F: Float>(
             }
         }
         sync_cube();
-        base += dim;
+        base += lanes;
         w += 1;
     }
 
-    // Phase 4: the groups' sums in group order.
+    // Phase 4: the groups' sums in group order. Nobody reads the scores any more (the last
+    // window ended with a sync, and phase 2 did too): they hold the groups' weighted sums now,
+    // `groups · dim = UNITS · lane_dims` of them.
     if walking {
-        window[unit] = weighted;
+        #[unroll]
+        for c in 0..lane_dims {
+            scores[group * dim + first_dim + c] = weighted[c];
+        }
         if lane == 0 {
             shared[group] = total;
         }
@@ -579,10 +642,10 @@ fn attend_row<F: Float>(
     sync_cube();
     if unit < dim {
         let mut total = shared[0];
-        let mut weighted = window[unit];
+        let mut weighted = scores[unit];
         for g in 1..groups {
             total += shared[g];
-            weighted += window[g * dim + unit];
+            weighted += scores[g * dim + unit];
         }
         let at = offset2(output_strides, batch * len + t, head * dim + unit);
         output[at] = F::cast_from(weighted / total);
@@ -718,12 +781,15 @@ fn score<F: Float>(
     dot
 }
 
-/// Element `lane` of the value of `slot`: from `values` before `start`, else from the block's
-/// row `block_row + slot - start` of `new_values`, column `value_column + lane` (see
-/// [`attend_row`]).
+/// Elements `first_dim .. first_dim + lane_dims` of the value of `slot` into
+/// `loaded[at ..]`: from `values` before `start`, else from the block's row
+/// `block_row + slot - start` of `new_values`, columns from `value_column + first_dim` (see
+/// [`attend_row`]). The row's position is computed once for its `lane_dims` elements.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn value_element<F: Float>(
+fn load_values<F: Float>(
+    loaded: &mut Array<f32>,
+    #[comptime] at: usize,
     values: &Array<F>,
     value_strides: &Strides4,
     value_base: usize,
@@ -735,18 +801,27 @@ fn value_element<F: Float>(
     batch: usize,
     kv_head: usize,
     slot: usize,
-    lane: usize,
-) -> f32 {
+    first_dim: usize,
+    #[comptime] lane_dims: usize,
+) {
     if slot < start {
-        f32::cast_from(values[value_base + offset4(value_strides, batch, kv_head, slot, lane)])
+        let row = value_base + offset4(value_strides, batch, kv_head, slot, first_dim);
+        let step = offset4(value_strides, 0, 0, 0, 1);
+        #[unroll]
+        for c in 0..lane_dims {
+            loaded[at + c] = f32::cast_from(values[row + c * step]);
+        }
     } else {
-        f32::cast_from(
-            new_values[offset2(
-                new_value_strides,
-                block_row + slot - start,
-                value_column + lane,
-            )],
-        )
+        let row = offset2(
+            new_value_strides,
+            block_row + slot - start,
+            value_column + first_dim,
+        );
+        let step = offset2(new_value_strides, 0, 1);
+        #[unroll]
+        for c in 0..lane_dims {
+            loaded[at + c] = f32::cast_from(new_values[row + c * step]);
+        }
     }
 }
 
@@ -769,7 +844,6 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
             || slots == 0
             || dim == 0
             || dim > MAX_DIM
-            || UNITS / dim > MAX_GROUPS
             || k_batch != batch
             || k_dim != dim
             || kv_heads == 0
@@ -781,6 +855,7 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
         {
             return None;
         }
+        let (lane_dims, walk_batch) = walk_shape(dim)?;
         let queries = to_cube::<R, B, 4>(self.queries)?;
         // The cache's visible slots are a strided view of its storage: read it in place.
         let keys = to_cube::<R, B, 4>(self.keys)?;
@@ -826,6 +901,8 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
                 kv_heads,
                 slots,
                 self.bias.is_some(),
+                lane_dims,
+                walk_batch,
                 dtype.into(),
             )
         };
@@ -860,7 +937,6 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
             || dim == 0
             || dim % 2 != 0
             || dim > MAX_DIM
-            || UNITS / dim > MAX_GROUPS
             || kv_heads == 0
             || heads % kv_heads != 0
             || width != (heads + 2 * kv_heads) * dim
@@ -879,6 +955,7 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
         {
             return None;
         }
+        let (lane_dims, walk_batch) = walk_shape(dim)?;
         let qkv = to_cube::<R, B, 2>(&self.qkv.clone().reshape([tokens, width]))?;
         let cos = to_cube::<R, B, 2>(&self.cos.clone().reshape([tokens, dim]))?;
         let sin = to_cube::<R, B, 2>(&self.sin.clone().reshape([tokens, dim]))?;
@@ -951,6 +1028,8 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
                 value_base,
                 start,
                 self.bias.is_some(),
+                lane_dims,
+                walk_batch,
                 dtype.into(),
             )
         };

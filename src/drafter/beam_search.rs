@@ -109,7 +109,7 @@ struct Dims {
     batch: usize,
     width: usize,
     length: usize,
-    /// Logits kept by the warp, `min(50, V)`.
+    /// Logits kept by the warp, `min(50, V)`; 1 for one beam whose log-probs nobody reads.
     kept: usize,
     /// Candidates per beam that can enter the global top-M, `min(M, V)`.
     per_beam: usize,
@@ -166,11 +166,18 @@ impl<B: Backend> RecurrentDrafter<B> {
                  has only that many distinct continuations"
             )));
         }
+        // One beam without log-probs: its tokens are each step's best logit, which the warp does
+        // not change, so the top 50 it normalises over need not be selected.
+        let kept = if width == 1 && !request.needs_log_probs {
+            1
+        } else {
+            WARP_TOP_K.min(vocab)
+        };
         Ok(Dims {
             batch,
             width,
             length,
-            kept: WARP_TOP_K.min(vocab),
+            kept,
             per_beam: width.min(vocab),
         })
     }

@@ -28,8 +28,9 @@ pub struct DraftBeams<B: Backend> {
     /// Shape `[batch, beam_width, beam_length]`.
     pub tokens: Tensor<B, 3, Int>,
     /// Log-probability under the drafter's (warped) distribution of each drafted token
-    /// (columns 1..), needed only by the reference-parity acceptance.
-    /// Shape `[batch, beam_width, beam_length - 1]`.
+    /// (columns 1..), needed only by the reference-parity acceptance. Placeholders (zeros from
+    /// the shipped head) when the request did not ask for them
+    /// ([`DraftRequest::needs_log_probs`]). Shape `[batch, beam_width, beam_length - 1]`.
     pub token_log_probs: Tensor<B, 3>,
 }
 
@@ -45,6 +46,12 @@ pub struct DraftRequest<B: Backend> {
     pub beam_width: usize,
     /// Tokens per beam C, counting the first token (≥ 1).
     pub beam_length: usize,
+    /// Whether the caller reads [`DraftBeams::token_log_probs`]. When `false` a head may skip
+    /// computing them and return placeholders, but must propose the same tokens. The decoder
+    /// asks for them only for the reference-parity acceptance; with one beam the shipped head
+    /// then selects each step's best token alone instead of the top 50 its warp normalises
+    /// over (a quarter of a draft round on the H200, docs/benchmarks.md session 19).
+    pub needs_log_probs: bool,
 }
 
 /// Anything that proposes draft beams from the target's hidden state.

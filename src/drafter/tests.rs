@@ -53,6 +53,7 @@ fn request(h: usize, first: &[i64], width: usize, length: usize, seed: u64) -> D
         first_tokens: Tensor::from_data(TensorData::new(first.to_vec(), [first.len()]), &device()),
         beam_width: width,
         beam_length: length,
+        needs_log_probs: true,
     }
 }
 
@@ -456,6 +457,38 @@ fn beam_search_variants_match_reference() {
         23,
     );
     assert_matches_reference(&d, &[7], 5, 3);
+}
+
+/// One beam whose log-probs nobody reads: the same tokens as the full search (each step's best
+/// token, which the warp does not change), the log-probs left as zeros; with more beams the
+/// request's flag changes nothing.
+#[test]
+fn one_beam_without_log_probs_drafts_the_same_tokens() {
+    use super::TopKMethod;
+    for method in [TopKMethod::Sort, TopKMethod::Rank] {
+        let d = drafter(&RecurrentDrafterConfig::new(8, 300), 41).with_top_k(method);
+        for width in [1, 3] {
+            let full = d.beam_search(request(8, &[3, 250], width, 5, 7)).unwrap();
+            let quick = d
+                .beam_search(DraftRequest {
+                    needs_log_probs: false,
+                    ..request(8, &[3, 250], width, 5, 7)
+                })
+                .unwrap();
+            assert_eq!(
+                ints(quick.tokens),
+                ints(full.tokens),
+                "{method:?}, width {width}"
+            );
+            let (quick_lp, full_lp) = (floats(quick.token_log_probs), floats(full.token_log_probs));
+            if width == 1 {
+                assert!(quick_lp.iter().all(|&x| x == 0.0), "{method:?}");
+                assert!(full_lp.iter().any(|&x| x < 0.0), "{method:?}");
+            } else {
+                assert_eq!(quick_lp, full_lp, "{method:?}, width {width}");
+            }
+        }
+    }
 }
 
 /// The first step of a beam search is exhaustive: it is the top-M single tokens.
