@@ -48,9 +48,10 @@ pub struct DraftRequest<B: Backend> {
     pub beam_length: usize,
     /// Whether the caller reads [`DraftBeams::token_log_probs`]. When `false` a head may skip
     /// computing them and return placeholders, but must propose the same tokens. The decoder
-    /// asks for them only for the reference-parity acceptance; with one beam the shipped head
-    /// then selects each step's best token alone instead of the top 50 its warp normalises
-    /// over (a quarter of a draft round on the H200, docs/benchmarks.md session 19).
+    /// asks for them only for the reference-parity acceptance. Without them a one-beam search
+    /// of the shipped head selects each step's best token alone instead of the top 50 its warp
+    /// normalises over (that selection was two thirds of a one-beam draft round's device time
+    /// on the H200, docs/benchmarks.md session 19).
     pub needs_log_probs: bool,
 }
 
