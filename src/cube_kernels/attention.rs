@@ -6,7 +6,8 @@
 //! cube of [`UNITS`] units computes one query row of one head:
 //!
 //! 1. every unit scores a block of consecutive slots (`q · k` summed over the head dimension in
-//!    order, plus the bias; the query row is read once into shared memory), keeps the scores of
+//!    order, plus the bias; the query row is read once into shared memory, the cache's keys four
+//!    elements per load where its layout allows, see [`cache_vector`]), keeps the scores of
 //!    the first [`CACHED`] slots in shared memory, and the cube takes the maximum;
 //! 2. every unit counts the slots of its block whose weight `p = exp(score − max)` is not zero,
 //!    and a prefix sum of the counts across the cube gives the number `V` of such slots and the
@@ -32,7 +33,7 @@
 //! cube idle for a head dimension of 64), ~40 µs per layer over 256 slots on the H200.
 
 use burn::tensor::{Tensor as BurnTensor, backend::Backend};
-use burn_cubecl::CubeRuntime;
+use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
@@ -104,10 +105,10 @@ fn walk_shape(dim: usize) -> Option<(usize, usize)> {
 /// docs/benchmarks.md, session 17).
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
-fn attention_kernel<F: Float>(
+fn attention_kernel<F: Float, NV: Size>(
     queries: &Array<F>,
-    keys: &Array<F>,
-    values: &Array<F>,
+    keys: &Array<Vector<F, NV>>,
+    values: &Array<Vector<F, NV>>,
     bias: &Array<F>,
     output: &mut Array<F>,
     query_strides: &Strides4,
@@ -124,6 +125,7 @@ fn attention_kernel<F: Float>(
     #[comptime] with_bias: bool,
     #[comptime] lane_dims: usize,
     #[comptime] walk_batch: usize,
+    #[comptime] vector: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
@@ -143,10 +145,10 @@ fn attention_kernel<F: Float>(
         query[unit] = f32::cast_from(queries[offset4(query_strides, batch, head, t, unit)]);
     }
     // No block of new slots: every slot is read from `keys` and `values` (the block starts at
-    // `slots`, so neither this nor the second `values` below is read).
+    // `slots`, so neither this nor `queries` as the block's values below is read).
     let new_keys = SharedMemory::<f32>::new(1usize);
     let base = 0usize;
-    attend_row::<F>(
+    attend_row::<F, NV>(
         &query,
         &new_keys,
         keys,
@@ -155,7 +157,7 @@ fn attention_kernel<F: Float>(
         values,
         value_strides,
         base,
-        values,
+        queries,
         output_strides,
         base,
         bias,
@@ -173,6 +175,7 @@ fn attention_kernel<F: Float>(
         with_bias,
         lane_dims,
         walk_batch,
+        vector,
     );
 }
 
@@ -191,12 +194,12 @@ fn attention_kernel<F: Float>(
 /// a later step reads from the cache exactly what this one computed.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch_unchecked)]
-fn rotary_attention_kernel<F: Float>(
+fn rotary_attention_kernel<F: Float, NV: Size>(
     qkv: &Array<F>,
     cos: &Array<F>,
     sin: &Array<F>,
-    keys: &mut Array<F>,
-    values: &mut Array<F>,
+    keys: &mut Array<Vector<F, NV>>,
+    values: &mut Array<Vector<F, NV>>,
     bias: &Array<F>,
     output: &mut Array<F>,
     qkv_strides: &Strides2,
@@ -217,6 +220,7 @@ fn rotary_attention_kernel<F: Float>(
     #[comptime] with_bias: bool,
     #[comptime] lane_dims: usize,
     #[comptime] walk_batch: usize,
+    #[comptime] vector: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
@@ -286,7 +290,7 @@ fn rotary_attention_kernel<F: Float>(
         first += FILL * UNITS;
     }
     // `attend_row` syncs the cube before it reads the query or the block's keys.
-    attend_row::<F>(
+    attend_row::<F, NV>(
         &query,
         &new_keys,
         keys,
@@ -313,14 +317,23 @@ fn rotary_attention_kernel<F: Float>(
         with_bias,
         lane_dims,
         walk_batch,
+        vector,
     );
-    // The first query head of each KV head writes that KV head's block.
-    if head == kv_head * (heads / kv_heads) && unit < dim {
+    // The first query head of each KV head writes that KV head's block, `vector` elements per
+    // unit.
+    if head == kv_head * (heads / kv_heads) && unit < dim / vector {
         let slot = start + t;
-        keys[key_base + offset4(key_strides, batch, kv_head, slot, unit)] =
-            F::cast_from(new_keys[t * dim + unit]);
-        values[value_base + offset4(value_strides, batch, kv_head, slot, unit)] =
-            qkv[offset2(qkv_strides, token, value_column + unit)];
+        let first_dim = unit * vector;
+        let mut key = Vector::<F, NV>::empty();
+        let mut value = Vector::<F, NV>::empty();
+        #[unroll]
+        for e in 0..vector {
+            key[e] = F::cast_from(new_keys[t * dim + first_dim + e]);
+            value[e] = qkv[offset2(qkv_strides, token, value_column + first_dim + e)];
+        }
+        keys[(key_base + offset4(key_strides, batch, kv_head, slot, first_dim)) / vector] = key;
+        values[(value_base + offset4(value_strides, batch, kv_head, slot, first_dim)) / vector] =
+            value;
     }
 }
 
@@ -331,13 +344,13 @@ fn rotary_attention_kernel<F: Float>(
 /// block's length). `slots` counts both.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn attend_row<F: Float>(
+fn attend_row<F: Float, NV: Size>(
     query: &SharedMemory<f32>,
     new_keys: &SharedMemory<f32>,
-    keys: &Array<F>,
+    keys: &Array<Vector<F, NV>>,
     key_strides: &Strides4,
     key_base: usize,
-    values: &Array<F>,
+    values: &Array<Vector<F, NV>>,
     value_strides: &Strides4,
     value_base: usize,
     new_values: &Array<F>,
@@ -358,6 +371,7 @@ fn attend_row<F: Float>(
     #[comptime] with_bias: bool,
     #[comptime] lane_dims: usize,
     #[comptime] walk_batch: usize,
+    #[comptime] vector: usize,
 ) {
     let unit = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(UNITS);
@@ -388,7 +402,7 @@ fn attend_row<F: Float>(
     let mut largest = f32::new(-3.0e38);
     let mut slot = first;
     while slot < end {
-        let value = score(
+        let value = score::<F, NV>(
             query,
             new_keys,
             keys,
@@ -403,6 +417,7 @@ fn attend_row<F: Float>(
             slot,
             dim,
             with_bias,
+            vector,
         );
         if slot < CACHED {
             scores[slot] = value;
@@ -418,7 +433,7 @@ fn attend_row<F: Float>(
     let mut count = 0usize;
     slot = first;
     while slot < end {
-        let p = weight(
+        let p = weight::<F, NV>(
             &scores,
             query,
             new_keys,
@@ -435,6 +450,7 @@ fn attend_row<F: Float>(
             dim,
             largest,
             with_bias,
+            vector,
         );
         if p != f32::new(0.0) {
             count += 1;
@@ -522,7 +538,7 @@ fn attend_row<F: Float>(
         if walking {
             let mut p = f32::new(0.0);
             if base + lane < stop {
-                p = weight(
+                p = weight::<F, NV>(
                     &scores,
                     query,
                     new_keys,
@@ -539,6 +555,7 @@ fn attend_row<F: Float>(
                     dim,
                     largest,
                     with_bias,
+                    vector,
                 );
             }
             window[unit] = p;
@@ -556,7 +573,7 @@ fn attend_row<F: Float>(
             while j + walk_batch <= walked {
                 #[unroll]
                 for i in 0..walk_batch {
-                    load_values(
+                    load_values::<F, NV>(
                         &mut loaded,
                         i * lane_dims,
                         values,
@@ -572,6 +589,7 @@ fn attend_row<F: Float>(
                         base + j + i,
                         first_dim,
                         lane_dims,
+                        vector,
                     );
                 }
                 #[unroll]
@@ -595,7 +613,7 @@ fn attend_row<F: Float>(
                 if p != f32::new(0.0) {
                     if from <= rank && rank < to {
                         total += p;
-                        load_values(
+                        load_values::<F, NV>(
                             &mut loaded,
                             0usize,
                             values,
@@ -611,6 +629,7 @@ fn attend_row<F: Float>(
                             base + j,
                             first_dim,
                             lane_dims,
+                            vector,
                         );
                         #[unroll]
                         for c in 0..lane_dims {
@@ -669,11 +688,11 @@ fn scan_step(counts: &mut SharedMemory<u32>, unit: usize, #[comptime] stride: us
 /// [`CACHED`] slots.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn weight<F: Float>(
+fn weight<F: Float, NV: Size>(
     scores: &SharedMemory<f32>,
     query: &SharedMemory<f32>,
     new_keys: &SharedMemory<f32>,
-    keys: &Array<F>,
+    keys: &Array<Vector<F, NV>>,
     key_strides: &Strides4,
     key_base: usize,
     start: usize,
@@ -686,11 +705,12 @@ fn weight<F: Float>(
     dim: usize,
     largest: f32,
     #[comptime] with_bias: bool,
+    #[comptime] vector: usize,
 ) -> f32 {
     let value = if slot < CACHED {
         scores[slot]
     } else {
-        score(
+        score::<F, NV>(
             query,
             new_keys,
             keys,
@@ -705,27 +725,29 @@ fn weight<F: Float>(
             slot,
             dim,
             with_bias,
+            vector,
         )
     };
     (value - largest).exp()
 }
 
-/// Loads a unit issues together before it adds them up, in order (key elements of a score,
-/// value rows of the weighted sum). With 4 (and the query re-read for every score) a layer's
-/// attention over 256 slots took ~55 µs of device time on the H200, about 40 with 16
+/// Loads a unit issues together before it adds them up, in order (key vectors of a score,
+/// value rows of the weighted sum). With 4 scalar loads (and the query re-read for every score) a
+/// layer's attention over 256 slots took ~55 µs of device time on the H200, about 40 with 16
 /// (docs/benchmarks.md, session 16).
 const GROUP: usize = 16;
 
 /// `q · k` over the head dimension in order, plus the bias, in f32; `query` holds the query row.
-/// The key of a slot before `start` comes from `keys`, a block token's from `new_keys` (see
-/// [`attend_row`]); the products are added in one place either way, so a key scores the same
-/// whether it is still in the block or already in the cache.
+/// The key of a slot before `start` comes from `keys`, `vector` elements per load, a block
+/// token's from `new_keys` (see [`attend_row`]); the products are added in one place, one
+/// element after another, whatever the loads' width, so a key scores the same whether it is
+/// still in the block or already in the cache, and read one element or four at a time.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn score<F: Float>(
+fn score<F: Float, NV: Size>(
     query: &SharedMemory<f32>,
     new_keys: &SharedMemory<f32>,
-    keys: &Array<F>,
+    keys: &Array<Vector<F, NV>>,
     key_strides: &Strides4,
     key_base: usize,
     start: usize,
@@ -737,43 +759,58 @@ fn score<F: Float>(
     slot: usize,
     dim: usize,
     #[comptime] with_bias: bool,
+    #[comptime] vector: usize,
 ) -> f32 {
+    // Elements per batch of loads: GROUP loads of `vector` elements.
+    let span = GROUP * vector;
     let mut dot = f32::new(0.0);
-    let mut loaded = Array::<f32>::new(GROUP);
+    let mut loaded = Array::<f32>::new(span);
     let cached = slot < start;
     let mut new_row = 0usize;
     if !cached {
         new_row = (slot - start) * dim;
     }
+    // Where the slot's key row starts and the distance between its elements (1 with vectors).
+    let row = key_base + offset4(key_strides, batch, kv_head, slot, 0);
+    let step = offset4(key_strides, 0, 0, 0, 1);
     let mut d = 0usize;
-    while d + GROUP <= dim {
+    while d + span <= dim {
         if cached {
             #[unroll]
             for i in 0..GROUP {
-                loaded[i] = f32::cast_from(
-                    keys[key_base + offset4(key_strides, batch, kv_head, slot, d + i)],
-                );
+                let loads = keys[(row + (d + i * vector) * step) / vector];
+                #[unroll]
+                for e in 0..vector {
+                    loaded[i * vector + e] = f32::cast_from(loads[e]);
+                }
             }
         } else {
             #[unroll]
-            for i in 0..GROUP {
+            for i in 0..span {
                 loaded[i] = new_keys[new_row + d + i];
             }
         }
         #[unroll]
-        for i in 0..GROUP {
+        for i in 0..span {
             dot += query[d + i] * loaded[i];
         }
-        d += GROUP;
+        d += span;
     }
+    // The rest one load at a time (`dim` is a multiple of `vector`).
     while d < dim {
-        let key = if cached {
-            f32::cast_from(keys[key_base + offset4(key_strides, batch, kv_head, slot, d)])
+        if cached {
+            let loads = keys[(row + d * step) / vector];
+            #[unroll]
+            for e in 0..vector {
+                dot += query[d + e] * f32::cast_from(loads[e]);
+            }
         } else {
-            new_keys[new_row + d]
-        };
-        dot += query[d] * key;
-        d += 1;
+            #[unroll]
+            for e in 0..vector {
+                dot += query[d + e] * new_keys[new_row + d + e];
+            }
+        }
+        d += vector;
     }
     if with_bias {
         dot += f32::cast_from(bias[offset4(bias_strides, batch, 0, t, slot)]);
@@ -782,15 +819,16 @@ fn score<F: Float>(
 }
 
 /// Elements `first_dim .. first_dim + lane_dims` of the value of `slot` into
-/// `loaded[at ..]`: from `values` before `start`, else from the block's row
-/// `block_row + slot - start` of `new_values`, columns from `value_column + first_dim` (see
-/// [`attend_row`]). The row's position is computed once for its `lane_dims` elements.
+/// `loaded[at ..]`: from `values` before `start` (`vector` elements per load; `lane_dims` is a
+/// multiple of it), else from the block's row `block_row + slot - start` of `new_values`, columns
+/// from `value_column + first_dim` (see [`attend_row`]). The row's position is computed once for
+/// its `lane_dims` elements.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_values<F: Float>(
+fn load_values<F: Float, NV: Size>(
     loaded: &mut Array<f32>,
     #[comptime] at: usize,
-    values: &Array<F>,
+    values: &Array<Vector<F, NV>>,
     value_strides: &Strides4,
     value_base: usize,
     new_values: &Array<F>,
@@ -803,13 +841,18 @@ fn load_values<F: Float>(
     slot: usize,
     first_dim: usize,
     #[comptime] lane_dims: usize,
+    #[comptime] vector: usize,
 ) {
     if slot < start {
         let row = value_base + offset4(value_strides, batch, kv_head, slot, first_dim);
         let step = offset4(value_strides, 0, 0, 0, 1);
         #[unroll]
-        for c in 0..lane_dims {
-            loaded[at + c] = f32::cast_from(values[row + c * step]);
+        for c in 0..lane_dims / vector {
+            let loads = values[(row + c * vector * step) / vector];
+            #[unroll]
+            for e in 0..vector {
+                loaded[at + c * vector + e] = f32::cast_from(loads[e]);
+            }
         }
     } else {
         let row = offset2(
@@ -863,6 +906,7 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
         if keys.dtype != queries.dtype || values.dtype != queries.dtype {
             return None;
         }
+        let vector = cache_vector(lane_dims, &[&keys, &values]);
         let bias = match self.bias {
             Some(bias) => {
                 let bias = to_cube::<R, B, 4>(bias)?;
@@ -884,6 +928,7 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
                 &client,
                 row_grid(rows),
                 CubeDim::new_1d(UNITS as u32),
+                vector,
                 queries.into_array_arg(),
                 keys.into_array_arg(),
                 values.into_array_arg(),
@@ -903,10 +948,36 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
                 self.bias.is_some(),
                 lane_dims,
                 walk_batch,
+                vector,
                 dtype.into(),
             )
         };
         from_cube::<R, B, 2>(output)
+    }
+}
+
+/// Elements per load of the cache's keys and values: [`LANE_DIMS`] where phase 3 walks that many
+/// dimensions per unit and every tensor's layout allows it (unit stride along the head
+/// dimension, the other strides and the binding's start multiples of the width), else 1. A score
+/// or a weighted sum is the same sequence of operations either way. Every unit of phase 1 reads
+/// its own slot's key row, so a warp's scalar load touched 32 rows and each 32-byte sector was
+/// fetched eight times; four-wide loads cut a layer's attention on the H200 from 20.8 to 14.5 µs
+/// for one token and from 29.7 to 16.5 µs for an 18-token tree (Nsight Compute,
+/// docs/benchmarks.md, session 20).
+fn cache_vector<R: CubeRuntime>(lane_dims: usize, tensors: &[&CubeTensor<R>]) -> usize {
+    let width = LANE_DIMS;
+    let aligned = |tensor: &&CubeTensor<R>| {
+        let strides_allow = match tensor.meta.strides().split_last() {
+            Some((1, outer)) => outer.iter().all(|stride| stride.is_multiple_of(width)),
+            _ => false,
+        };
+        let start = tensor.handle.offset_start.unwrap_or(0);
+        strides_allow && start.is_multiple_of((width * tensor.dtype.size()) as u64)
+    };
+    if lane_dims.is_multiple_of(width) && tensors.iter().all(aligned) {
+        width
+    } else {
+        1
     }
 }
 
@@ -987,6 +1058,8 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
         let output = empty_like(&qkv, [tokens, heads * dim]);
         // One layer of the storage as a 4-D array: its first element and the other strides.
         let (key_strides, value_strides) = (keys.meta.strides(), values.meta.strides());
+        // With every stride a multiple of the vector width, so is the layer's first element.
+        let vector = cache_vector(lane_dims, &[&keys, &values]);
         let [key_base, value_base] = scalars(&[layer * key_strides[0], layer * value_strides[0]])?;
         let (key_strides, value_strides) = (
             strides4_of(&key_strides[1..])?,
@@ -1005,6 +1078,7 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
                 &client,
                 row_grid(rows),
                 CubeDim::new_1d(UNITS as u32),
+                vector,
                 qkv.into_array_arg(),
                 cos.into_array_arg(),
                 sin.into_array_arg(),
@@ -1030,6 +1104,7 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
                 self.bias.is_some(),
                 lane_dims,
                 walk_batch,
+                vector,
                 dtype.into(),
             )
         };
