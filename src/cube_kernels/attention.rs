@@ -97,7 +97,10 @@ fn walk_shape(dim: usize) -> Option<(usize, usize)> {
 /// `[batch, kv_heads, slots, dim]`, written to `output` `[batch * len, heads * dim]`. The bias
 /// `[batch, 1, len, slots]` is read only `with_bias`, through its strides (on CUDA its rows are
 /// padded, and flattening it to `[batch * len, slots]` first cost a copy per layer). See the
-/// module documentation for the phases and why the value sums are split by rank.
+/// module documentation for the phases and why the value sums are split by rank. `keys` and
+/// `values` are read `NV` elements per load (`vector` repeats `NV` as a value the kernel can size
+/// its arrays with; [`cache_vector`] picks it), their strides and offsets still counted in
+/// elements.
 ///
 /// The buffers are `Array`s and their shapes and strides scalar arguments, since a launch binding
 /// `Tensor`s costs the host ~10–11.5 µs on the H200 against ~5–6.3 µs for arrays and scalars
