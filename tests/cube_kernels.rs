@@ -811,27 +811,28 @@ fn tree_like_bias(batch: usize, len: usize, slots: usize) -> Tensor<B, 4> {
 
 /// The attention over a view of a cache, against a host computation: the cache's keys and values
 /// are read four elements at a time where the head dimension and the layout allow it (40 and 64
-/// here), one at a time where they do not (a view starting one column into wider rows).
+/// here), one at a time where they do not (a transposed cache, whose head dimension is not the
+/// contiguous one).
 #[test]
 fn attention_matches_a_host_computation_over_a_strided_cache() {
     let (batch, heads, kv_heads, len) = (2, 6, 2, 5);
     // 300 slots (two per unit of the cube, units past 150 with none) visible out of a cache of
-    // 320: a strided view. 2,100 slots also pass the 2,048 whose scores the kernel keeps. Rows of
-    // `width` columns, the view's from `column`: 67 columns leave no four-element alignment.
-    for (dim, slots, capacity, width, column) in [
-        (40, 300, 320, 40, 0),
-        (40, 2100, 2112, 40, 0),
-        (64, 300, 320, 64, 0),
-        (64, 300, 320, 67, 1),
+    // 320: a strided view. 2,100 slots also pass the 2,048 whose scores the kernel keeps. The
+    // transposed cache is stored `[batch, kv_heads, dim, slots]` and read through swapped strides.
+    for (dim, slots, capacity, transposed) in [
+        (40, 300, 320, false),
+        (40, 2100, 2112, false),
+        (64, 300, 320, false),
+        (64, 300, 300, true),
     ] {
         // Queries scaled so that the scores stay ~5 in size whatever the dimension.
         let q = random([batch, heads, len, dim]).mul_scalar(0.2 * (40.0 / dim as f32).sqrt());
-        let cache_k = random([batch, kv_heads, capacity, width]);
-        let cache_v = random([batch, kv_heads, capacity, width]);
-        let view = |cache: Tensor<B, 4>| {
-            cache.slice([0..batch, 0..kv_heads, 0..slots, column..column + dim])
+        let cache = || match transposed {
+            true => random([batch, kv_heads, dim, capacity]).swap_dims(2, 3),
+            false => random([batch, kv_heads, capacity, dim]),
         };
-        let (keys, values) = (view(cache_k), view(cache_v));
+        let view = |cache: Tensor<B, 4>| cache.slice([0..batch, 0..kv_heads, 0..slots, 0..dim]);
+        let (keys, values) = (view(cache()), view(cache()));
         let bias = tree_like_bias(batch, len, slots);
         // Scores here are ~5 in size (40 products of N(0, 0.4) and N(0, 2) values): f32 rounds
         // each by ~1e-6, exp turns that into a relative error of the weights, and the outputs
