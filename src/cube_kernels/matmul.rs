@@ -113,7 +113,9 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     let first_row = CUBE_POS_X as usize * rows_per_cube;
     // Units past the last column or row compute on clamped indices (valid memory) and write
     // nothing: every unit must reach the barriers below. Slot `h · groups + g` is the weight
-    // vector of output columns `first_column + g · COLUMNS · width ..` of half `h`.
+    // vector of output columns `first_column + g · COLUMNS · width ..` of half `h`, kept as its
+    // element offset along the weight's rows: one multiply fewer per load took a tree's
+    // 576-column products from 11.5 to 9.3 µs on the H200 (docs/benchmarks.md, session 21).
     let mut read_columns = Array::<usize>::new(slots);
     #[unroll]
     for h in 0..halves {
@@ -125,7 +127,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
             } else {
                 columns - width
             };
-            read_columns[h * groups + g] = clamped + h * columns;
+            read_columns[h * groups + g] = (clamped + h * columns) * weight_step;
         }
     }
     // A multiple of UNROLL, so that a slice starts on an `x` vector whatever its width.
@@ -161,46 +163,26 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     let mut xs = Array::<f32>::new(UNROLL);
     let mut k = start;
     while k + UNROLL <= end {
-        #[unroll]
-        for u in 0..UNROLL {
-            #[unroll]
-            for j in 0..slots {
-                let vector = weight[((k + u) * weight_row + read_columns[j] * weight_step) / width];
-                #[unroll]
-                for v in 0..width {
-                    w[u * components + j * width + v] = f32::cast_from(vector[v]);
-                }
-            }
-        }
-        #[unroll]
-        for r in 0..rows_per_cube {
-            let row = source_rows[r];
-            #[unroll]
-            for q in 0..UNROLL / x_width {
-                let vector = x[(row * x_row + (k + q * x_width) * x_step) / x_width];
-                #[unroll]
-                for i in 0..x_width {
-                    xs[q * x_width + i] = f32::cast_from(vector[i]);
-                }
-            }
-            if normalize {
-                let mut square = squares[r];
-                #[unroll]
-                for u in 0..UNROLL {
-                    square += xs[u] * xs[u];
-                }
-                squares[r] = square;
-            }
-            #[unroll]
-            for c in 0..components {
-                let mut sum = sums[r * components + c];
-                #[unroll]
-                for u in 0..UNROLL {
-                    sum += xs[u] * w[u * components + c];
-                }
-                sums[r * components + c] = sum;
-            }
-        }
+        accumulate::<F, NX, NW>(
+            x,
+            weight,
+            k,
+            x_row,
+            x_step,
+            weight_row,
+            &read_columns,
+            &source_rows,
+            &mut sums,
+            &mut squares,
+            &mut w,
+            &mut xs,
+            UNROLL,
+            x_width,
+            width,
+            rows_per_cube,
+            slots,
+            normalize,
+        );
         k += UNROLL;
     }
     // The last slice's tail, only where `inputs` is not a multiple of UNROLL: `x` is then read
@@ -208,7 +190,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     while k < end {
         #[unroll]
         for j in 0..slots {
-            let vector = weight[(k * weight_row + read_columns[j] * weight_step) / width];
+            let vector = weight[(k * weight_row + read_columns[j]) / width];
             #[unroll]
             for v in 0..width {
                 w[j * width + v] = f32::cast_from(vector[v]);
@@ -248,6 +230,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
         sync_cube();
         if finisher {
             let mut total = partial[r];
+            #[unroll]
             for s in 1..SPLITS {
                 total += partial[s * rows_per_cube + r];
             }
@@ -270,6 +253,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
         sync_cube();
         if finisher {
             let mut total = partial[(r * batch + share) * COLUMNS + lane];
+            #[unroll]
             for s in 1..SPLITS {
                 total += partial[((s * rows_per_cube + r) * batch + share) * COLUMNS + lane];
             }
@@ -317,6 +301,74 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
                 }
                 output[row * columns + column] = F::cast_from(value);
             }
+        }
+    }
+}
+
+/// Adds inputs `k .. k + count` of the cube's rows to their sums (and sums of squares), one input
+/// after another: `count` inputs' weight vectors and `x` vectors are loaded first, so that their
+/// loads are in flight together.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn accumulate<F: Float, NX: Size, NW: Size>(
+    x: &Array<Vector<F, NX>>,
+    weight: &Array<Vector<F, NW>>,
+    k: usize,
+    x_row: usize,
+    x_step: usize,
+    weight_row: usize,
+    read_columns: &Array<usize>,
+    source_rows: &Array<usize>,
+    sums: &mut Array<f32>,
+    squares: &mut Array<f32>,
+    w: &mut Array<f32>,
+    xs: &mut Array<f32>,
+    #[comptime] count: usize,
+    #[comptime] x_width: usize,
+    #[comptime] width: usize,
+    #[comptime] rows_per_cube: usize,
+    #[comptime] slots: usize,
+    #[comptime] normalize: bool,
+) {
+    let components = slots * width;
+    #[unroll]
+    for u in 0..count {
+        #[unroll]
+        for j in 0..slots {
+            let vector = weight[((k + u) * weight_row + read_columns[j]) / width];
+            #[unroll]
+            for v in 0..width {
+                w[u * components + j * width + v] = f32::cast_from(vector[v]);
+            }
+        }
+    }
+    #[unroll]
+    for r in 0..rows_per_cube {
+        let row = source_rows[r];
+        #[unroll]
+        for q in 0..count / x_width {
+            let vector = x[(row * x_row + (k + q * x_width) * x_step) / x_width];
+            #[unroll]
+            for i in 0..x_width {
+                xs[q * x_width + i] = f32::cast_from(vector[i]);
+            }
+        }
+        if normalize {
+            let mut square = squares[r];
+            #[unroll]
+            for u in 0..count {
+                square += xs[u] * xs[u];
+            }
+            squares[r] = square;
+        }
+        #[unroll]
+        for c in 0..components {
+            let mut sum = sums[r * components + c];
+            #[unroll]
+            for u in 0..count {
+                sum += xs[u] * w[u * components + c];
+            }
+            sums[r * components + c] = sum;
         }
     }
 }
