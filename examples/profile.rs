@@ -10,12 +10,18 @@
 //! (Llama-2-7B's shape) runs on a GPU where no 7B weights are at hand. Every figure is the
 //! median of `--reps` timed repetitions after `--warmup` untimed ones, each ending with the one
 //! small readback a real round makes.
+//!
+//! With `--features host-profile`, `--host-profile stacks.folded` also samples the host's stacks
+//! (every thread) while it verifies `--host-profile-length` tokens over and over: where the time
+//! to queue a forward goes, on machines without a system profiler.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 #[path = "common/backend.rs"]
 mod backend;
+#[path = "common/host_sampler.rs"]
+mod host_sampler;
 #[path = "common/shapes.rs"]
 mod shapes;
 
@@ -85,6 +91,17 @@ struct Args {
     op_costs: bool,
     #[arg(long, default_value_t = 200)]
     op_repeats: usize,
+    /// Also sample the host's stacks while verifying `--host-profile-length` tokens for
+    /// `--host-profile-seconds`, and write them here as folded stacks (needs the
+    /// `host-profile` feature).
+    #[arg(long)]
+    host_profile: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    host_profile_length: usize,
+    #[arg(long, default_value_t = 5.0)]
+    host_profile_seconds: f64,
+    #[arg(long, default_value_t = 1999)]
+    host_profile_hertz: i32,
     /// Write all results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -134,6 +151,50 @@ fn time(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok((ms(times[times.len() / 2]), ms(times[0])))
+}
+
+/// A block of `len` random tokens after `context` cached ones, masked as a chain: the mask's
+/// contents do not change the cost, only its size.
+fn chain_block<B: Backend>(
+    len: usize,
+    context: usize,
+    vocab: usize,
+    rng: &mut impl Rng,
+    cache: &redrafter::KvCache<B>,
+    device: &B::Device,
+) -> Block<B> {
+    let mask: Vec<bool> = (0..len * len).map(|i| i % len <= i / len).collect();
+    let tokens: Vec<i64> = (0..len)
+        .map(|_| rng.random_range(0..vocab as i64))
+        .collect();
+    Block {
+        tokens: int_tensor::<B, 2>(tokens, [1, len], device),
+        positions: int_tensor::<B, 2>(
+            (context as i64..(context + len) as i64).collect(),
+            [1, len],
+            device,
+        ),
+        bias: Some(cache.attention_bias(len, Some(&[mask]), device)),
+    }
+}
+
+/// CPU time this process has used, all threads (Linux; 0 elsewhere).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // utime and stime are fields 14 and 15, counted after the command name's closing ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Clock ticks are 100 per second on every Linux this runs on.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn spinner(label: String) -> ProgressBar {
@@ -194,20 +255,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         prefill(&model, &mut cache, &[prompt])?;
         for &len in &args.lengths {
             let bar = spinner(format!("{shape}: verify L = {len}"));
-            // A chain: the mask's contents do not change the cost, only its size.
-            let mask: Vec<bool> = (0..len * len).map(|i| i % len <= i / len).collect();
-            let tokens: Vec<i64> = (0..len)
-                .map(|_| rng.random_range(0..vocab as i64))
-                .collect();
-            let block = Block {
-                tokens: int_tensor::<B, 2>(tokens, [1, len], &device),
-                positions: int_tensor::<B, 2>(
-                    (args.context as i64..(args.context + len) as i64).collect(),
-                    [1, len],
-                    &device,
-                ),
-                bias: Some(cache.attention_bias(len, Some(&[mask]), &device)),
-            };
+            let block = chain_block::<B>(len, args.context, vocab, &mut rng, &cache, &device);
             // Also the host's share: the time to enqueue the forward, before the readback
             // waits for the device (on asynchronous backends).
             let mut enqueue = Vec::new();
@@ -234,6 +282,36 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 &args.dtype,
                 size,
                 (host, enqueue[0]),
+            );
+        }
+
+        if let Some(out) = &args.host_profile {
+            let len = args.host_profile_length;
+            let bar = spinner(format!("{shape}: sampling the host, verify L = {len}"));
+            let block = chain_block::<B>(len, args.context, vocab, &mut rng, &cache, &device);
+            let mut forwards = 0usize;
+            let seconds = Duration::from_secs_f64(args.host_profile_seconds);
+            let cpu_start = process_cpu_seconds();
+            let kept = host_sampler::sample(out, args.host_profile_hertz, || {
+                let start = Instant::now();
+                while start.elapsed() < seconds {
+                    let hidden = model.forward(&block, &mut cache)?;
+                    let logits = model.logits(hidden);
+                    let best = redrafter::sampling::argmax_rows(logits).reshape([1, len]);
+                    cache.rollback();
+                    best.into_data();
+                    forwards += 1;
+                }
+                Ok(())
+            })?;
+            let cpu = process_cpu_seconds() - cpu_start;
+            bar.finish_and_clear();
+            eprintln!(
+                "host profile: {forwards} forwards of {len} tokens, {kept} samples kept of \
+                 ~{:.0} ({cpu:.2} s of CPU time at {} Hz) -> {}",
+                cpu * f64::from(args.host_profile_hertz),
+                args.host_profile_hertz,
+                out.display()
             );
         }
 
