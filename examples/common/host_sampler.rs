@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 /// Samples every thread of the process at `hertz` while `work` runs, and writes the folded stacks
 /// to `out`. Samples whose innermost frame is in libc, libgcc, libpthread or the vDSO are dropped
@@ -14,6 +14,8 @@ use anyhow::{Context, Result};
 #[cfg(all(feature = "host-profile", target_os = "linux"))]
 pub fn sample(out: &Path, hertz: i32, work: impl FnOnce() -> Result<()>) -> Result<usize> {
     use std::fmt::Write as _;
+
+    use anyhow::Context;
 
     let guard = pprof::ProfilerGuardBuilder::default()
         .frequency(hertz)
