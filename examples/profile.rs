@@ -28,7 +28,7 @@ mod shapes;
 use anyhow::{Result, bail};
 use backend::run_on_backend;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::{Distribution, Int, Tensor};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
@@ -178,6 +178,18 @@ fn chain_block<B: Backend>(
     }
 }
 
+/// Queues a verification of `block` (forward, logits, each row's argmax) and returns the argmax,
+/// as `[1, len]`, not yet read back: reading it is the round's one readback.
+fn queue_verify<B: Backend>(
+    model: &Llama<B>,
+    block: &Block<B>,
+    cache: &mut redrafter::KvCache<B>,
+) -> Result<Tensor<B, 2, Int>> {
+    let len = block.tokens.dims()[1];
+    let hidden = model.forward(block, cache)?;
+    Ok(redrafter::sampling::argmax_rows(model.logits(hidden)).reshape([1, len]))
+}
+
 /// CPU time this process has used, all threads (Linux; 0 elsewhere).
 fn process_cpu_seconds() -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
@@ -261,9 +273,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             let mut enqueue = Vec::new();
             let timing = time(args.warmup, args.reps, || {
                 let start = Instant::now();
-                let hidden = model.forward(&block, &mut cache)?;
-                let logits = model.logits(hidden);
-                let best = redrafter::sampling::argmax_rows(logits).reshape([1, len]);
+                let best = queue_verify(&model, &block, &mut cache)?;
                 enqueue.push(start.elapsed().as_secs_f64() * 1e3);
                 cache.rollback();
                 best.into_data();
@@ -295,9 +305,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             let kept = host_sampler::sample(out, args.host_profile_hertz, || {
                 let start = Instant::now();
                 while start.elapsed() < seconds {
-                    let hidden = model.forward(&block, &mut cache)?;
-                    let logits = model.logits(hidden);
-                    let best = redrafter::sampling::argmax_rows(logits).reshape([1, len]);
+                    let best = queue_verify(&model, &block, &mut cache)?;
                     cache.rollback();
                     best.into_data();
                     forwards += 1;
