@@ -557,17 +557,36 @@ fn init_from_starts_a_new_run_from_trained_weights() {
         tuned_loss < 0.8 * fresh_loss,
         "fresh {fresh_loss}, trained {trained_loss}, tuned {tuned_loss}"
     );
-    // Another architecture than the file's is refused.
-    let other = train_drafter(
+    // A deeper head grows from the file: its extra block starts as the identity, so its first
+    // loss is the trained drafter's, to the bit.
+    let deeper = train_drafter(
         &model,
         &drafter_config().with_num_draft_layers(3),
         &train,
         &eval,
-        dir.join("other.safetensors"),
+        dir.join("deeper.safetensors"),
         &config,
         CheckpointDType::F32,
         |_| {},
-    );
-    assert!(matches!(other, Err(Error::InvalidConfig(_))), "{other:?}");
+    )
+    .unwrap();
+    assert_eq!(deeper.first_loss, tuned.first_loss);
+    // Another architecture than the file's is refused: a narrower head, or fewer blocks.
+    for other in [
+        drafter_config().with_exit_dim(TOY.hidden),
+        drafter_config().with_num_draft_layers(1),
+    ] {
+        let other = train_drafter(
+            &model,
+            &other,
+            &train,
+            &eval,
+            dir.join("other.safetensors"),
+            &config,
+            CheckpointDType::F32,
+            |_| {},
+        );
+        assert!(matches!(other, Err(Error::InvalidConfig(_))), "{other:?}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

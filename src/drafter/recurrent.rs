@@ -452,6 +452,28 @@ impl<B: Backend> RecurrentDrafter<B> {
         })
     }
 
+    /// Appends `extra` residual blocks whose weights and biases are zero. Such a block is the
+    /// identity (`x + SiLU(0 · x + 0) = x`, exactly), so the drafter drafts exactly as before;
+    /// training then grows the new blocks from there (SiLU's slope at 0 is ½, so their gradients
+    /// are not zero). This is how a trained head gets more depth without starting over
+    /// (`train_drafter train --init-from … --num-layers N`).
+    pub fn with_extra_res_blocks(mut self, extra: usize) -> Self {
+        let width = self.config.exit_dim;
+        let like = self.head.weight.val();
+        for _ in 0..extra {
+            let weight = Tensor::<B, 2>::zeros([width, width], &like.device()).cast(like.dtype());
+            let bias = Tensor::<B, 1>::zeros([width], &like.device()).cast(like.dtype());
+            self.res_blocks.push(ResBlock {
+                linear: Linear {
+                    weight: Param::from_tensor(weight),
+                    bias: Some(Param::from_tensor(bias)),
+                },
+            });
+        }
+        self.config.num_draft_layers += extra;
+        self
+    }
+
     /// Dtype the parameters compute in; inputs of another float dtype are cast to it.
     pub fn param_dtype(&self) -> DType {
         self.head.weight.val().dtype()

@@ -378,6 +378,28 @@ fn forward_matches_host_math() {
     }
 }
 
+#[test]
+fn extra_zero_blocks_leave_the_drafter_unchanged() {
+    let config = small_config().with_head(DraftHeadKind::Tied);
+    let h = config.hidden_size;
+    let d = drafter(&config, 9);
+    let grown = d.clone().with_extra_res_blocks(2);
+    assert_eq!(grown.config().num_draft_layers, config.num_draft_layers + 2);
+    assert_eq!(grown.res_blocks.len(), config.num_draft_layers + 2);
+    let (ctx, s0, e) = (random(3, h, 3), random(3, h, 4), random(3, h, 5));
+    let logits = |d: &RecurrentDrafter<B>| {
+        let state = d.step(s0.clone(), e.clone()).unwrap();
+        floats(d.head_logits(ctx.clone(), state).unwrap())
+    };
+    // Bit for bit: a zero block adds an exact zero.
+    assert_eq!(logits(&d), logits(&grown));
+    // The new blocks are parameters like the others (trained, saved).
+    assert_eq!(
+        grown.num_params(),
+        d.num_params() + 2 * (config.exit_dim * config.exit_dim + config.exit_dim)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Beam search
 // ---------------------------------------------------------------------------------------------

@@ -139,8 +139,10 @@ pub struct TrainConfig {
     pub time_budget_secs: Option<f64>,
     /// Start from this drafter's weights instead of a random initialisation (a new run: step 0,
     /// a fresh schedule and optimiser), e.g. to fine-tune a trained drafter on new data or
-    /// another objective. Its configuration must be the one asked for. A checkpoint found by
-    /// `resume` takes precedence.
+    /// another objective. Its configuration must be the one asked for, except that it may have
+    /// fewer residual blocks: the missing ones are added as the identity
+    /// ([`RecurrentDrafter::with_extra_res_blocks`](crate::drafter::RecurrentDrafter::with_extra_res_blocks)).
+    /// A checkpoint found by `resume` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<std::path::PathBuf>,
 }
@@ -444,8 +446,27 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         }
         None => match &config.init_from {
             Some(path) => {
-                let drafter = RecurrentDrafter::<TrainBackend<B>>::load_parameters(path, &device)?
-                    .with_embeddings(input_embedding, output_embedding)?;
+                let mut drafter =
+                    RecurrentDrafter::<TrainBackend<B>>::load_parameters(path, &device)?
+                        .with_embeddings(input_embedding, output_embedding)?;
+                // A shallower head grows: the new blocks start as the identity.
+                let loaded = drafter.config().clone();
+                let extra = drafter_config
+                    .num_draft_layers
+                    .saturating_sub(loaded.num_draft_layers);
+                if extra > 0
+                    && loaded
+                        .clone()
+                        .with_num_draft_layers(drafter_config.num_draft_layers)
+                        == drafter_config
+                {
+                    tracing::info!(
+                        from = loaded.num_draft_layers,
+                        to = drafter_config.num_draft_layers,
+                        "adding residual blocks that start as the identity"
+                    );
+                    drafter = drafter.with_extra_res_blocks(extra);
+                }
                 if drafter.config() != &drafter_config {
                     return Err(Error::InvalidConfig(format!(
                         "{} holds drafter {:?}; asked for {:?}",
