@@ -583,6 +583,85 @@ fn rotating_into_the_cache_writes_the_rotated_keys_and_values_in_place() {
     );
 }
 
+/// The QKV product that rotates its own outputs (`rotary_product_into_cache`, one launch) gives bit
+/// for bit what the normed product and the rotation into the cache give (two launches), and
+/// writes the same keys and values: f32 and f16, GQA, several batch entries, a decoding step's
+/// one row and a tree's many, head dimensions whose halves are and are not a multiple of the
+/// product's four-column loads, inputs read one at a time and four at a time. A block past the
+/// storage's slots is declined and nothing is written.
+#[test]
+fn the_rotating_product_equals_product_then_rotation_bit_for_bit() {
+    use burn::tensor::DType;
+    use cube_kernels::ProductFolds;
+    let (layers, layer, start, eps) = (2, 1, 5, 1e-5);
+    for dtype in [DType::F32, DType::F16] {
+        for (batch, len, heads, kv_heads, dim, inputs) in [
+            (1, 1, 9, 3, 64, 576),
+            (1, 18, 9, 3, 64, 576),
+            (2, 5, 4, 2, 8, 301),
+            (2, 13, 3, 1, 6, 64),
+        ] {
+            let config = small_config(heads, kv_heads, dim, 1, 8);
+            let rope = RotaryEmbedding::<B>::new(&config, 64, &device());
+            let positions: Vec<i64> = (0..batch * len).map(|i| (start + i % len) as i64).collect();
+            let positions =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(positions, [batch, len]), &device());
+            let angles = rope.angles(&positions);
+            let (cos, sin) = (angles.cos.cast(dtype), angles.sin.cast(dtype));
+            let width = (heads + 2 * kv_heads) * dim;
+            let x = random([batch * len, inputs]).cast(dtype);
+            let weight = random([inputs, width]).div_scalar(10.0).cast(dtype);
+            let slots = start + len + 2;
+            let storage = || random([layers, batch, kv_heads, slots, dim]).cast(dtype);
+            let (keys, values) = (storage(), storage());
+            // Copies (f16 values round-trip exactly through f32).
+            let copy = |tensor: &Tensor<B, 5>| {
+                Tensor::<B, 5>::from_data(tensor.to_data(), &device()).cast(dtype)
+            };
+            let (keys2, values2) = (copy(&keys), copy(&values));
+            let folds = ProductFolds {
+                rms_norm_eps: Some(eps),
+                ..Default::default()
+            };
+            let case = format!("{dtype:?} batch {batch} len {len} dim {dim}");
+            let qkv = cube_kernels::fused_matmul(&x, &weight, folds)
+                .expect("the product applies")
+                .reshape([batch, len, width]);
+            let q_two_launches = cube_kernels::rotate_qkv_into_cache(
+                &qkv, &cos, &sin, heads, kv_heads, &keys2, &values2, layer, start,
+            )
+            .unwrap_or_else(|| panic!("{case}: the rotation applies"));
+            let rotating_product = |keys: &Tensor<B, 5>, values: &Tensor<B, 5>| {
+                cube_kernels::rotary_product_into_cache(
+                    &x,
+                    &weight,
+                    Some(eps),
+                    &cos,
+                    &sin,
+                    heads,
+                    kv_heads,
+                    keys,
+                    values,
+                    layer,
+                    start,
+                )
+            };
+            let q = rotating_product(&keys, &values)
+                .unwrap_or_else(|| panic!("{case}: the rotating product applies"));
+            assert_eq!(q.dims(), [batch, heads, len, dim], "{case}");
+            assert_eq!(bits(q), bits(q_two_launches), "{case}: queries");
+            assert_eq!(bits(keys), bits(keys2), "{case}: keys");
+            assert_eq!(bits(values), bits(values2), "{case}: values");
+
+            let too_late = random([layers, batch, kv_heads, start + len - 1, dim]).cast(dtype);
+            let before = bits(too_late.clone());
+            let declined = rotating_product(&too_late, &too_late);
+            assert!(declined.is_none(), "{case}: past the storage");
+            assert_eq!(bits(too_late), before, "{case}: nothing written");
+        }
+    }
+}
+
 /// The attention that rotates its block itself (`rotary_attention_into_cache`, one launch) gives
 /// bit for bit what the rotation into the cache and the attention over the cache's view give (two
 /// launches), and writes the same keys and values: with and without a tree's bias, in f32 and f16,
@@ -951,30 +1030,45 @@ fn a_verification_tree_reproduces_decoding_bit_for_bit() {
             cache.commit(&[vec![0]]).unwrap();
         }
 
-        // One tree: a → {x, b}, b → {y, c}; the path a, b, c sits at indices 0, 2, 4.
-        let mut cache = model.new_cache(1, 64);
-        prefill(&mut cache);
-        let tokens = [path[0], 77, path[1], 150, path[2]];
-        let parents: [Option<usize>; 5] = [None, Some(0), Some(0), Some(2), Some(2)];
-        let mut mask = vec![false; 25];
-        for t in 0..5 {
-            let mut node = Some(t);
-            while let Some(n) = node {
-                mask[t * 5 + n] = true;
-                node = parents[n];
+        // One tree: a → {x, b}, b → {y, c}; the path a, b, c sits at indices 0, 2, 4. Five
+        // tokens take the attention that rotates its block; with 14 more children of a, too many
+        // keys for it, the QKV product rotates them.
+        for extra in [0usize, 14] {
+            let mut cache = model.new_cache(1, 64);
+            prefill(&mut cache);
+            let mut tokens = vec![path[0], 77, path[1], 150, path[2]];
+            let mut parents = vec![None, Some(0), Some(0), Some(2), Some(2)];
+            let mut positions = vec![p, p + 1, p + 1, p + 2, p + 2];
+            for i in 0..extra {
+                tokens.push(180 + i as i64);
+                parents.push(Some(0));
+                positions.push(p + 1);
             }
-        }
-        let block = Block {
-            tokens: ids(&tokens),
-            positions: ids(&[p, p + 1, p + 1, p + 2, p + 2]),
-            bias: Some(cache.attention_bias(5, Some(&[mask]), &device())),
-        };
-        let hidden = model.forward(&block, &mut cache).unwrap();
-        let logits = model.logits(hidden);
-        let vocab = 300;
-        for (step, index) in [0usize, 2, 4].into_iter().enumerate() {
-            let row = logits.clone().slice([0..1, index..index + 1, 0..vocab]);
-            assert_eq!(bits(row), decoded[step], "{dtype:?}: path token {step}");
+            let n = tokens.len();
+            let mut mask = vec![false; n * n];
+            for t in 0..n {
+                let mut node = Some(t);
+                while let Some(index) = node {
+                    mask[t * n + index] = true;
+                    node = parents[index];
+                }
+            }
+            let block = Block {
+                tokens: ids(&tokens),
+                positions: ids(&positions),
+                bias: Some(cache.attention_bias(n, Some(&[mask]), &device())),
+            };
+            let hidden = model.forward(&block, &mut cache).unwrap();
+            let logits = model.logits(hidden);
+            let vocab = 300;
+            for (step, index) in [0usize, 2, 4].into_iter().enumerate() {
+                let row = logits.clone().slice([0..1, index..index + 1, 0..vocab]);
+                assert_eq!(
+                    bits(row),
+                    decoded[step],
+                    "{dtype:?}, {n}-token tree: path token {step}"
+                );
+            }
         }
     }
 }

@@ -76,6 +76,12 @@ const FILL: usize = 2;
 /// longer (docs/benchmarks.md, session 18). Longer blocks take the rotation and attention kernels.
 const BLOCK_KEYS: usize = FILL * UNITS;
 
+/// Whether a block of `len` tokens of head dimension `dim` fits [`rotary_attention_kernel`]'s
+/// shared memory ([`BLOCK_KEYS`]).
+pub(super) fn rotary_block_fits(len: usize, dim: usize) -> bool {
+    len * dim <= BLOCK_KEYS
+}
+
 /// Shared memory of [`rotary_attention_kernel`].
 const ROTARY_SHARED_BYTES: usize = 4 * (BLOCK_KEYS + MAX_DIM + CACHED + 3 * UNITS + 3 * MAX_GROUPS);
 
@@ -1022,7 +1028,7 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
             || cache_heads != kv_heads
             || cache_dim != dim
             || slots > capacity
-            || len * dim > BLOCK_KEYS
+            || !rotary_block_fits(len, dim)
             || self
                 .bias
                 .is_some_and(|b| b.dims() != [batch, 1, len, slots])

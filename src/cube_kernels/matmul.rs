@@ -25,7 +25,11 @@ use cubecl::prelude::*;
 
 use super::ProductFolds;
 use super::dispatch::{CubeOp, empty_like, from_cube, to_cube};
-use super::reduce::scalar;
+use super::reduce::{
+    Strides2, Strides2Launch, Strides4, Strides4Launch, Strides5, Strides5Launch, offset2, offset4,
+    offset5, scalar, scalars, strides2, strides4, strides5,
+};
+use super::rope::{CacheBlock, rotate_pair};
 
 /// Output columns per cube (units along `x`).
 const COLUMNS: usize = 16;
@@ -71,6 +75,11 @@ const MIN_WIDE_CUBES: usize = 16;
 /// - `add_addend`, `add_bias`: `+ addend[row, column]`, `+ bias[0, column]`; then `silu`: SiLU.
 /// - `add_residual`: `output += residual`, last.
 /// - `batch`: sums of how many output columns go through shared memory together (divides `NW`).
+/// - `rotate` (with `halves` = 2, no other fold but the norm): the QKV product of a Llama layer,
+///   rotated and split into heads ([`write_rotated_pair`]). Logical column `c` is the rotation
+///   pair of physical columns `(c / half) · dim + c % half` and `half` further (`dim = 2 · half`
+///   the head dimension): a unit sums both elements of a pair, so it can rotate them; `output`
+///   is then Q `[batch, heads, len, dim]`, and K and V go to the cache's storage.
 ///
 /// Tensors whose flag is off are not read (any tensor will do).
 #[allow(clippy::too_many_arguments)]
@@ -81,8 +90,13 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     addend: &Array<F>,
     bias: &Array<F>,
     residual: &Array<F>,
+    cos: &Array<F>,
+    sin: &Array<F>,
     output: &mut Array<F>,
+    keys: &mut Array<F>,
+    values: &mut Array<F>,
     strides: ProductStrides,
+    heads: RotationHeads,
     eps: f32,
     #[comptime] x_width: usize,
     #[comptime] width: usize,
@@ -96,6 +110,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     #[comptime] add_bias: bool,
     #[comptime] silu: bool,
     #[comptime] add_residual: bool,
+    #[comptime] rotate: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let rows = strides.rows as usize;
@@ -127,7 +142,12 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
             } else {
                 columns - width
             };
-            read_columns[h * groups + g] = (clamped + h * columns) * weight_step;
+            let mut physical = clamped + h * columns;
+            if rotate {
+                let half = heads.half as usize;
+                physical = (clamped / half) * 2 * half + clamped % half + h * half;
+            }
+            read_columns[h * groups + g] = physical * weight_step;
         }
     }
     // A multiple of UNROLL, so that a slice starts on an `x` vector whatever its width.
@@ -262,7 +282,37 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
         sync_cube();
     }
     let row = first_row + r;
-    if finisher && row < rows {
+    if rotate {
+        if finisher && row < rows {
+            // As with SwiGLU, the second half's rounds hold each pair's second element.
+            #[unroll]
+            for b in 0..groups * width / batch {
+                let component = b * batch + share;
+                let column =
+                    first_column + (component / width) * COLUMNS * width + component % width;
+                if column < columns {
+                    let mut first = totals[b];
+                    let mut second = totals[b + groups * width / batch];
+                    if normalize {
+                        first *= scale;
+                        second *= scale;
+                    }
+                    write_rotated_pair::<F>(
+                        F::cast_from(first),
+                        F::cast_from(second),
+                        row,
+                        column,
+                        cos,
+                        sin,
+                        output,
+                        keys,
+                        values,
+                        &heads,
+                    );
+                }
+            }
+        }
+    } else if finisher && row < rows {
         // Round `b` gave this unit component `b · batch + share`; the first half's rounds hold
         // the outputs (the gates with SwiGLU), the second half's the up projections.
         #[unroll]
@@ -373,6 +423,84 @@ fn accumulate<F: Float, NX: Size, NW: Size>(
     }
 }
 
+/// Rotates the pair `(first, second)` — elements `d` and `d + half` of a head in token row `row`,
+/// the product already rounded to the element type as a separate rotation kernel would read it —
+/// with [`rotate_pair`], and writes it where [`super::rope`]'s kernel would: Q heads to `q`, K
+/// heads to slots `start + t` of the cache's `keys`, V heads unrotated to its `values`. `column`
+/// is the pair's logical column (`head · half + d`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_rotated_pair<F: Float>(
+    first: F,
+    second: F,
+    row: usize,
+    column: usize,
+    cos: &Array<F>,
+    sin: &Array<F>,
+    q: &mut Array<F>,
+    keys: &mut Array<F>,
+    values: &mut Array<F>,
+    heads: &RotationHeads,
+) {
+    let half = heads.half as usize;
+    let (query_heads, kv_heads) = (heads.heads as usize, heads.kv_heads as usize);
+    let len = heads.len as usize;
+    let head = column / half;
+    let d = column % half;
+    let batch = row / len;
+    let t = row % len;
+    let slot = heads.start as usize + t;
+    if head < query_heads + kv_heads {
+        let x0 = f32::cast_from(first);
+        let x1 = f32::cast_from(second);
+        let rotated0 = rotate_pair(
+            x0,
+            x1,
+            f32::cast_from(cos[offset2(&heads.cos, row, d)]),
+            f32::cast_from(sin[offset2(&heads.sin, row, d)]),
+        );
+        let rotated1 = rotate_pair(
+            x1,
+            x0,
+            f32::cast_from(cos[offset2(&heads.cos, row, d + half)]),
+            f32::cast_from(sin[offset2(&heads.sin, row, d + half)]),
+        );
+        if head < query_heads {
+            q[offset4(&heads.q, batch, head, t, d)] = F::cast_from(rotated0);
+            q[offset4(&heads.q, batch, head, t, d + half)] = F::cast_from(rotated1);
+        } else {
+            let layer = heads.layer as usize;
+            let kv_head = head - query_heads;
+            keys[offset5(&heads.k, layer, batch, kv_head, slot, d)] = F::cast_from(rotated0);
+            keys[offset5(&heads.k, layer, batch, kv_head, slot, d + half)] = F::cast_from(rotated1);
+        }
+    } else {
+        let layer = heads.layer as usize;
+        let kv_head = head - query_heads - kv_heads;
+        values[offset5(&heads.v, layer, batch, kv_head, slot, d)] = first;
+        values[offset5(&heads.v, layer, batch, kv_head, slot, d + half)] = second;
+    }
+}
+
+/// Where [`write_rotated_pair`] reads its tables and writes its heads, as launch constants (see
+/// [`ProductStrides`]): half the head dimension, the head counts, the block's length (the
+/// product's rows are `batch · len` tokens), the cache layer and first slot it fills, and the
+/// strides of the tables `[batch · len, dim]`, of Q and of the cache's keys and values.
+#[derive(CubeLaunch, CubeType)]
+struct RotationHeads {
+    half: u32,
+    heads: u32,
+    kv_heads: u32,
+    len: u32,
+    layer: u32,
+    start: u32,
+    cos: Strides2,
+    sin: Strides2,
+    q: Strides4,
+    k: Strides5,
+    v: Strides5,
+}
+
 /// What [`row_matmul_kernel`] indexes its arrays with, passed as launch constants: tensor
 /// arguments would carry the same shapes and strides, but CubeCL copies those into a new device
 /// buffer at every launch, which cost the host ~5 µs of a launch's ~11 on the H200
@@ -405,109 +533,292 @@ impl<B: Backend> CubeOp<B> for RowMatmul<'_, B> {
     type Output = BurnTensor<B, 2>;
 
     fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
-        let [rows, inputs] = self.x.dims();
-        let [weight_inputs, weight_columns] = self.weight.dims();
-        let folds = self.folds;
-        let halves = if folds.swiglu { 2 } else { 1 };
-        let columns = weight_columns / halves;
-        if rows == 0
-            || rows > super::MATMUL_MAX_ROWS
-            || inputs == 0
-            || columns == 0
-            || weight_inputs != inputs
-            || weight_columns % halves != 0
-            || (folds.swiglu && folds.silu)
-            || [folds.residual, folds.addend]
-                .into_iter()
-                .flatten()
-                .any(|tensor| tensor.dims() != [rows, columns])
-            || folds.bias.is_some_and(|bias| bias.dims() != [columns])
-        {
-            return None;
-        }
-        let x = to_cube::<R, B, 2>(self.x)?;
-        let weight = to_cube::<R, B, 2>(self.weight)?;
-        let optional = |tensor: Option<&BurnTensor<B, 2>>| match tensor {
-            Some(tensor) => to_cube::<R, B, 2>(tensor).map(Some),
-            None => Some(None),
-        };
-        let residual = optional(folds.residual)?;
-        let addend = optional(folds.addend)?;
-        let bias_row = folds.bias.map(|bias| bias.clone().reshape([1, columns]));
-        let bias = optional(bias_row.as_ref())?;
-        if weight.dtype != x.dtype
-            || [&residual, &addend, &bias]
-                .into_iter()
-                .flatten()
-                .any(|tensor| tensor.dtype != x.dtype)
-        {
-            return None;
-        }
-        let output = empty_like(&x, [rows, columns]);
-        let (client, dtype) = (x.client.clone(), x.dtype);
-        let layout = Layout::choose(rows, columns, halves, &x, &weight);
-        let cubes = CubeCount::Static(
-            rows.div_ceil(layout.rows_per_cube) as u32,
-            columns.div_ceil(COLUMNS * layout.groups * layout.width) as u32,
-            1,
-        );
-        let (add_residual, add_addend, add_bias) =
-            (residual.is_some(), addend.is_some(), bias.is_some());
-        let stride = |tensor: &Option<CubeTensor<R>>, dim: usize| {
-            tensor
-                .as_ref()
-                .map_or(Some(0), |tensor| scalar(tensor.meta.strides()[dim]))
-        };
-        // Declined, like every other kernel's launch, where a size or stride does not fit a u32.
-        let strides = ProductStridesLaunch::new(
-            scalar(rows)?,
-            scalar(inputs)?,
-            scalar(columns)?,
-            scalar(x.meta.strides()[0])?,
-            scalar(x.meta.strides()[1])?,
-            scalar(weight.meta.strides()[0])?,
-            scalar(weight.meta.strides()[1])?,
-            stride(&addend, 0)?,
-            stride(&addend, 1)?,
-            stride(&bias, 1)?,
-            stride(&residual, 0)?,
-            stride(&residual, 1)?,
-        );
-        // Unused bindings: any tensor will do.
-        let residual = residual.unwrap_or_else(|| x.clone());
-        let addend = addend.unwrap_or_else(|| x.clone());
-        let bias = bias.unwrap_or_else(|| x.clone());
-        unsafe {
-            row_matmul_kernel::launch_unchecked::<R>(
-                &client,
-                cubes,
-                CubeDim::new_2d(COLUMNS as u32, SPLITS as u32),
-                layout.x_width,
-                layout.width,
-                x.into_array_arg(),
-                weight.into_array_arg(),
-                addend.into_array_arg(),
-                bias.into_array_arg(),
-                residual.into_array_arg(),
-                output.clone().into_array_arg(),
-                strides,
-                folds.rms_norm_eps.unwrap_or(0.0) as f32,
-                layout.x_width,
-                layout.width,
-                layout.rows_per_cube,
-                layout.groups,
-                halves,
-                layout.batch,
-                folds.swiglu,
-                folds.rms_norm_eps.is_some(),
-                add_addend,
-                add_bias,
-                folds.silu,
-                add_residual,
-                dtype.into(),
-            )
-        };
+        let output = launch_product::<R, B>(self.x, self.weight, self.folds, None)?;
         from_cube::<R, B, 2>(output)
+    }
+}
+
+/// The operation behind [`super::rotary_product_into_cache`]: a Llama layer's QKV product, its
+/// norm folded in, rotated and split into heads, K and V written into a cache block.
+pub(super) struct RotaryProduct<'a, B: Backend> {
+    pub x: &'a BurnTensor<B, 2>,
+    pub weight: &'a BurnTensor<B, 2>,
+    pub rms_norm_eps: Option<f64>,
+    pub rotation: Rotation<'a, B>,
+}
+
+/// What [`RotaryProduct`] rotates with and where it writes K and V.
+pub(super) struct Rotation<'a, B: Backend> {
+    /// `[batch, 1, len, head_dim]` (see [`super::rotate_qkv`]).
+    pub cos: &'a BurnTensor<B, 4>,
+    pub sin: &'a BurnTensor<B, 4>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub cache: CacheBlock<'a, B>,
+}
+
+impl<B: Backend> CubeOp<B> for RotaryProduct<'_, B> {
+    type Output = BurnTensor<B, 4>;
+
+    fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
+        let folds = ProductFolds {
+            rms_norm_eps: self.rms_norm_eps,
+            ..ProductFolds::default()
+        };
+        let q = launch_product::<R, B>(self.x, self.weight, folds, Some(self.rotation))?;
+        from_cube::<R, B, 4>(q)
+    }
+}
+
+/// Launches [`row_matmul_kernel`]: the product `[rows, columns]`, or with `rotation` the
+/// rotated queries `[batch, heads, len, head_dim]` (K and V written into the cache). `None`, with
+/// nothing launched, where the shapes, dtypes or strides do not fit.
+fn launch_product<R: CubeRuntime, B: Backend>(
+    x: &BurnTensor<B, 2>,
+    weight: &BurnTensor<B, 2>,
+    folds: ProductFolds<'_, B>,
+    rotation: Option<Rotation<'_, B>>,
+) -> Option<CubeTensor<R>> {
+    let [rows, inputs] = x.dims();
+    let [weight_inputs, weight_columns] = weight.dims();
+    let rotate = rotation.is_some();
+    let halves = if folds.swiglu || rotate { 2 } else { 1 };
+    let columns = weight_columns / halves;
+    if rows == 0
+        || rows > super::MATMUL_MAX_ROWS
+        || inputs == 0
+        || columns == 0
+        || weight_inputs != inputs
+        || weight_columns % halves != 0
+        || (folds.swiglu && folds.silu)
+        || [folds.residual, folds.addend]
+            .into_iter()
+            .flatten()
+            .any(|tensor| tensor.dims() != [rows, columns])
+        || folds.bias.is_some_and(|bias| bias.dims() != [columns])
+    {
+        return None;
+    }
+    // The rotation takes no fold but the norm: a Llama layer's QKV product has no other.
+    if rotate
+        && (folds.swiglu
+            || folds.silu
+            || folds.addend.is_some()
+            || folds.bias.is_some()
+            || folds.residual.is_some())
+    {
+        return None;
+    }
+    let x_cube = to_cube::<R, B, 2>(x)?;
+    let weight = to_cube::<R, B, 2>(weight)?;
+    let optional = |tensor: Option<&BurnTensor<B, 2>>| match tensor {
+        Some(tensor) => to_cube::<R, B, 2>(tensor).map(Some),
+        None => Some(None),
+    };
+    let residual = optional(folds.residual)?;
+    let addend = optional(folds.addend)?;
+    let bias_row = folds.bias.map(|bias| bias.clone().reshape([1, columns]));
+    let bias = optional(bias_row.as_ref())?;
+    let x = x_cube;
+    if weight.dtype != x.dtype
+        || [&residual, &addend, &bias]
+            .into_iter()
+            .flatten()
+            .any(|tensor| tensor.dtype != x.dtype)
+    {
+        return None;
+    }
+    let rotation_half = rotation.as_ref().map(|rotation| rotation.cos.dims()[3] / 2);
+    let layout = Layout::choose(rows, columns, halves, rotation_half, &x, &weight);
+    let targets = match rotation {
+        Some(rotation) => Some(RotationTargets::new(&rotation, &x, rows, columns, &layout)?),
+        None => None,
+    };
+    let (client, dtype) = (x.client.clone(), x.dtype);
+    let cubes = CubeCount::Static(
+        rows.div_ceil(layout.rows_per_cube) as u32,
+        columns.div_ceil(COLUMNS * layout.groups * layout.width) as u32,
+        1,
+    );
+    let (add_residual, add_addend, add_bias) =
+        (residual.is_some(), addend.is_some(), bias.is_some());
+    let stride = |tensor: &Option<CubeTensor<R>>, dim: usize| {
+        tensor
+            .as_ref()
+            .map_or(Some(0), |tensor| scalar(tensor.meta.strides()[dim]))
+    };
+    // Declined, like every other kernel's launch, where a size or stride does not fit a u32.
+    let strides = ProductStridesLaunch::new(
+        scalar(rows)?,
+        scalar(inputs)?,
+        scalar(columns)?,
+        scalar(x.meta.strides()[0])?,
+        scalar(x.meta.strides()[1])?,
+        scalar(weight.meta.strides()[0])?,
+        scalar(weight.meta.strides()[1])?,
+        stride(&addend, 0)?,
+        stride(&addend, 1)?,
+        stride(&bias, 1)?,
+        stride(&residual, 0)?,
+        stride(&residual, 1)?,
+    );
+    // Unused bindings: any tensor will do (the output for the unused writable ones).
+    let residual = residual.unwrap_or_else(|| x.clone());
+    let addend = addend.unwrap_or_else(|| x.clone());
+    let bias = bias.unwrap_or_else(|| x.clone());
+    let (output, cos, sin, keys, values, heads) = match targets {
+        Some(targets) => (
+            targets.q,
+            targets.cos,
+            targets.sin,
+            targets.keys,
+            targets.values,
+            targets.heads,
+        ),
+        None => {
+            let output = empty_like(&x, [rows, columns]);
+            let heads = RotationTargets::<R>::unused();
+            (
+                output.clone(),
+                x.clone(),
+                x.clone(),
+                output.clone(),
+                output,
+                heads,
+            )
+        }
+    };
+    unsafe {
+        row_matmul_kernel::launch_unchecked::<R>(
+            &client,
+            cubes,
+            CubeDim::new_2d(COLUMNS as u32, SPLITS as u32),
+            layout.x_width,
+            layout.width,
+            x.clone().into_array_arg(),
+            weight.into_array_arg(),
+            addend.into_array_arg(),
+            bias.into_array_arg(),
+            residual.into_array_arg(),
+            cos.into_array_arg(),
+            sin.into_array_arg(),
+            output.clone().into_array_arg(),
+            keys.into_array_arg(),
+            values.into_array_arg(),
+            strides,
+            heads,
+            folds.rms_norm_eps.unwrap_or(0.0) as f32,
+            layout.x_width,
+            layout.width,
+            layout.rows_per_cube,
+            layout.groups,
+            halves,
+            layout.batch,
+            folds.swiglu,
+            folds.rms_norm_eps.is_some(),
+            add_addend,
+            add_bias,
+            folds.silu,
+            add_residual,
+            rotate,
+            dtype.into(),
+        )
+    };
+    Some(output)
+}
+
+/// The tensors and constants of a rotating product's launch.
+struct RotationTargets<R: CubeRuntime> {
+    q: CubeTensor<R>,
+    cos: CubeTensor<R>,
+    sin: CubeTensor<R>,
+    keys: CubeTensor<R>,
+    values: CubeTensor<R>,
+    heads: RotationHeadsLaunch<R>,
+}
+
+impl<R: CubeRuntime> RotationTargets<R> {
+    /// Checks `rotation` against a product of `rows` rows and `columns` rotation pairs, and
+    /// allocates Q; `None` where anything disagrees or the layout would put a vector across the
+    /// two halves of a head.
+    fn new<B: Backend>(
+        rotation: &Rotation<'_, B>,
+        x: &CubeTensor<R>,
+        rows: usize,
+        columns: usize,
+        layout: &Layout,
+    ) -> Option<Self> {
+        let [batch, _, len, dim] = rotation.cos.dims();
+        let (heads, kv_heads) = (rotation.heads, rotation.kv_heads);
+        let half = dim / 2;
+        let cache = &rotation.cache;
+        let [layers, cache_batch, cache_heads, slots, cache_dim] = cache.keys.dims();
+        if dim == 0
+            || dim % 2 != 0
+            || !half.is_multiple_of(layout.width)
+            || rows != batch * len
+            || columns != (heads + 2 * kv_heads) * half
+            || rotation.sin.dims() != rotation.cos.dims()
+            || cache.values.dims() != cache.keys.dims()
+            || cache.layer >= layers
+            || cache_batch != batch
+            || cache_heads != kv_heads
+            || cache_dim != dim
+            || cache.start + len > slots
+        {
+            return None;
+        }
+        let cos = to_cube::<R, B, 2>(&rotation.cos.clone().reshape([rows, dim]))?;
+        let sin = to_cube::<R, B, 2>(&rotation.sin.clone().reshape([rows, dim]))?;
+        let keys = to_cube::<R, B, 5>(cache.keys)?;
+        let values = to_cube::<R, B, 5>(cache.values)?;
+        if [&cos, &sin, &keys, &values]
+            .iter()
+            .any(|tensor| tensor.dtype != x.dtype)
+        {
+            return None;
+        }
+        let q = empty_like(x, [batch, heads, len, dim]);
+        let [half, heads, kv_heads, len, layer, start] =
+            scalars(&[half, heads, kv_heads, len, cache.layer, cache.start])?;
+        let heads = RotationHeadsLaunch::new(
+            half,
+            heads,
+            kv_heads,
+            len,
+            layer,
+            start,
+            strides2(&cos)?,
+            strides2(&sin)?,
+            strides4(&q)?,
+            strides5(&keys)?,
+            strides5(&values)?,
+        );
+        Some(Self {
+            q,
+            cos,
+            sin,
+            keys,
+            values,
+            heads,
+        })
+    }
+
+    /// The constants of a launch that rotates nothing (never read).
+    fn unused() -> RotationHeadsLaunch<R> {
+        RotationHeadsLaunch::new(
+            1,
+            0,
+            0,
+            1,
+            0,
+            0,
+            Strides2Launch::new(0, 0),
+            Strides2Launch::new(0, 0),
+            Strides4Launch::new(0, 0, 0, 0),
+            Strides5Launch::new(0, 0, 0, 0, 0),
+            Strides5Launch::new(0, 0, 0, 0, 0),
+        )
     }
 }
 
@@ -536,10 +847,13 @@ struct Layout {
 }
 
 impl Layout {
+    /// `rotation_half`: half the head dimension of a rotating product ([`row_matmul_kernel`]'s
+    /// `rotate`), whose column vectors must not cross from one half of a head to the next.
     fn choose<R: CubeRuntime>(
         rows: usize,
         columns: usize,
         halves: usize,
+        rotation_half: Option<usize>,
         x: &CubeTensor<R>,
         weight: &CubeTensor<R>,
     ) -> Self {
@@ -556,17 +870,24 @@ impl Layout {
                 batch: 1,
             };
         }
-        if loads_vectors(weight, columns) {
+        let vector_columns = rotation_half.is_none_or(|half| half.is_multiple_of(VECTOR));
+        if vector_columns && loads_vectors(weight, columns) {
             // Vector loads cut a tree product's load instructions four-fold; what is left is
             // spreading its sums over enough multiprocessors, with the largest row tile (the
             // fewest reads of the weight) that still gives MIN_TREE_CUBES cubes.
             let column_tiles = columns.div_ceil(COLUMNS * VECTOR);
-            // The smallest tile, 4 rows, fits every product's sums.
-            let rows_per_cube = [16, 8]
+            // The smallest tile, 4 rows, fits every product's sums. A rotating QKV product sums
+            // both halves of its heads in each unit, so it takes 2 rows where 4 would leave too
+            // few cubes: an 18-token tree's took 11.9 µs with 4-row tiles (40 cubes), as much as
+            // the product and the rotation kernel together (8.4 + 2.8 µs) with 2 (72 cubes); 2-row
+            // tiles for the other products cost 4 % more in all (Nsight Compute on the H200,
+            // docs/benchmarks.md, session 23).
+            let smallest = if rotation_half.is_some() { 2 } else { 4 };
+            let rows_per_cube = [16, 8, 4]
                 .into_iter()
-                .filter(|&tile| tile * halves * VECTOR <= TREE_SUMS)
+                .filter(|&tile| tile > smallest && tile * halves * VECTOR <= TREE_SUMS)
                 .find(|&tile| rows.div_ceil(tile) * column_tiles >= MIN_TREE_CUBES)
-                .unwrap_or(4);
+                .unwrap_or(smallest);
             return Self {
                 rows_per_cube,
                 groups: 1,

@@ -289,6 +289,76 @@ pub fn rotate_qkv_into_cache<B: Backend>(
     }
 }
 
+/// A Llama layer's QKV product `norm(x) · weight` with [`rotate_qkv_into_cache`] folded into its
+/// epilogue, one launch: the queries and keys rotated as the rotation kernel would (the product
+/// rounded to the element type first, then [`rope`]'s rotation), K and V written into slots
+/// `start..start + len` of layer `layer` of a KV cache's storage; returns Q. Bit for bit the two
+/// launches' result, so a verification tree still agrees with decoding. `None` where
+/// [`rotary_product_switched_on`] is false, [`fused_matmul`] would decline, the shapes disagree
+/// or the block does not fit — then nothing was written.
+///
+/// # Shapes
+/// - `x`: `[batch · len, in]`, `weight`: `[in, (heads + 2 * kv_heads) * head_dim]` ordered
+///   Q | K | V
+/// - `cos`, `sin`: `[batch, 1, len, head_dim]`
+/// - `keys`, `values`: `[layers, batch, kv_heads, slots, head_dim]`
+/// - returns Q `[batch, heads, len, head_dim]`
+#[allow(clippy::too_many_arguments)]
+pub fn rotary_product_into_cache<B: Backend>(
+    x: &Tensor<B, 2>,
+    weight: &Tensor<B, 2>,
+    rms_norm_eps: Option<f64>,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    heads: usize,
+    kv_heads: usize,
+    keys: &Tensor<B, 5>,
+    values: &Tensor<B, 5>,
+    layer: usize,
+    start: usize,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        if !rotary_product_switched_on() {
+            return None;
+        }
+        dispatch::run(matmul::RotaryProduct {
+            x,
+            weight,
+            rms_norm_eps,
+            rotation: matmul::Rotation {
+                cos,
+                sin,
+                heads,
+                kv_heads,
+                cache: rope::CacheBlock {
+                    keys,
+                    values,
+                    layer,
+                    start,
+                },
+            },
+        })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (
+            x,
+            weight,
+            rms_norm_eps,
+            cos,
+            sin,
+            heads,
+            kv_heads,
+            keys,
+            values,
+            layer,
+            start,
+        );
+        None
+    }
+}
+
 /// `silu(gate) * up` from a fused gate/up projection.
 ///
 /// # Shapes
@@ -522,6 +592,35 @@ pub const ROTARY_SWITCH_VARIABLE: &str = "REDRAFTER_ROTARY_ATTENTION";
 pub fn rotary_attention_switched_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| folds_switched_on() && variable_allows(ROTARY_SWITCH_VARIABLE))
+}
+
+/// The environment variable that switches off only [`rotary_product_into_cache`] (`off`, `0` or
+/// `false`): blocks too long for [`rotary_attention_into_cache`] then rotate in a launch of their
+/// own, as in session 22 — how the benchmarks measure what folding the rotation into the product
+/// saves.
+pub const ROTARY_PRODUCT_SWITCH_VARIABLE: &str = "REDRAFTER_ROTARY_PRODUCT";
+
+/// Whether the Llama layer rotates the queries and keys of blocks too long for
+/// [`rotary_attention_into_cache`] in its QKV product (it does where [`folds_switched_on`],
+/// unless [`ROTARY_PRODUCT_SWITCH_VARIABLE`] says otherwise). Read once.
+pub fn rotary_product_switched_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| folds_switched_on() && variable_allows(ROTARY_PRODUCT_SWITCH_VARIABLE))
+}
+
+/// Whether [`rotary_attention_into_cache`] would take a block of `len` tokens of head dimension
+/// `head_dim` by its size (it is switched on and the block's keys fit its shared memory); longer
+/// blocks rotate in [`rotary_product_into_cache`] or a launch of their own.
+pub fn rotary_attention_takes(len: usize, head_dim: usize) -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        rotary_attention_switched_on() && attention::rotary_block_fits(len, head_dim)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (len, head_dim);
+        false
+    }
 }
 
 /// What [`fused_matmul`] folds around a product.

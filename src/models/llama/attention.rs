@@ -68,9 +68,58 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Tensor<B, 3>> {
         let [batch, len, hidden] = x.dims();
         let x = x.reshape([batch * len, hidden]);
-        let qkv = fold::normed_product(&self.qkv, &x, norm);
-        let out = self.attend(qkv, batch, rope, bias, layer, cache)?;
+        let out = match self.attend_rotated_product(&x, norm, rope, bias, layer, cache)? {
+            Some(out) => out,
+            None => {
+                let qkv = fold::normed_product(&self.qkv, &x, norm);
+                self.attend(qkv, batch, rope, bias, layer, cache)?
+            }
+        };
         Ok(fold::residual_product(&self.output, &out, &x).reshape([batch, len, hidden]))
+    }
+
+    /// The attention of a block too long for the GPUs' rotating attention kernel, its rotation
+    /// folded into the QKV product instead (which also writes K and V into the cache): two
+    /// launches where the rotation would take a third. `None`, with nothing computed, where that
+    /// does not apply (a short block, a norm with a weight of its own, another backend).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch · T, hidden]` (not normalised); `rope`, `bias` as in [`Self::forward`]
+    /// - returns `[batch · T, heads · head_dim]`
+    fn attend_rotated_product(
+        &self,
+        x: &Tensor<B, 2>,
+        norm: &RmsNorm<B>,
+        rope: &RopeAngles<B>,
+        bias: Option<&Tensor<B, 4>>,
+        layer: usize,
+        cache: &mut KvCache<B>,
+    ) -> Result<Option<Tensor<B, 2>>> {
+        let [batch, _, len, _] = rope.cos.dims();
+        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        if norm.weight.is_some()
+            || self.qkv.out_major
+            || cube_kernels::rotary_attention_takes(len, dim)
+        {
+            return Ok(None);
+        }
+        let weight = self.qkv.weight.val();
+        let written = cache.append_written(layer, len, |keys, values, start| {
+            cube_kernels::rotary_product_into_cache(
+                x,
+                &weight,
+                Some(norm.eps),
+                &rope.cos,
+                &rope.sin,
+                heads,
+                kv_heads,
+                keys,
+                values,
+                layer,
+                start,
+            )
+        })?;
+        Ok(written.map(|(q, keys, values)| self.attention(q, keys, values, bias, batch, len)))
     }
 
     /// Q, K and V from the QKV product, rotated, K and V appended to the cache, and the block's
@@ -88,7 +137,7 @@ impl<B: Backend> Attention<B> {
         layer: usize,
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 2>> {
-        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
         let [rows, width] = qkv.dims();
         let len = rows / batch.max(1);
         let qkv = qkv.reshape([batch, len, width]);
@@ -116,13 +165,32 @@ impl<B: Backend> Attention<B> {
                 (q, keys, values)
             }
         };
-        Ok(match cube_kernels::attention(&q, &keys, &values, bias) {
+        Ok(self.attention(q, keys, values, bias, batch, len))
+    }
+
+    /// The attention of rotated queries over the cache's visible keys and values.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, heads, T, head_dim]`; `keys`, `values`: `[batch, kv_heads, slots, head_dim]`
+    /// - `bias`: `[batch, 1, T, slots]`, or `None`
+    /// - returns `[batch · T, heads · head_dim]`
+    fn attention(
+        &self,
+        q: Tensor<B, 4>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        bias: Option<&Tensor<B, 4>>,
+        batch: usize,
+        len: usize,
+    ) -> Tensor<B, 2> {
+        let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
+        match cube_kernels::attention(&q, &keys, &values, bias) {
             Some(out) => out,
             None => match cpu_kernels::attention(&q, &keys, &values, bias) {
                 Some(out) => out.reshape([batch * len, heads * dim]),
                 None => grouped_attention(q, keys, values, bias, kv_heads),
             },
-        })
+        }
     }
 
     /// Q, K and V split into heads, Q and K rotated.

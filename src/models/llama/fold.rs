@@ -4,7 +4,9 @@
 //! (norm, QKV product, rotation, two cache writes, attention, output product, residual add and
 //! norm, gate/up product, SwiGLU, down product) become six when the norm before a product is
 //! computed inside it, the SwiGLU and residual add after one are applied to its sums, and the
-//! rotation writes K and V into the cache (`Attention::attend`). Each function here falls back to
+//! rotation writes K and V into the cache (`Attention::attend`); five where the rotation itself
+//! folds into the attention (blocks of up to 512 keys: 8 tokens of a head dimension of 64) or
+//! into the QKV product (longer blocks, `Attention::attend_rotated_product`). Each function here falls back to
 //! composing the operations where the fused product does not apply (the CPU backends, a prompt of
 //! more rows than [`crate::cube_kernels::MATMUL_MAX_ROWS`], `REDRAFTER_FOLDED_LAYERS=off`).
 
