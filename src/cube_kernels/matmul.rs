@@ -825,6 +825,15 @@ impl<R: CubeRuntime> RotationTargets<R> {
 /// Inputs or columns a unit loads at once where the tensor's layout allows: four f32 are one
 /// 16-byte load.
 const VECTOR: usize = 4;
+/// Columns a rotating QKV product ([`row_matmul_kernel`]'s `rotate`) loads at once: its unit
+/// sums each column in both halves of a head, so with [`VECTOR`] columns its cubes covered twice
+/// the columns of a plain product's and a tree's had too few cubes or, with smaller row tiles,
+/// read the weight more often. An 18-token tree's QKV product took 12.3 µs with four columns and
+/// 4-row tiles (40 cubes), 11.4 with four columns and 2-row tiles (72 cubes), 9.5 with two
+/// columns and 4-row tiles (75 cubes, as many as the plain product's), against 8.5 + 2.75 µs for
+/// the plain product and the rotation kernel (Nsight Compute on the H200, docs/benchmarks.md,
+/// session 23).
+const ROTATION_VECTOR: usize = 2;
 /// The most f32 sums a unit keeps for a tree with vector loads (`rows_per_cube · halves · width`).
 const TREE_SUMS: usize = 64;
 /// The fewest cubes a tree product with vector loads takes the largest row tile for. On the H200
@@ -870,30 +879,32 @@ impl Layout {
                 batch: 1,
             };
         }
-        let vector_columns = rotation_half.is_none_or(|half| half.is_multiple_of(VECTOR));
+        // A rotating product's unit sums a column in both halves of a head, so it loads
+        // ROTATION_VECTOR columns at a time where the others load VECTOR, and its vectors must
+        // not cross from one half of a head to the next.
+        let width = if rotation_half.is_some() {
+            ROTATION_VECTOR
+        } else {
+            VECTOR
+        };
+        let vector_columns = rotation_half.is_none_or(|half| half.is_multiple_of(width));
         if vector_columns && loads_vectors(weight, columns) {
             // Vector loads cut a tree product's load instructions four-fold; what is left is
             // spreading its sums over enough multiprocessors, with the largest row tile (the
             // fewest reads of the weight) that still gives MIN_TREE_CUBES cubes.
-            let column_tiles = columns.div_ceil(COLUMNS * VECTOR);
-            // The smallest tile, 4 rows, fits every product's sums. A rotating QKV product sums
-            // both halves of its heads in each unit, so it takes 2 rows where 4 would leave too
-            // few cubes: an 18-token tree's took 11.9 µs with 4-row tiles (40 cubes), as much as
-            // the product and the rotation kernel together (8.4 + 2.8 µs) with 2 (72 cubes); 2-row
-            // tiles for the other products cost 4 % more in all (Nsight Compute on the H200,
-            // docs/benchmarks.md, session 23).
-            let smallest = if rotation_half.is_some() { 2 } else { 4 };
-            let rows_per_cube = [16, 8, 4]
+            let column_tiles = columns.div_ceil(COLUMNS * width);
+            // The smallest tile, 4 rows, fits every product's sums.
+            let rows_per_cube = [16, 8]
                 .into_iter()
-                .filter(|&tile| tile > smallest && tile * halves * VECTOR <= TREE_SUMS)
+                .filter(|&tile| tile * halves * width <= TREE_SUMS)
                 .find(|&tile| rows.div_ceil(tile) * column_tiles >= MIN_TREE_CUBES)
-                .unwrap_or(smallest);
+                .unwrap_or(4);
             return Self {
                 rows_per_cube,
                 groups: 1,
                 x_width,
-                width: VECTOR,
-                batch: VECTOR.min(16 / rows_per_cube),
+                width,
+                batch: width.min(16 / rows_per_cube),
             };
         }
         // Smaller row tiles (1, 2, 4 or 8 rows for the layer's products) were no faster for
