@@ -282,23 +282,26 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
         sync_cube();
     }
     let row = first_row + r;
-    if rotate {
-        if finisher && row < rows {
-            // As with SwiGLU, the second half's rounds hold each pair's second element.
-            #[unroll]
-            for b in 0..groups * width / batch {
-                let component = b * batch + share;
-                let column =
-                    first_column + (component / width) * COLUMNS * width + component % width;
-                if column < columns {
-                    let mut first = totals[b];
+    if finisher && row < rows {
+        // Round `b` gave this unit component `b · batch + share`; the first half's rounds hold
+        // the outputs (the gates with SwiGLU, each rotation pair's first element), the second
+        // half's the up projections (each pair's second element).
+        #[unroll]
+        for b in 0..groups * width / batch {
+            let component = b * batch + share;
+            let column = first_column + (component / width) * COLUMNS * width + component % width;
+            if column < columns {
+                let mut value = totals[b];
+                if normalize {
+                    value *= scale;
+                }
+                if rotate {
                     let mut second = totals[b + groups * width / batch];
                     if normalize {
-                        first *= scale;
                         second *= scale;
                     }
                     write_rotated_pair::<F>(
-                        F::cast_from(first),
+                        F::cast_from(value),
                         F::cast_from(second),
                         row,
                         column,
@@ -309,47 +312,34 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
                         values,
                         &heads,
                     );
-                }
-            }
-        }
-    } else if finisher && row < rows {
-        // Round `b` gave this unit component `b · batch + share`; the first half's rounds hold
-        // the outputs (the gates with SwiGLU), the second half's the up projections.
-        #[unroll]
-        for b in 0..groups * width / batch {
-            let component = b * batch + share;
-            let column = first_column + (component / width) * COLUMNS * width + component % width;
-            if column < columns {
-                let mut value = totals[b];
-                if normalize {
-                    value *= scale;
-                }
-                if swiglu {
-                    let mut up = totals[b + groups * width / batch];
-                    if normalize {
-                        up *= scale;
+                } else {
+                    if swiglu {
+                        let mut up = totals[b + groups * width / batch];
+                        if normalize {
+                            up *= scale;
+                        }
+                        value = value / (f32::new(1.0) + (-value).exp()) * up;
                     }
-                    value = value / (f32::new(1.0) + (-value).exp()) * up;
+                    if add_addend {
+                        value += f32::cast_from(
+                            addend[row * strides.addend_row as usize
+                                + column * strides.addend_step as usize],
+                        );
+                    }
+                    if add_bias {
+                        value += f32::cast_from(bias[column * strides.bias_step as usize]);
+                    }
+                    if silu {
+                        value = value / (f32::new(1.0) + (-value).exp());
+                    }
+                    if add_residual {
+                        value += f32::cast_from(
+                            residual[row * strides.residual_row as usize
+                                + column * strides.residual_step as usize],
+                        );
+                    }
+                    output[row * columns + column] = F::cast_from(value);
                 }
-                if add_addend {
-                    value += f32::cast_from(
-                        addend[row * strides.addend_row as usize
-                            + column * strides.addend_step as usize],
-                    );
-                }
-                if add_bias {
-                    value += f32::cast_from(bias[column * strides.bias_step as usize]);
-                }
-                if silu {
-                    value = value / (f32::new(1.0) + (-value).exp());
-                }
-                if add_residual {
-                    value += f32::cast_from(
-                        residual[row * strides.residual_row as usize
-                            + column * strides.residual_step as usize],
-                    );
-                }
-                output[row * columns + column] = F::cast_from(value);
             }
         }
     }
@@ -609,7 +599,7 @@ fn launch_product<R: CubeRuntime, B: Backend>(
     {
         return None;
     }
-    let x_cube = to_cube::<R, B, 2>(x)?;
+    let x = to_cube::<R, B, 2>(x)?;
     let weight = to_cube::<R, B, 2>(weight)?;
     let optional = |tensor: Option<&BurnTensor<B, 2>>| match tensor {
         Some(tensor) => to_cube::<R, B, 2>(tensor).map(Some),
@@ -619,7 +609,6 @@ fn launch_product<R: CubeRuntime, B: Backend>(
     let addend = optional(folds.addend)?;
     let bias_row = folds.bias.map(|bias| bias.clone().reshape([1, columns]));
     let bias = optional(bias_row.as_ref())?;
-    let x = x_cube;
     if weight.dtype != x.dtype
         || [&residual, &addend, &bias]
             .into_iter()
@@ -752,19 +741,13 @@ impl<R: CubeRuntime> RotationTargets<R> {
         let (heads, kv_heads) = (rotation.heads, rotation.kv_heads);
         let half = dim / 2;
         let cache = &rotation.cache;
-        let [layers, cache_batch, cache_heads, slots, cache_dim] = cache.keys.dims();
         if dim == 0
             || dim % 2 != 0
             || !half.is_multiple_of(layout.width)
             || rows != batch * len
             || columns != (heads + 2 * kv_heads) * half
             || rotation.sin.dims() != rotation.cos.dims()
-            || cache.values.dims() != cache.keys.dims()
-            || cache.layer >= layers
-            || cache_batch != batch
-            || cache_heads != kv_heads
-            || cache_dim != dim
-            || cache.start + len > slots
+            || !cache.fits(batch, kv_heads, dim, len)
         {
             return None;
         }

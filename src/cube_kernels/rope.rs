@@ -152,6 +152,20 @@ pub(super) struct CacheBlock<'a, B: Backend> {
     pub start: usize,
 }
 
+impl<B: Backend> CacheBlock<'_, B> {
+    /// Whether a block of `len` tokens of `batch` entries, `kv_heads` heads of dimension `dim`,
+    /// fits the storage at `layer` and `start`, and the keys and values agree in shape.
+    pub(super) fn fits(&self, batch: usize, kv_heads: usize, dim: usize, len: usize) -> bool {
+        let [layers, cache_batch, cache_heads, slots, cache_dim] = self.keys.dims();
+        self.values.dims() == self.keys.dims()
+            && self.layer < layers
+            && cache_batch == batch
+            && cache_heads == kv_heads
+            && cache_dim == dim
+            && self.start + len <= slots
+    }
+}
+
 /// Q, and K and V (new tensors, or `None` when written into a cache).
 type Heads<B> = (
     BurnTensor<B, 4>,
@@ -175,17 +189,12 @@ impl<B: Backend> CubeOp<B> for RotateQkv<'_, B> {
         {
             return None;
         }
-        if let Some(cache) = &self.cache {
-            let [layers, cache_batch, cache_heads, slots, cache_dim] = cache.keys.dims();
-            if cache.values.dims() != cache.keys.dims()
-                || cache.layer >= layers
-                || cache_batch != batch
-                || cache_heads != kv_heads
-                || cache_dim != dim
-                || cache.start + len > slots
-            {
-                return None;
-            }
+        if self
+            .cache
+            .as_ref()
+            .is_some_and(|cache| !cache.fits(batch, kv_heads, dim, len))
+        {
+            return None;
         }
         let qkv = to_cube::<R, B, 2>(&self.qkv.clone().reshape([tokens, width]))?;
         let cos = to_cube::<R, B, 2>(&self.cos.clone().reshape([tokens, dim]))?;
