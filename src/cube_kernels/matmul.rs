@@ -808,21 +808,24 @@ impl<R: CubeRuntime> RotationTargets<R> {
 /// Inputs or columns a unit loads at once where the tensor's layout allows: four f32 are one
 /// 16-byte load.
 const VECTOR: usize = 4;
-/// Columns a rotating QKV product ([`row_matmul_kernel`]'s `rotate`) loads at once: its unit
-/// sums each column in both halves of a head, so with [`VECTOR`] columns its cubes covered twice
-/// the columns of a plain product's and a tree's had too few cubes or, with smaller row tiles,
-/// read the weight more often. An 18-token tree's QKV product took 12.3 µs with four columns and
-/// 4-row tiles (40 cubes), 11.4 with four columns and 2-row tiles (72 cubes), 9.5 with two
-/// columns and 4-row tiles (75 cubes, as many as the plain product's), against 8.5 + 2.75 µs for
-/// the plain product and the rotation kernel (Nsight Compute on the H200, docs/benchmarks.md,
-/// session 23).
-const ROTATION_VECTOR: usize = 2;
 /// The most f32 sums a unit keeps for a tree with vector loads (`rows_per_cube · halves · width`).
 const TREE_SUMS: usize = 64;
-/// The fewest cubes a tree product with vector loads takes the largest row tile for. On the H200
-/// a 24-token tree's forward took 4.11 ms with 64, 4.27 with 132, 4.51 with 16 (5.11 ms before
-/// vector loads; docs/benchmarks.md, session 17).
+/// The fewest cubes a tree product too wide for one wave ([`Layout::choose`]) takes the largest
+/// row tile for. On the H200 a 24-token tree's forward took 4.11 ms with 64, 4.27 with 132, 4.51
+/// with 16 (5.11 ms before vector loads; docs/benchmarks.md, session 17).
 const MIN_TREE_CUBES: usize = 64;
+/// Cubes that run at once where the device does not say how many multiprocessors it has (the
+/// H200's and the H100's 132). A tree product's cube has 512 units, and one with 32 sums a unit
+/// or more fills a multiprocessor's registers: a cube past the first wave waits for a whole
+/// cube's time (a 24-token tree's gate/up product took 21.0 µs on 144 cubes, 13.3 on 96).
+const DEFAULT_MULTIPROCESSORS: usize = 132;
+/// Sums a unit of a rotating QKV product ([`row_matmul_kernel`]'s `rotate`) keeps: it loads one
+/// 32-bit word of weight columns at a time (one f32 column, two f16), and each column in both
+/// halves of a head, with as many rows per cube as make this many sums (8 rows of f32, 4 of f16).
+/// On the H200 an f32 12/18/24-token tree's QKV product took 8.6/8.7/9.2 µs with one column and
+/// 8 rows, against 9.4/9.3/9.6 with two columns and 4 rows; in f16 one column took 10.0/9.8/11.2
+/// µs, two 9.0/9.0/9.1 (Nsight Compute, docs/benchmarks.md, session 24).
+const ROTATION_SUMS: usize = 16;
 
 /// How a product's work is laid out over cubes and units. No choice here changes the operations
 /// of any one output's sum (see [`row_matmul_kernel`]): only how many run, and where.
@@ -851,37 +854,70 @@ impl Layout {
     ) -> Self {
         let inputs = x.meta.shape()[1];
         let x_width = if loads_vectors(x, inputs) { VECTOR } else { 1 };
+        let scalar_columns = |rows_per_cube| Self {
+            rows_per_cube,
+            groups: 1,
+            x_width,
+            width: 1,
+            batch: 1,
+        };
         if rows == 1 {
             // A decoding step's product reads the weight once, one column per unit: 2 or 4
             // columns per unit were no faster (fewer cubes; docs/benchmarks.md, session 17).
+            return scalar_columns(1);
+        }
+        if let Some(half) = rotation_half {
+            let word = (4 / x.dtype.size()).max(1);
+            let width = if word > 1 && half.is_multiple_of(word) && loads_vectors(weight, columns) {
+                word
+            } else {
+                1
+            };
             return Self {
-                rows_per_cube: 1,
+                rows_per_cube: ROTATION_SUMS / (halves * width),
                 groups: 1,
                 x_width,
-                width: 1,
+                width,
                 batch: 1,
             };
         }
-        // A rotating product's unit sums a column in both halves of a head, so it loads
-        // ROTATION_VECTOR columns at a time where the others load VECTOR, and its vectors must
-        // not cross from one half of a head to the next.
-        let width = if rotation_half.is_some() {
-            ROTATION_VECTOR
-        } else {
-            VECTOR
-        };
-        let vector_columns = rotation_half.is_none_or(|half| half.is_multiple_of(width));
-        if vector_columns && loads_vectors(weight, columns) {
-            // Vector loads cut a tree product's load instructions four-fold; what is left is
-            // spreading its sums over enough multiprocessors, with the largest row tile (the
-            // fewest reads of the weight) that still gives MIN_TREE_CUBES cubes.
-            let column_tiles = columns.div_ceil(COLUMNS * width);
-            // The smallest tile, 4 rows, fits every product's sums.
-            let rows_per_cube = [16, 8]
-                .into_iter()
-                .filter(|&tile| tile * halves * width <= TREE_SUMS)
-                .find(|&tile| rows.div_ceil(tile) * column_tiles >= MIN_TREE_CUBES)
-                .unwrap_or(4);
+        if loads_vectors(weight, columns) {
+            // Vector loads cut a tree product's load instructions; what is left is spreading
+            // its sums over the multiprocessors. The layout with the most cubes that still run
+            // in one wave won for the layer's products of 12–24-token trees on the H200: 12.4
+            // against 15.3 µs for the SwiGLU product at 18 rows (120 cubes of four columns and
+            // 4 rows, against 72 of 8 rows), 8.2 against 9.3 for the 576-column ones (90
+            // cubes of two columns against 45 of four; docs/benchmarks.md, session 24). Among
+            // equal counts, wider loads: a 40-token tree's 576-column products took 9.4 µs
+            // with four columns and 4 rows, 9.8 with two columns and 8 rows (90 cubes each).
+            let wave = x
+                .client
+                .properties()
+                .hardware
+                .num_streaming_multiprocessors
+                .map_or(DEFAULT_MULTIPROCESSORS, |count| count as usize);
+            let tiles = |width: usize| {
+                [16, 8, 4]
+                    .into_iter()
+                    .filter(move |&tile| tile * halves * width <= TREE_SUMS)
+                    .map(move |tile| (width, tile))
+            };
+            let cubes = |(width, tile): (usize, usize)| {
+                rows.div_ceil(tile) * columns.div_ceil(COLUMNS * width)
+            };
+            let one_wave = tiles(VECTOR)
+                .chain(tiles(VECTOR / 2))
+                .filter(|&layout| cubes(layout) <= wave)
+                .max_by_key(|&(width, tile)| (cubes((width, tile)), width, tile));
+            // A product too wide for one wave (the LM head) takes four columns and the largest
+            // row tile that still gives MIN_TREE_CUBES cubes: the fewest reads of its weight.
+            let (width, rows_per_cube) = one_wave.unwrap_or_else(|| {
+                let tile = tiles(VECTOR)
+                    .map(|(_, tile)| tile)
+                    .find(|&tile| cubes((VECTOR, tile)) >= MIN_TREE_CUBES)
+                    .unwrap_or(4);
+                (VECTOR, tile)
+            });
             return Self {
                 rows_per_cube,
                 groups: 1,
