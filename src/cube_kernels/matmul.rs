@@ -822,7 +822,7 @@ const DEFAULT_MULTIPROCESSORS: usize = 132;
 /// Sums a unit of a rotating QKV product ([`row_matmul_kernel`]'s `rotate`) keeps: it loads one
 /// 32-bit word of weight columns at a time (one f32 column, two f16), and each column in both
 /// halves of a head, with as many rows per cube as make this many sums (8 rows of f32, 4 of f16).
-/// On the H200 an f32 12/18/24-token tree's QKV product took 8.6/8.7/9.2 µs with one column and
+/// On the H200 an f32 12/18/24-token tree's QKV product took 8.6/8.6/9.2 µs with one column and
 /// 8 rows, against 9.4/9.3/9.6 with two columns and 4 rows; in f16 one column took 10.0/9.8/11.2
 /// µs, two 9.0/9.0/9.1 (Nsight Compute, docs/benchmarks.md, session 24).
 const ROTATION_SUMS: usize = 16;
@@ -854,17 +854,16 @@ impl Layout {
     ) -> Self {
         let inputs = x.meta.shape()[1];
         let x_width = if loads_vectors(x, inputs) { VECTOR } else { 1 };
-        let scalar_columns = |rows_per_cube| Self {
-            rows_per_cube,
-            groups: 1,
-            x_width,
-            width: 1,
-            batch: 1,
-        };
         if rows == 1 {
             // A decoding step's product reads the weight once, one column per unit: 2 or 4
             // columns per unit were no faster (fewer cubes; docs/benchmarks.md, session 17).
-            return scalar_columns(1);
+            return Self {
+                rows_per_cube: 1,
+                groups: 1,
+                x_width,
+                width: 1,
+                batch: 1,
+            };
         }
         if let Some(half) = rotation_half {
             let word = (4 / x.dtype.size()).max(1);
