@@ -16,8 +16,9 @@
 //! few hundred to tens of thousands of columns. Units along `x` take consecutive columns (the
 //! weight reads of a warp coalesce); the rows' inputs are the same for every unit of a split and
 //! come from the cache. A tree's product, bound by its load instructions rather than by bytes,
-//! reads four columns and four inputs per load where the layout allows ([`Layout`]): a 24-token
-//! tree's forward on the H200 went from 5.11 to 4.11 ms (docs/benchmarks.md, session 17).
+//! reads two or four columns and four inputs per load where the layout allows ([`Layout`]): a
+//! 24-token tree's forward on the H200 went from 5.11 to 4.11 ms with four (docs/benchmarks.md,
+//! session 17).
 
 use burn::tensor::{Tensor as BurnTensor, backend::Backend};
 use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
@@ -866,8 +867,9 @@ impl Layout {
             };
         }
         if let Some(half) = rotation_half {
+            // Columns in one 32-bit word ([`ROTATION_SUMS`]).
             let word = (4 / x.dtype.size()).max(1);
-            let width = if word > 1 && half.is_multiple_of(word) && loads_vectors(weight, columns) {
+            let width = if half.is_multiple_of(word) && loads_vectors(weight, columns) {
                 word
             } else {
                 1
@@ -911,11 +913,9 @@ impl Layout {
             // A product too wide for one wave (the LM head) takes four columns and the largest
             // row tile that still gives MIN_TREE_CUBES cubes: the fewest reads of its weight.
             let (width, rows_per_cube) = one_wave.unwrap_or_else(|| {
-                let tile = tiles(VECTOR)
-                    .map(|(_, tile)| tile)
-                    .find(|&tile| cubes((VECTOR, tile)) >= MIN_TREE_CUBES)
-                    .unwrap_or(4);
-                (VECTOR, tile)
+                tiles(VECTOR)
+                    .find(|&layout| cubes(layout) >= MIN_TREE_CUBES)
+                    .unwrap_or((VECTOR, 4))
             });
             return Self {
                 rows_per_cube,
