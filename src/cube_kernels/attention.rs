@@ -5,10 +5,14 @@
 //! whose rounding depends on the shape (TF32 tensor cores on CUDA, see [`super::matmul`]). Here one
 //! cube of [`UNITS`] units computes one query row of one head:
 //!
-//! 1. every unit scores a block of consecutive slots (`q · k` summed over the head dimension in
-//!    order, plus the bias; the query row is read once into shared memory, the cache's keys four
-//!    elements per load where its layout allows, see [`cache_vector`]), keeps the scores of
-//!    the first [`CACHED`] slots in shared memory, and the cube takes the maximum;
+//! 1. the cube scores every slot (`q · k` plus the bias, see [`score`]: the products of each
+//!    four consecutive dimensions added in order, those sums added pairwise; the query row is read
+//!    once into shared memory, the cache's keys four elements per load where its layout allows,
+//!    see [`cache_vector`]), keeps the scores of the first [`CACHED`] slots in shared memory,
+//!    and takes the maximum. In the tree kernel on devices with plane operations, teams of
+//!    `dim / 4` units score a slot together, one load of four elements each, so that a warp's
+//!    loads read whole key rows ([`score_by_teams`]); otherwise each unit scores a block of
+//!    consecutive slots on its own — the same sums either way;
 //! 2. every unit counts the slots of its block whose weight `p = exp(score − max)` is not zero,
 //!    and a prefix sum of the counts across the cube gives the number `V` of such slots and the
 //!    *rank* of each (how many of them come before it);
@@ -24,6 +28,9 @@
 //!    `d` writes `sum(p·v) / sum(p)` straight into the `[rows, heads · dim]` layout the output
 //!    projection reads.
 //!
+//! Phases 2 and 3 take the weights of slots past [`CACHED`] from [`score`] again, one unit a slot:
+//! the scores of a team and of one unit being the same bits, they match phase 1's.
+//!
 //! A masked slot's weight is exactly zero, so it gets no rank and is never added: a token's row
 //! in a draft tree has the same `V` and the same weights in the same rank order as the token
 //! decoded alone over just its visible slots, hence the same ranges per group and the same
@@ -34,6 +41,7 @@
 
 use burn::tensor::{Tensor as BurnTensor, backend::Backend};
 use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
+use cubecl::features::Plane;
 use cubecl::prelude::*;
 
 use super::dispatch::{CubeOp, empty_like, from_cube, row_grid, to_cube};
@@ -135,6 +143,8 @@ fn attention_kernel<F: Float, NV: Size>(
     #[comptime] lane_dims: usize,
     #[comptime] walk_batch: usize,
     #[comptime] vector: usize,
+    #[comptime] partials: usize,
+    #[comptime] teams: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
@@ -185,6 +195,8 @@ fn attention_kernel<F: Float, NV: Size>(
         lane_dims,
         walk_batch,
         vector,
+        partials,
+        teams,
     );
 }
 
@@ -230,6 +242,7 @@ fn rotary_attention_kernel<F: Float, NV: Size>(
     #[comptime] lane_dims: usize,
     #[comptime] walk_batch: usize,
     #[comptime] vector: usize,
+    #[comptime] partials: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let (heads, len, dim) = (heads as usize, len as usize, dim as usize);
@@ -327,6 +340,10 @@ fn rotary_attention_kernel<F: Float, NV: Size>(
         lane_dims,
         walk_batch,
         vector,
+        partials,
+        // Scores by teams made the one-token step's attention slower in f16 on the H200 (20.3 →
+        // 26.5 µs a layer) and no faster in f32 (docs/benchmarks.md, session 25).
+        false,
     );
     // The first query head of each KV head writes that KV head's block, `vector` elements per
     // unit.
@@ -381,6 +398,8 @@ fn attend_row<F: Float, NV: Size>(
     #[comptime] lane_dims: usize,
     #[comptime] walk_batch: usize,
     #[comptime] vector: usize,
+    #[comptime] partials: usize,
+    #[comptime] teams: bool,
 ) {
     let unit = UNIT_POS_X as usize;
     let mut shared = SharedMemory::<f32>::new(UNITS);
@@ -400,8 +419,8 @@ fn attend_row<F: Float, NV: Size>(
         stops[unit] = u32::new(0);
     }
     sync_cube();
-    // Phase 1. Blocks of consecutive slots (not every UNITS-th slot): the prefix sum of their
-    // counts below is then a rank.
+    // Phase 1. Phase 2 counts blocks of consecutive slots (not every UNITS-th slot): the prefix
+    // sum of their counts below is then a rank.
     let block = slots.div_ceil(UNITS);
     let first = unit * block;
     let mut end = first + block;
@@ -409,9 +428,9 @@ fn attend_row<F: Float, NV: Size>(
         end = slots;
     }
     let mut largest = f32::new(-3.0e38);
-    let mut slot = first;
-    while slot < end {
-        let value = score::<F, NV>(
+    if teams {
+        largest = score_by_teams::<F, NV>(
+            &mut scores,
             query,
             new_keys,
             keys,
@@ -423,24 +442,47 @@ fn attend_row<F: Float, NV: Size>(
             batch,
             t,
             kv_head,
-            slot,
+            slots,
             dim,
             with_bias,
             vector,
+            partials,
         );
-        if slot < CACHED {
-            scores[slot] = value;
+    } else {
+        let mut slot = first;
+        while slot < end {
+            let value = score::<F, NV>(
+                query,
+                new_keys,
+                keys,
+                key_strides,
+                key_base,
+                start,
+                bias,
+                bias_strides,
+                batch,
+                t,
+                kv_head,
+                slot,
+                dim,
+                with_bias,
+                vector,
+                partials,
+            );
+            if slot < CACHED {
+                scores[slot] = value;
+            }
+            if value > largest {
+                largest = value;
+            }
+            slot += 1;
         }
-        if value > largest {
-            largest = value;
-        }
-        slot += 1;
     }
     let largest = cube_max(&mut shared, largest, UNITS);
 
     // Phase 2: the ranks.
     let mut count = 0usize;
-    slot = first;
+    let mut slot = first;
     while slot < end {
         let p = weight::<F, NV>(
             &scores,
@@ -460,6 +502,7 @@ fn attend_row<F: Float, NV: Size>(
             largest,
             with_bias,
             vector,
+            partials,
         );
         if p != f32::new(0.0) {
             count += 1;
@@ -505,14 +548,14 @@ fn attend_row<F: Float, NV: Size>(
     sync_cube();
 
     // Phase 3. Every unit must meet every sync: all walk as many windows as the longest group.
-    let mut windows = 0usize;
+    let mut widest = 0usize;
     for g in 0..groups {
         let span = usize::cast_from(stops[g] - starts[g]);
-        let needed = span.div_ceil(lanes);
-        if needed > windows {
-            windows = needed;
+        if span > widest {
+            widest = span;
         }
     }
+    let windows = widest.div_ceil(lanes);
     let group = unit / lanes;
     let lane = unit % lanes;
     let first_dim = lane * lane_dims;
@@ -565,6 +608,7 @@ fn attend_row<F: Float, NV: Size>(
                     largest,
                     with_bias,
                     vector,
+                    partials,
                 );
             }
             window[unit] = p;
@@ -715,6 +759,7 @@ fn weight<F: Float, NV: Size>(
     largest: f32,
     #[comptime] with_bias: bool,
     #[comptime] vector: usize,
+    #[comptime] partials: usize,
 ) -> f32 {
     let value = if slot < CACHED {
         scores[slot]
@@ -735,6 +780,7 @@ fn weight<F: Float, NV: Size>(
             dim,
             with_bias,
             vector,
+            partials,
         )
     };
     (value - largest).exp()
@@ -746,11 +792,49 @@ fn weight<F: Float, NV: Size>(
 /// (docs/benchmarks.md, session 16).
 const GROUP: usize = 16;
 
-/// `q · k` over the head dimension in order, plus the bias, in f32; `query` holds the query row.
-/// The key of a slot before `start` comes from `keys`, `vector` elements per load, a block
-/// token's from `new_keys` (see [`attend_row`]); the products are added in one place, one
-/// element after another, whatever the loads' width, so a key scores the same whether it is
-/// still in the block or already in the cache, and read one element or four at a time.
+/// Consecutive head dimensions whose products a score adds in order before adding the chunks'
+/// sums pairwise (see [`score`]): one four-wide load of the cache.
+const SCORE_CHUNK: usize = 4;
+/// The most chunks of a score added pairwise (`log₂` of it below): head dimensions up to 128.
+const MAX_PARTIALS_LOG2: usize = 5;
+/// Chunks whose loads one unit issues together in [`score`] (64 elements).
+const CHUNK_BATCH: usize = 16;
+/// Slots a team of [`score_by_teams`] loads at once.
+const TEAM_BATCH: usize = 8;
+
+/// Chunks of a score for head dimension `dim` (see [`score`]): `dim / SCORE_CHUNK` where that is
+/// a power of two up to `2^MAX_PARTIALS_LOG2`, else 0 (products added in order). A function of
+/// `dim` alone, so a token scores a key the same in either kernel, alone or in a tree.
+fn score_partials(dim: usize) -> usize {
+    let partials = dim / SCORE_CHUNK;
+    if dim.is_multiple_of(SCORE_CHUNK)
+        && partials.is_power_of_two()
+        && partials <= 1 << MAX_PARTIALS_LOG2
+    {
+        partials
+    } else {
+        0
+    }
+}
+
+/// Whether phase 1 may score by teams ([`score_by_teams`]) on `client`'s device: plane
+/// operations, planes holding whole teams.
+fn team_scores<R: CubeRuntime>(client: &ComputeClient<R>, partials: usize) -> bool {
+    partials > 0
+        && client.features().plane.contains(Plane::Ops)
+        && client.properties().hardware.plane_size_min as usize >= partials
+}
+
+/// `q · k` plus the bias, in f32; `query` holds the query row. The key of a slot before `start`
+/// comes from `keys`, `vector` elements per load, a block token's from `new_keys` (see
+/// [`attend_row`]); the products are added in one place whatever the loads' width, so a key
+/// scores the same whether it is still in the block or already in the cache, and read one
+/// element or four at a time.
+///
+/// With `partials` > 0 (see [`score_partials`]) the head dimension is cut into `partials` chunks
+/// of [`SCORE_CHUNK`] consecutive elements, each chunk's products are added in order, and the
+/// chunk sums are added pairwise (`((c₀ + c₁) + (c₂ + c₃)) + …`): the sum [`score_by_teams`]
+/// computes with one unit per chunk, bit for bit. Otherwise the products are added in order.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn score<F: Float, NV: Size>(
@@ -769,62 +853,282 @@ fn score<F: Float, NV: Size>(
     dim: usize,
     #[comptime] with_bias: bool,
     #[comptime] vector: usize,
+    #[comptime] partials: usize,
 ) -> f32 {
-    // Elements per batch of loads: GROUP loads of `vector` elements.
-    let span = GROUP * vector;
     let mut dot = f32::new(0.0);
-    let mut loaded = Array::<f32>::new(span);
-    let cached = slot < start;
-    let mut new_row = 0usize;
-    if !cached {
-        new_row = (slot - start) * dim;
-    }
-    // Where the slot's key row starts and the distance between its elements (1 with vectors).
-    let row = key_base + offset4(key_strides, batch, kv_head, slot, 0);
-    let step = offset4(key_strides, 0, 0, 0, 1);
-    let mut d = 0usize;
-    while d + span <= dim {
-        if cached {
+    if partials > 0 {
+        let mut sums = Array::<f32>::new(partials);
+        let mut loaded = Array::<f32>::new(CHUNK_BATCH * SCORE_CHUNK);
+        let mut chunk = Array::<f32>::new(SCORE_CHUNK);
+        // CHUNK_BATCH chunks' loads issued together, then their sums.
+        #[unroll]
+        for b in 0..partials.div_ceil(CHUNK_BATCH) {
             #[unroll]
-            for i in 0..GROUP {
-                let loads = keys[(row + (d + i * vector) * step) / vector];
-                #[unroll]
-                for e in 0..vector {
-                    loaded[i * vector + e] = f32::cast_from(loads[e]);
+            for i in 0..CHUNK_BATCH {
+                if b * CHUNK_BATCH + i < partials {
+                    load_key_chunk::<F, NV>(
+                        &mut loaded,
+                        i * SCORE_CHUNK,
+                        new_keys,
+                        keys,
+                        key_strides,
+                        key_base,
+                        start,
+                        batch,
+                        kv_head,
+                        slot,
+                        (b * CHUNK_BATCH + i) * SCORE_CHUNK,
+                        dim,
+                        vector,
+                    );
                 }
             }
-        } else {
+            #[unroll]
+            for i in 0..CHUNK_BATCH {
+                if b * CHUNK_BATCH + i < partials {
+                    query_chunk(query, (b * CHUNK_BATCH + i) * SCORE_CHUNK, &mut chunk);
+                    sums[b * CHUNK_BATCH + i] = chunk_dot(&chunk, &loaded, i * SCORE_CHUNK);
+                }
+            }
+        }
+        // Pairwise, as the butterfly of `score_by_teams` adds them in its first unit.
+        #[unroll]
+        for level in 0..MAX_PARTIALS_LOG2 {
+            if (1usize << level) < partials {
+                #[unroll]
+                for i in 0..partials >> (level + 1) {
+                    let low = i << (level + 1);
+                    sums[low] = sums[low] + sums[low + (1usize << level)];
+                }
+            }
+        }
+        dot = sums[0];
+    } else {
+        // Elements per batch of loads: GROUP loads of `vector` elements.
+        let span = GROUP * vector;
+        let mut loaded = Array::<f32>::new(span);
+        let cached = slot < start;
+        let mut new_row = 0usize;
+        if !cached {
+            new_row = (slot - start) * dim;
+        }
+        // Where the slot's key row starts and the distance between its elements (1 with
+        // vectors).
+        let row = key_base + offset4(key_strides, batch, kv_head, slot, 0);
+        let step = offset4(key_strides, 0, 0, 0, 1);
+        let mut d = 0usize;
+        while d + span <= dim {
+            if cached {
+                #[unroll]
+                for i in 0..GROUP {
+                    let loads = keys[(row + (d + i * vector) * step) / vector];
+                    #[unroll]
+                    for e in 0..vector {
+                        loaded[i * vector + e] = f32::cast_from(loads[e]);
+                    }
+                }
+            } else {
+                #[unroll]
+                for i in 0..span {
+                    loaded[i] = new_keys[new_row + d + i];
+                }
+            }
             #[unroll]
             for i in 0..span {
-                loaded[i] = new_keys[new_row + d + i];
+                dot += query[d + i] * loaded[i];
             }
+            d += span;
         }
-        #[unroll]
-        for i in 0..span {
-            dot += query[d + i] * loaded[i];
-        }
-        d += span;
-    }
-    // The rest one load at a time (`dim` is a multiple of `vector`).
-    while d < dim {
-        if cached {
-            let loads = keys[(row + d * step) / vector];
-            #[unroll]
-            for e in 0..vector {
-                dot += query[d + e] * f32::cast_from(loads[e]);
+        // The rest one load at a time (`dim` is a multiple of `vector`).
+        while d < dim {
+            if cached {
+                let loads = keys[(row + d * step) / vector];
+                #[unroll]
+                for e in 0..vector {
+                    dot += query[d + e] * f32::cast_from(loads[e]);
+                }
+            } else {
+                #[unroll]
+                for e in 0..vector {
+                    dot += query[d + e] * new_keys[new_row + d + e];
+                }
             }
-        } else {
-            #[unroll]
-            for e in 0..vector {
-                dot += query[d + e] * new_keys[new_row + d + e];
-            }
+            d += vector;
         }
-        d += vector;
     }
     if with_bias {
         dot += f32::cast_from(bias[offset4(bias_strides, batch, 0, t, slot)]);
     }
     dot
+}
+
+/// `q · k` over one chunk of [`SCORE_CHUNK`] dimensions, in order: the query's elements in
+/// `query`, the key's in `loaded[at ..]`.
+#[cube]
+fn chunk_dot(query: &Array<f32>, loaded: &Array<f32>, #[comptime] at: usize) -> f32 {
+    let mut sum = query[0] * loaded[at];
+    #[unroll]
+    for e in 1..SCORE_CHUNK {
+        sum += query[e] * loaded[at + e];
+    }
+    sum
+}
+
+/// Elements `first_dim .. first_dim + SCORE_CHUNK` of the query row `query` into `chunk`.
+#[cube]
+fn query_chunk(query: &SharedMemory<f32>, first_dim: usize, chunk: &mut Array<f32>) {
+    #[unroll]
+    for e in 0..SCORE_CHUNK {
+        chunk[e] = query[first_dim + e];
+    }
+}
+
+/// Elements `first_dim .. first_dim + SCORE_CHUNK` of the key of `slot` into `loaded[at ..]`:
+/// from `keys` before `start` (`vector` elements per load), else from the block's keys in
+/// `new_keys`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_key_chunk<F: Float, NV: Size>(
+    loaded: &mut Array<f32>,
+    #[comptime] at: usize,
+    new_keys: &SharedMemory<f32>,
+    keys: &Array<Vector<F, NV>>,
+    key_strides: &Strides4,
+    key_base: usize,
+    start: usize,
+    batch: usize,
+    kv_head: usize,
+    slot: usize,
+    first_dim: usize,
+    dim: usize,
+    #[comptime] vector: usize,
+) {
+    if slot < start {
+        let row = key_base + offset4(key_strides, batch, kv_head, slot, first_dim);
+        let step = offset4(key_strides, 0, 0, 0, 1);
+        #[unroll]
+        for i in 0..SCORE_CHUNK / vector {
+            let loads = keys[(row + i * vector * step) / vector];
+            #[unroll]
+            for e in 0..vector {
+                loaded[at + i * vector + e] = f32::cast_from(loads[e]);
+            }
+        }
+    } else {
+        let row = (slot - start) * dim + first_dim;
+        #[unroll]
+        for e in 0..SCORE_CHUNK {
+            loaded[at + e] = new_keys[row + e];
+        }
+    }
+}
+
+/// Phase 1 by teams of `partials` units, one chunk of [`SCORE_CHUNK`] dimensions each (needs
+/// plane operations, and planes of at least `partials` units): team `k` of the cube's
+/// `UNITS / partials` scores slots `k`, `k + teams`, …, [`TEAM_BATCH`] at a time. A warp's load
+/// then reads whole key rows (two of SmolLM2's 256-byte rows) instead of 16 bytes of 32 rows:
+/// with one slot per unit every key load touched 32 cache lines, and waiting on them was a third
+/// of an 18-token tree's attention (16.4 µs a layer in f32, 13.8 by teams; Nsight Compute on the
+/// H200, docs/benchmarks.md, session 25). Each unit adds its chunk's
+/// products in order and the team adds the chunk sums by a butterfly of shuffles, so every unit
+/// of the team holds [`score`]'s value bit for bit (`a + b` is `b + a` in floating point). The
+/// scores of the first [`CACHED`] slots go to `scores`; returns the largest score the unit's team
+/// saw.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn score_by_teams<F: Float, NV: Size>(
+    scores: &mut SharedMemory<f32>,
+    query: &SharedMemory<f32>,
+    new_keys: &SharedMemory<f32>,
+    keys: &Array<Vector<F, NV>>,
+    key_strides: &Strides4,
+    key_base: usize,
+    start: usize,
+    bias: &Array<F>,
+    bias_strides: &Strides4,
+    batch: usize,
+    t: usize,
+    kv_head: usize,
+    slots: usize,
+    dim: usize,
+    #[comptime] with_bias: bool,
+    #[comptime] vector: usize,
+    #[comptime] partials: usize,
+) -> f32 {
+    let unit = UNIT_POS_X as usize;
+    let teams = UNITS / partials;
+    let team = unit / partials;
+    let first_dim = (unit % partials) * SCORE_CHUNK;
+    let mut chunk = Array::<f32>::new(SCORE_CHUNK);
+    query_chunk(query, first_dim, &mut chunk);
+    let bias_row = offset4(bias_strides, batch, 0, t, 0);
+    let bias_step = offset4(bias_strides, 0, 0, 0, 1);
+    let mut largest = f32::new(-3.0e38);
+    let mut loaded = Array::<f32>::new(TEAM_BATCH * SCORE_CHUNK);
+    let mut biases = Array::<f32>::new(TEAM_BATCH);
+    let mut sums = Array::<f32>::new(TEAM_BATCH);
+    // The same number of rounds for every unit: the shuffles need the whole plane.
+    let rounds = slots.div_ceil(teams * TEAM_BATCH);
+    let mut round = 0usize;
+    while round < rounds {
+        let first = round * TEAM_BATCH * teams + team;
+        // Every load of the round first (keys and biases), then the sums: a bias loaded after its
+        // slot's shuffles made each slot wait for its own load.
+        #[unroll]
+        for b in 0..TEAM_BATCH {
+            let slot = first + b * teams;
+            biases[b] = f32::new(0.0);
+            if slot < slots {
+                load_key_chunk::<F, NV>(
+                    &mut loaded,
+                    b * SCORE_CHUNK,
+                    new_keys,
+                    keys,
+                    key_strides,
+                    key_base,
+                    start,
+                    batch,
+                    kv_head,
+                    slot,
+                    first_dim,
+                    dim,
+                    vector,
+                );
+                if with_bias {
+                    biases[b] = f32::cast_from(bias[bias_row + slot * bias_step]);
+                }
+            }
+        }
+        #[unroll]
+        for b in 0..TEAM_BATCH {
+            let mut sum = chunk_dot(&chunk, &loaded, b * SCORE_CHUNK);
+            #[unroll]
+            for level in 0..MAX_PARTIALS_LOG2 {
+                if (1usize << level) < partials {
+                    sum += plane_shuffle_xor(sum, 1u32 << level);
+                }
+            }
+            if with_bias {
+                sum += biases[b];
+            }
+            sums[b] = sum;
+        }
+        #[unroll]
+        for b in 0..TEAM_BATCH {
+            let slot = first + b * teams;
+            if slot < slots {
+                let sum = sums[b];
+                if slot < CACHED && first_dim == 0 {
+                    scores[slot] = sum;
+                }
+                if sum > largest {
+                    largest = sum;
+                }
+            }
+        }
+        round += 1;
+    }
+    largest
 }
 
 /// Elements `first_dim .. first_dim + lane_dims` of the value of `slot` into
@@ -928,9 +1232,11 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
         let (query_strides, key_strides) = (strides4(&queries)?, strides4(&keys)?);
         let (value_strides, bias_strides) = (strides4(&values)?, strides4(&bias)?);
         let output_strides = strides2(&output)?;
+        let (client, dtype) = (queries.client.clone(), queries.dtype);
+        let partials = score_partials(dim);
+        let teams = team_scores(&client, partials);
         let [batch, heads, len, dim, kv_heads, slots] =
             scalars(&[batch, heads, len, dim, kv_heads, slots])?;
-        let (client, dtype) = (queries.client.clone(), queries.dtype);
         // Arrays bound at the views' offsets, read through the strides above.
         unsafe {
             attention_kernel::launch_unchecked::<R>(
@@ -958,6 +1264,8 @@ impl<B: Backend> CubeOp<B> for Attention<'_, B> {
                 lane_dims,
                 walk_batch,
                 vector,
+                partials,
+                teams,
                 dtype.into(),
             )
         };
@@ -1078,6 +1386,7 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
             (strides2(&qkv)?, strides2(&cos)?, strides2(&sin)?);
         let output_strides = strides2(&output)?;
         let rows = tokens * heads;
+        let partials = score_partials(dim);
         let [batch, heads, len, dim, kv_heads, start] =
             scalars(&[batch, heads, len, dim, kv_heads, start])?;
         // Arrays bound at the tensors' offsets, read through the strides above; the cache's
@@ -1114,6 +1423,7 @@ impl<B: Backend> CubeOp<B> for RotaryAttention<'_, B> {
                 lane_dims,
                 walk_batch,
                 vector,
+                partials,
                 dtype.into(),
             )
         };
