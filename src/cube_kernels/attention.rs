@@ -419,8 +419,8 @@ fn attend_row<F: Float, NV: Size>(
         stops[unit] = u32::new(0);
     }
     sync_cube();
-    // Phase 1. Phase 2 counts blocks of consecutive slots (not every UNITS-th slot): the prefix
-    // sum of their counts below is then a rank.
+    // Each unit's block of consecutive slots (not every UNITS-th slot): phase 1 scores it unless
+    // teams do, phase 2 counts it, and the prefix sum of the counts is then a rank.
     let block = slots.div_ceil(UNITS);
     let first = unit * block;
     let mut end = first + block;
