@@ -488,6 +488,74 @@ fn fused_products_fold_the_draft_heads_bias_silu_and_adds() {
     assert!(cube_kernels::fused_matmul(&x, &w, wrong).is_none());
 }
 
+/// The draft head's joined state: a product written after a copy of its prefix (`[prefix |
+/// product]`) and a product reading its inputs from the second half of such a buffer give the
+/// same bits as the plain product on the plain inputs, in f32 and f16, for one row and for a
+/// tree's tiles, with vector loads (576 wide) and element loads (130).
+#[test]
+fn a_joined_product_equals_the_product_and_the_concatenation() {
+    use burn::tensor::DType;
+    use cube_kernels::ProductFolds;
+    for (dtype, width, rows) in [DType::F32, DType::F16]
+        .into_iter()
+        .flat_map(|dtype| [(dtype, 576), (dtype, 130)])
+        .flat_map(|(dtype, width)| [1, 6, 18].map(|rows| (dtype, width, rows)))
+    {
+        let case = format!("{dtype:?}, width {width}, {rows} rows");
+        let context = random([rows, width]).cast(dtype);
+        let state = random([rows, width]).cast(dtype);
+        let addend = random([rows, width]).cast(dtype);
+        let u = random([width, width]).div_scalar(10.0).cast(dtype);
+        let bias =
+            Tensor::<B, 1>::random([width], Distribution::Normal(0.0, 1.0), &device()).cast(dtype);
+        let folds = ProductFolds {
+            addend: Some(&addend),
+            bias: Some(&bias),
+            silu: true,
+            ..Default::default()
+        };
+        let want = cube_kernels::fused_matmul(&state, &u, folds).expect("applies");
+        // The state in the second half of a joined buffer, as the previous step leaves it.
+        let joined_state = Tensor::cat(vec![random([rows, width]).cast(dtype), state.clone()], 1);
+        for (source, input_offset) in [(&state, 0), (&joined_state, width)] {
+            let got = cube_kernels::fused_matmul(
+                source,
+                &u,
+                ProductFolds {
+                    prefix: Some(&context),
+                    input_offset,
+                    ..folds
+                },
+            )
+            .expect("applies");
+            assert_eq!(got.dims(), [rows, 2 * width], "{case}");
+            assert_eq!(
+                bits(got.clone().slice([0..rows, 0..width])),
+                bits(context.clone()),
+                "{case}: the prefix"
+            );
+            assert_eq!(
+                bits(got.slice([0..rows, width..2 * width])),
+                bits(want.clone()),
+                "{case}, inputs from column {input_offset}"
+            );
+        }
+    }
+    // An offset past the inputs the weight has, or a prefix of the wrong width, is declined.
+    let (x, w) = (random([2, 8]), random([8, 8]));
+    let beyond = ProductFolds {
+        input_offset: 4,
+        ..Default::default()
+    };
+    assert!(cube_kernels::fused_matmul(&x, &w, beyond).is_none());
+    let short = random([2, 4]);
+    let narrow_prefix = ProductFolds {
+        prefix: Some(&short),
+        ..Default::default()
+    };
+    assert!(cube_kernels::fused_matmul(&x, &w, narrow_prefix).is_none());
+}
+
 /// A folded product's rows, like the plain product's, do not depend on the other rows: the
 /// norm's sums of squares included, a row alone and among 70 give the same bits.
 #[test]
@@ -1173,6 +1241,53 @@ fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
             got.into_data()
                 .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-3));
         }
+    }
+}
+
+/// On the GPU backends a draft vocabulary's table is kept transposed (`[H, N]`, a copy in the
+/// layout our product reads fastest) where the whole vocabulary's is read through a transposed
+/// view: a draft vocabulary of every token, in order, gives the same beams and log-probabilities
+/// bit for bit as no draft vocabulary (each sum has one order whatever the weight's layout).
+#[test]
+fn a_transposed_draft_table_gives_the_whole_tables_beams() {
+    use redrafter::drafter::{
+        BeamSearchOutput, DraftHeadKind, DraftRequest, DraftVocabulary, RecurrentDrafterConfig,
+    };
+    let (hidden, vocab, batch, length) = (64, 1000, 2, 5);
+    let embedding = random([vocab, hidden]).mul_scalar(0.5);
+    let drafter = RecurrentDrafterConfig::new(hidden, vocab)
+        .with_head(DraftHeadKind::Tied)
+        .init_seeded::<B>(11, &device())
+        .unwrap()
+        .with_embeddings(embedding.clone(), embedding)
+        .unwrap();
+    let every_token = DraftVocabulary::new((0..vocab as u32).collect(), vocab).unwrap();
+    let reduced = drafter.clone().with_draft_vocabulary(every_token).unwrap();
+    let context = random([batch, hidden]);
+    let first =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(vec![17i64, 118], [batch]), &device());
+    for width in [1, 3] {
+        let request = || DraftRequest {
+            context: context.clone(),
+            first_tokens: first.clone(),
+            beam_width: width,
+            beam_length: length,
+            needs_log_probs: true,
+        };
+        let (whole, transposed): (BeamSearchOutput<B>, BeamSearchOutput<B>) = (
+            drafter.beam_search(request()).unwrap(),
+            reduced.beam_search(request()).unwrap(),
+        );
+        assert_eq!(
+            transposed.tokens.into_data(),
+            whole.tokens.into_data(),
+            "width {width}"
+        );
+        assert_eq!(
+            bits(transposed.token_log_probs),
+            bits(whole.token_log_probs),
+            "width {width}"
+        );
     }
 }
 

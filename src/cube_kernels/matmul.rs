@@ -75,6 +75,10 @@ const MIN_WIDE_CUBES: usize = 16;
 /// - `swiglu` (with `halves` = 2): `output = silu(gate) · up`; otherwise the product itself.
 /// - `add_addend`, `add_bias`: `+ addend[row, column]`, `+ bias[0, column]`; then `silu`: SiLU.
 /// - `add_residual`: `output += residual`, last.
+/// - `copy_prefix`: the output is `[prefix | product]`, `[rows, 2 · columns]` (the unit that
+///   writes product column `c` copies `prefix[row, c]` too): a concatenation folded in.
+/// - `offset_inputs`: the product's input 0 is column `strides.x_offset` of `x` (a product over
+///   the second half of a `[prefix | product]` output, without a copy of it).
 /// - `batch`: sums of how many output columns go through shared memory together (divides `NW`).
 /// - `rotate` (with `halves` = 2, no other fold but the norm): the QKV product of a Llama layer,
 ///   rotated and split into heads ([`write_rotated_pair`]). Logical column `c` is the rotation
@@ -91,6 +95,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     addend: &Array<F>,
     bias: &Array<F>,
     residual: &Array<F>,
+    prefix: &Array<F>,
     cos: &Array<F>,
     sin: &Array<F>,
     output: &mut Array<F>,
@@ -111,6 +116,8 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     #[comptime] add_bias: bool,
     #[comptime] silu: bool,
     #[comptime] add_residual: bool,
+    #[comptime] copy_prefix: bool,
+    #[comptime] offset_inputs: bool,
     #[comptime] rotate: bool,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -165,6 +172,14 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
     let mut sums = Array::<f32>::new(rows_per_cube * components);
     let mut squares = Array::<f32>::new(rows_per_cube);
     let mut source_rows = Array::<usize>::new(rows_per_cube);
+    // Where a row's input 0 is in `x`: `row · x_row`, plus `x_offset` inputs with
+    // `offset_inputs`. The flag keeps the offset out of every other product's code: with the
+    // offset always added, the H200's 18-row output and down projections took 8 % longer.
+    let x_offset = if offset_inputs {
+        strides.x_offset as usize * x_step
+    } else {
+        usize::new(0)
+    };
     #[unroll]
     for r in 0..rows_per_cube {
         source_rows[r] = if first_row + r < rows {
@@ -189,6 +204,7 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
             weight,
             k,
             x_row,
+            x_offset,
             x_step,
             weight_row,
             &read_columns,
@@ -219,7 +235,8 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
         }
         #[unroll]
         for r in 0..rows_per_cube {
-            let x0 = f32::cast_from(x[(source_rows[r] * x_row + k * x_step) / x_width][0]);
+            let x0 =
+                f32::cast_from(x[(source_rows[r] * x_row + x_offset + k * x_step) / x_width][0]);
             if normalize {
                 squares[r] += x0 * x0;
             }
@@ -339,7 +356,15 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
                                 + column * strides.residual_step as usize],
                         );
                     }
-                    output[row * columns + column] = F::cast_from(value);
+                    if copy_prefix {
+                        // `[prefix | product]`, `2 · columns` a row.
+                        let out_row = row * 2 * columns;
+                        output[out_row + columns + column] = F::cast_from(value);
+                        output[out_row + column] = prefix[row * strides.prefix_row as usize
+                            + column * strides.prefix_step as usize];
+                    } else {
+                        output[row * columns + column] = F::cast_from(value);
+                    }
                 }
             }
         }
@@ -356,6 +381,7 @@ fn accumulate<F: Float, NX: Size, NW: Size>(
     weight: &Array<Vector<F, NW>>,
     k: usize,
     x_row: usize,
+    x_offset: usize,
     x_step: usize,
     weight_row: usize,
     read_columns: &Array<usize>,
@@ -385,10 +411,10 @@ fn accumulate<F: Float, NX: Size, NW: Size>(
     }
     #[unroll]
     for r in 0..rows_per_cube {
-        let row = source_rows[r];
+        let start = source_rows[r] * x_row + x_offset;
         #[unroll]
         for q in 0..count / x_width {
-            let vector = x[(row * x_row + (k + q * x_width) * x_step) / x_width];
+            let vector = x[(start + (k + q * x_width) * x_step) / x_width];
             #[unroll]
             for i in 0..x_width {
                 xs[q * x_width + i] = f32::cast_from(vector[i]);
@@ -511,6 +537,11 @@ struct ProductStrides {
     bias_step: u32,
     residual_row: u32,
     residual_step: u32,
+    /// Inputs of `x` before the product's first, in every row (a multiple of `NX`; read only
+    /// with `offset_inputs`).
+    x_offset: u32,
+    prefix_row: u32,
+    prefix_step: u32,
 }
 
 /// The operation behind [`super::matmul`] and [`super::fused_matmul`].
@@ -570,8 +601,9 @@ fn launch_product<R: CubeRuntime, B: Backend>(
     folds: ProductFolds<'_, B>,
     rotation: Option<Rotation<'_, B>>,
 ) -> Option<CubeTensor<R>> {
-    let [rows, inputs] = x.dims();
-    let [weight_inputs, weight_columns] = weight.dims();
+    let [rows, x_columns] = x.dims();
+    let [inputs, weight_columns] = weight.dims();
+    let input_offset = folds.input_offset;
     let rotate = rotation.is_some();
     let halves = if folds.swiglu || rotate { 2 } else { 1 };
     let columns = weight_columns / halves;
@@ -579,7 +611,7 @@ fn launch_product<R: CubeRuntime, B: Backend>(
         || rows > super::MATMUL_MAX_ROWS
         || inputs == 0
         || columns == 0
-        || weight_inputs != inputs
+        || input_offset + inputs != x_columns
         || weight_columns % halves != 0
         || (folds.swiglu && folds.silu)
         || [folds.residual, folds.addend]
@@ -587,6 +619,9 @@ fn launch_product<R: CubeRuntime, B: Backend>(
             .flatten()
             .any(|tensor| tensor.dims() != [rows, columns])
         || folds.bias.is_some_and(|bias| bias.dims() != [columns])
+        || folds
+            .prefix
+            .is_some_and(|prefix| prefix.dims() != [rows, columns])
     {
         return None;
     }
@@ -596,7 +631,8 @@ fn launch_product<R: CubeRuntime, B: Backend>(
             || folds.silu
             || folds.addend.is_some()
             || folds.bias.is_some()
-            || folds.residual.is_some())
+            || folds.residual.is_some()
+            || folds.prefix.is_some())
     {
         return None;
     }
@@ -608,10 +644,11 @@ fn launch_product<R: CubeRuntime, B: Backend>(
     };
     let residual = optional(folds.residual)?;
     let addend = optional(folds.addend)?;
+    let prefix = optional(folds.prefix)?;
     let bias_row = folds.bias.map(|bias| bias.clone().reshape([1, columns]));
     let bias = optional(bias_row.as_ref())?;
     if weight.dtype != x.dtype
-        || [&residual, &addend, &bias]
+        || [&residual, &addend, &bias, &prefix]
             .into_iter()
             .flatten()
             .any(|tensor| tensor.dtype != x.dtype)
@@ -619,7 +656,15 @@ fn launch_product<R: CubeRuntime, B: Backend>(
         return None;
     }
     let rotation_half = rotation.as_ref().map(|rotation| rotation.cos.dims()[3] / 2);
-    let layout = Layout::choose(rows, columns, halves, rotation_half, &x, &weight);
+    let layout = Layout::choose(
+        rows,
+        columns,
+        halves,
+        rotation_half,
+        input_offset,
+        &x,
+        &weight,
+    );
     let targets = match rotation {
         Some(rotation) => Some(RotationTargets::new(&rotation, &x, rows, columns, &layout)?),
         None => None,
@@ -630,8 +675,13 @@ fn launch_product<R: CubeRuntime, B: Backend>(
         columns.div_ceil(COLUMNS * layout.groups * layout.width) as u32,
         1,
     );
-    let (add_residual, add_addend, add_bias) =
-        (residual.is_some(), addend.is_some(), bias.is_some());
+    let (add_residual, add_addend, add_bias, copy_prefix) = (
+        residual.is_some(),
+        addend.is_some(),
+        bias.is_some(),
+        prefix.is_some(),
+    );
+    let output_columns = if copy_prefix { 2 * columns } else { columns };
     let stride = |tensor: &Option<CubeTensor<R>>, dim: usize| {
         tensor
             .as_ref()
@@ -651,11 +701,15 @@ fn launch_product<R: CubeRuntime, B: Backend>(
         stride(&bias, 1)?,
         stride(&residual, 0)?,
         stride(&residual, 1)?,
+        scalar(input_offset)?,
+        stride(&prefix, 0)?,
+        stride(&prefix, 1)?,
     );
     // Unused bindings: any tensor will do (the output for the unused writable ones).
     let residual = residual.unwrap_or_else(|| x.clone());
     let addend = addend.unwrap_or_else(|| x.clone());
     let bias = bias.unwrap_or_else(|| x.clone());
+    let prefix = prefix.unwrap_or_else(|| x.clone());
     let (output, cos, sin, keys, values, heads) = match targets {
         Some(targets) => (
             targets.q,
@@ -666,7 +720,7 @@ fn launch_product<R: CubeRuntime, B: Backend>(
             targets.heads,
         ),
         None => {
-            let output = empty_like(&x, [rows, columns]);
+            let output = empty_like(&x, [rows, output_columns]);
             let heads = RotationTargets::<R>::unused();
             (
                 output.clone(),
@@ -690,6 +744,7 @@ fn launch_product<R: CubeRuntime, B: Backend>(
             addend.into_array_arg(),
             bias.into_array_arg(),
             residual.into_array_arg(),
+            prefix.into_array_arg(),
             cos.into_array_arg(),
             sin.into_array_arg(),
             output.clone().into_array_arg(),
@@ -710,6 +765,8 @@ fn launch_product<R: CubeRuntime, B: Backend>(
             add_bias,
             folds.silu,
             add_residual,
+            copy_prefix,
+            input_offset > 0,
             rotate,
             dtype.into(),
         )
@@ -811,6 +868,8 @@ impl<R: CubeRuntime> RotationTargets<R> {
 const VECTOR: usize = 4;
 /// The most f32 sums a unit keeps for a tree with vector loads (`rows_per_cube · halves · width`).
 const TREE_SUMS: usize = 64;
+/// Row tiles of a product too wide for one wave ([`Layout::choose`]) are multiples of this.
+const BALANCED_TILE_STEP: usize = 4;
 /// The fewest cubes a tree product too wide for one wave ([`Layout::choose`]) takes the largest
 /// row tile for. On the H200 a 24-token tree's forward took 4.11 ms with 64, 4.27 with 132, 4.51
 /// with 16 (5.11 ms before vector loads; docs/benchmarks.md, session 17).
@@ -845,16 +904,23 @@ struct Layout {
 impl Layout {
     /// `rotation_half`: half the head dimension of a rotating product ([`row_matmul_kernel`]'s
     /// `rotate`), whose column vectors must not cross from one half of a head to the next.
+    /// `input_offset`: the column of `x` the product's inputs start at.
     fn choose<R: CubeRuntime>(
         rows: usize,
         columns: usize,
         halves: usize,
         rotation_half: Option<usize>,
+        input_offset: usize,
         x: &CubeTensor<R>,
         weight: &CubeTensor<R>,
     ) -> Self {
-        let inputs = x.meta.shape()[1];
-        let x_width = if loads_vectors(x, inputs) { VECTOR } else { 1 };
+        // A vector of `x` must not straddle the input offset.
+        let inputs = weight.meta.shape()[0];
+        let x_width = if loads_vectors(x, inputs) && input_offset.is_multiple_of(VECTOR) {
+            VECTOR
+        } else {
+            1
+        };
         if rows == 1 {
             // A decoding step's product reads the weight once, one column per unit: 2 or 4
             // columns per unit were no faster (fewer cubes; docs/benchmarks.md, session 17).
@@ -912,10 +978,19 @@ impl Layout {
                 .max_by_key(|&(width, tile)| (cubes((width, tile)), width, tile));
             // A product too wide for one wave (the LM head) takes four columns and the largest
             // row tile that still gives MIN_TREE_CUBES cubes: the fewest reads of its weight.
+            // Its rows are then shared evenly by as many tiles, rounded up to a multiple of
+            // four: a tile's every row costs its sums whether the row exists or not. On the H200
+            // the LM head of an 18-row tree took 106.8 µs in two 16-row tiles, 85.0 in two of
+            // 10 (f32); but f16's 10-row tiles took 118.3 against 111.3, where 12-row tiles (a
+            // 24-row tree) took 90.9 (f32 87.0; docs/benchmarks.md, session 26).
             let (width, rows_per_cube) = one_wave.unwrap_or_else(|| {
-                tiles(VECTOR)
+                let (width, tile) = tiles(VECTOR)
                     .find(|&layout| cubes(layout) >= MIN_TREE_CUBES)
-                    .unwrap_or((VECTOR, 4))
+                    .unwrap_or((VECTOR, 4));
+                let balanced = rows
+                    .div_ceil(rows.div_ceil(tile))
+                    .next_multiple_of(BALANCED_TILE_STEP);
+                (width, balanced.min(tile))
             });
             return Self {
                 rows_per_cube,

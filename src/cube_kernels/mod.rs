@@ -639,6 +639,14 @@ pub struct ProductFolds<'a, B: Backend> {
     pub silu: bool,
     /// Added to the output last, `[rows, output columns]`.
     pub residual: Option<&'a Tensor<B, 2>>,
+    /// Written before the product: the output is `[prefix | product]`, `[rows, 2 · output
+    /// columns]` (`prefix` is `[rows, output columns]`) — a concatenation without a launch of
+    /// its own.
+    pub prefix: Option<&'a Tensor<B, 2>>,
+    /// The product's inputs are `x`'s columns from this one on (as many as the weight has rows):
+    /// the second half of a `[prefix | product]` output, read without a copy (the norm, if
+    /// folded, is over these inputs). 0: all of `x`.
+    pub input_offset: usize,
 }
 
 impl<B: Backend> Clone for ProductFolds<'_, B> {
@@ -658,6 +666,8 @@ impl<B: Backend> Default for ProductFolds<'_, B> {
             bias: None,
             silu: false,
             residual: None,
+            prefix: None,
+            input_offset: 0,
         }
     }
 }

@@ -50,6 +50,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
+use super::draft_state::DraftState;
 use super::recurrent::RecurrentDrafter;
 use super::top_k::{TopKMethod, top_k_cached};
 use super::{DraftBeams, DraftHead, DraftRequest};
@@ -95,8 +96,8 @@ struct Expansion<B: Backend> {
 
 /// One draft step's advanced states and each row's best logits, before the warp.
 struct BestLogits<B: Backend> {
-    /// Advanced recurrent state. Shape `[N, H]`.
-    state: Tensor<B, 2>,
+    /// Advanced recurrent state (joined to the context where the step joined it).
+    state: DraftState<B>,
     /// Each row's best `max(kept, per_beam)` logits, descending. Shape `[N, K]`.
     sorted: Tensor<B, 2>,
     /// Their draft-vocabulary columns (not yet token ids). Shape `[N, K]`.
@@ -345,13 +346,19 @@ impl<B: Backend> RecurrentDrafter<B> {
         dims: &Dims,
         embedding: &Tensor<B, 2>,
         context: Tensor<B, 2>,
-        state: Tensor<B, 2>,
+        state: DraftState<B>,
         last: Tensor<B, 1, Int>,
+        join: bool,
     ) -> Result<BestLogits<B>> {
-        let token_embedding = embedding.clone().select(0, last).cast(state.dtype());
-        let state = self.step(state, token_embedding)?;
+        let token_embedding = embedding.clone().select(0, last).cast(context.dtype());
+        let state = if join {
+            self.advance(&context, state, token_embedding)?
+        } else {
+            let hidden = self.config().hidden_size;
+            DraftState::Alone(self.step(state.into_alone(hidden), token_embedding)?)
+        };
         // [N, V], or [N, N_draft] over the draft vocabulary.
-        let logits = self.draft_logits(context, state.clone())?;
+        let logits = self.draft_logits_of(context, state.clone())?;
         let (sorted, columns) = top_k_cached(
             logits,
             dims.kept.max(dims.per_beam),
@@ -384,7 +391,15 @@ impl<B: Backend> RecurrentDrafter<B> {
             state,
             sorted,
             columns: ids,
-        } = self.best_logits(dims, embedding, context, state, last)?;
+        } = self.best_logits(
+            dims,
+            embedding,
+            context,
+            DraftState::Alone(state),
+            last,
+            false,
+        )?;
+        let state = state.into_alone(self.config().hidden_size);
         let rows = sorted.dims()[0];
         let ids = ids.narrow(1, 0, dims.per_beam);
         // Draft-vocabulary indices to token ids.
@@ -428,7 +443,9 @@ impl<B: Backend> RecurrentDrafter<B> {
 
     /// [`Self::beam_search`] with each step's warp, selection and beam bookkeeping in one kernel
     /// ([`crate::cube_kernels::beam_advance`]): the same beams as the composition of Burn's ops
-    /// (up to the rounding of the normaliser's sum), in ~15 launches per step instead of ~35.
+    /// (up to the rounding of the normaliser's sum), in ~15 launches per step instead of ~35 — 9
+    /// for one beam over an RNN head, whose state is carried joined to its context
+    /// ([`DraftState`]) and is its own parent (no gather).
     /// `None` if the kernel declines the first step (an unexpected dtype), before anything else
     /// has run.
     ///
@@ -470,29 +487,36 @@ impl<B: Backend> RecurrentDrafter<B> {
         };
 
         // Step 1 on beam 0 only (one parent per batch entry): state s_0 = 0, input g0.
-        let state = Tensor::zeros([batch, hidden], (&device, dtype));
+        let state = DraftState::Alone(Tensor::zeros([batch, hidden], (&device, dtype)));
         let BestLogits {
             state,
             sorted,
             columns,
-        } = self.best_logits(dims, embedding, context.clone(), state, first.clone())?;
+        } = self.best_logits(dims, embedding, context.clone(), state, first.clone(), true)?;
         let beams = first.cast(columns.dtype()).reshape([batch, 1]);
         let Some(mut step) = advance(&sorted, &columns, None, &beams, None) else {
             return Ok(None);
         };
         let rows = batch * width;
         // Every beam's parent is its batch entry's beam 0: the state of row `b` for all of them.
-        let mut state = if length > 2 {
-            state.select(0, step.parents.clone())
+        // With one beam a row is its own parent (row `b` of batch entry `b`), so the gather
+        // would copy the states unchanged: skipped, one launch fewer per step.
+        let mut state = if length > 2 && width > 1 {
+            state.select(step.parents.clone())
         } else {
             state
         };
         if length > 2 {
-            // Context per beam row, materialised once for all remaining steps.
-            let context_rows = context
-                .unsqueeze_dim::<3>(1)
-                .expand([batch, width, hidden])
-                .reshape([rows, hidden]);
+            // Context per beam row, materialised once for all remaining steps (one beam's rows
+            // are the context's own: no copy, one launch fewer).
+            let context_rows = if width == 1 {
+                context.clone()
+            } else {
+                context
+                    .unsqueeze_dim::<3>(1)
+                    .expand([batch, width, hidden])
+                    .reshape([rows, hidden])
+            };
             for t in 2..length {
                 let BestLogits {
                     state: new_state,
@@ -504,6 +528,7 @@ impl<B: Backend> RecurrentDrafter<B> {
                     context_rows.clone(),
                     state,
                     step.last.clone(),
+                    true,
                 )?;
                 step = advance(
                     &sorted,
@@ -517,9 +542,10 @@ impl<B: Backend> RecurrentDrafter<B> {
                         "the beam-search kernel declined step {t} after taking step 1"
                     ))
                 })?;
-                // The last step's states are never used: skip their gather (one launch).
-                state = if t + 1 < length {
-                    new_state.select(0, step.parents.clone())
+                // The last step's states are never used: skip their gather (one launch), as
+                // with one beam (its own parent, see above).
+                state = if t + 1 < length && width > 1 {
+                    new_state.select(step.parents.clone())
                 } else {
                     new_state
                 };

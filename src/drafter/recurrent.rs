@@ -313,8 +313,14 @@ pub(crate) struct DraftTables<B: Backend> {
     pub(crate) vocabulary: DraftVocabulary,
     /// `[N]`: the full-vocabulary id of each draft index.
     pub(crate) ids: Tensor<B, 1, Int>,
-    /// `[N, H]`: the output embedding's rows for those ids.
+    /// The output embedding's rows for those ids: `[N, H]`, or `[H, N]` (a contiguous copy,
+    /// `in_out`) where our GPU kernels take the head's product. Read along its rows, the `[N, H]`
+    /// table's product cost a one-beam draft step 18.4 µs on the H200; a decoding step's LM
+    /// head, the same product over an `[H, V]` copy, reads 3 TB/s (docs/benchmarks.md, session
+    /// 26).
     pub(crate) table: Tensor<B, 2>,
+    #[module(skip)]
+    pub(crate) in_out: bool,
 }
 
 impl<B: Backend> RecurrentDrafter<B> {
@@ -396,11 +402,17 @@ impl<B: Backend> RecurrentDrafter<B> {
         let device = table.device();
         let ids: Vec<i64> = vocabulary.ids().iter().map(|&id| i64::from(id)).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [vocabulary.len()]), &device);
-        let table = table.clone().select(0, ids.clone());
+        let mut table = table.clone().select(0, ids.clone());
+        let in_out = crate::cube_kernels::applies::<B>();
+        if in_out {
+            // Once, at set-up: the transposed view's data in its logical order.
+            table = Tensor::from_data(table.transpose().into_data(), &device);
+        }
         self.draft_vocabulary = Some(DraftTables {
             vocabulary,
             ids,
             table,
+            in_out,
         });
         Ok(self)
     }
@@ -605,7 +617,16 @@ impl<B: Backend> RecurrentDrafter<B> {
                 found: state.dims().to_vec(),
             });
         }
-        let x = Tensor::cat(vec![context, state], D - 1);
+        self.head_input_logits(Tensor::cat(vec![context, state], D - 1), reduced)
+    }
+
+    /// The head on its input `x = [h | s]` `[..., 2H]` (see [`Self::logits`]).
+    pub(crate) fn head_input_logits<const D: usize>(
+        &self,
+        x: Tensor<B, D>,
+        reduced: bool,
+    ) -> Result<Tensor<B, D>> {
+        check_last_dim("x", &x.dims(), 2 * self.config.hidden_size)?;
         let mut x = match &self.input_proj {
             Some(proj) if crate::cube_kernels::applies::<B>() => {
                 // Our row product with the bias folded in (Burn's Linear: CubeCL's matmul and an
@@ -634,15 +655,18 @@ impl<B: Backend> RecurrentDrafter<B> {
                             .into(),
                     )
                 })?;
-                let table = match (reduced, &self.draft_vocabulary) {
-                    (true, Some(tables)) => &tables.table,
-                    _ => table,
+                let (table, in_out) = match (reduced, &self.draft_vocabulary) {
+                    (true, Some(tables)) => (&tables.table, tables.in_out),
+                    _ => (table, false),
                 };
-                // [.., H] x [H, V]: the table is stored as rows per token, as the target has it.
-                // The cast is free when the drafter computes in the target's dtype (the fast
-                // setup); otherwise it converts the table on every call.
+                // [.., H] x [H, V]: the table is stored as rows per token, as the target has it
+                // (a draft vocabulary's rows already transposed where `in_out`). The cast is free
+                // when the drafter computes in the target's dtype (the fast setup); otherwise it
+                // converts the table on every call.
                 let table = table.clone().cast(x.dtype());
-                if crate::cube_kernels::applies::<B>() {
+                if in_out {
+                    Ok(gpu_product(x, table))
+                } else if crate::cube_kernels::applies::<B>() {
                     Ok(gpu_product(x, table.transpose()))
                 } else if crate::projection::prefers_out_major::<B>(&table.device()) {
                     // The table is already `[out, in]`, this backend's fast layout.

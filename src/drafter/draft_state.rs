@@ -1,0 +1,116 @@
+//! A draft step's recurrent state as beam search carries it on the GPUs: alone, or already joined
+//! to the context as the head's input `[h | s]`.
+//!
+//! The head reads `[h | s_t]` at every step. Built with Burn's `cat`, that is two copy launches a
+//! step (one per half) besides the RNN's two products; here the RNN's second product writes its
+//! output next to a copy of the context (the `prefix` fold of
+//! [`crate::cube_kernels::ProductFolds`]) and the next step's RNN product reads `s_t` from that
+//! buffer's second half (`input_offset`), so the concatenation costs no launch. Every value is
+//! the one the unjoined path computes: the same products, only written to a wider buffer.
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use super::recurrent::RecurrentDrafter;
+use crate::error::Result;
+
+/// The recurrent state `s_t` of `N` beam rows.
+#[derive(Debug, Clone)]
+pub(crate) enum DraftState<B: Backend> {
+    /// `s_t` alone. Shape `[N, H]`.
+    Alone(Tensor<B, 2>),
+    /// `[h | s_t]`, the context rows and the state side by side: the head's input. Shape
+    /// `[N, 2H]`.
+    Joined(Tensor<B, 2>),
+}
+
+impl<B: Backend> DraftState<B> {
+    /// The rows `indices` of the state (and of the context joined to it).
+    pub(crate) fn select(self, indices: Tensor<B, 1, Int>) -> Self {
+        match self {
+            Self::Alone(state) => Self::Alone(state.select(0, indices)),
+            Self::Joined(joined) => Self::Joined(joined.select(0, indices)),
+        }
+    }
+
+    /// `s_t` alone, `[N, H]` (a copy of the second half where it is joined).
+    pub(crate) fn into_alone(self, hidden: usize) -> Tensor<B, 2> {
+        match self {
+            Self::Alone(state) => state,
+            Self::Joined(joined) => joined.narrow(1, hidden, hidden),
+        }
+    }
+}
+
+impl<B: Backend> RecurrentDrafter<B> {
+    /// The next state from `state` and the last token's embedding `[N, H]`, joined to `context`
+    /// `[N, H]` where our kernels fold the join (a GPU backend and an RNN head: `e·W (+ b)`,
+    /// then `[h | silu(s·U + that + b_U)]`, two launches); otherwise [`Self::step`] on the state
+    /// alone.
+    ///
+    /// # Errors
+    /// As [`Self::step`].
+    pub(crate) fn advance(
+        &self,
+        context: &Tensor<B, 2>,
+        state: DraftState<B>,
+        token_embedding: Tensor<B, 2>,
+    ) -> Result<DraftState<B>> {
+        let hidden = self.config().hidden_size;
+        if let (Some(w), Some(u)) = (&self.rnn_w, &self.rnn_u)
+            && crate::cube_kernels::applies::<B>()
+            && token_embedding.dims() == context.dims()
+            && context.dims()[1] == hidden
+        {
+            let w_bias = w.bias.as_ref().map(Param::val);
+            let u_bias = u.bias.as_ref().map(Param::val);
+            let input = crate::cube_kernels::fused_matmul(
+                &token_embedding,
+                &w.weight.val(),
+                crate::cube_kernels::ProductFolds {
+                    bias: w_bias.as_ref(),
+                    ..Default::default()
+                },
+            );
+            let (source, input_offset) = match &state {
+                DraftState::Alone(state) => (state, 0),
+                DraftState::Joined(joined) => (joined, hidden),
+            };
+            let joined = input.and_then(|input| {
+                crate::cube_kernels::fused_matmul(
+                    source,
+                    &u.weight.val(),
+                    crate::cube_kernels::ProductFolds {
+                        addend: Some(&input),
+                        bias: u_bias.as_ref(),
+                        silu: true,
+                        prefix: Some(context),
+                        input_offset,
+                        ..Default::default()
+                    },
+                )
+            });
+            if let Some(joined) = joined {
+                return Ok(DraftState::Joined(joined));
+            }
+        }
+        let state = state.into_alone(hidden);
+        Ok(DraftState::Alone(self.step(state, token_embedding)?))
+    }
+
+    /// [`Self::draft_logits`] for a state that may already be joined to its context.
+    ///
+    /// # Errors
+    /// As [`Self::draft_logits`].
+    pub(crate) fn draft_logits_of(
+        &self,
+        context: Tensor<B, 2>,
+        state: DraftState<B>,
+    ) -> Result<Tensor<B, 2>> {
+        match state {
+            DraftState::Alone(state) => self.draft_logits(context, state),
+            DraftState::Joined(joined) => self.head_input_logits(joined, true),
+        }
+    }
+}
