@@ -12,7 +12,7 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::recurrent::RecurrentDrafter;
+use super::recurrent::{RecurrentDrafter, folded_product};
 use crate::error::Result;
 
 /// The recurrent state `s_t` of `N` beam rows.
@@ -65,13 +65,14 @@ impl<B: Backend> RecurrentDrafter<B> {
         {
             let w_bias = w.bias.as_ref().map(Param::val);
             let u_bias = u.bias.as_ref().map(Param::val);
-            let input = crate::cube_kernels::fused_matmul(
+            // The same first product as `step`'s.
+            let input = folded_product(
                 &token_embedding,
                 &w.weight.val(),
-                crate::cube_kernels::ProductFolds {
-                    bias: w_bias.as_ref(),
-                    ..Default::default()
-                },
+                None,
+                w_bias.as_ref(),
+                false,
+                false,
             );
             let (source, input_offset) = match &state {
                 DraftState::Alone(state) => (state, 0),

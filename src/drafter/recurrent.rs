@@ -711,7 +711,7 @@ fn as_rows<B: Backend, const D: usize>(
 /// # Shapes
 /// `x`, `addend`: `[..., in]` and `[..., out]` (same leading dimensions); `weight`: `[in, out]`;
 /// `bias`: `[out]`; returns `[..., out]`
-fn folded_product<B: Backend, const D: usize>(
+pub(super) fn folded_product<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     weight: &Tensor<B, 2>,
     addend: Option<&Tensor<B, D>>,
