@@ -2,7 +2,9 @@
 //!
 //! The cache stores keys and values of all layers in one tensor each,
 //! `[layers, batch, kv_heads, slots ≥ capacity, head_dim]`, so that committing a round moves the
-//! accepted slots of every layer with two gathers instead of two per layer.
+//! accepted slots of every layer at once: in one kernel launch for the whole batch on the CubeCL
+//! backends (`cube_kernels::move_kv_slots`), elsewhere with a gather and a region write of keys
+//! and of values per row that moves.
 //! Slot order is not position order: positions are applied (RoPE) before keys are cached, so a
 //! row's committed slots `0..len` can hold tokens at any positions. A forward pass appends a
 //! *pending block* of `T` slots at `used()..used()+T` (the same slots for every row); afterwards
@@ -12,6 +14,7 @@
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
+use crate::cube_kernels::{SlotMove, SlotMoves};
 use crate::error::{Error, Result};
 use crate::flex_write;
 use crate::generate::int_tensor;
@@ -248,6 +251,8 @@ impl<B: Backend> KvCache<B> {
             )));
         }
         let block_start = self.used();
+        // Every row is checked before anything moves, so a failed commit changes nothing.
+        let mut moves = Vec::new();
         for (row, kept) in keep.iter().enumerate() {
             if let Some(&bad) = kept.iter().find(|&&k| k >= self.pending) {
                 return Err(Error::InvalidConfig(format!(
@@ -269,9 +274,16 @@ impl<B: Backend> KvCache<B> {
                 .enumerate()
                 .all(|(i, &k)| block_start + k == dest + i);
             if !kept.is_empty() && !in_place {
-                self.move_slots(row, kept.iter().map(|&k| block_start + k).collect(), dest)?;
+                moves.push(SlotMove {
+                    row,
+                    dest,
+                    sources: kept.iter().map(|&k| block_start + k).collect(),
+                });
             }
-            self.lengths[row] = dest + kept.len();
+        }
+        self.move_slots(&moves)?;
+        for (length, kept) in self.lengths.iter_mut().zip(keep) {
+            *length += kept.len();
         }
         self.pending = 0;
         Ok(())
@@ -313,7 +325,29 @@ impl<B: Backend> KvCache<B> {
         self.pending = 0;
     }
 
-    fn move_slots(&mut self, row: usize, sources: Vec<usize>, dest: usize) -> Result<()> {
+    /// Moves each row's slots as `moves` lists them: in one launch where the CubeCL kernel
+    /// applies, else row by row with Burn's ops.
+    fn move_slots(&mut self, moves: &[SlotMove]) -> Result<()> {
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let on_gpu = crate::cube_kernels::move_kv_slots(SlotMoves {
+            keys: self.keys.as_ref().expect("cache storage present"),
+            values: self.values.as_ref().expect("cache storage present"),
+            moves,
+        });
+        if on_gpu.is_some() {
+            return Ok(());
+        }
+        for SlotMove { row, dest, sources } in moves {
+            self.move_row(*row, sources, *dest)?;
+        }
+        Ok(())
+    }
+
+    /// Moves one row's slots `sources` of every layer to slots `dest..`, with Burn's ops: an
+    /// index upload, then for keys and for values a gather and a region write.
+    fn move_row(&mut self, row: usize, sources: &[usize], dest: usize) -> Result<()> {
         let count = sources.len();
         let device = self.keys.as_ref().expect("cache storage present").device();
         let index = int_tensor(

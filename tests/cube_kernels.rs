@@ -1371,3 +1371,161 @@ fn argmax_matches_a_host_scan_first_column_on_ties() {
     let want = host_argmax(view.into_data().iter::<f32>().collect(), 500);
     assert_eq!(got.into_data().iter::<i64>().collect::<Vec<_>>(), want);
 }
+
+/// Committing a verified block (`KvCache::commit`, which moves every row's accepted slots in one
+/// launch on the GPU backends) leaves each row's visible keys and values, bit for bit, the slots
+/// the host picks from what the cache held before the commit: a row kept from where its block
+/// starts (`[0, 2, 5]`, sources overlapping destinations), a path not starting at the block's
+/// first slot (`[1, 3]`), a long overlapping run, a row keeping nothing, a row already in place,
+/// a row with no committed prefix; rows of different lengths, several layers and KV heads, a head
+/// dimension not a multiple of 4, f32 and f16. A commit keeping a row's slots out of order, which
+/// the kernel declines, moves them with Burn's ops instead.
+#[test]
+fn committing_moves_each_rows_accepted_slots_bit_for_bit() {
+    use redrafter::kv_cache::KvCache;
+    /// A layer's keys or values as bits, `[row][head][slot][d]`.
+    type Rows = Vec<Vec<Vec<Vec<u32>>>>;
+    let (layers, batch, heads, dim, capacity) = (3, 7, 2, 7, 40);
+    // Each round appends a block of this many slots, then keeps these slots of it per row.
+    let rounds: [(usize, [Vec<usize>; 7]); 4] = [
+        // Lengths 7, 5, 3, 7, 0, 4, 7: only the last row but one moves (to slots 0..4).
+        (
+            7,
+            [
+                (0..7).collect(),
+                (0..5).collect(),
+                (0..3).collect(),
+                (0..7).collect(),
+                vec![],
+                vec![1, 2, 4, 6],
+                (0..7).collect(),
+            ],
+        ),
+        // The block starts at slot 7.
+        (
+            6,
+            [
+                vec![0, 2, 5],
+                vec![0, 1, 3, 4, 5],
+                vec![],
+                vec![0, 1, 2],
+                vec![1, 3],
+                (0..6).collect(),
+                vec![1, 3],
+            ],
+        ),
+        // The block starts at slot 10.
+        (
+            5,
+            [
+                vec![1, 2, 4],
+                vec![0],
+                vec![0, 1, 2, 3, 4],
+                vec![],
+                vec![0, 2, 3],
+                vec![4],
+                vec![0, 1, 2, 3],
+            ],
+        ),
+        // The block starts at slot 13; a row keeping slots out of order (which the kernel
+        // declines: the whole commit takes Burn's ops).
+        (
+            4,
+            [
+                vec![0, 1],
+                vec![3, 0],
+                vec![],
+                vec![1, 2, 3],
+                vec![2],
+                vec![0, 3],
+                vec![],
+            ],
+        ),
+    ];
+    for dtype in [burn::tensor::DType::F32, burn::tensor::DType::F16] {
+        let mut cache =
+            KvCache::<B>::new(layers, batch, heads, dim, capacity, &device()).cast(dtype);
+        // Each layer's keys and values the host expects.
+        let mut expected: Option<Vec<[Rows; 2]>> = None;
+        // Appends a block to every layer; returns each layer's visible keys and values (all
+        // slots up to the block's end) as bits, checking the rows'
+        // committed slots against `expected` first.
+        let append = |cache: &mut KvCache<B>, block: usize, expected: &Option<Vec<[Rows; 2]>>| {
+            let mut seen = Vec::new();
+            for layer in 0..layers {
+                let keys = random([batch, heads, block, dim]).cast(dtype);
+                let values = random([batch, heads, block, dim]).cast(dtype);
+                let (visible_k, visible_v) = cache.append(layer, keys, values).unwrap();
+                let slots = visible_k.dims()[2];
+                let nest = |tensor: Tensor<B, 4>| -> Rows {
+                    let flat = bits(tensor);
+                    (0..batch)
+                        .map(|b| {
+                            (0..heads)
+                                .map(|h| {
+                                    (0..slots)
+                                        .map(|s| {
+                                            let at = ((b * heads + h) * slots + s) * dim;
+                                            flat[at..at + dim].to_vec()
+                                        })
+                                        .collect()
+                                })
+                                .collect()
+                        })
+                        .collect()
+                };
+                let layer_seen = [nest(visible_k), nest(visible_v)];
+                if let Some(expected) = expected {
+                    for (kind, name) in ["keys", "values"].into_iter().enumerate() {
+                        for (row, &length) in cache.lengths().iter().enumerate() {
+                            for head in 0..heads {
+                                assert_eq!(
+                                    layer_seen[kind][row][head][..length],
+                                    expected[layer][kind][row][head][..length],
+                                    "{dtype:?}: layer {layer}, {name} of row {row}, head {head}"
+                                );
+                            }
+                        }
+                    }
+                }
+                seen.push(layer_seen);
+            }
+            seen
+        };
+        for (block, keep) in &rounds {
+            let before = append(&mut cache, *block, &expected);
+            let block_start = cache.used();
+            let dests = cache.lengths().to_vec();
+            // The host's commit: slot `dest + i` of a row takes the block's slot `keep[i]`.
+            let after = before
+                .into_iter()
+                .map(|kinds| {
+                    kinds.map(|rows| {
+                        rows.into_iter()
+                            .zip(keep)
+                            .zip(&dests)
+                            .map(|((heads, kept), &dest)| {
+                                heads
+                                    .into_iter()
+                                    .map(|slots| {
+                                        let mut moved = slots[..dest].to_vec();
+                                        moved.extend(
+                                            kept.iter().map(|&k| slots[block_start + k].clone()),
+                                        );
+                                        moved
+                                    })
+                                    .collect()
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            expected = Some(after);
+            cache.commit(keep).unwrap();
+            let want: Vec<usize> = dests.iter().zip(keep).map(|(d, k)| d + k.len()).collect();
+            assert_eq!(cache.lengths(), want.as_slice());
+        }
+        // The last commit's result, read through one more block.
+        append(&mut cache, 1, &expected);
+    }
+}

@@ -21,7 +21,9 @@
 //! - [`matmul`] for a few rows (the projections of a decoding step or a verification tree), and
 //!   [`fused_matmul`], the same product with the norm before it, a SwiGLU or a residual add after
 //!   it folded in, and [`rotate_qkv_into_cache`], which writes K and V into the KV cache itself:
-//!   with them a Llama layer is six launches (`src/models/llama/fold.rs`).
+//!   with them a Llama layer is six launches (`src/models/llama/fold.rs`),
+//! - `move_kv_slots` (a verified block's accepted keys and values moved after each row's
+//!   committed prefix, every layer and row at once: `KvCache::commit`).
 //!
 //! Each function returns `None` when it does not apply — a backend other than CUDA or WGPU without
 //! fusion (e.g. the CPU, or `Autodiff<_>`, which must record every op for training), a float type
@@ -51,6 +53,8 @@ mod attention;
 mod beam;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod dispatch;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod kv_move;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod matmul;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -536,6 +540,51 @@ pub(crate) fn greedy_accept<B: Backend>(
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = inputs;
+        None
+    }
+}
+
+/// One row's move for [`move_kv_slots`]: its slots `sources` go to slots `dest..dest + n`, in
+/// order.
+pub(crate) struct SlotMove {
+    /// The batch row.
+    pub row: usize,
+    /// The first destination slot.
+    pub dest: usize,
+    /// The slots to move, strictly increasing, none before `dest`.
+    pub sources: Vec<usize>,
+}
+
+/// What [`move_kv_slots`] moves.
+// Read only by the kernels, which need the `cuda` or `wgpu` feature.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) struct SlotMoves<'a, B: Backend> {
+    /// The cache's key storage. Shape `[layers, batch, kv_heads, slots, head_dim]`.
+    pub keys: &'a Tensor<B, 5>,
+    /// The cache's value storage, shaped as `keys`.
+    pub values: &'a Tensor<B, 5>,
+    /// One per row that moves, rows increasing.
+    pub moves: &'a [SlotMove],
+}
+
+/// Moves each listed row's slots of every layer, keys and values, in place in the cache's
+/// storage: one upload (the moves) and one launch for the whole batch, where Burn's ops took an
+/// upload, two gathers and two region writes per row. Each row's slots are moved in order, so
+/// sources may overlap destinations as long as the sources are strictly increasing and none
+/// comes before the row's `dest` (a commit's accepted path: `dest + i ≤ source_i`). `None`
+/// where it does not apply or the moves break those rules (rows not increasing, slots out of
+/// range, no moves) — then nothing was written.
+///
+/// # Shapes
+/// `keys`, `values`: `[layers, batch, kv_heads, slots, head_dim]`
+pub(crate) fn move_kv_slots<B: Backend>(moves: SlotMoves<'_, B>) -> Option<()> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(moves)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = moves;
         None
     }
 }
