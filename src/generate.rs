@@ -106,6 +106,10 @@ pub(crate) fn validate_prompts(
 
 /// Builds an integer tensor from host values.
 ///
+/// Uploaded as one row and reshaped: on CUDA a tensor uploaded with several dimensions gets the
+/// allocator's padded rows, and the first reshape of it (Burn's `select` flattens its indices)
+/// then costs a copy launch — two a verification round for the tree's tokens and positions.
+///
 /// # Shapes
 /// `values.len()` must equal the product of `shape`.
 pub fn int_tensor<B: Backend, const D: usize>(
@@ -113,7 +117,8 @@ pub fn int_tensor<B: Backend, const D: usize>(
     shape: [usize; D],
     device: &B::Device,
 ) -> Tensor<B, D, Int> {
-    Tensor::from_data(TensorData::new(values, shape), device)
+    let count = values.len();
+    Tensor::<B, 1, Int>::from_data(TensorData::new(values, [count]), device).reshape(shape)
 }
 
 /// Reads integer tensor data as `i64` whatever the backend's int type.

@@ -418,7 +418,11 @@ impl<B: Backend> KvCache<B> {
                 }
             }
         }
-        Tensor::from_data(TensorData::new(bias, [batch, 1, block_len, width]), device)
+        // One row, reshaped: a 4-D upload gets padded rows on CUDA, which cost a copy launch
+        // before the first layer (see `generate::int_tensor`).
+        let count = bias.len();
+        Tensor::<B, 1>::from_data(TensorData::new(bias, [count]), device)
+            .reshape([batch, 1, block_len, width])
     }
 
     /// Whether a block needs no bias at all: a single row with a causal block, where every

@@ -1246,8 +1246,12 @@ fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
 
 /// On the GPU backends a draft vocabulary's table is kept transposed (`[H, N]`, a copy in the
 /// layout our product reads fastest) where the whole vocabulary's is read through a transposed
-/// view: a draft vocabulary of every token, in order, gives the same beams and log-probabilities
-/// bit for bit as no draft vocabulary (each sum has one order whatever the weight's layout).
+/// view, and its tokens' RNN inputs `e·W + b` are computed once and gathered by the selection
+/// kernel where a step without a draft vocabulary gathers the embedding and multiplies it: a
+/// draft vocabulary of every token, in order, gives the same beams and log-probabilities bit for
+/// bit as no draft vocabulary (each sum has one order whatever the weight's layout and the
+/// other rows). Without log-probabilities one beam's selection picks from the whole row of
+/// logits in the same launch; with them it takes the top-k first.
 #[test]
 fn a_transposed_draft_table_gives_the_whole_tables_beams() {
     use redrafter::drafter::{
@@ -1266,27 +1270,28 @@ fn a_transposed_draft_table_gives_the_whole_tables_beams() {
     let context = random([batch, hidden]);
     let first =
         Tensor::<B, 1, Int>::from_data(TensorData::new(vec![17i64, 118], [batch]), &device());
-    for width in [1, 3] {
+    for (width, needs_log_probs) in [(1, true), (1, false), (3, true), (3, false)] {
         let request = || DraftRequest {
             context: context.clone(),
             first_tokens: first.clone(),
             beam_width: width,
             beam_length: length,
-            needs_log_probs: true,
+            needs_log_probs,
         };
         let (whole, transposed): (BeamSearchOutput<B>, BeamSearchOutput<B>) = (
             drafter.beam_search(request()).unwrap(),
             reduced.beam_search(request()).unwrap(),
         );
+        let case = format!("width {width}, log-probs {needs_log_probs}");
         assert_eq!(
             transposed.tokens.into_data(),
             whole.tokens.into_data(),
-            "width {width}"
+            "{case}"
         );
         assert_eq!(
             bits(transposed.token_log_probs),
             bits(whole.token_log_probs),
-            "width {width}"
+            "{case}"
         );
     }
 }

@@ -433,10 +433,14 @@ pub fn top_k<B: Backend>(
 // Read only by the kernels, which need the `cuda` or `wgpu` feature.
 #[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
 pub(crate) struct BeamStep<'a, B: Backend> {
-    /// Each parent's best logits, descending. Shape `[B·P, K]`.
+    /// Each parent's best logits, descending. Shape `[B·P, K]`. Without `columns`: each
+    /// parent's whole row of logits, in column order.
     pub sorted: &'a Tensor<B, 2>,
     /// Their columns (draft-vocabulary indices when `draft_ids` is set). Shape `[B·P, K]`.
-    pub columns: &'a Tensor<B, 2, burn::tensor::Int>,
+    /// `None` picks each row's best entry from `sorted` itself (ties to the lower column, as
+    /// [`top_k`] with `k = 1`): one launch instead of two, for one beam whose log-probabilities
+    /// nobody reads (`M`, `P`, `kept` and `per_beam` all 1; declined otherwise).
+    pub columns: Option<&'a Tensor<B, 2, burn::tensor::Int>>,
     /// Token id of each draft-vocabulary index. Shape `[Vd]`.
     pub draft_ids: Option<&'a Tensor<B, 1, burn::tensor::Int>>,
     /// The parents' running scores (`None`: zeros). Shape `[B, P]`.
@@ -451,6 +455,10 @@ pub(crate) struct BeamStep<'a, B: Backend> {
     pub kept: usize,
     /// Candidates per parent that may enter the selection.
     pub per_beam: usize,
+    /// A table with a row per column (`[Vd, H]`, or `[V, H]` without a draft vocabulary), whose
+    /// rows of the new beams' columns come back as [`BeamAdvance::inputs`]: the next draft
+    /// step's RNN input gathered in this launch instead of a gather and a product of its own.
+    pub input_table: Option<&'a Tensor<B, 2>>,
 }
 
 /// What [`beam_advance`] returns.
@@ -465,6 +473,8 @@ pub(crate) struct BeamAdvance<B: Backend> {
     pub parents: Tensor<B, 1, burn::tensor::Int>,
     /// Each new beam's new token. Shape `[B·M]`.
     pub last: Tensor<B, 1, burn::tensor::Int>,
+    /// With [`BeamStep::input_table`]: each new beam's row of it. Shape `[B·M, H]`.
+    pub inputs: Option<Tensor<B, 2>>,
 }
 
 /// The most candidates (`P · per_beam`) and the widest beam [`beam_advance`] takes.

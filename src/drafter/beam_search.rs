@@ -44,6 +44,10 @@
 //! and log-probabilities — runs as one kernel ([`crate::cube_kernels::beam_advance`]), in the
 //! order described above (ties to the lower candidate). The composition of Burn's ops below is
 //! the same computation for every other backend and the reference the kernel is tested against.
+//! Two more things ride along in that kernel: with a draft vocabulary it gathers each new beam's
+//! next RNN input from [`RecurrentDrafter::draft_inputs`] (the step after needs no embedding
+//! gather and no input product), and one beam whose log-probabilities nobody reads takes its
+//! token straight from the step's logits (no top-k launch).
 //!
 //! No value is read back to the host: the decoder reads the beams once.
 
@@ -443,9 +447,12 @@ impl<B: Backend> RecurrentDrafter<B> {
 
     /// [`Self::beam_search`] with each step's warp, selection and beam bookkeeping in one kernel
     /// ([`crate::cube_kernels::beam_advance`]): the same beams as the composition of Burn's ops
-    /// (up to the rounding of the normaliser's sum), in ~15 launches per step instead of ~35 — 9
-    /// for one beam over an RNN head, whose state is carried joined to its context
-    /// ([`DraftState`]) and is its own parent (no gather).
+    /// (up to the rounding of the normaliser's sum), in ~15 launches per step instead of ~35.
+    /// One beam over an RNN head takes 6 launches a step after the first: its state is carried
+    /// joined to its context ([`DraftState`]) and is its own parent (no gather), the selection
+    /// kernel picks the best logit itself where nobody reads log-probabilities (no top-k
+    /// launch), and with a draft vocabulary it also gathers the next step's RNN input from
+    /// [`RecurrentDrafter::draft_inputs`] (no embedding gather, no input product).
     /// `None` if the kernel declines the first step (an unexpected dtype), before anything else
     /// has run.
     ///
@@ -468,11 +475,27 @@ impl<B: Backend> RecurrentDrafter<B> {
         let hidden = self.config().hidden_size;
         let device = context.device();
         let dtype = context.dtype();
+        // One beam whose log-probabilities nobody reads: the selection kernel picks each step's
+        // best logit from the whole row.
+        let picks = (width, kept, per_beam) == (1, 1, 1);
+        let input_table = self.draft_inputs();
+        // The logits of a step, then the selection: `(sorted, columns)` of the top-k, or the
+        // whole rows and no columns where the kernel picks.
+        let select = |logits: Tensor<B, 2>| {
+            if picks {
+                (logits, None)
+            } else {
+                let (sorted, columns) =
+                    top_k_cached(logits, kept.max(per_beam), self.top_k, &self.top_k_cache);
+                (sorted, Some(columns))
+            }
+        };
         let advance = |sorted: &Tensor<B, 2>,
-                       columns: &Tensor<B, 2, Int>,
+                       columns: Option<&Tensor<B, 2, Int>>,
                        scores: Option<&Tensor<B, 2>>,
                        beams: &Tensor<B, 2, Int>,
-                       history: Option<&Tensor<B, 2>>| {
+                       history: Option<&Tensor<B, 2>>,
+                       last_step: bool| {
             crate::cube_kernels::beam_advance(crate::cube_kernels::BeamStep {
                 sorted,
                 columns,
@@ -483,18 +506,21 @@ impl<B: Backend> RecurrentDrafter<B> {
                 width,
                 kept,
                 per_beam,
+                // The last step's beams are drafted: nothing reads their next input.
+                input_table: input_table.filter(|_| !last_step),
             })
         };
 
         // Step 1 on beam 0 only (one parent per batch entry): state s_0 = 0, input g0.
         let state = DraftState::Alone(Tensor::zeros([batch, hidden], (&device, dtype)));
-        let BestLogits {
-            state,
-            sorted,
-            columns,
-        } = self.best_logits(dims, embedding, context.clone(), state, first.clone(), true)?;
-        let beams = first.cast(columns.dtype()).reshape([batch, 1]);
-        let Some(mut step) = advance(&sorted, &columns, None, &beams, None) else {
+        let token_embedding = embedding.clone().select(0, first.clone()).cast(dtype);
+        let state = self.advance(&context, state, token_embedding)?;
+        let (sorted, columns) = select(self.draft_logits_of(context.clone(), state.clone())?);
+        // The selection's integers are the backend's (its columns and draft ids).
+        let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
+        let beams = first.cast(int_dtype).reshape([batch, 1]);
+        let Some(mut step) = advance(&sorted, columns.as_ref(), None, &beams, None, length == 2)
+        else {
             return Ok(None);
         };
         let rows = batch * width;
@@ -518,24 +544,23 @@ impl<B: Backend> RecurrentDrafter<B> {
                     .reshape([rows, hidden])
             };
             for t in 2..length {
-                let BestLogits {
-                    state: new_state,
-                    sorted,
-                    columns,
-                } = self.best_logits(
-                    dims,
-                    embedding,
-                    context_rows.clone(),
-                    state,
-                    step.last.clone(),
-                    true,
-                )?;
+                let new_state = match step.inputs.take() {
+                    Some(input) => self.advance_projected(&context_rows, state, input)?,
+                    None => {
+                        let token_embedding =
+                            embedding.clone().select(0, step.last.clone()).cast(dtype);
+                        self.advance(&context_rows, state, token_embedding)?
+                    }
+                };
+                let (sorted, columns) =
+                    select(self.draft_logits_of(context_rows.clone(), new_state.clone())?);
                 step = advance(
                     &sorted,
-                    &columns,
+                    columns.as_ref(),
                     Some(&step.scores),
                     &step.beams,
                     Some(&step.history),
+                    t + 1 == length,
                 )
                 .ok_or_else(|| {
                     Error::Backend(format!(

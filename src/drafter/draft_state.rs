@@ -12,8 +12,8 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::recurrent::{RecurrentDrafter, folded_product};
-use crate::error::Result;
+use super::recurrent::{RecurrentDrafter, folded_product, gpu_rnn_update};
+use crate::error::{Error, Result};
 
 /// The recurrent state `s_t` of `N` beam rows.
 #[derive(Debug, Clone)]
@@ -46,8 +46,7 @@ impl<B: Backend> DraftState<B> {
 impl<B: Backend> RecurrentDrafter<B> {
     /// The next state from `state` and the last token's embedding `[N, H]`, joined to `context`
     /// `[N, H]` where our kernels fold the join (a GPU backend and an RNN head: `e·W (+ b)`,
-    /// then `[h | silu(s·U + that + b_U)]`, two launches); otherwise [`Self::step`] on the state
-    /// alone.
+    /// then [`Self::advance_projected`]); otherwise [`Self::step`] on the state alone.
     ///
     /// # Errors
     /// As [`Self::step`].
@@ -58,13 +57,12 @@ impl<B: Backend> RecurrentDrafter<B> {
         token_embedding: Tensor<B, 2>,
     ) -> Result<DraftState<B>> {
         let hidden = self.config().hidden_size;
-        if let (Some(w), Some(u)) = (&self.rnn_w, &self.rnn_u)
+        if let Some(w) = &self.rnn_w
             && crate::cube_kernels::applies::<B>()
             && token_embedding.dims() == context.dims()
             && context.dims()[1] == hidden
         {
             let w_bias = w.bias.as_ref().map(Param::val);
-            let u_bias = u.bias.as_ref().map(Param::val);
             // The same first product as `step`'s.
             let input = folded_product(
                 &token_embedding,
@@ -74,30 +72,73 @@ impl<B: Backend> RecurrentDrafter<B> {
                 false,
                 false,
             );
-            let (source, input_offset) = match &state {
-                DraftState::Alone(state) => (state, 0),
-                DraftState::Joined(joined) => (joined, hidden),
-            };
-            let joined = input.and_then(|input| {
-                crate::cube_kernels::fused_matmul(
-                    source,
-                    &u.weight.val(),
-                    crate::cube_kernels::ProductFolds {
-                        addend: Some(&input),
-                        bias: u_bias.as_ref(),
-                        silu: true,
-                        prefix: Some(context),
-                        input_offset,
-                        ..Default::default()
-                    },
-                )
-            });
-            if let Some(joined) = joined {
-                return Ok(DraftState::Joined(joined));
+            if let Some(input) = input
+                && let Some(joined) = self.joined_update(context, &state, &input)
+            {
+                return Ok(joined);
             }
         }
         let state = state.into_alone(hidden);
         Ok(DraftState::Alone(self.step(state, token_embedding)?))
+    }
+
+    /// The next state from `state` and the last token's RNN input `e·W + b_W` `[N, H]` (a row
+    /// of [`Self::draft_inputs`]): `[h | silu(s·U + input + b_U)]` in one launch, or the same
+    /// update unjoined where that product declines.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a head without an RNN (it has no input projection).
+    pub(crate) fn advance_projected(
+        &self,
+        context: &Tensor<B, 2>,
+        state: DraftState<B>,
+        input: Tensor<B, 2>,
+    ) -> Result<DraftState<B>> {
+        if let Some(joined) = self.joined_update(context, &state, &input) {
+            return Ok(joined);
+        }
+        let u = self.rnn_u.as_ref().ok_or_else(|| {
+            Error::InvalidConfig("a projected draft input needs an RNN head".into())
+        })?;
+        let state = state.into_alone(self.config().hidden_size);
+        Ok(DraftState::Alone(gpu_rnn_update(u, state, input)))
+    }
+
+    /// `[h | silu(s·U + input + b_U)]`, the RNN's second product writing next to a copy of the
+    /// context, `s` read from `state` (alone, or the second half of a joined state); `None`
+    /// where the product does not apply (no RNN, not our kernels, other shapes).
+    fn joined_update(
+        &self,
+        context: &Tensor<B, 2>,
+        state: &DraftState<B>,
+        input: &Tensor<B, 2>,
+    ) -> Option<DraftState<B>> {
+        let hidden = self.config().hidden_size;
+        let u = self.rnn_u.as_ref()?;
+        if !crate::cube_kernels::applies::<B>()
+            || input.dims() != context.dims()
+            || context.dims()[1] != hidden
+        {
+            return None;
+        }
+        let u_bias = u.bias.as_ref().map(Param::val);
+        let (source, input_offset) = match state {
+            DraftState::Alone(state) => (state, 0),
+            DraftState::Joined(joined) => (joined, hidden),
+        };
+        crate::cube_kernels::fused_matmul(
+            source,
+            &u.weight.val(),
+            crate::cube_kernels::ProductFolds {
+                addend: Some(input),
+                bias: u_bias.as_ref(),
+                silu: true,
+                prefix: Some(context),
+                input_offset,
+                ..Default::default()
+            },
+        )
+        .map(DraftState::Joined)
     }
 
     /// [`Self::draft_logits`] for a state that may already be joined to its context.

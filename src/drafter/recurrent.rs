@@ -321,6 +321,13 @@ pub(crate) struct DraftTables<B: Backend> {
     pub(crate) table: Tensor<B, 2>,
     #[module(skip)]
     pub(crate) in_out: bool,
+    /// Where our GPU kernels run an RNN head: the RNN's input projection `e·W + b_W` of each
+    /// draft-vocabulary token, `[N, H]`, computed once by the product a draft step would run on
+    /// that token's embedding (so the same bits). Beam search then gathers a new beam's row in
+    /// its selection kernel instead of gathering the embedding and multiplying it by `W`: two
+    /// launches fewer per draft step after the first. Derived from the drafter's `W` when the
+    /// vocabulary is set: setting it again (or attaching the embeddings) rebuilds it.
+    pub(crate) inputs: Option<Tensor<B, 2>>,
 }
 
 impl<B: Backend> RecurrentDrafter<B> {
@@ -408,13 +415,45 @@ impl<B: Backend> RecurrentDrafter<B> {
             // Once, at set-up: the transposed view's data in its logical order.
             table = Tensor::from_data(table.transpose().into_data(), &device);
         }
+        let inputs = if in_out { self.rnn_inputs(&ids) } else { None };
         self.draft_vocabulary = Some(DraftTables {
             vocabulary,
             ids,
             table,
             in_out,
+            inputs,
         });
         Ok(self)
+    }
+
+    /// The RNN's input projection `e·W + b_W` of the tokens `ids`, `[N, H]`, by the product a
+    /// draft step runs on one token ([`folded_product`], in launches of at most
+    /// [`crate::cube_kernels::MATMUL_MAX_ROWS`] rows: a row's sums do not depend on the other
+    /// rows). `None` without an RNN or an input embedding, or where the product declines.
+    fn rnn_inputs(&self, ids: &Tensor<B, 1, Int>) -> Option<Tensor<B, 2>> {
+        let (w, _) = (self.rnn_w.as_ref()?, self.rnn_u.as_ref()?);
+        let embeddings = self
+            .input_embedding
+            .as_ref()?
+            .clone()
+            .select(0, ids.clone())
+            .cast(self.param_dtype());
+        let rows = embeddings.dims()[0];
+        let bias = w.bias.as_ref().map(Param::val);
+        let chunk = crate::cube_kernels::MATMUL_MAX_ROWS;
+        let products = (0..rows)
+            .step_by(chunk)
+            .map(|start| {
+                let part = embeddings.clone().narrow(0, start, chunk.min(rows - start));
+                folded_product(&part, &w.weight.val(), None, bias.as_ref(), false, false)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Tensor::cat(products, 0))
+    }
+
+    /// The draft vocabulary's RNN inputs ([`DraftTables::inputs`]), where they are kept.
+    pub(crate) fn draft_inputs(&self) -> Option<&Tensor<B, 2>> {
+        self.draft_vocabulary.as_ref()?.inputs.as_ref()
     }
 
     /// The reduced drafting vocabulary, if one is set.
@@ -527,7 +566,6 @@ impl<B: Backend> RecurrentDrafter<B> {
             (Some(w), Some(u)) if crate::cube_kernels::applies::<B>() => {
                 // Two launches on the GPUs: `e·W (+ b)`, then `silu(s·U + that + b)`.
                 let w_bias = w.bias.as_ref().map(Param::val);
-                let u_bias = u.bias.as_ref().map(Param::val);
                 let folded = folded_product(
                     &token_embedding,
                     &w.weight.val(),
@@ -535,28 +573,15 @@ impl<B: Backend> RecurrentDrafter<B> {
                     w_bias.as_ref(),
                     false,
                     false,
-                )
-                .and_then(|input| {
-                    folded_product(
-                        &state,
-                        &u.weight.val(),
-                        Some(&input),
-                        u_bias.as_ref(),
-                        true,
-                        false,
-                    )
+                );
+                let input = folded.unwrap_or_else(|| {
+                    let input = gpu_product(token_embedding, w.weight.val());
+                    match w_bias {
+                        Some(bias) => input + bias.unsqueeze(),
+                        None => input,
+                    }
                 });
-                if let Some(updated) = folded {
-                    return Ok(updated);
-                }
-                // Else one launch for both adds and the SiLU (instead of nine).
-                let mut input = gpu_product(token_embedding, w.weight.val());
-                if let Some(bias) = &w.bias {
-                    input = input + bias.val().unsqueeze();
-                }
-                let recurrent = gpu_product(state, u.weight.val());
-                let bias = u.bias.as_ref().map(Param::val);
-                fused_silu_sum(input, Some(recurrent), bias, None)
+                gpu_rnn_update(u, state, input)
             }
             (Some(w), Some(u)) => silu(w.forward(token_embedding) + u.forward(state)),
             _ => state + token_embedding,
@@ -735,6 +760,29 @@ pub(super) fn folded_product<B: Backend, const D: usize>(
         ..Default::default()
     };
     crate::cube_kernels::fused_matmul(&flat, weight, folds).map(|out| out.reshape(shape))
+}
+
+/// The RNN's update `silu(s·U + input + b_U)` from its input `e·W + b_W` on the GPUs: one launch
+/// ([`folded_product`]), or the product and one fused sum (instead of nine launches) where that
+/// declines.
+///
+/// # Shapes
+/// `state`, `input`: `[..., H]` to `[..., H]`
+pub(super) fn gpu_rnn_update<B: Backend, const D: usize>(
+    u: &Linear<B>,
+    state: Tensor<B, D>,
+    input: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let bias = u.bias.as_ref().map(Param::val);
+    folded_product(
+        &state,
+        &u.weight.val(),
+        Some(&input),
+        bias.as_ref(),
+        true,
+        false,
+    )
+    .unwrap_or_else(|| fused_silu_sum(input, Some(gpu_product(state, u.weight.val())), bias, None))
 }
 
 /// `residual + silu(a + b + bias)` for the GPU branches of the head: one kernel
