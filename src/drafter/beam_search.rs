@@ -100,8 +100,8 @@ struct Expansion<B: Backend> {
 
 /// One draft step's advanced states and each row's best logits, before the warp.
 struct BestLogits<B: Backend> {
-    /// Advanced recurrent state (joined to the context where the step joined it).
-    state: DraftState<B>,
+    /// Advanced recurrent state. Shape `[N, H]`.
+    state: Tensor<B, 2>,
     /// Each row's best `max(kept, per_beam)` logits, descending. Shape `[N, K]`.
     sorted: Tensor<B, 2>,
     /// Their draft-vocabulary columns (not yet token ids). Shape `[N, K]`.
@@ -350,19 +350,13 @@ impl<B: Backend> RecurrentDrafter<B> {
         dims: &Dims,
         embedding: &Tensor<B, 2>,
         context: Tensor<B, 2>,
-        state: DraftState<B>,
+        state: Tensor<B, 2>,
         last: Tensor<B, 1, Int>,
-        join: bool,
     ) -> Result<BestLogits<B>> {
         let token_embedding = embedding.clone().select(0, last).cast(context.dtype());
-        let state = if join {
-            self.advance(&context, state, token_embedding)?
-        } else {
-            let hidden = self.config().hidden_size;
-            DraftState::Alone(self.step(state.into_alone(hidden), token_embedding)?)
-        };
+        let state = self.step(state, token_embedding)?;
         // [N, V], or [N, N_draft] over the draft vocabulary.
-        let logits = self.draft_logits_of(context, state.clone())?;
+        let logits = self.draft_logits(context, state.clone())?;
         let (sorted, columns) = top_k_cached(
             logits,
             dims.kept.max(dims.per_beam),
@@ -395,15 +389,7 @@ impl<B: Backend> RecurrentDrafter<B> {
             state,
             sorted,
             columns: ids,
-        } = self.best_logits(
-            dims,
-            embedding,
-            context,
-            DraftState::Alone(state),
-            last,
-            false,
-        )?;
-        let state = state.into_alone(self.config().hidden_size);
+        } = self.best_logits(dims, embedding, context, state, last)?;
         let rows = sorted.dims()[0];
         let ids = ids.narrow(1, 0, dims.per_beam);
         // Draft-vocabulary indices to token ids.
@@ -511,10 +497,17 @@ impl<B: Backend> RecurrentDrafter<B> {
             })
         };
 
+        // A step fed by its tokens' embeddings (step 1's, and every step's without an input
+        // table).
+        let advance_by_tokens =
+            |context: &Tensor<B, 2>, state: DraftState<B>, tokens: Tensor<B, 1, Int>| {
+                let token_embedding = embedding.clone().select(0, tokens).cast(dtype);
+                self.advance(context, state, token_embedding)
+            };
+
         // Step 1 on beam 0 only (one parent per batch entry): state s_0 = 0, input g0.
         let state = DraftState::Alone(Tensor::zeros([batch, hidden], (&device, dtype)));
-        let token_embedding = embedding.clone().select(0, first.clone()).cast(dtype);
-        let state = self.advance(&context, state, token_embedding)?;
+        let state = advance_by_tokens(&context, state, first.clone())?;
         let (sorted, columns) = select(self.draft_logits_of(context.clone(), state.clone())?);
         // The selection's integers are the backend's (its columns and draft ids).
         let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
@@ -546,11 +539,7 @@ impl<B: Backend> RecurrentDrafter<B> {
             for t in 2..length {
                 let new_state = match step.inputs.take() {
                     Some(input) => self.advance_projected(&context_rows, state, input)?,
-                    None => {
-                        let token_embedding =
-                            embedding.clone().select(0, step.last.clone()).cast(dtype);
-                        self.advance(&context_rows, state, token_embedding)?
-                    }
+                    None => advance_by_tokens(&context_rows, state, step.last.clone())?,
                 };
                 let (sorted, columns) =
                     select(self.draft_logits_of(context_rows.clone(), new_state.clone())?);

@@ -12,7 +12,7 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use super::recurrent::{RecurrentDrafter, folded_product, gpu_rnn_update};
+use super::recurrent::{RecurrentDrafter, gpu_rnn_update, rnn_input_product};
 use crate::error::{Error, Result};
 
 /// The recurrent state `s_t` of `N` beam rows.
@@ -57,26 +57,14 @@ impl<B: Backend> RecurrentDrafter<B> {
         token_embedding: Tensor<B, 2>,
     ) -> Result<DraftState<B>> {
         let hidden = self.config().hidden_size;
-        if let Some(w) = &self.rnn_w
+        if let (Some(w), Some(_)) = (&self.rnn_w, &self.rnn_u)
             && crate::cube_kernels::applies::<B>()
             && token_embedding.dims() == context.dims()
             && context.dims()[1] == hidden
-        {
-            let w_bias = w.bias.as_ref().map(Param::val);
             // The same first product as `step`'s.
-            let input = folded_product(
-                &token_embedding,
-                &w.weight.val(),
-                None,
-                w_bias.as_ref(),
-                false,
-                false,
-            );
-            if let Some(input) = input
-                && let Some(joined) = self.joined_update(context, &state, &input)
-            {
-                return Ok(joined);
-            }
+            && let Some(input) = rnn_input_product(w, &token_embedding)
+        {
+            return self.advance_projected(context, state, input);
         }
         let state = state.into_alone(hidden);
         Ok(DraftState::Alone(self.step(state, token_embedding)?))

@@ -444,13 +444,14 @@ impl<B: Backend> RecurrentDrafter<B> {
             .select(0, ids.clone())
             .cast(self.param_dtype());
         let rows = embeddings.dims()[0];
-        let bias = w.bias.as_ref().map(Param::val);
         let chunk = crate::cube_kernels::MATMUL_MAX_ROWS;
         let products = (0..rows)
             .step_by(chunk)
             .map(|start| {
-                let part = embeddings.clone().narrow(0, start, chunk.min(rows - start));
-                folded_product(&part, &w.weight.val(), None, bias.as_ref(), false, false)
+                rnn_input_product(
+                    w,
+                    &embeddings.clone().narrow(0, start, chunk.min(rows - start)),
+                )
             })
             .collect::<Option<Vec<_>>>()?;
         Some(Tensor::cat(products, 0))
@@ -570,19 +571,10 @@ impl<B: Backend> RecurrentDrafter<B> {
         Ok(match (&self.rnn_w, &self.rnn_u) {
             (Some(w), Some(u)) if crate::cube_kernels::applies::<B>() => {
                 // Two launches on the GPUs: `e·W (+ b)`, then `silu(s·U + that + b)`.
-                let w_bias = w.bias.as_ref().map(Param::val);
-                let folded = folded_product(
-                    &token_embedding,
-                    &w.weight.val(),
-                    None,
-                    w_bias.as_ref(),
-                    false,
-                    false,
-                );
-                let input = folded.unwrap_or_else(|| {
+                let input = rnn_input_product(w, &token_embedding).unwrap_or_else(|| {
                     let input = gpu_product(token_embedding, w.weight.val());
-                    match w_bias {
-                        Some(bias) => input + bias.unsqueeze(),
+                    match &w.bias {
+                        Some(bias) => input + bias.val().unsqueeze(),
                         None => input,
                     }
                 });
@@ -765,6 +757,28 @@ pub(super) fn folded_product<B: Backend, const D: usize>(
         ..Default::default()
     };
     crate::cube_kernels::fused_matmul(&flat, weight, folds).map(|out| out.reshape(shape))
+}
+
+/// The RNN's input projection `e·W + b_W` in one launch on the GPUs ([`folded_product`]): the
+/// product a draft step runs on its tokens' embeddings and the one that builds a draft
+/// vocabulary's input table ([`DraftTables::inputs`]), so both give the same bits. `None` where
+/// it does not apply.
+///
+/// # Shapes
+/// `token_embedding`: `[..., H]` to `[..., H]`
+pub(super) fn rnn_input_product<B: Backend, const D: usize>(
+    w: &Linear<B>,
+    token_embedding: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    let bias = w.bias.as_ref().map(Param::val);
+    folded_product(
+        token_embedding,
+        &w.weight.val(),
+        None,
+        bias.as_ref(),
+        false,
+        false,
+    )
 }
 
 /// The RNN's update `silu(s·U + input + b_U)` from its input `e·W + b_W` on the GPUs: one launch
