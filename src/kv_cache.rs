@@ -418,8 +418,10 @@ impl<B: Backend> KvCache<B> {
                 }
             }
         }
-        // One row, reshaped: a 4-D upload gets padded rows on CUDA, which cost a copy launch
-        // before the first layer (see `generate::int_tensor`).
+        // One contiguous row, reshaped, as `generate::int_tensor` uploads: a 4-D upload gets
+        // padded rows on CUDA. (The attention reads the bias through its strides either way; the
+        // float copy still seen before a tree's first layer has another source,
+        // docs/benchmarks.md, session 27.)
         let count = bias.len();
         Tensor::<B, 1>::from_data(TensorData::new(bias, [count]), device)
             .reshape([batch, 1, block_len, width])
