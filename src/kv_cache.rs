@@ -419,9 +419,7 @@ impl<B: Backend> KvCache<B> {
             }
         }
         // One contiguous row, reshaped, as `generate::int_tensor` uploads: a 4-D upload gets
-        // padded rows on CUDA. (The attention reads the bias through its strides either way; the
-        // float copy still seen before a tree's first layer has another source,
-        // docs/benchmarks.md, session 27.)
+        // padded rows on CUDA (the attention reads the bias through its strides either way).
         let count = bias.len();
         Tensor::<B, 1>::from_data(TensorData::new(bias, [count]), device)
             .reshape([batch, 1, block_len, width])

@@ -67,7 +67,7 @@ impl<B: Backend> Attention<B> {
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>> {
         let [batch, len, hidden] = x.dims();
-        let x = x.reshape([batch * len, hidden]);
+        let x = fold::rows(x);
         let out = match self.attend_rotated_product(&x, norm, rope, bias, layer, cache)? {
             Some(out) => out,
             None => {

@@ -69,6 +69,22 @@ pub(super) fn residual_product<B: Backend>(
         .unwrap_or_else(|| residual.clone() + projection.forward(x.clone()))
 }
 
+/// A block's residual stream `[batch, T, hidden]` as the products' rows `[batch · T, hidden]`.
+///
+/// For one sequence this is a view of the same buffer on the CubeCL backends: the embedding's
+/// `select` hands the first layer rows padded to the allocator's 512-byte pitch, which Burn's
+/// `reshape` copies whenever a dimension is dropped (one copy launch per forward) while our
+/// kernels read any row pitch through the strides. Elsewhere, and for batches, Burn's `reshape`.
+pub(super) fn rows<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [batch, len, hidden] = x.dims();
+    if batch == 1
+        && let Some(rows) = crate::cube_kernels::view::<B, 3, 2>(&x, [0..1, 0..len, 0..hidden])
+    {
+        return rows;
+    }
+    x.reshape([batch * len, hidden])
+}
+
 /// `product()` where `norm` can be folded (it has no weight left), else `None`.
 fn fused<B: Backend>(
     norm: &RmsNorm<B>,

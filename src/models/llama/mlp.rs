@@ -52,7 +52,7 @@ impl<B: Backend> Mlp<B> {
     /// `[batch, T, hidden]` to `[batch, T, hidden]`
     pub fn forward_residual(&self, x: Tensor<B, 3>, norm: &RmsNorm<B>) -> Tensor<B, 3> {
         let [batch, len, hidden] = x.dims();
-        let x = x.reshape([batch * len, hidden]);
+        let x = fold::rows(x);
         let activated = fold::normed_swiglu(&self.gate_up, &x, norm)
             .unwrap_or_else(|| self.swiglu(fold::normed_product(&self.gate_up, &x, norm)));
         fold::residual_product(&self.down, &activated, &x).reshape([batch, len, hidden])
