@@ -459,7 +459,6 @@ impl<B: Backend> RecurrentDrafter<B> {
             per_beam,
         } = *dims;
         let hidden = self.config().hidden_size;
-        let device = context.device();
         let dtype = context.dtype();
         // One beam whose log-probabilities nobody reads: the selection kernel picks each step's
         // best logit from the whole row.
@@ -506,8 +505,8 @@ impl<B: Backend> RecurrentDrafter<B> {
             };
 
         // Step 1 on beam 0 only (one parent per batch entry): state s_0 = 0, input g0.
-        let state = DraftState::Alone(Tensor::zeros([batch, hidden], (&device, dtype)));
-        let state = advance_by_tokens(&context, state, first.clone())?;
+        let first_embedding = embedding.clone().select(0, first.clone()).cast(dtype);
+        let state = self.first_state(&context, first_embedding)?;
         let (sorted, columns) = select(self.draft_logits_of(context.clone(), state.clone())?);
         // The selection's integers are the backend's (its columns and draft ids).
         let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();

@@ -70,6 +70,56 @@ impl<B: Backend> RecurrentDrafter<B> {
         Ok(DraftState::Alone(self.step(state, token_embedding)?))
     }
 
+    /// The first draft step's state from the first token's embedding `[N, H]`: `s_0 = 0`, so
+    /// `s_1 = silu(e·W + b_U)`, joined to `context` `[N, H]` in one product where our kernels
+    /// take it (an RNN whose `W` has no bias, as this crate's drafters have it); else
+    /// [`Self::advance`] from a zero state, which costs a fill and two products. The same bits:
+    /// that path's second product sums `0·U` to zero and adds `e·W`, exact in f32; in half
+    /// precision this one skips rounding `e·W` to the half type before `b_U` is added.
+    ///
+    /// # Errors
+    /// As [`Self::step`].
+    pub(crate) fn first_state(
+        &self,
+        context: &Tensor<B, 2>,
+        token_embedding: Tensor<B, 2>,
+    ) -> Result<DraftState<B>> {
+        if let Some(joined) = self.joined_first_state(context, &token_embedding) {
+            return Ok(joined);
+        }
+        let [rows, hidden] = token_embedding.dims();
+        let zeros = Tensor::zeros([rows, hidden], (&context.device(), token_embedding.dtype()));
+        self.advance(context, DraftState::Alone(zeros), token_embedding)
+    }
+
+    /// `[h | silu(e·W + b_U)]` in one launch; `None` where that product does not apply.
+    fn joined_first_state(
+        &self,
+        context: &Tensor<B, 2>,
+        token_embedding: &Tensor<B, 2>,
+    ) -> Option<DraftState<B>> {
+        let (w, u) = (self.rnn_w.as_ref()?, self.rnn_u.as_ref()?);
+        if w.bias.is_some()
+            || !crate::cube_kernels::applies::<B>()
+            || token_embedding.dims() != context.dims()
+            || context.dims()[1] != self.config().hidden_size
+        {
+            return None;
+        }
+        let u_bias = u.bias.as_ref().map(Param::val);
+        crate::cube_kernels::fused_matmul(
+            token_embedding,
+            &w.weight.val(),
+            crate::cube_kernels::ProductFolds {
+                bias: u_bias.as_ref(),
+                silu: true,
+                prefix: Some(context),
+                ..Default::default()
+            },
+        )
+        .map(DraftState::Joined)
+    }
+
     /// The next state from `state` and the last token's RNN input `e·W + b_W` `[N, H]` (a row
     /// of [`Self::draft_inputs`]): `[h | silu(s·U + input + b_U)]` in one launch, or the same
     /// update unjoined where that product declines.
