@@ -496,8 +496,8 @@ impl<B: Backend> RecurrentDrafter<B> {
             })
         };
 
-        // A step fed by its tokens' embeddings (step 1's, and every step's without an input
-        // table).
+        // A step after the first fed by its tokens' embeddings (every step's without an input
+        // table; step 1 starts from the zero state, `first_state`).
         let advance_by_tokens =
             |context: &Tensor<B, 2>, state: DraftState<B>, tokens: Tensor<B, 1, Int>| {
                 let token_embedding = embedding.clone().select(0, tokens).cast(dtype);
