@@ -56,18 +56,23 @@ impl<B: Backend> RecurrentDrafter<B> {
         state: DraftState<B>,
         token_embedding: Tensor<B, 2>,
     ) -> Result<DraftState<B>> {
-        let hidden = self.config().hidden_size;
         if let (Some(w), Some(_)) = (&self.rnn_w, &self.rnn_u)
-            && crate::cube_kernels::applies::<B>()
-            && token_embedding.dims() == context.dims()
-            && context.dims()[1] == hidden
+            && self.joins(context, &token_embedding)
             // The same first product as `step`'s.
             && let Some(input) = rnn_input_product(w, &token_embedding)
         {
             return self.advance_projected(context, state, input);
         }
-        let state = state.into_alone(hidden);
+        let state = state.into_alone(self.config().hidden_size);
         Ok(DraftState::Alone(self.step(state, token_embedding)?))
+    }
+
+    /// Whether our kernels can write `rows` next to `context` (the joined state `[h | s]`): a
+    /// CubeCL backend, both `[N, H]` with this drafter's `H`.
+    fn joins(&self, context: &Tensor<B, 2>, rows: &Tensor<B, 2>) -> bool {
+        crate::cube_kernels::applies::<B>()
+            && rows.dims() == context.dims()
+            && context.dims()[1] == self.config().hidden_size
     }
 
     /// The first draft step's state from the first token's embedding `[N, H]`: `s_0 = 0`, so
@@ -99,11 +104,7 @@ impl<B: Backend> RecurrentDrafter<B> {
         token_embedding: &Tensor<B, 2>,
     ) -> Option<DraftState<B>> {
         let (w, u) = (self.rnn_w.as_ref()?, self.rnn_u.as_ref()?);
-        if w.bias.is_some()
-            || !crate::cube_kernels::applies::<B>()
-            || token_embedding.dims() != context.dims()
-            || context.dims()[1] != self.config().hidden_size
-        {
+        if w.bias.is_some() || !self.joins(context, token_embedding) {
             return None;
         }
         let u_bias = u.bias.as_ref().map(Param::val);
@@ -153,10 +154,7 @@ impl<B: Backend> RecurrentDrafter<B> {
     ) -> Option<DraftState<B>> {
         let hidden = self.config().hidden_size;
         let u = self.rnn_u.as_ref()?;
-        if !crate::cube_kernels::applies::<B>()
-            || input.dims() != context.dims()
-            || context.dims()[1] != hidden
-        {
+        if !self.joins(context, input) {
             return None;
         }
         let u_bias = u.bias.as_ref().map(Param::val);
