@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use crate::drafter::{DraftHead, DraftRequest};
 use crate::error::{Error, Result};
 use crate::generate::{
-    GenerationConfig, GenerationOutput, RowOutput, int_tensor, ints, prefill, validate_prompts,
+    GenerationConfig, GenerationOutput, IntUpload, RowOutput, int_tensor, ints, prefill,
+    validate_prompts,
 };
 use crate::lookup::PromptLookup;
 use crate::sampling::Sampling;
@@ -366,20 +367,16 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let live = active.len();
             // Prompt-lookup beams, tree packing and upload.
             let tree_start = Instant::now();
-            let (round_beams, round_tokens) = match &config.lookup {
-                None => (
-                    std::borrow::Cow::Borrowed(host_beams.as_slice()),
-                    device_beams.tokens.clone(),
-                ),
+            // The round's integers (lookup guesses, tree tokens, positions, unpacker) go up in
+            // one upload: each upload is a task for CubeCL's runner.
+            let mut upload = IntUpload::default();
+            let (round_beams, lookup_segment) = match &config.lookup {
+                None => (std::borrow::Cow::Borrowed(host_beams.as_slice()), None),
                 Some(lookup) => {
                     let beams =
                         self.with_lookup_beams(lookup, &host_beams, &active, prompts, &rows);
-                    let tokens = int_tensor::<B, 3>(
-                        beams.iter().map(|&t| t as i64).collect(),
-                        [live, total, depth],
-                        &device,
-                    );
-                    (std::borrow::Cow::Owned(beams), tokens)
+                    let segment = upload.push(beams.iter().map(|&t| i64::from(t)));
+                    (std::borrow::Cow::Owned(beams), Some(segment))
                 }
             };
             let trees = (0..live)
@@ -394,21 +391,25 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let packed = PackedBatch::new(trees)?;
             let tree_len = packed.max_len();
             let starts: Vec<usize> = cache.lengths().to_vec();
+            let tokens_segment = upload.push(packed.tokens(0));
+            let positions_segment = upload.push(packed.positions(&starts)?);
+            let unpacker_segment = upload.push(
+                packed
+                    .trees()
+                    .iter()
+                    .flat_map(|t| t.unpacker().iter().map(|&u| u as i64)),
+            );
+            let uploaded = upload.upload::<B>(&device);
+            let round_tokens = match lookup_segment {
+                Some(segment) => uploaded.get(segment, [live, total, depth])?,
+                None => device_beams.tokens.clone(),
+            };
             let block = Block {
-                tokens: int_tensor(
-                    packed.tokens(0).into_iter().collect(),
-                    [live, tree_len],
-                    &device,
-                ),
-                positions: int_tensor(packed.positions(&starts)?, [live, tree_len], &device),
+                tokens: uploaded.get(tokens_segment, [live, tree_len])?,
+                positions: uploaded.get(positions_segment, [live, tree_len])?,
                 bias: Some(cache.attention_bias(tree_len, Some(&packed.block_masks()), &device)),
             };
-            let unpacker: Vec<i64> = packed
-                .trees()
-                .iter()
-                .flat_map(|t| t.unpacker().iter().map(|&u| u as i64))
-                .collect();
-            let unpacker_t = int_tensor::<B, 2>(unpacker, [live, total * depth], &device);
+            let unpacker_t = uploaded.get(unpacker_segment, [live, total * depth])?;
             stats.tree_time += tree_start.elapsed();
 
             // Verification and on-device acceptance, then the next beams.

@@ -121,6 +121,82 @@ pub fn int_tensor<B: Backend, const D: usize>(
     Tensor::<B, 1, Int>::from_data(TensorData::new(values, [count]), device).reshape(shape)
 }
 
+/// Integer tensors for one step gathered on the host and uploaded together ([`Self::upload`]):
+/// each upload is a task for CubeCL's runner thread, which is what a step's time goes to on a
+/// small model (docs/benchmarks.md, session 28), and a verification round needs four (lookup
+/// guesses, tree tokens, positions, unpacker).
+#[derive(Debug, Default)]
+pub(crate) struct IntUpload {
+    values: Vec<i64>,
+    /// Each segment's range in `values`.
+    segments: Vec<std::ops::Range<usize>>,
+}
+
+/// Segments start this many bytes apart at least: CUDA's allocation alignment (512 bytes; WGPU
+/// asks for 256), where a view of the buffer may start without a copy.
+const SEGMENT_ALIGNMENT_BYTES: usize = 512;
+
+impl IntUpload {
+    /// Appends a segment of values; returns its index for [`IntSegments::get`].
+    pub(crate) fn push(&mut self, values: impl IntoIterator<Item = i64>) -> usize {
+        let start = self.values.len();
+        self.values.extend(values);
+        self.segments.push(start..self.values.len());
+        self.segments.len() - 1
+    }
+
+    /// Uploads every segment in one buffer, each starting on the allocation alignment (zeros in
+    /// between), so that on the CubeCL backends each is a view of the buffer rather than a copy.
+    pub(crate) fn upload<B: Backend>(self, device: &B::Device) -> IntSegments<B> {
+        let int_size = <B::IntElem as burn::tensor::Element>::dtype().size().max(1);
+        let stride = (SEGMENT_ALIGNMENT_BYTES / int_size).max(1);
+        let mut padded = Vec::new();
+        let mut segments = Vec::with_capacity(self.segments.len());
+        for range in self.segments {
+            let start = padded.len().next_multiple_of(stride);
+            padded.resize(start, 0);
+            padded.extend_from_slice(&self.values[range.clone()]);
+            segments.push(start..start + range.len());
+        }
+        let count = padded.len();
+        IntSegments {
+            buffer: Tensor::from_data(TensorData::new(padded, [count]), device),
+            segments,
+        }
+    }
+}
+
+/// The tensors of one [`IntUpload`], in one device buffer.
+pub(crate) struct IntSegments<B: Backend> {
+    buffer: Tensor<B, 1, Int>,
+    segments: Vec<std::ops::Range<usize>>,
+}
+
+impl<B: Backend> IntSegments<B> {
+    /// Segment `index` as a tensor of `shape`: a view of the buffer on the CubeCL backends,
+    /// Burn's `slice` elsewhere.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] if `index` names no segment or `shape` does not hold its values.
+    pub(crate) fn get<const D: usize>(
+        &self,
+        index: usize,
+        shape: [usize; D],
+    ) -> Result<Tensor<B, D, Int>> {
+        let range = self.segments.get(index).cloned().unwrap_or(0..0);
+        if index >= self.segments.len() || shape.iter().product::<usize>() != range.len() {
+            return Err(Error::ShapeMismatch {
+                tensor: format!("uploaded integer segment {index}"),
+                expected: vec![range.len()],
+                found: shape.to_vec(),
+            });
+        }
+        let flat = crate::cube_kernels::view_int::<B, 1, 1>(&self.buffer, [range.clone()])
+            .unwrap_or_else(|| self.buffer.clone().slice(range));
+        Ok(flat.reshape(shape))
+    }
+}
+
 /// Reads integer tensor data as `i64` whatever the backend's int type.
 pub(crate) fn ints(data: &TensorData) -> Vec<i64> {
     data.iter::<i64>().collect()
@@ -278,12 +354,15 @@ pub fn generate<B: Backend, M: TargetModel<B>>(
             break;
         }
         // Finished rows keep decoding a pad token; their output is frozen.
-        let tokens: Vec<i64> = next.iter().map(|&t| t as i64).collect();
-        let positions: Vec<i64> = lengths.iter().map(|&l| l as i64).collect();
+        // Tokens and positions in one upload.
+        let mut upload = IntUpload::default();
+        let tokens = upload.push(next.iter().map(|&t| i64::from(t)));
+        let positions = upload.push(lengths.iter().map(|&l| l as i64));
+        let uploaded = upload.upload::<B>(&device);
         let bias = (batch > 1).then(|| cache.attention_bias(1, None, &device));
         let block = Block {
-            tokens: int_tensor(tokens, [batch, 1], &device),
-            positions: int_tensor(positions, [batch, 1], &device),
+            tokens: uploaded.get(tokens, [batch, 1])?,
+            positions: uploaded.get(positions, [batch, 1])?,
             bias,
         };
         hidden = model.forward(&block, &mut cache)?.squeeze_dim::<2>(1);
@@ -323,4 +402,46 @@ fn select_tokens<B: Backend>(
     (0..batch)
         .map(|b| sample_logits(&data[b * vocab..(b + 1) * vocab], sampling, rng))
         .collect()
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    #[test]
+    fn one_upload_gives_each_segment_back_in_its_shape() {
+        let device = Default::default();
+        let mut upload = IntUpload::default();
+        let tokens = upload.push([5, 6, 7, 8, 9, 10]);
+        let empty = upload.push([]);
+        let positions = upload.push((0..200).map(|p| p * 3));
+        let uploaded = upload.upload::<B>(&device);
+        let tokens = uploaded.get(tokens, [2, 3]).unwrap();
+        assert_eq!(tokens.dims(), [2, 3]);
+        assert_eq!(ints(&tokens.into_data()), vec![5, 6, 7, 8, 9, 10]);
+        assert_eq!(uploaded.get(empty, [0]).unwrap().dims(), [0]);
+        let positions = uploaded.get(positions, [1, 200]).unwrap();
+        assert_eq!(
+            ints(&positions.into_data()),
+            (0..200).map(|p| p * 3).collect::<Vec<i64>>()
+        );
+    }
+
+    #[test]
+    fn a_segment_asked_for_in_the_wrong_shape_or_out_of_range_is_an_error() {
+        let device = Default::default();
+        let mut upload = IntUpload::default();
+        let segment = upload.push([1, 2, 3]);
+        let uploaded = upload.upload::<B>(&device);
+        assert!(matches!(
+            uploaded.get(segment, [2, 2]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            uploaded.get(segment + 1, [3]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+    }
 }

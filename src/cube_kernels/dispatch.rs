@@ -151,39 +151,70 @@ impl<B: Backend, const D: usize, const E: usize> CubeOp<B> for View<'_, B, D, E>
     type Output = Tensor<B, E>;
 
     fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
-        let (tensor, ranges) = (self.tensor, self.ranges);
-        let dims = tensor.dims();
-        let dropped = D.checked_sub(E)?;
-        if ranges
-            .iter()
-            .zip(dims)
-            .any(|(range, dim)| range.start > range.end || range.end > dim)
-            || ranges[..dropped].iter().any(|range| range.len() != 1)
-        {
-            return None;
-        }
-        let cube = to_cube::<R, B, D>(tensor)?;
-        let strides = cube.meta.strides().clone();
-        let start: usize = ranges
-            .iter()
-            .zip(strides.iter())
-            .map(|(range, stride)| range.start * stride)
-            .sum();
-        let offset = (start * cube.dtype.size()) as u64;
-        if !offset.is_multiple_of(cube.client.properties().memory.alignment) {
-            return None;
-        }
-        let shape = Shape::new::<E>(std::array::from_fn(|i| ranges[dropped + i].len()));
-        let kept_strides: Vec<usize> = strides.iter().skip(dropped).copied().collect();
-        let view = CubeTensor::new(
-            cube.client.clone(),
-            cube.handle.clone().offset_start(offset),
-            cubecl::zspace::metadata::Metadata::new(shape, kept_strides),
-            cube.device.clone(),
-            cube.dtype,
-        );
-        from_cube::<R, B, E>(view)
+        let cube = to_cube::<R, B, D>(self.tensor)?;
+        from_cube::<R, B, E>(view_of::<R, D, E>(&cube, &self.ranges)?)
     }
+}
+
+/// [`view`] of an integer tensor.
+pub(crate) fn view_int<B: Backend, const D: usize, const E: usize>(
+    tensor: &Tensor<B, D, burn::tensor::Int>,
+    ranges: [std::ops::Range<usize>; D],
+) -> Option<Tensor<B, E, burn::tensor::Int>> {
+    on_runtime(IntView { tensor, ranges })
+}
+
+/// The operation behind [`view_int`].
+struct IntView<'a, B: Backend, const D: usize, const E: usize> {
+    tensor: &'a Tensor<B, D, burn::tensor::Int>,
+    ranges: [std::ops::Range<usize>; D],
+}
+
+impl<B: Backend, const D: usize, const E: usize> CubeOp<B> for IntView<'_, B, D, E> {
+    type Output = Tensor<B, E, burn::tensor::Int>;
+
+    fn launch<R: CubeRuntime>(self) -> Option<Self::Output> {
+        let cube = to_cube_int::<R, B, D>(self.tensor)?;
+        from_cube_int::<R, B, E>(view_of::<R, D, E>(&cube, &self.ranges)?)
+    }
+}
+
+/// `cube[ranges]` keeping its last `E` dimensions, sharing its buffer: the metadata of a view
+/// (see [`view`]); `None` where the ranges do not fit or the start is off the alignment.
+fn view_of<R: CubeRuntime, const D: usize, const E: usize>(
+    cube: &CubeTensor<R>,
+    ranges: &[std::ops::Range<usize>; D],
+) -> Option<CubeTensor<R>> {
+    let dims = cube.meta.shape().clone();
+    let dropped = D.checked_sub(E)?;
+    if dims.num_dims() != D
+        || ranges
+            .iter()
+            .zip(dims.iter())
+            .any(|(range, &dim)| range.start > range.end || range.end > dim)
+        || ranges[..dropped].iter().any(|range| range.len() != 1)
+    {
+        return None;
+    }
+    let strides = cube.meta.strides().clone();
+    let start: usize = ranges
+        .iter()
+        .zip(strides.iter())
+        .map(|(range, stride)| range.start * stride)
+        .sum();
+    let offset = (start * cube.dtype.size()) as u64;
+    if !offset.is_multiple_of(cube.client.properties().memory.alignment) {
+        return None;
+    }
+    let shape = Shape::new::<E>(std::array::from_fn(|i| ranges[dropped + i].len()));
+    let kept_strides: Vec<usize> = strides.iter().skip(dropped).copied().collect();
+    Some(CubeTensor::new(
+        cube.client.clone(),
+        cube.handle.clone().offset_start(offset),
+        cubecl::zspace::metadata::Metadata::new(shape, kept_strides),
+        cube.device.clone(),
+        cube.dtype,
+    ))
 }
 
 /// The runtime tensor behind an integer tensor, as it lies (see [`to_cube`]); `None` if `B`'s

@@ -40,8 +40,8 @@
 //! that holds for the whole Llama forward, bit for bit: greedy speculative decoding on a GPU emits
 //! exactly plain greedy decoding's tokens (tests/cube_kernels.rs checks it on a random model).
 
-use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
 
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod accept;
@@ -95,7 +95,7 @@ pub fn exact_switched_on() -> bool {
 }
 
 /// False where `variable` is set to `off`, `0` or `false` (logged), true otherwise.
-fn variable_allows(variable: &str) -> bool {
+pub(crate) fn variable_allows(variable: &str) -> bool {
     let on = std::env::var(variable)
         .map(|value| !matches!(value.to_ascii_lowercase().as_str(), "off" | "0" | "false"))
         .unwrap_or(true);
@@ -129,6 +129,22 @@ pub(crate) fn view<B: Backend, const D: usize, const E: usize>(
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     {
         dispatch::view(tensor, ranges)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (tensor, ranges);
+        None
+    }
+}
+
+/// [`view`] of an integer tensor.
+pub(crate) fn view_int<B: Backend, const D: usize, const E: usize>(
+    tensor: &Tensor<B, D, Int>,
+    ranges: [std::ops::Range<usize>; D],
+) -> Option<Tensor<B, E, Int>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::view_int(tensor, ranges)
     }
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
