@@ -1247,11 +1247,13 @@ fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
 /// On the GPU backends a draft vocabulary's table is kept transposed (`[H, N]`, a copy in the
 /// layout our product reads fastest) where the whole vocabulary's is read through a transposed
 /// view, and its tokens' RNN inputs `e·W + b` are computed once and gathered by the selection
-/// kernel where a step without a draft vocabulary gathers the embedding and multiplies it: a
-/// draft vocabulary of every token, in order, gives the same beams and log-probabilities bit for
-/// bit as no draft vocabulary (each sum has one order whatever the weight's layout and the
-/// other rows). Without log-probabilities one beam's selection picks from the whole row of
-/// logits in the same launch; with them it takes the top-k first.
+/// kernel where a step without a draft vocabulary gathers the embedding and multiplies it: with
+/// the exit projection kept apart from the table, a draft vocabulary of every token, in order,
+/// gives the same beams and log-probabilities bit for bit as no draft vocabulary (each sum has
+/// one order whatever the weight's layout and the other rows). Merged with the table (the
+/// default), the beams stay the same and the log-probabilities move only by rounding; a merge of
+/// the wrong rows or columns would change them. Without log-probabilities one beam's selection
+/// picks from the whole row of logits in the same launch; with them it takes the top-k first.
 #[test]
 fn a_transposed_draft_table_gives_the_whole_tables_beams() {
     use redrafter::drafter::{
@@ -1266,7 +1268,17 @@ fn a_transposed_draft_table_gives_the_whole_tables_beams() {
         .with_embeddings(embedding.clone(), embedding)
         .unwrap();
     let every_token = DraftVocabulary::new((0..vocab as u32).collect(), vocab).unwrap();
-    let reduced = drafter.clone().with_draft_vocabulary(every_token).unwrap();
+    let merged = drafter
+        .clone()
+        .with_draft_vocabulary(every_token.clone())
+        .unwrap();
+    // Kept apart set before and after the vocabulary: both must drop the merged matrix.
+    let apart = drafter
+        .clone()
+        .with_merged_exit(false)
+        .with_draft_vocabulary(every_token.clone())
+        .unwrap();
+    let apart_after = merged.clone().with_merged_exit(false);
     let context = random([batch, hidden]);
     let first =
         Tensor::<B, 1, Int>::from_data(TensorData::new(vec![17i64, 118], [batch]), &device());
@@ -1278,20 +1290,30 @@ fn a_transposed_draft_table_gives_the_whole_tables_beams() {
             beam_length: length,
             needs_log_probs,
         };
-        let (whole, transposed): (BeamSearchOutput<B>, BeamSearchOutput<B>) = (
-            drafter.beam_search(request()).unwrap(),
-            reduced.beam_search(request()).unwrap(),
-        );
         let case = format!("width {width}, log-probs {needs_log_probs}");
+        let whole: BeamSearchOutput<B> = drafter.beam_search(request()).unwrap();
+        for (name, reduced) in [("apart", &apart), ("apart after", &apart_after)] {
+            let transposed = reduced.beam_search(request()).unwrap();
+            assert_eq!(
+                transposed.tokens.into_data(),
+                whole.tokens.clone().into_data(),
+                "{name}, {case}"
+            );
+            assert_eq!(
+                bits(transposed.token_log_probs),
+                bits(whole.token_log_probs.clone()),
+                "{name}, {case}"
+            );
+        }
+        let merged = merged.beam_search(request()).unwrap();
         assert_eq!(
-            transposed.tokens.into_data(),
+            merged.tokens.into_data(),
             whole.tokens.into_data(),
-            "{case}"
+            "merged, {case}"
         );
-        assert_eq!(
-            bits(transposed.token_log_probs),
-            bits(whole.token_log_probs),
-            "{case}"
+        merged.token_log_probs.into_data().assert_approx_eq::<f32>(
+            &whole.token_log_probs.into_data(),
+            Tolerance::absolute(1e-4),
         );
     }
 }

@@ -303,6 +303,7 @@ fn load_checked<B: Backend>(
         config,
         top_k: super::TopKMethod::Auto,
         top_k_cache: super::TopKCache::default(),
+        merges_exit: true,
         draft_vocabulary: None,
     })
 }

@@ -17,8 +17,8 @@ pub use beam_search::{BeamSearchOutput, LOG_ZERO, WARP_TOP_K};
 pub use checkpoint::{CONFIG_METADATA_KEY, CheckpointDType, read_checkpoint_config};
 pub use draft_vocabulary::DraftVocabulary;
 pub use recurrent::{
-    DEFAULT_NUM_DRAFT_LAYERS, DEFAULT_TRAINED_STEPS, DraftHeadKind, RecurrentDrafter,
-    RecurrentDrafterConfig, ResBlock,
+    DEFAULT_NUM_DRAFT_LAYERS, DEFAULT_TRAINED_STEPS, DraftHeadKind, MERGED_EXIT_SWITCH_VARIABLE,
+    RecurrentDrafter, RecurrentDrafterConfig, ResBlock,
 };
 pub use top_k::{TopKCache, TopKMethod, top_k, top_k_cached};
 

@@ -244,6 +244,7 @@ impl RecurrentDrafterConfig {
             config: self.clone(),
             top_k: TopKMethod::Auto,
             top_k_cache: TopKCache::default(),
+            merges_exit: true,
             draft_vocabulary: None,
         }
     }
@@ -301,6 +302,10 @@ pub struct RecurrentDrafter<B: Backend> {
     /// Beam search's shape-only index tensors, built once per shape (shared by clones).
     #[module(skip)]
     pub(crate) top_k_cache: TopKCache,
+    /// Whether a draft vocabulary merges the head's exit projection with its table where our GPU
+    /// kernels run ([`Self::with_merged_exit`]; a runtime choice, not part of the checkpoint).
+    #[module(skip)]
+    pub(crate) merges_exit: bool,
     /// A reduced drafting vocabulary, when set (a runtime choice, not part of the checkpoint:
     /// plain tensors, like the embeddings above, are not parameters).
     pub(crate) draft_vocabulary: Option<DraftTables<B>>,
@@ -328,6 +333,33 @@ pub(crate) struct DraftTables<B: Backend> {
     /// launches fewer per draft step after the first. Derived from the drafter's `W` when the
     /// vocabulary is set: setting it again (or attaching the embeddings) rebuilds it.
     pub(crate) inputs: Option<Tensor<B, 2>>,
+    /// Where our GPU kernels take the head's products: the head's exit projection and the
+    /// table as one `[E, N]` matrix, `W_head · table`, computed once in f32 (see
+    /// [`RecurrentDrafter::merged_exit`]). A draft step then multiplies its `E` features by it
+    /// in one launch instead of two. Derived like `inputs`: setting the vocabulary again rebuilds
+    /// it.
+    pub(crate) exit: Option<Tensor<B, 2>>,
+}
+
+/// The environment variable that switches off [`DraftTables::exit`] (`off`, `0` or `false`):
+/// draft steps then run the head's exit projection and the table's product apart, as before
+/// session 29 — how the benchmarks measure what merging them saves.
+pub const MERGED_EXIT_SWITCH_VARIABLE: &str = "REDRAFTER_MERGED_EXIT";
+
+/// Most bytes a merged exit ([`DraftTables::exit`]) may read per draft step beyond the two
+/// products it replaces. A launch costs the host ~10–15 µs on the H200 machines measured
+/// (docs/benchmarks.md, session 28), the time HBM takes to stream ~32 MB; beyond that the merge
+/// would trade host time the GPU no longer hides for device time. SmolLM2's 8,192-token draft
+/// vocabulary reads 16.3 MB more in f32 (37.7 MB instead of 2.7 + 18.9), 8.2 MB in f16. With
+/// `E = 2H` the extra is `H · (N − 2H)` elements: a 7B-shaped head (`H = 4096`) over 8,192 tokens
+/// reads no more than the pair, over 32,000 tokens 195 MB more in f16 and stays apart.
+const MERGED_EXIT_MAX_EXTRA_BYTES: usize = 32 << 20;
+
+/// Whether draft vocabularies merge their table with the head's exit projection (they do
+/// unless [`MERGED_EXIT_SWITCH_VARIABLE`] says otherwise). Read once.
+fn merged_exit_switched_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::cube_kernels::variable_allows(MERGED_EXIT_SWITCH_VARIABLE))
 }
 
 impl<B: Backend> RecurrentDrafter<B> {
@@ -421,14 +453,37 @@ impl<B: Backend> RecurrentDrafter<B> {
             table = Tensor::from_data(table.transpose().into_data(), &device);
         }
         let inputs = if in_out { self.rnn_inputs(&ids) } else { None };
+        let exit = if in_out {
+            self.merged_exit(&table)
+        } else {
+            None
+        };
         self.draft_vocabulary = Some(DraftTables {
             vocabulary,
             ids,
             table,
             in_out,
             inputs,
+            exit,
         });
         Ok(self)
+    }
+
+    /// Whether a draft vocabulary's table is merged with the head's exit projection where our
+    /// GPU kernels run (on by default): one product a draft step instead of two, rounded
+    /// differently (see [`DraftTables::exit`]). Off, drafting over a draft vocabulary of every
+    /// token gives the same bits as drafting over the whole vocabulary. Applies to the draft
+    /// vocabulary already set, if any, and to those set later.
+    pub fn with_merged_exit(mut self, merge: bool) -> Self {
+        self.merges_exit = merge;
+        let exit = match &self.draft_vocabulary {
+            Some(tables) if merge && tables.in_out => self.merged_exit(&tables.table),
+            _ => None,
+        };
+        if let Some(tables) = &mut self.draft_vocabulary {
+            tables.exit = exit;
+        }
+        self
     }
 
     /// The RNN's input projection `e·W + b_W` of the tokens `ids`, `[N, H]`, by the product a
@@ -455,6 +510,51 @@ impl<B: Backend> RecurrentDrafter<B> {
             })
             .collect::<Option<Vec<_>>>()?;
         Some(Tensor::cat(products, 0))
+    }
+
+    /// The head's exit projection `[E, H]` times the draft vocabulary's `[H, N]` table, `[E, N]`
+    /// in the head's dtype, for [`DraftTables::exit`]. The product runs once, in f32, by our row
+    /// product (launches of at most [`crate::cube_kernels::MATMUL_MAX_ROWS`] rows), and is rounded
+    /// to the head's dtype once: drafting then rounds differently from the two products (the
+    /// `H` features are no longer rounded in between), so a draft may differ at a near tie, never
+    /// decoding's output.
+    ///
+    /// `None` where the head has a bias, where the merged matrix would read more than
+    /// [`MERGED_EXIT_MAX_EXTRA_BYTES`] beyond the two products it replaces, where it is switched
+    /// off ([`Self::with_merged_exit`], [`MERGED_EXIT_SWITCH_VARIABLE`]) or where the product
+    /// declines.
+    fn merged_exit(&self, table: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+        if self.head.bias.is_some() || !self.merges_exit || !merged_exit_switched_on() {
+            return None;
+        }
+        let weight = self.head.weight.val();
+        let [exit_dim, hidden] = weight.dims();
+        let [table_hidden, tokens] = table.dims();
+        if table_hidden != hidden {
+            return None;
+        }
+        let element = self.param_dtype().size();
+        let merged = exit_dim * tokens;
+        let apart = exit_dim * hidden + hidden * tokens;
+        if merged.saturating_sub(apart) * element > MERGED_EXIT_MAX_EXTRA_BYTES {
+            tracing::debug!(
+                exit_dim,
+                tokens,
+                "draft head's exit projection kept apart from its table (merging would read too much)"
+            );
+            return None;
+        }
+        let weight = weight.cast(DType::F32);
+        let table = table.clone().cast(DType::F32);
+        let chunk = crate::cube_kernels::MATMUL_MAX_ROWS;
+        let products = (0..exit_dim)
+            .step_by(chunk)
+            .map(|start| {
+                let rows = weight.clone().narrow(0, start, chunk.min(exit_dim - start));
+                crate::cube_kernels::matmul(&rows, &table)
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Tensor::cat(products, 0).cast(self.param_dtype()))
     }
 
     /// The draft vocabulary's RNN inputs ([`DraftTables::inputs`]), where they are kept.
@@ -662,6 +762,16 @@ impl<B: Backend> RecurrentDrafter<B> {
         };
         for block in &self.res_blocks {
             x = block.forward(x);
+        }
+        let merged_exit = self
+            .draft_vocabulary
+            .as_ref()
+            .and_then(|tables| tables.exit.as_ref())
+            .filter(|_| reduced);
+        if let Some(exit) = merged_exit {
+            // The exit projection and the table in one product (see `merged_exit`).
+            let exit = exit.clone().cast(x.dtype());
+            return Ok(gpu_product(x, exit));
         }
         let x = match &self.head.bias {
             None if crate::cube_kernels::applies::<B>() => gpu_product(x, self.head.weight.val()),
