@@ -91,6 +91,11 @@ struct Args {
     /// With --draft-vocab: its first N tokens; a list sweeps, 0 = the whole vocabulary.
     #[arg(long, value_delimiter = ',')]
     draft_vocab_sizes: Vec<usize>,
+    /// With --draft-vocab on the GPU backends: `on` merges the draft head's exit projection with
+    /// the draft table (one product a draft step), `off` keeps them apart; `on,off` runs both in
+    /// this process, one after the other, for a comparison free of the spread between processes.
+    #[arg(long, value_delimiter = ',', default_value = "on", value_parser = parse_switch)]
+    merged_exit: Vec<bool>,
     /// Write all results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -101,6 +106,8 @@ struct ModeResult {
     mode: String,
     /// Tokens the drafter chooses from (the draft vocabulary's size, else the vocabulary's).
     draft_vocab: usize,
+    /// Whether the drafter's exit projection ran merged with its draft table.
+    merged_exit: bool,
     beam_width: usize,
     beam_length: usize,
     /// Prompt-lookup beams next to the drafted ones.
@@ -249,6 +256,7 @@ fn summarize(
     ModeResult {
         mode,
         draft_vocab: 0,
+        merged_exit: false,
         beam_width: speculative.map_or(0, |c| c.beam_width),
         beam_length: speculative.map_or(0, |c| c.beam_length),
         lookup_beams: speculative.and_then(|c| c.lookup).map_or(0, |l| l.beams),
@@ -318,13 +326,24 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             } else {
                 args.draft_vocab_sizes.clone()
             };
-            sizes
-                .into_iter()
-                .map(|size| match size {
-                    0 => Ok(d.clone()),
-                    n => d.clone().with_draft_vocabulary(vocabulary.truncated(n)?),
-                })
-                .collect::<redrafter::Result<_>>()?
+            let mut drafters = Vec::new();
+            for size in sizes {
+                let sized = match size {
+                    0 => d.clone(),
+                    n => d.clone().with_draft_vocabulary(vocabulary.truncated(n)?)?,
+                };
+                // One run per distinct drafter: where nothing merges (no draft vocabulary, a CPU
+                // backend) `on` and `off` are the same drafter.
+                let mut seen = Vec::new();
+                for &merge in &args.merged_exit {
+                    let variant = sized.clone().with_merged_exit(merge);
+                    if !seen.contains(&variant.has_merged_exit()) {
+                        seen.push(variant.has_merged_exit());
+                        drafters.push(variant);
+                    }
+                }
+            }
+            drafters
         }
     };
     let prompts = read_prompts(args, &tokenizer)?;
@@ -451,13 +470,16 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 ar_tps,
                 mismatches.clone(),
             );
+            let merged_exit = drafter.has_merged_exit();
             let result = ModeResult {
                 divergences: divergences.clone(),
                 draft_vocab,
+                merged_exit,
                 ..result
             };
             eprintln!(
-                "ReDrafter M={beam_width}+{lookup_beams} C={beam_length} V={draft_vocab} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+                "ReDrafter M={beam_width}+{lookup_beams} C={beam_length} V={draft_vocab}{} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+                if merged_exit { " merged" } else { "" },
                 result.tree_length,
                 result.tokens_per_second,
                 result
@@ -536,4 +558,13 @@ fn write_report<B: Backend>(
         std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
     }
     Ok(report)
+}
+
+/// `on` / `off` (also `true` / `false`, `1` / `0`) as a bool.
+fn parse_switch(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        other => Err(format!("expected on or off, got {other:?}")),
+    }
 }

@@ -1279,6 +1279,9 @@ fn a_transposed_draft_table_gives_the_whole_tables_beams() {
         .with_draft_vocabulary(every_token.clone())
         .unwrap();
     let apart_after = merged.clone().with_merged_exit(false);
+    assert!(merged.has_merged_exit());
+    assert!(!apart.has_merged_exit() && !apart_after.has_merged_exit());
+    assert!(apart_after.clone().with_merged_exit(true).has_merged_exit());
     let context = random([batch, hidden]);
     let first =
         Tensor::<B, 1, Int>::from_data(TensorData::new(vec![17i64, 118], [batch]), &device());

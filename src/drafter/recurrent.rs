@@ -486,6 +486,14 @@ impl<B: Backend> RecurrentDrafter<B> {
         self
     }
 
+    /// Whether draft steps run the merged exit ([`Self::with_merged_exit`]): a draft vocabulary
+    /// is set, on a backend with our kernels, and its merged matrix was built.
+    pub fn has_merged_exit(&self) -> bool {
+        self.draft_vocabulary
+            .as_ref()
+            .is_some_and(|tables| tables.exit.is_some())
+    }
+
     /// The RNN's input projection `e·W + b_W` of the tokens `ids`, `[N, H]`, by the product a
     /// draft step runs on one token ([`folded_product`], in launches of at most
     /// [`crate::cube_kernels::MATMUL_MAX_ROWS`] rows: a row's sums do not depend on the other
