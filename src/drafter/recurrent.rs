@@ -506,18 +506,7 @@ impl<B: Backend> RecurrentDrafter<B> {
             .clone()
             .select(0, ids.clone())
             .cast(self.param_dtype());
-        let rows = embeddings.dims()[0];
-        let chunk = crate::cube_kernels::MATMUL_MAX_ROWS;
-        let products = (0..rows)
-            .step_by(chunk)
-            .map(|start| {
-                rnn_input_product(
-                    w,
-                    &embeddings.clone().narrow(0, start, chunk.min(rows - start)),
-                )
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Tensor::cat(products, 0))
+        in_row_chunks(&embeddings, |rows| rnn_input_product(w, rows))
     }
 
     /// The head's exit projection `[E, H]` times the draft vocabulary's `[H, N]` table, `[E, N]`
@@ -552,17 +541,11 @@ impl<B: Backend> RecurrentDrafter<B> {
             );
             return None;
         }
-        let weight = weight.cast(DType::F32);
         let table = table.clone().cast(DType::F32);
-        let chunk = crate::cube_kernels::MATMUL_MAX_ROWS;
-        let products = (0..exit_dim)
-            .step_by(chunk)
-            .map(|start| {
-                let rows = weight.clone().narrow(0, start, chunk.min(exit_dim - start));
-                crate::cube_kernels::matmul(&rows, &table)
-            })
-            .collect::<Option<Vec<_>>>()?;
-        Some(Tensor::cat(products, 0).cast(self.param_dtype()))
+        let merged = in_row_chunks(&weight.cast(DType::F32), |rows| {
+            crate::cube_kernels::matmul(rows, &table)
+        })?;
+        Some(merged.cast(self.param_dtype()))
     }
 
     /// The draft vocabulary's RNN inputs ([`DraftTables::inputs`]), where they are kept.
@@ -897,6 +880,22 @@ pub(super) fn rnn_input_product<B: Backend, const D: usize>(
         false,
         false,
     )
+}
+
+/// `product` of `x`'s rows `[N, in]` in launches of at most
+/// [`crate::cube_kernels::MATMUL_MAX_ROWS`] rows, concatenated `[N, out]` (our row products sum
+/// each row alone, so the chunking changes no bit). `None` where a launch declines.
+fn in_row_chunks<B: Backend>(
+    x: &Tensor<B, 2>,
+    product: impl Fn(&Tensor<B, 2>) -> Option<Tensor<B, 2>>,
+) -> Option<Tensor<B, 2>> {
+    let rows = x.dims()[0];
+    let chunk = crate::cube_kernels::MATMUL_MAX_ROWS;
+    let products = (0..rows)
+        .step_by(chunk)
+        .map(|start| product(&x.clone().narrow(0, start, chunk.min(rows - start))))
+        .collect::<Option<Vec<_>>>()?;
+    Some(Tensor::cat(products, 0))
 }
 
 /// The RNN's update `silu(s·U + input + b_U)` from its input `e·W + b_W` on the GPUs: one launch
