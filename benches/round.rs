@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use redrafter::drafter::{DraftHead, DraftHeadKind, DraftRequest, RecurrentDrafterConfig};
 use redrafter::generate::{int_tensor, prefill};
 use redrafter::models::llama::{Llama, LlamaLoadOptions};
-use redrafter::projection::Projection;
+use redrafter::projection::{Projection, WeightLayout};
 use redrafter::tree::DraftTree;
 use redrafter::{Block, TargetModel};
 
@@ -129,20 +129,26 @@ fn verify_forward(c: &mut Criterion) {
 }
 
 /// `x·W` for `rows` rows of SmolLM2's gate/up (576 → 3072) and vocabulary (576 → 49152)
-/// shapes, with `W` stored `[in, out]` and `[out, in]` (on Flex: the skinny kernel up to 64 rows,
-/// and `gemm` on the same layout).
+/// shapes, with `W` stored `[in, out]`, `[out, in]` (on Flex: the skinny kernel up to 64 rows,
+/// and `gemm` on the same layout) and in panels (the layout a model loads with on Flex in f32).
 fn projection(c: &mut Criterion) {
     let device = Default::default();
     let mut group = c.benchmark_group("projection");
     group.sample_size(10);
     for (name, inputs, outputs) in [("gate_up", 576, 3072), ("vocab", 576, 49152)] {
         let weight = Tensor::<B, 2>::random([inputs, outputs], Distribution::Default, &device);
-        let in_out = Projection::from_tensor(weight.clone(), false);
+        let in_out = Projection::from_tensor(weight.clone(), WeightLayout::InOut);
         let transposed = Tensor::from_data(weight.transpose().into_data(), &device);
-        let out_in = Projection::from_tensor(transposed, true);
+        let out_in = Projection::from_tensor(transposed.clone(), WeightLayout::OutIn);
+        let panels = Projection::from_out_in_tensor(transposed);
         for rows in [1, 4, 16, 32, 64] {
             let x = Tensor::<B, 2>::random([rows, inputs], Distribution::Default, &device);
-            for (layout, p) in [("in_out", &in_out), ("out_in", &out_in)] {
+            let layouts = [
+                ("in_out", &in_out),
+                ("out_in", &out_in),
+                ("panels", &panels),
+            ];
+            for (layout, p) in layouts {
                 let id = BenchmarkId::new(format!("{name}/{layout}"), rows);
                 group.bench_function(id, |b| b.iter(|| p.forward(x.clone()).into_data()));
             }

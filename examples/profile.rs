@@ -479,7 +479,7 @@ fn op_costs<B: Backend>(
 ) -> Result<()> {
     use burn::tensor::activation::softmax;
     use redrafter::cube_kernels;
-    use redrafter::projection::Projection;
+    use redrafter::projection::{Projection, WeightLayout};
 
     let config = model.config();
     let (hidden, inter, vocab) = (
@@ -503,12 +503,11 @@ fn op_costs<B: Backend>(
     };
     let out_major = redrafter::projection::prefers_out_major::<B>(device);
     let projection = |inputs: usize, outputs: usize| {
-        let weight = if out_major {
-            random([outputs, inputs])
+        if out_major {
+            Projection::from_out_in_tensor(random([outputs, inputs]))
         } else {
-            random([inputs, outputs])
-        };
-        Projection::from_tensor(weight, out_major)
+            Projection::from_tensor(random([inputs, outputs]), WeightLayout::InOut)
+        }
     };
     let x = random([1, hidden]);
     let x40 = random([40, hidden]);

@@ -19,6 +19,8 @@ pub mod io;
 pub mod kv_cache;
 pub mod lookup;
 pub mod models;
+#[cfg(feature = "flex")]
+pub mod panel_matmul;
 pub mod projection;
 pub mod sampling;
 #[cfg(feature = "flex")]

@@ -8,12 +8,15 @@
 //! cost 1.4. This kernel reads Q, K and V where they lie (strided views of the fused QKV product
 //! and of the KV cache), and writes the output already laid out for the output projection.
 //!
-//! Every score, softmax sum and output element is accumulated in a fixed order that depends
-//! neither on the block length nor on the SIMD width: a dot product keeps 16 partial sums, one
-//! per lane position, and adds them in one order; softmax and `probs · V` walk the slots in
-//! order. A masked slot contributes an exact zero, so a token's attention output in a draft tree
-//! equals, bit for bit, its output when decoded alone — which keeps greedy speculative decoding
-//! equal to plain greedy decoding on this backend.
+//! Scores and outputs are small products computed like [`crate::panel_matmul`]'s: the keys of
+//! each KV head are copied once per call into panels of 16 slots (`[slots / 16][dim][16]`), so a
+//! step multiplies one vector of 16 slots' key elements by a broadcast query element of up to 4
+//! query rows; `probs · V` walks the slots in order with 16 output columns per vector. Every score
+//! is one chain of fused multiply-adds over the head dimension, every output element one chain
+//! over the slots, and softmax sums in slot order — whatever the block length, the tile a row
+//! falls in or the instruction set. A masked slot contributes an exact zero, so a token's
+//! attention output in a draft tree equals, bit for bit, its output when decoded alone — which
+//! keeps greedy speculative decoding equal to plain greedy decoding on this backend.
 //!
 //! [`attention`] declines (returns `None`) for anything but f32 tensors of
 //! `burn::backend::Flex` (not under `Autodiff`, which must record the ops).
@@ -24,9 +27,12 @@ use rayon::prelude::*;
 use super::view::View;
 use crate::flex_tensor::{into_flex, is_flex};
 
-/// Partial sums per dot product. Fixed, so results do not depend on the vector width the
-/// compiler picks.
+/// Slots per key panel, and output columns per vector of `probs · V`.
 const LANES: usize = 16;
+
+/// Query rows per register tile: 4 accumulators of 16 lanes (8 with AVX2) reuse each key or
+/// value vector they load.
+const TILE_ROWS: usize = 4;
 
 /// Below this many score elements (`heads · len · slots`) the heads run on one thread: a
 /// one-token step's attention is a few microseconds, less than waking the pool.
@@ -120,23 +126,53 @@ fn attend(
         dim,
         ..
     } = *shape;
+    let kv_heads = heads / shape.groups;
+    let simd = Simd::detect();
+    let parallel = heads * len * slots >= PARALLEL_MIN_SCORES;
+    // Each (batch row, KV head) pair's keys in panels, read by every query head of its group.
+    let panel_floats = slots.div_ceil(LANES) * dim * LANES;
+    let mut key_panels = vec![0.0f32; batch * kv_heads * panel_floats];
+    let pack = |(pair, panels): (usize, &mut [f32])| {
+        pack_keys(k, pair / kv_heads, pair % kv_heads, slots, dim, panels)
+    };
+    if parallel {
+        key_panels
+            .par_chunks_mut(panel_floats)
+            .enumerate()
+            .for_each(pack);
+    } else {
+        key_panels
+            .chunks_mut(panel_floats)
+            .enumerate()
+            .for_each(pack);
+    }
     // Each (batch row, head) pair writes its own `[len, dim]` block; they are interleaved into
     // `[batch, len, heads · dim]` afterwards.
     let mut by_head = vec![0.0f32; batch * heads * len * dim];
-    let simd = Simd::detect();
     let run = |(pair, out): (usize, &mut [f32])| {
         let (b, h) = (pair / heads, pair % heads);
+        let kv_pair = b * kv_heads + h / shape.groups;
+        let keys = &key_panels[kv_pair * panel_floats..][..panel_floats];
+        let head = Head {
+            shape,
+            b,
+            h,
+            q,
+            keys,
+            v,
+            bias,
+        };
         match simd {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Simd::detect` checked that the CPU has AVX-512F.
-            Simd::Avx512 => unsafe { head_attention_avx512(shape, b, h, q, k, v, bias, out) },
+            Simd::Avx512 => unsafe { head_attention_avx512(&head, out) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` checked that the CPU has AVX2.
-            Simd::Avx2 => unsafe { head_attention_avx2(shape, b, h, q, k, v, bias, out) },
-            Simd::Baseline => head_attention(shape, b, h, q, k, v, bias, out),
+            // SAFETY: `Simd::detect` checked that the CPU has AVX2 and FMA.
+            Simd::Avx2 => unsafe { head_attention_avx2(&head, out) },
+            Simd::Baseline => head_attention(&head, out),
         }
     };
-    if heads * len * slots >= PARALLEL_MIN_SCORES {
+    if parallel {
         by_head.par_chunks_mut(len * dim).enumerate().for_each(run);
     } else {
         by_head.chunks_mut(len * dim).enumerate().for_each(run);
@@ -152,8 +188,9 @@ fn attend(
     out
 }
 
-/// The instruction set the loops are compiled for. The arithmetic is the same in each (no fused
-/// multiply-adds, fixed partial sums), so the choice changes speed, not results.
+/// The instruction set the loops are compiled for. The arithmetic is the same in each (fused
+/// multiply-adds in a fixed order: `mul_add` is one correctly rounded operation everywhere), so
+/// the choice changes speed, not results.
 #[derive(Clone, Copy)]
 enum Simd {
     #[cfg(target_arch = "x86_64")]
@@ -170,7 +207,9 @@ impl Simd {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 return Self::Avx512;
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 return Self::Avx2;
             }
         }
@@ -178,96 +217,146 @@ impl Simd {
     }
 }
 
+/// `K` of batch row `b`, KV head `kv` as panels of 16 slots, `[⌈slots / 16⌉][dim][16]`, the
+/// padding slots zero.
+fn pack_keys(k: &View<'_>, b: usize, kv: usize, slots: usize, dim: usize, panels: &mut [f32]) {
+    for s in 0..slots {
+        let (panel, lane) = (s / LANES, s % LANES);
+        let base = panel * dim * LANES + lane;
+        for (d, &key) in k.row(b, kv, s, dim).iter().enumerate() {
+            panels[base + d * LANES] = key;
+        }
+    }
+}
+
+/// What one query head's attention reads.
+struct Head<'a> {
+    shape: &'a Shape,
+    b: usize,
+    h: usize,
+    q: &'a View<'a>,
+    /// Its KV head's keys in panels ([`pack_keys`]).
+    keys: &'a [f32],
+    v: &'a View<'a>,
+    bias: Option<&'a View<'a>>,
+}
+
 /// [`head_attention`] compiled with more instruction-set features enabled.
 macro_rules! head_attention_for {
     ($name:ident, $features:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        #[allow(clippy::too_many_arguments)]
-        fn $name(
-            shape: &Shape,
-            b: usize,
-            h: usize,
-            q: &View<'_>,
-            k: &View<'_>,
-            v: &View<'_>,
-            bias: Option<&View<'_>>,
-            out: &mut [f32],
-        ) {
-            head_attention(shape, b, h, q, k, v, bias, out)
+        fn $name(head: &Head<'_>, out: &mut [f32]) {
+            head_attention(head, out)
         }
     };
 }
 
-head_attention_for!(head_attention_avx512, "avx512f");
-head_attention_for!(head_attention_avx2, "avx2");
+head_attention_for!(head_attention_avx512, "avx512f,avx2,fma");
+head_attention_for!(head_attention_avx2, "avx2,fma");
 
 /// One query head of one batch row: `out[t] = softmax(q[t] · Kᵀ + bias[t]) · V`. Inlined into
 /// each instruction-set variant above.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn head_attention(
-    shape: &Shape,
-    b: usize,
-    h: usize,
-    q: &View<'_>,
-    k: &View<'_>,
-    v: &View<'_>,
-    bias: Option<&View<'_>>,
-    out: &mut [f32],
-) {
+fn head_attention(head: &Head<'_>, out: &mut [f32]) {
+    let Head {
+        shape,
+        b,
+        h,
+        q,
+        keys,
+        v,
+        bias,
+    } = *head;
     let Shape {
-        groups, slots, dim, ..
+        groups,
+        len,
+        slots,
+        dim,
+        ..
     } = *shape;
     let kv = h / groups;
-    let mut probs = vec![0.0f32; slots];
-    for (t, out) in out.chunks_exact_mut(dim).enumerate() {
-        let query = q.row(b, h, t, dim);
-        for (s, p) in probs.iter_mut().enumerate() {
-            *p = dot(query, k.row(b, kv, s, dim));
+    let padded = slots.div_ceil(LANES) * LANES;
+    let mut probs = vec![0.0f32; len * padded];
+    for first in (0..len).step_by(TILE_ROWS) {
+        let rows = TILE_ROWS.min(len - first);
+        // A short tile repeats its last row; the repeats are computed and dropped.
+        let queries: [&[f32]; TILE_ROWS] =
+            std::array::from_fn(|i| q.row(b, h, first + i.min(rows - 1), dim));
+        for (panel, keys) in keys.chunks_exact(dim * LANES).enumerate() {
+            let scores = panel_scores(&queries, keys, dim);
+            for (i, scores) in scores.iter().enumerate().take(rows) {
+                probs[(first + i) * padded + panel * LANES..][..LANES].copy_from_slice(scores);
+            }
         }
+    }
+    for (t, row) in probs.chunks_exact_mut(padded).enumerate() {
+        let row = &mut row[..slots];
         if let Some(bias) = bias {
-            for (p, &add) in probs.iter_mut().zip(bias.row(b, 0, t, slots)) {
+            for (p, &add) in row.iter_mut().zip(bias.row(b, 0, t, slots)) {
                 *p += add;
             }
         }
-        softmax_in_place(&mut probs);
-        out.fill(0.0);
-        for (s, &p) in probs.iter().enumerate() {
-            axpy(p, v.row(b, kv, s, dim), out);
+        softmax_in_place(row);
+    }
+    for first in (0..len).step_by(TILE_ROWS) {
+        let rows = TILE_ROWS.min(len - first);
+        let tile_probs: [&[f32]; TILE_ROWS] =
+            std::array::from_fn(|i| &probs[(first + i.min(rows - 1)) * padded..][..slots]);
+        for column in (0..dim).step_by(LANES) {
+            let width = LANES.min(dim - column);
+            let sums = weighted_values(&tile_probs, v, b, kv, column, width, dim);
+            for (i, sums) in sums.iter().enumerate().take(rows) {
+                out[(first + i) * dim + column..][..width].copy_from_slice(&sums[..width]);
+            }
         }
     }
 }
 
-/// `a · b` with [`LANES`] partial sums added in a fixed order.
+/// Scores of 4 query rows against one panel of 16 slots: per slot one chain of fused
+/// multiply-adds over the head dimension.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (a_body, a_tail) = a.as_chunks::<LANES>();
-    let (b_body, b_tail) = b[..a.len()].as_chunks::<LANES>();
-    for (a, b) in a_body.iter().zip(b_body) {
-        // Whole fixed-size arrays: one vector operation per lane group.
-        let products: [f32; LANES] = std::array::from_fn(|l| a[l] * b[l]);
-        acc = std::array::from_fn(|l| acc[l] + products[l]);
-    }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(a, b)| a * b).sum();
-    // Pairwise, in a fixed order.
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
+fn panel_scores(
+    queries: &[&[f32]; TILE_ROWS],
+    keys: &[f32],
+    dim: usize,
+) -> [[f32; LANES]; TILE_ROWS] {
+    let mut acc = [[0.0f32; LANES]; TILE_ROWS];
+    for (d, keys) in keys.as_chunks::<LANES>().0.iter().enumerate().take(dim) {
+        for (acc, query) in acc.iter_mut().zip(queries) {
+            let x = query[d];
+            *acc = std::array::from_fn(|l| x.mul_add(keys[l], acc[l]));
         }
     }
-    acc[0] + tail
+    acc
 }
 
-/// `out += p · x`.
+/// `Σ_s probs[i][s] · V[s][column..column + width]` for 4 rows of probabilities, summed in slot
+/// order with fused multiply-adds; lanes past `width` are zero.
 #[inline(always)]
-fn axpy(p: f32, x: &[f32], out: &mut [f32]) {
-    for (o, &x) in out.iter_mut().zip(x) {
-        *o += p * x;
+fn weighted_values(
+    probs: &[&[f32]; TILE_ROWS],
+    v: &View<'_>,
+    b: usize,
+    kv: usize,
+    column: usize,
+    width: usize,
+    dim: usize,
+) -> [[f32; LANES]; TILE_ROWS] {
+    let mut acc = [[0.0f32; LANES]; TILE_ROWS];
+    let slots = probs[0].len();
+    for s in 0..slots {
+        let row = &v.row(b, kv, s, dim)[column..column + width];
+        let values: [f32; LANES] = match row.try_into() {
+            Ok(full) => full,
+            Err(_) => std::array::from_fn(|l| row.get(l).copied().unwrap_or(0.0)),
+        };
+        for (acc, probs) in acc.iter_mut().zip(probs) {
+            let p = probs[s];
+            *acc = std::array::from_fn(|l| p.mul_add(values[l], acc[l]));
+        }
     }
+    acc
 }
 
 /// `x ← exp(x − max) / Σ exp(x − max)`, summed in slot order.

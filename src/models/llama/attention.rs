@@ -98,7 +98,7 @@ impl<B: Backend> Attention<B> {
         let [batch, _, len, _] = rope.cos.dims();
         let (heads, kv_heads, dim) = (self.heads, self.kv_heads, self.head_dim);
         if norm.weight.is_some()
-            || self.qkv.out_major
+            || self.qkv.out_major()
             || cube_kernels::rotary_attention_takes(len, dim)
         {
             return Ok(None);

@@ -12,7 +12,7 @@ use super::rope::RotaryEmbedding;
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::kv_cache::KvCache;
-use crate::projection::{Projection, prefers_out_major};
+use crate::projection::{Projection, WeightLayout, prefers_out_major};
 use crate::target::{Block, TargetModel};
 
 /// How to materialise a Llama model on a device.
@@ -89,9 +89,12 @@ pub struct Llama<B: Backend> {
     pub layers: Vec<LlamaLayer<B>>,
     pub norm: RmsNorm<B>,
     /// `hidden` to `vocab`. Tied embeddings: on a backend that prefers `[out, in]` the same
-    /// tensor as `embed_tokens`, elsewhere a transposed copy.
+    /// tensor as `embed_tokens` (a copy in panels in f32 on Flex), elsewhere a transposed copy.
     pub lm_head: Projection<B>,
     rope: RotaryEmbedding<B>,
+    /// Whether `lm_head` is the input embedding (tied weights).
+    #[module(skip)]
+    tied_head: bool,
     #[module(skip)]
     config: LlamaConfig,
     #[module(skip)]
@@ -149,9 +152,10 @@ impl<B: Backend> Llama<B> {
         let tied = config.tie_word_embeddings || !weights.contains("lm_head.weight");
         // HF stores the LM head as `[V, H]`, like the embedding it may be tied to.
         let (embed_tokens, lm_head) = if tied && prefers_out_major::<B>(device) {
-            // The embedding already has the head's layout here: one tensor serves both.
+            // The embedding already has the head's `[out, in]` layout here: one tensor serves
+            // both, except in f32 on Flex, where the head gets its own copy in panels.
             let embed_tokens = matrix(embed, vocab, h);
-            let lm_head = Projection::from_tensor(embed_tokens.val(), true);
+            let lm_head = Projection::from_out_in_tensor(embed_tokens.val());
             (embed_tokens, lm_head)
         } else {
             let head = if tied {
@@ -222,7 +226,8 @@ impl<B: Backend> Llama<B> {
             layers,
             vector(norm),
             lm_head,
-        ))
+        )
+        .with_tied_head(tied))
     }
 
     /// Builds a model of `config`'s shape with random weights (normal, std 0.02; norms at 1),
@@ -250,12 +255,11 @@ impl<B: Backend> Llama<B> {
         };
         let out_major = prefers_out_major::<B>(device);
         let matrix = |inputs: usize, outputs: usize| {
-            let weight = if out_major {
-                random(outputs, inputs)
+            if out_major {
+                Projection::from_out_in_tensor(random(outputs, inputs))
             } else {
-                random(inputs, outputs)
-            };
-            Projection::from_tensor(weight, out_major)
+                Projection::from_tensor(random(inputs, outputs), WeightLayout::InOut)
+            }
         };
         let ones = || Tensor::<B, 1>::ones([h], device).cast(dtype);
         let layers = (0..config.num_hidden_layers)
@@ -304,9 +308,16 @@ impl<B: Backend> Llama<B> {
             norm: RmsNorm::new(norm, config.rms_norm_eps),
             lm_head,
             rope,
+            tied_head: false,
             config,
             max_context,
         }
+    }
+
+    /// Marks the LM head as the input embedding (tied weights).
+    fn with_tied_head(mut self, tied: bool) -> Self {
+        self.tied_head = tied;
+        self
     }
 
     /// The model's configuration.
@@ -411,6 +422,11 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
     }
 
     fn output_embedding(&self) -> Tensor<B, 2> {
+        // A head in panels was packed from the tied embedding: hand out that tensor rather
+        // than a copy unpacked from the panels.
+        if self.tied_head && matches!(self.lm_head.layout, WeightLayout::Panels { .. }) {
+            return self.embed_tokens.val();
+        }
         self.lm_head.out_in()
     }
 }

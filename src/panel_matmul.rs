@@ -1,0 +1,571 @@
+//! Products with a weight laid out in panels of 16 outputs, for the Flex CPU backend.
+//!
+//! A Llama forward on the CPU is a chain of products of a few rows (one decoding step, a
+//! verification tree of 2–30 tokens) with weights that come from memory at every call. The
+//! `[out, in]` kernel of [`crate::skinny_matmul`] dots rows with rows, so every output ends in a
+//! horizontal sum and its input rows must be reloaded for every four weight rows; on the 2-core
+//! development machine it reached ~35 G multiply-adds/s at 18 rows. Here the weight is stored
+//! once, at load time, as panels `[out / 16][in][16]`: a step of the kernel loads one vector of
+//! 16 outputs' weights for input `k` and multiplies it by input `k` of up to 8 rows, broadcast —
+//! the register-tile scheme of BLAS micro-kernels, with no horizontal sums. The same products
+//! then run at ~75–85 G multiply-adds/s from 12 rows on, and a one-token step streams the weights
+//! at ~29 GB/s instead of ~21 (docs/benchmarks.md, session 30).
+//!
+//! Every output element is one chain of fused multiply-adds over `k = 0, 1, …, in − 1`, started
+//! from zero — whatever the number of rows, the tile it falls in or the instruction set (AVX-512,
+//! AVX2 and the portable loop give the same bits, since each step is one correctly rounded
+//! `a·b + c`). So a token's logits in a verification tree equal its logits in a one-token step,
+//! which keeps greedy speculative decoding equal to plain greedy decoding on this backend.
+//!
+//! [`Projection`](crate::projection::Projection) stores its weight this way on Flex in f32
+//! ([`WeightLayout::Panels`](crate::projection::WeightLayout::Panels)) and calls
+//! [`try_panel_matmul`].
+
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+use rayon::prelude::*;
+
+use crate::flex_tensor::{into_flex, is_flex};
+use crate::projection::{PANEL, panel_len};
+
+/// Panels per parallel task (128 outputs): enough work to amortise a task, enough tasks to
+/// balance two cores on the smallest SmolLM2 product (576 outputs).
+const PANELS_PER_TASK: usize = 8;
+
+/// Rows multiplied per pass over the weight: a prefill of many tokens goes through in blocks
+/// whose inputs (64 × 1,536 floats at most for SmolLM2) stay in L2 while the weight streams.
+const ROW_BLOCK: usize = 64;
+
+/// `x · Wᵀ` for `x: [rows, in]` and the panels of an `[outputs, in]` weight, both f32 on Flex;
+/// `None` leaves the product to the caller (another backend, another float type, a panel tensor
+/// whose size does not match `outputs` and `x`'s width).
+///
+/// # Shapes
+/// `x`: `[rows, in]`, `panels`: `[⌈outputs / 16⌉ · in, 16]` to `[rows, outputs]`
+pub fn try_panel_matmul<B: Backend>(
+    x: &Tensor<B, 2>,
+    panels: &Tensor<B, 2>,
+    outputs: usize,
+) -> Option<Tensor<B, 2>> {
+    if !is_flex::<B>() {
+        return None;
+    }
+    let [rows, inputs] = x.dims();
+    if panels.dims() != [outputs.div_ceil(PANEL) * inputs, PANEL] {
+        return None;
+    }
+    let device = x.device();
+    let x = into_flex(x.clone())?;
+    let panels = into_flex(panels.clone())?;
+    let panel_values = panels.as_slice::<f32>()?;
+    let x = if x.as_slice::<f32>().is_some() {
+        x
+    } else {
+        x.to_contiguous()
+    };
+    let x_values = x.as_slice::<f32>()?;
+    let y = panel_matmul(x_values, rows, panel_values, outputs, inputs)?;
+    Some(Tensor::from_data(
+        TensorData::new(y, [rows, outputs]),
+        &device,
+    ))
+}
+
+/// `y = x · Wᵀ` for row-major `x: [rows, inputs]` and `W: [outputs, inputs]` given as its
+/// panels ([`crate::projection::pack_out_in`]); row-major `[rows, outputs]` out. `None` when
+/// `x` or `panels` does not have the length these sizes give.
+pub fn panel_matmul(
+    x: &[f32],
+    rows: usize,
+    panels: &[f32],
+    outputs: usize,
+    inputs: usize,
+) -> Option<Vec<f32>> {
+    if x.len() != rows * inputs || panels.len() != panel_len(outputs, inputs) {
+        return None;
+    }
+    Some(panel_matmul_with(
+        Kernel::detect(),
+        x,
+        rows,
+        panels,
+        outputs,
+        inputs,
+    ))
+}
+
+/// A pointer to the output that tasks share: each writes its own columns of every row.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+// SAFETY: tasks write disjoint sets of elements (their own panels' columns), and the buffer
+// outlives them (`for_each` returns after every task).
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Output {
+    /// The pointer (a method, so that closures capture the whole `Output`, which is `Sync`,
+    /// rather than its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn panel_matmul_with(
+    kernel: Kernel,
+    x: &[f32],
+    rows: usize,
+    panels: &[f32],
+    outputs: usize,
+    inputs: usize,
+) -> Vec<f32> {
+    debug_assert_eq!(x.len(), rows * inputs);
+    debug_assert_eq!(panels.len(), panel_len(outputs, inputs));
+    let mut y = vec![0.0f32; rows * outputs];
+    if inputs == 0 {
+        return y;
+    }
+    let panel_count = outputs.div_ceil(PANEL);
+    for first_row in (0..rows).step_by(ROW_BLOCK) {
+        let block_rows = ROW_BLOCK.min(rows - first_row);
+        let x_block = &x[first_row * inputs..(first_row + block_rows) * inputs];
+        let y_block = Output(y[first_row * outputs..].as_mut_ptr());
+        (0..panel_count.div_ceil(PANELS_PER_TASK))
+            .into_par_iter()
+            .for_each(|task| {
+                let first = task * PANELS_PER_TASK;
+                let task_panels = Panels {
+                    data: panels,
+                    inputs,
+                    outputs,
+                    first,
+                    end: (first + PANELS_PER_TASK).min(panel_count),
+                };
+                // SAFETY: `y_block` has `block_rows × outputs` elements from its start (it is
+                // inside `y`, `rows × outputs`), and this task writes only its panels' columns
+                // `first · 16 .. end · 16` (clipped to `outputs`) of each row.
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: and `Kernel::detect` found AVX-512F.
+                    Kernel::Avx512 => unsafe {
+                        avx512::block(x_block, block_rows, task_panels, y_block.get())
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: and `Kernel::detect` found AVX2 and FMA.
+                    Kernel::Avx2 => unsafe {
+                        avx2::block(x_block, block_rows, task_panels, y_block.get())
+                    },
+                    Kernel::Portable => unsafe {
+                        block_portable(x_block, block_rows, task_panels, y_block.get())
+                    },
+                }
+            });
+    }
+    y
+}
+
+/// The panels one task multiplies: `first..end` of the weight's panels.
+#[derive(Clone, Copy)]
+struct Panels<'a> {
+    data: &'a [f32],
+    inputs: usize,
+    outputs: usize,
+    first: usize,
+    end: usize,
+}
+
+impl Panels<'_> {
+    /// Panel `p`'s `inputs × 16` floats.
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.data[p * self.inputs * PANEL..][..self.inputs * PANEL]
+    }
+
+    /// How many of panel `p`'s 16 lanes are real outputs.
+    fn lanes(&self, p: usize) -> usize {
+        (self.outputs - p * PANEL).min(PANEL)
+    }
+}
+
+/// The instruction set this CPU runs. All three compute the same chains of fused multiply-adds,
+/// so they give the same bits; the choice only sets the speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// Tiles of up to 8 rows × 2 panels: 16 accumulators of 16 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// Tiles of up to 4 rows × 1 panel: 8 accumulators of 8 lanes.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+}
+
+/// One task without SIMD: the same chain per element, with `mul_add`.
+///
+/// # Safety
+/// `y` must point at `rows × panels.outputs` writable floats that no other thread touches in
+/// this task's columns.
+unsafe fn block_portable(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32) {
+    let inputs = panels.inputs;
+    for p in panels.first..panels.end {
+        let panel = panels.panel(p);
+        let lanes = panels.lanes(p);
+        for (r, x_row) in x.chunks_exact(inputs).enumerate().take(rows) {
+            let mut acc = [0.0f32; PANEL];
+            for (&xk, w) in x_row.iter().zip(panel.chunks_exact(PANEL)) {
+                for (acc, &w) in acc.iter_mut().zip(w) {
+                    *acc = xk.mul_add(w, *acc);
+                }
+            }
+            for (lane, &value) in acc.iter().enumerate().take(lanes) {
+                // SAFETY: the caller's contract; `r < rows`, `p · 16 + lane < outputs`.
+                unsafe { *y.add(r * panels.outputs + p * PANEL + lane) = value };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{PANEL, Panels};
+    use std::arch::x86_64::*;
+
+    /// Rows and panels per register tile: 8 × 2 accumulators, 2 weight vectors and a broadcast
+    /// input, 19 of the 32 registers; each step loads 2 vectors for 16 multiply-adds.
+    const TILE_ROWS: usize = 8;
+    const TILE_PANELS: usize = 2;
+
+    /// One task: its panels, in pairs, times every row, in tiles of up to 8 rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `y` as for `block_portable`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32) {
+        let mut p = panels.first;
+        while p < panels.end {
+            let pair = panels.end - p >= TILE_PANELS;
+            let mut r = 0;
+            while r < rows {
+                let tile_rows = (rows - r).min(TILE_ROWS);
+                let at = Tile { x, panels, r, p, y };
+                // SAFETY: the caller's contract; the tile lies inside `rows` and the task.
+                unsafe {
+                    match (tile_rows, pair) {
+                        (8, true) => tile::<8, 2>(at),
+                        (7, true) => tile::<7, 2>(at),
+                        (6, true) => tile::<6, 2>(at),
+                        (5, true) => tile::<5, 2>(at),
+                        (4, true) => tile::<4, 2>(at),
+                        (3, true) => tile::<3, 2>(at),
+                        (2, true) => tile::<2, 2>(at),
+                        (1, true) => tile::<1, 2>(at),
+                        (8, false) => tile::<8, 1>(at),
+                        (7, false) => tile::<7, 1>(at),
+                        (6, false) => tile::<6, 1>(at),
+                        (5, false) => tile::<5, 1>(at),
+                        (4, false) => tile::<4, 1>(at),
+                        (3, false) => tile::<3, 1>(at),
+                        (2, false) => tile::<2, 1>(at),
+                        _ => tile::<1, 1>(at),
+                    }
+                }
+                r += tile_rows;
+            }
+            p += if pair { TILE_PANELS } else { 1 };
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    struct Tile<'a> {
+        x: &'a [f32],
+        panels: Panels<'a>,
+        /// First row and first panel of the tile.
+        r: usize,
+        p: usize,
+        y: *mut f32,
+    }
+
+    /// Rows `r..r + MR` times panels `p..p + NP`.
+    ///
+    /// # Safety
+    /// As for `block`; `r + MR <= rows` and `p + NP <= panels.end`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const MR: usize, const NP: usize>(t: Tile<'_>) {
+        let Tile { x, panels, r, p, y } = t;
+        let inputs = panels.inputs;
+        let x_rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(r + i) * inputs..][..inputs]);
+        let weights: [&[f32]; NP] = std::array::from_fn(|j| panels.panel(p + j));
+        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+        for k in 0..inputs {
+            // No closures here: they would not inherit the target features.
+            let mut w = [_mm512_setzero_ps(); NP];
+            for (w, panel) in w.iter_mut().zip(&weights) {
+                // SAFETY: `(k + 1) · 16 <= inputs · 16`, the panel's length.
+                *w = unsafe { _mm512_loadu_ps(panel.as_ptr().add(k * PANEL)) };
+            }
+            for (acc, x_row) in acc.iter_mut().zip(&x_rows) {
+                let xk = _mm512_set1_ps(x_row[k]);
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    *acc = _mm512_fmadd_ps(xk, *w, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, acc) in acc.iter().enumerate() {
+                let lanes = panels.lanes(p + j);
+                // SAFETY: the caller's contract: row `r + i`, columns `(p + j) · 16 ..` up to
+                // `lanes` of them, all inside this task's part of `y`.
+                unsafe {
+                    let at = y.add((r + i) * panels.outputs + (p + j) * PANEL);
+                    if lanes == PANEL {
+                        _mm512_storeu_ps(at, *acc);
+                    } else {
+                        _mm512_mask_storeu_ps(at, ((1u32 << lanes) - 1) as __mmask16, *acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// Written out next to `avx512` rather than generated with it from one macro: the two differ in
+// vector width (a panel is one AVX-512 vector, two AVX2 vectors), tile shape and tail stores.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{PANEL, Panels};
+    use std::arch::x86_64::*;
+
+    /// Rows per register tile: 4 rows × 2 half-panels of 8 lanes, 8 accumulators, 2 weight
+    /// vectors and a broadcast input, 11 of AVX2's 16 registers.
+    const TILE_ROWS: usize = 4;
+    const HALF: usize = PANEL / 2;
+
+    /// One task: its panels times every row, in tiles of up to 4 rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `y` as for `block_portable`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32) {
+        for p in panels.first..panels.end {
+            let mut r = 0;
+            while r < rows {
+                let tile_rows = (rows - r).min(TILE_ROWS);
+                // SAFETY: the caller's contract; the tile lies inside `rows` and the task.
+                unsafe {
+                    match tile_rows {
+                        4 => tile::<4>(x, panels, r, p, y),
+                        3 => tile::<3>(x, panels, r, p, y),
+                        2 => tile::<2>(x, panels, r, p, y),
+                        _ => tile::<1>(x, panels, r, p, y),
+                    }
+                }
+                r += tile_rows;
+            }
+        }
+    }
+
+    /// Rows `r..r + MR` times panel `p`.
+    ///
+    /// # Safety
+    /// As for `block`; `r + MR <= rows`, `p < panels.end`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const MR: usize>(
+        x: &[f32],
+        panels: Panels<'_>,
+        r: usize,
+        p: usize,
+        y: *mut f32,
+    ) {
+        let inputs = panels.inputs;
+        let x_rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(r + i) * inputs..][..inputs]);
+        let panel = panels.panel(p);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for k in 0..inputs {
+            // SAFETY: `k · 16 + 16 <= inputs · 16`, the panel's length.
+            let w = unsafe {
+                [
+                    _mm256_loadu_ps(panel.as_ptr().add(k * PANEL)),
+                    _mm256_loadu_ps(panel.as_ptr().add(k * PANEL + HALF)),
+                ]
+            };
+            for (acc, x_row) in acc.iter_mut().zip(&x_rows) {
+                let xk = _mm256_set1_ps(x_row[k]);
+                acc[0] = _mm256_fmadd_ps(xk, w[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(xk, w[1], acc[1]);
+            }
+        }
+        let lanes = panels.lanes(p);
+        for (i, acc) in acc.iter().enumerate() {
+            let mut values = [0.0f32; PANEL];
+            // SAFETY: `values` holds 16 floats.
+            unsafe {
+                _mm256_storeu_ps(values.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(values.as_mut_ptr().add(HALF), acc[1]);
+            }
+            for (lane, &value) in values.iter().enumerate().take(lanes) {
+                // SAFETY: the caller's contract: row `r + i`, column `p · 16 + lane < outputs`.
+                unsafe { *y.add((r + i) * panels.outputs + p * PANEL + lane) = value };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::projection::{pack_in_out, pack_out_in, unpack_out_in};
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// The chain every kernel must compute: fused multiply-adds over `k` in order, from zero.
+    fn chained(x: &[f32], rows: usize, w: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
+        let mut y = vec![0.0f32; rows * outputs];
+        for r in 0..rows {
+            for o in 0..outputs {
+                let mut acc = 0.0f32;
+                for k in 0..inputs {
+                    acc = x[r * inputs + k].mul_add(w[o * inputs + k], acc);
+                }
+                y[r * outputs + o] = acc;
+            }
+        }
+        y
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut all = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                all.push(Kernel::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                all.push(Kernel::Avx512);
+            }
+        }
+        all
+    }
+
+    fn bits(values: &[f32]) -> Vec<u32> {
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn packing_both_layouts_gives_the_same_panels_and_unpacks_back() {
+        let (outputs, inputs) = (37, 11);
+        let out_in = random(outputs * inputs, 1);
+        let in_out = crate::projection::transpose(&out_in, outputs, inputs);
+        let panels = pack_out_in(&out_in, outputs, inputs);
+        assert_eq!(panels.len(), 3 * inputs * PANEL);
+        assert_eq!(panels, pack_in_out(&in_out, inputs, outputs));
+        assert_eq!(unpack_out_in(&panels, outputs, inputs), out_in);
+        // Output 17 is lane 1 of panel 1; the padding lanes are zero.
+        assert_eq!(panels[(inputs + 4) * PANEL + 1], out_in[17 * inputs + 4]);
+        assert!(
+            panels[2 * inputs * PANEL..]
+                .chunks(PANEL)
+                .all(|l| l[5..] == [0.0; 11])
+        );
+    }
+
+    #[test]
+    fn every_kernel_computes_the_same_chain_of_multiply_adds_for_any_shape() {
+        // Outputs that fill no panel, one, an odd number of them, a partial pair; rows across
+        // tile sizes and past one row block.
+        for (outputs, inputs) in [(5, 3), (16, 1), (48, 17), (129, 40), (300, 64)] {
+            for rows in [1, 2, 3, 7, 8, 9, 18, 65, 70] {
+                let x = random(rows * inputs, (outputs * 1000 + rows) as u64);
+                let w = random(outputs * inputs, inputs as u64);
+                let want = bits(&chained(&x, rows, &w, outputs, inputs));
+                let panels = pack_out_in(&w, outputs, inputs);
+                for kernel in kernels() {
+                    let got = panel_matmul_with(kernel, &x, rows, &panels, outputs, inputs);
+                    assert_eq!(
+                        bits(&got),
+                        want,
+                        "{kernel:?}: {rows} rows × [{outputs}, {inputs}]"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_or_in_a_tree() {
+        let (outputs, inputs) = (960, 576);
+        let rows = 18;
+        let x = random(rows * inputs, 7);
+        let panels = pack_out_in(&random(outputs * inputs, 8), outputs, inputs);
+        let all = panel_matmul(&x, rows, &panels, outputs, inputs).unwrap();
+        for r in 0..rows {
+            let alone =
+                panel_matmul(&x[r * inputs..][..inputs], 1, &panels, outputs, inputs).unwrap();
+            assert_eq!(
+                bits(&alone),
+                bits(&all[r * outputs..][..outputs]),
+                "row {r}"
+            );
+        }
+        assert!(panel_matmul(&x, rows + 1, &panels, outputs, inputs).is_none());
+        assert!(panel_matmul(&x, rows, &panels, outputs + 16, inputs).is_none());
+    }
+
+    #[test]
+    fn tensors_take_the_kernel_and_mismatched_panels_are_declined() {
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        let (rows, outputs, inputs) = (3, 20, 6);
+        let x = random(rows * inputs, 3);
+        let w = random(outputs * inputs, 4);
+        let panels = pack_out_in(&w, outputs, inputs);
+        let x_tensor =
+            Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [rows, inputs]), &device);
+        let panel_tensor =
+            Tensor::<B, 2>::from_data(TensorData::new(panels, [2 * inputs, PANEL]), &device);
+        let y = try_panel_matmul(&x_tensor, &panel_tensor, outputs).expect("f32 on Flex");
+        assert_eq!(y.dims(), [rows, outputs]);
+        let y: Vec<f32> = y.into_data().to_vec().unwrap();
+        assert_eq!(bits(&y), bits(&chained(&x, rows, &w, outputs, inputs)));
+        // A column view of `x` (not contiguous) gives the same product.
+        let wide = Tensor::<B, 2>::cat(vec![x_tensor.clone(), x_tensor.clone()], 1);
+        let view = wide.slice([0..rows, inputs..2 * inputs]);
+        let y_view: Vec<f32> = try_panel_matmul(&view, &panel_tensor, outputs)
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        assert_eq!(bits(&y_view), bits(&y));
+        assert!(try_panel_matmul(&x_tensor, &panel_tensor, 40).is_none());
+        let half = x_tensor.cast(burn::tensor::DType::F16);
+        let half_panels = panel_tensor.cast(burn::tensor::DType::F16);
+        assert!(try_panel_matmul(&half, &half_panels, outputs).is_none());
+    }
+}
