@@ -1,17 +1,20 @@
 //! Fused CPU kernels for the Llama layer on the Flex backend: the parts of a verification
 //! forward that Burn's ops run element by element through strided views once a block has more
-//! than one token (splitting and rotating Q/K, attention with the tree bias, SwiGLU).
+//! than one token (splitting and rotating Q/K, attention with the tree bias, SwiGLU), and the
+//! norms, which Burn's ops spread over five to seven kernels each.
 //!
 //! Each entry point returns `None` unless `B` is `burn::backend::Flex` itself (not `Autodiff`)
 //! with f32 tensors — and always `None` without the `flex` feature — so callers fall back to
 //! Burn's ops. The GPU counterparts are in [`crate::cube_kernels`]; the projections' CPU kernel
-//! is [`crate::skinny_matmul`]. Every kernel computes each output element independently of the
+//! is [`crate::panel_matmul`]. Every kernel computes each output element independently of the
 //! block length, keeping a token's logits in a draft tree equal to its logits when decoded alone.
 
 use burn::tensor::{Tensor, backend::Backend};
 
 #[cfg(feature = "flex")]
 mod attention;
+#[cfg(feature = "flex")]
+mod norm;
 #[cfg(feature = "flex")]
 mod rope;
 #[cfg(feature = "flex")]
@@ -82,6 +85,47 @@ pub fn swiglu<B: Backend>(gate_up: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     #[cfg(not(feature = "flex"))]
     {
         let _ = gate_up;
+        None
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps)` over the last dimension, times `weight` if given.
+///
+/// # Shapes
+/// `x`: `[..., hidden]`, `weight`: `[hidden]`; returns `[..., hidden]`
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: Option<&Tensor<B, 1>>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    #[cfg(feature = "flex")]
+    {
+        norm::rms_norm(x, weight, eps)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, weight, eps);
+        None
+    }
+}
+
+/// The residual add and the norm after it: `(x + delta, rms_norm(x + delta))`.
+///
+/// # Shapes
+/// `x`, `delta`: `[..., hidden]`, `weight`: `[hidden]`; both results `[..., hidden]`
+pub fn add_rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    delta: &Tensor<B, D>,
+    weight: Option<&Tensor<B, 1>>,
+    eps: f64,
+) -> Option<(Tensor<B, D>, Tensor<B, D>)> {
+    #[cfg(feature = "flex")]
+    {
+        norm::add_rms_norm(x, delta, weight, eps)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, delta, weight, eps);
         None
     }
 }

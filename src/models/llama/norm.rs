@@ -3,7 +3,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Tensor, backend::Backend};
 
-use crate::cube_kernels;
+use crate::{cpu_kernels, cube_kernels};
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) * weight`.
 ///
@@ -38,6 +38,10 @@ impl<B: Backend> RmsNorm<B> {
     /// # Shapes
     /// `[..., hidden]` to `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let weight = self.weight.as_ref().map(|w| w.val());
+        if let Some(normalized) = cpu_kernels::rms_norm(&x, weight.as_ref(), self.eps) {
+            return normalized;
+        }
         let normalized = match cube_kernels::rms_norm(&x, self.eps) {
             Some(normalized) => normalized,
             None => self.normalize(x),
@@ -57,6 +61,10 @@ impl<B: Backend> RmsNorm<B> {
     ) -> (Tensor<B, D>, Tensor<B, D>) {
         if let Some((sum, normalized)) = cube_kernels::add_rms_norm(&x, &delta, self.eps) {
             return (sum, self.scale(normalized));
+        }
+        let weight = self.weight.as_ref().map(|w| w.val());
+        if let Some(both) = cpu_kernels::add_rms_norm(&x, &delta, weight.as_ref(), self.eps) {
+            return both;
         }
         let sum = x.add(delta);
         let normalized = self.forward(sum.clone());
