@@ -1,18 +1,17 @@
-//! Dense projections stored in the orientation each backend multiplies fastest.
+//! Dense projections stored in the layout each backend multiplies fastest ([`WeightLayout`]).
 //!
 //! A projection `y = x·W` with `x` of a few rows (one decoding step, or a draft tree of 4–70
-//! tokens) is a short, wide product. The GPU backends take `W` as `[in, out]`, as they always
-//! did here, but the `gemm` kernels behind the default CPU backend (Flex) are up to 2× faster for
-//! about 8–32 rows when they compute `W'·xᵀ` with `W' = Wᵀ` stored contiguously as `[out, in]`
-//! (SmolLM2's shapes on the 2-core development machine: `cargo bench --bench round --
-//! projection`, docs/benchmarks.md "CPU: projection layout"; mixed at 4 and 64 rows, equal at
-//! one). End to end a 5-token verification runs 1.5× faster. So weights are laid out per backend
-//! when a model is loaded, and [`Projection::forward`] picks the matching product. On Flex in f32,
-//! [`matmul_out_major`] hands products of up to 64 rows to [`crate::skinny_matmul`], which beats
-//! `gemm` there by streaming the weight once. On CUDA and WGPU, products of up to
-//! [`crate::cube_kernels::MATMUL_MAX_ROWS`] rows go to [`crate::cube_kernels::matmul`], whose
-//! results do not depend on the row count (CubeCL's own matmul rounds a one-token step and a
-//! verification tree differently).
+//! tokens) is a short, wide product. The GPU backends take `W` as `[in, out]`: on CUDA and WGPU,
+//! products of up to [`crate::cube_kernels::MATMUL_MAX_ROWS`] rows go to
+//! [`crate::cube_kernels::matmul`], whose results do not depend on the row count (CubeCL's own
+//! matmul rounds a one-token step and a verification tree differently). On the default CPU
+//! backend (Flex) in f32 the weight is stored in panels of 16 outputs, `[out / 16][in][16]`, and
+//! multiplied by [`crate::panel_matmul`] (register tiles of 8 rows × 32 outputs, every element
+//! one chain of fused multiply-adds: 1.3–2× faster than the `[out, in]` kernel of
+//! [`crate::skinny_matmul`] from 1 to 18 rows, docs/benchmarks.md, session 30). Elsewhere on Flex
+//! (f16, or under `Autodiff`) it is `[out, in]`, for which `gemm` computes `W'·xᵀ` up to 2×
+//! faster than `x·W` at 8–32 rows (docs/benchmarks.md "CPU: projection layout"). Weights are laid
+//! out when a model is loaded, and [`Projection::forward`] picks the matching product.
 
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};

@@ -1,5 +1,9 @@
 //! A product of a few rows with an `[out, in]` weight, for the Flex CPU backend.
 //!
+//! Since session 30 the target's projections are stored in panels and multiplied by
+//! [`crate::panel_matmul`], about twice as fast; this kernel still serves `[out, in]` weights used
+//! as they are, such as the draft head's tied vocabulary table (rows of the target's embedding).
+//!
 //! Decoding multiplies 1–64 rows (one token, a draft tree, a few beams) by weights of up to
 //! 49,152 × 576. `gemm`, behind Flex's matmul, packs the weight into panels at every call (~15 %
 //! of a decoding step in a profile) and its 1–4-row products run far below the memory's speed.
