@@ -9,7 +9,7 @@ use std::any::{Any, TypeId};
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
 
 /// Whether `B` is the Flex backend itself.
 pub(crate) fn is_flex<B: Backend>() -> bool {
@@ -25,6 +25,22 @@ pub(crate) fn into_flex<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Opt
     };
     let boxed: Box<dyn Any> = Box::new(primitive);
     boxed.downcast::<FlexTensor>().ok().map(|tensor| *tensor)
+}
+
+/// [`into_flex`] for an f32 tensor, copied into row-major order if it is a strided view, so that
+/// `as_slice::<f32>` reads its elements in order; `None` for any other float type.
+pub(crate) fn into_contiguous_flex<B: Backend, const D: usize>(
+    tensor: Tensor<B, D>,
+) -> Option<FlexTensor> {
+    if tensor.dtype() != DType::F32 {
+        return None;
+    }
+    let flex = into_flex(tensor)?;
+    Some(if flex.as_slice::<f32>().is_some() {
+        flex
+    } else {
+        flex.to_contiguous()
+    })
 }
 
 /// `tensor` as a `Tensor<B, D>`; `None` when `B` is not Flex.

@@ -6,6 +6,8 @@ pub mod accept;
 pub mod backend;
 pub mod chat_template;
 pub mod cpu_kernels;
+#[cfg(feature = "flex")]
+mod cpu_simd;
 pub mod cube_kernels;
 pub mod decoder;
 pub mod drafter;

@@ -4,12 +4,12 @@
 //! verification tree of 2–30 tokens) with weights that come from memory at every call. The
 //! `[out, in]` kernel of [`crate::skinny_matmul`] dots rows with rows, so every output ends in a
 //! horizontal sum and its input rows must be reloaded for every four weight rows; on the 2-core
-//! development machine it reached ~35 G multiply-adds/s at 18 rows. Here the weight is stored
-//! once, at load time, as panels `[out / 16][in][16]`: a step of the kernel loads one vector of
-//! 16 outputs' weights for input `k` and multiplies it by input `k` of up to 8 rows, broadcast —
-//! the register-tile scheme of BLAS micro-kernels, with no horizontal sums. The same products
-//! then run at ~75–85 G multiply-adds/s from 12 rows on, and a one-token step streams the weights
-//! at ~29 GB/s instead of ~21 (docs/benchmarks.md, session 30).
+//! development machine its 64-row vocabulary product ran at 35 G multiply-adds/s. Here the
+//! weight is stored once, at load time, as panels `[out / 16][in][16]`: a step of the kernel loads
+//! one vector of 16 outputs' weights for input `k` and multiplies it by input `k` of up to 8 rows,
+//! broadcast — the register-tile scheme of BLAS micro-kernels, with no horizontal sums. The same
+//! product runs at 79 G multiply-adds/s, and one row streams the 113 MB vocabulary weight at
+//! 31 GB/s instead of 19 (criterion, docs/benchmarks.md, session 30).
 //!
 //! Every output element is one chain of fused multiply-adds over `k = 0, 1, …, in − 1`, started
 //! from zero — whatever the number of rows, the tile it falls in or the instruction set (AVX-512,
@@ -24,7 +24,8 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use rayon::prelude::*;
 
-use crate::flex_tensor::{into_flex, is_flex};
+use crate::cpu_simd::Simd;
+use crate::flex_tensor::{into_contiguous_flex, into_flex, is_flex};
 use crate::projection::{PANEL, panel_len};
 
 /// Panels per parallel task (128 outputs): enough work to amortise a task, enough tasks to
@@ -54,14 +55,9 @@ pub fn try_panel_matmul<B: Backend>(
         return None;
     }
     let device = x.device();
-    let x = into_flex(x.clone())?;
+    let x = into_contiguous_flex(x.clone())?;
     let panels = into_flex(panels.clone())?;
     let panel_values = panels.as_slice::<f32>()?;
-    let x = if x.as_slice::<f32>().is_some() {
-        x
-    } else {
-        x.to_contiguous()
-    };
     let x_values = x.as_slice::<f32>()?;
     let y = panel_matmul(x_values, rows, panel_values, outputs, inputs)?;
     Some(Tensor::from_data(
@@ -84,7 +80,7 @@ pub fn panel_matmul(
         return None;
     }
     Some(panel_matmul_with(
-        Kernel::detect(),
+        Simd::detect(),
         x,
         rows,
         panels,
@@ -110,7 +106,7 @@ impl Output {
 }
 
 fn panel_matmul_with(
-    kernel: Kernel,
+    simd: Simd,
     x: &[f32],
     rows: usize,
     panels: &[f32],
@@ -142,18 +138,18 @@ fn panel_matmul_with(
                 // SAFETY: `y_block` has `block_rows × outputs` elements from its start (it is
                 // inside `y`, `rows × outputs`), and this task writes only its panels' columns
                 // `first · 16 .. end · 16` (clipped to `outputs`) of each row.
-                match kernel {
+                match simd {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: and `Kernel::detect` found AVX-512F.
-                    Kernel::Avx512 => unsafe {
+                    // SAFETY: and `Simd` names AVX-512 only where the CPU has AVX-512F.
+                    Simd::Avx512 => unsafe {
                         avx512::block(x_block, block_rows, task_panels, y_block.get())
                     },
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: and `Kernel::detect` found AVX2 and FMA.
-                    Kernel::Avx2 => unsafe {
+                    // SAFETY: and `Simd` names AVX2 only where the CPU has AVX2 and FMA.
+                    Simd::Avx2 => unsafe {
                         avx2::block(x_block, block_rows, task_panels, y_block.get())
                     },
-                    Kernel::Portable => unsafe {
+                    Simd::Portable => unsafe {
                         block_portable(x_block, block_rows, task_panels, y_block.get())
                     },
                 }
@@ -181,36 +177,6 @@ impl Panels<'_> {
     /// How many of panel `p`'s 16 lanes are real outputs.
     fn lanes(&self, p: usize) -> usize {
         (self.outputs - p * PANEL).min(PANEL)
-    }
-}
-
-/// The instruction set this CPU runs. All three compute the same chains of fused multiply-adds,
-/// so they give the same bits; the choice only sets the speed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
-    /// Tiles of up to 8 rows × 2 panels: 16 accumulators of 16 lanes.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    /// Tiles of up to 4 rows × 1 panel: 8 accumulators of 8 lanes.
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Self::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Self::Avx2;
-            }
-        }
-        Self::Portable
     }
 }
 
@@ -458,22 +424,6 @@ mod tests {
         y
     }
 
-    fn kernels() -> Vec<Kernel> {
-        let mut all = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                all.push(Kernel::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                all.push(Kernel::Avx512);
-            }
-        }
-        all
-    }
-
     fn bits(values: &[f32]) -> Vec<u32> {
         values.iter().map(|v| v.to_bits()).collect()
     }
@@ -506,7 +456,7 @@ mod tests {
                 let w = random(outputs * inputs, inputs as u64);
                 let want = bits(&chained(&x, rows, &w, outputs, inputs));
                 let panels = pack_out_in(&w, outputs, inputs);
-                for kernel in kernels() {
+                for kernel in Simd::available() {
                     let got = panel_matmul_with(kernel, &x, rows, &panels, outputs, inputs);
                     assert_eq!(
                         bits(&got),

@@ -7,8 +7,8 @@
 //! matmul rounds a one-token step and a verification tree differently). On the default CPU
 //! backend (Flex) in f32 the weight is stored in panels of 16 outputs, `[out / 16][in][16]`, and
 //! multiplied by [`crate::panel_matmul`] (register tiles of 8 rows × 32 outputs, every element
-//! one chain of fused multiply-adds: 1.3–2× faster than the `[out, in]` kernel of
-//! [`crate::skinny_matmul`] from 1 to 18 rows, docs/benchmarks.md, session 30). Elsewhere on Flex
+//! one chain of fused multiply-adds: 1.3–2.5× faster than the `[out, in]` kernel of
+//! [`crate::skinny_matmul`] from 1 to 64 rows, docs/benchmarks.md, session 30). Elsewhere on Flex
 //! (f16, or under `Autodiff`) it is `[out, in]`, for which `gemm` computes `W'·xᵀ` up to 2×
 //! faster than `x·W` at 8–32 rows (docs/benchmarks.md "CPU: projection layout"). Weights are laid
 //! out when a model is loaded, and [`Projection::forward`] picks the matching product.

@@ -28,7 +28,8 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use rayon::prelude::*;
 
-use crate::flex_tensor::{into_flex, is_flex};
+use crate::cpu_simd::Simd;
+use crate::flex_tensor::{into_contiguous_flex, into_flex, is_flex};
 
 /// Largest row count sent here (measured faster than `gemm` up to it; prefills of longer prompts
 /// go to `gemm`).
@@ -55,14 +56,9 @@ pub fn try_skinny_matmul<B: Backend>(
         return None;
     }
     let device = x.device();
-    let x = into_flex(x.clone())?;
+    let x = into_contiguous_flex(x.clone())?;
     let weight = into_flex(weight.clone())?;
     let weight_values = weight.as_slice::<f32>()?;
-    let x = if x.as_slice::<f32>().is_some() {
-        x
-    } else {
-        x.to_contiguous()
-    };
     let x_values = x.as_slice::<f32>()?;
     let out = skinny_matmul(x_values, rows, weight_values, outputs, inputs);
     Some(Tensor::from_data(
@@ -74,11 +70,11 @@ pub fn try_skinny_matmul<B: Backend>(
 /// `y = x · wᵀ` for row-major `x: [rows, inputs]` and `w: [outputs, inputs]`, row-major
 /// `[rows, outputs]` out.
 pub fn skinny_matmul(x: &[f32], rows: usize, w: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
-    skinny_matmul_with(Kernel::detect(), x, rows, w, outputs, inputs)
+    skinny_matmul_with(Simd::detect(), x, rows, w, outputs, inputs)
 }
 
 fn skinny_matmul_with(
-    kernel: Kernel,
+    simd: Simd,
     x: &[f32],
     rows: usize,
     w: &[f32],
@@ -92,14 +88,14 @@ fn skinny_matmul_with(
     by_output
         .par_chunks_mut(OUTPUTS_PER_TASK * rows)
         .zip(w.par_chunks(OUTPUTS_PER_TASK * inputs))
-        .for_each(|(out, w)| match kernel {
+        .for_each(|(out, w)| match simd {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::detect` checked that the CPU has AVX-512F.
-            Kernel::Avx512 => unsafe { avx512::block(x, rows, w, inputs, out) },
+            // SAFETY: `Simd` names AVX-512 only where the CPU has AVX-512F.
+            Simd::Avx512 => unsafe { avx512::block(x, rows, w, inputs, out) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernel::detect` checked that the CPU has AVX2 and FMA.
-            Kernel::Avx2 => unsafe { avx2::block(x, rows, w, inputs, out) },
-            Kernel::Portable => block_portable(x, rows, w, inputs, out),
+            // SAFETY: `Simd` names AVX2 only where the CPU has AVX2 and FMA.
+            Simd::Avx2 => unsafe { avx2::block(x, rows, w, inputs, out) },
+            Simd::Portable => block_portable(x, rows, w, inputs, out),
         });
     if rows == 1 {
         return by_output;
@@ -111,36 +107,6 @@ fn skinny_matmul_with(
         }
     }
     y
-}
-
-/// The widest kernel this CPU runs. One machine always takes the same kernel, whatever the row
-/// count, so a row's sums keep their order (each kernel has its own lane count and order).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kernel {
-    /// 16 lanes, tiles of 4 input rows × 4 weight rows in 32 registers.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    /// 8 lanes, tiles of 2 input rows × 4 weight rows in 16 registers.
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
-}
-
-impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Self::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Self::Avx2;
-            }
-        }
-        Self::Portable
-    }
 }
 
 /// One task without AVX2: `out[o * rows + r] = x[r] · w[o]` for the weight rows in `w`.
@@ -430,18 +396,7 @@ mod tests {
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
         // Every kernel this CPU runs, not only the one it picks.
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                kernels.push(Kernel::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                kernels.push(Kernel::Avx512);
-            }
-        }
+        let kernels = Simd::available();
         // Inputs below, at and past both lane counts; row counts that leave every remainder of
         // both tile heights; outputs across several tasks.
         let shapes = [

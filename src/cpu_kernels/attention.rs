@@ -25,6 +25,7 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 use rayon::prelude::*;
 
 use super::view::View;
+use crate::cpu_simd::Simd;
 use crate::flex_tensor::{into_flex, is_flex};
 
 /// Slots per key panel, and output columns per vector of `probs · V`.
@@ -49,6 +50,17 @@ const PARALLEL_MIN_SCORES: usize = 16 * 1024;
 /// - `bias`: `[batch, 1, len, slots]`
 /// - returns `[batch, len, heads · dim]`
 pub(crate) fn attention<B: Backend>(
+    queries: &Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    bias: Option<&Tensor<B, 4>>,
+) -> Option<Tensor<B, 3>> {
+    attention_with(Simd::detect(), queries, keys, values, bias)
+}
+
+/// [`attention`] with the loops of instruction set `simd` (one this CPU runs).
+fn attention_with<B: Backend>(
+    simd: Simd,
     queries: &Tensor<B, 4>,
     keys: &Tensor<B, 4>,
     values: &Tensor<B, 4>,
@@ -85,6 +97,7 @@ pub(crate) fn attention<B: Backend>(
         dim,
     };
     let out = attend(
+        simd,
         &shape,
         &View::new(&q)?,
         &View::new(&k)?,
@@ -112,6 +125,7 @@ struct Shape {
 
 /// The whole attention, `[batch, len, heads · dim]` out.
 fn attend(
+    simd: Simd,
     shape: &Shape,
     q: &View<'_>,
     k: &View<'_>,
@@ -127,7 +141,6 @@ fn attend(
         ..
     } = *shape;
     let kv_heads = heads / shape.groups;
-    let simd = Simd::detect();
     let parallel = heads * len * slots >= PARALLEL_MIN_SCORES;
     // Each (batch row, KV head) pair's keys in panels, read by every query head of its group.
     let panel_floats = slots.div_ceil(LANES) * dim * LANES;
@@ -164,12 +177,12 @@ fn attend(
         };
         match simd {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` checked that the CPU has AVX-512F.
+            // SAFETY: `Simd` names AVX-512 only where the CPU has AVX-512F.
             Simd::Avx512 => unsafe { head_attention_avx512(&head, out) },
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` checked that the CPU has AVX2 and FMA.
+            // SAFETY: `Simd` names AVX2 only where the CPU has AVX2 and FMA.
             Simd::Avx2 => unsafe { head_attention_avx2(&head, out) },
-            Simd::Baseline => head_attention(&head, out),
+            Simd::Portable => head_attention(&head, out),
         }
     };
     if parallel {
@@ -186,35 +199,6 @@ fn attend(
         }
     }
     out
-}
-
-/// The instruction set the loops are compiled for. The arithmetic is the same in each (fused
-/// multiply-adds in a fixed order: `mul_add` is one correctly rounded operation everywhere), so
-/// the choice changes speed, not results.
-#[derive(Clone, Copy)]
-enum Simd {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Baseline,
-}
-
-impl Simd {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Self::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Self::Avx2;
-            }
-        }
-        Self::Baseline
-    }
 }
 
 /// `K` of batch row `b`, KV head `kv` as panels of 16 slots, `[⌈slots / 16⌉][dim][16]`, the
@@ -502,6 +486,28 @@ mod tests {
             row.to_vec::<f32>().unwrap(),
             alone.into_data().to_vec::<f32>().unwrap()
         );
+    }
+
+    /// Every instruction set's loops give the same bits (fused multiply-adds in one order).
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        let device = Default::default();
+        let (heads, kv_heads, dim, slots, len) = (6, 2, 40, 37, 5);
+        let q = Tensor::<B, 4>::random([1, heads, len, dim], Distribution::Default, &device);
+        let k = Tensor::<B, 4>::random([1, kv_heads, slots, dim], Distribution::Default, &device);
+        let v = Tensor::<B, 4>::random([1, kv_heads, slots, dim], Distribution::Default, &device);
+        let bias = causal_bias(1, len, slots - len);
+        let run = |simd| {
+            attention_with(simd, &q, &k, &v, Some(&bias))
+                .expect("f32 on Flex")
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        };
+        let portable = run(Simd::Portable);
+        for simd in Simd::available() {
+            assert_eq!(run(simd), portable, "{simd:?}");
+        }
     }
 
     #[test]

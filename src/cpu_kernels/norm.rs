@@ -8,7 +8,7 @@
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
-use crate::flex_tensor::{into_flex, is_flex};
+use crate::flex_tensor::{into_contiguous_flex, is_flex};
 
 /// Partial sums of a row's squares.
 const LANES: usize = 16;
@@ -65,11 +65,7 @@ fn host_rows<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<(Vec<f32>, 
     if width == 0 {
         return None;
     }
-    let flex = into_flex(x.clone())?;
-    let values = match flex.as_slice::<f32>() {
-        Some(values) => values.to_vec(),
-        None => flex.to_contiguous().as_slice::<f32>()?.to_vec(),
-    };
+    let values = into_contiguous_flex(x.clone())?.as_slice::<f32>()?.to_vec();
     Some((values, width))
 }
 
