@@ -281,14 +281,25 @@ pub fn panel_len(outputs: usize, inputs: usize) -> usize {
 pub fn pack_out_in(weight: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
     debug_assert_eq!(weight.len(), outputs * inputs);
     let mut panels = vec![0.0f32; panel_len(outputs, inputs)];
-    for (o, row) in weight.chunks_exact(inputs).enumerate() {
+    pack_rows_into(weight.chunks_exact(inputs), inputs, &mut panels);
+    panels
+}
+
+/// Writes output rows of `inputs` floats each (row `o` is output `o`) into a zeroed panel
+/// buffer of [`panel_len`] floats — also the CPU attention's keys, whose rows are strided views
+/// of the KV cache.
+pub(crate) fn pack_rows_into<'a>(
+    rows: impl IntoIterator<Item = &'a [f32]>,
+    inputs: usize,
+    panels: &mut [f32],
+) {
+    for (o, row) in rows.into_iter().enumerate() {
         let (panel, lane) = (o / PANEL, o % PANEL);
         let base = panel * inputs * PANEL + lane;
         for (k, &w) in row.iter().enumerate() {
             panels[base + k * PANEL] = w;
         }
     }
-    panels
 }
 
 /// The panel layout of a row-major `[inputs, outputs]` weight (the `x·W` layout).

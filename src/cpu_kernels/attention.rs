@@ -27,9 +27,11 @@ use rayon::prelude::*;
 use super::view::View;
 use crate::cpu_simd::Simd;
 use crate::flex_tensor::{into_flex, is_flex};
+use crate::projection::{PANEL, pack_rows_into};
 
-/// Slots per key panel, and output columns per vector of `probs · V`.
-const LANES: usize = 16;
+/// Slots per key panel (the projections' panel width), and output columns per vector of
+/// `probs · V`.
+const LANES: usize = PANEL;
 
 /// Query rows per register tile: 4 accumulators of 16 lanes (8 with AVX2) reuse each key or
 /// value vector they load.
@@ -75,6 +77,9 @@ fn attention_with<B: Backend>(
         || k_dim != dim
         || values.dims() != keys.dims()
         || kv_heads == 0
+        || len == 0
+        || dim == 0
+        || slots == 0
         || !heads.is_multiple_of(kv_heads)
         || bias.is_some_and(|b| b.dims() != [batch, 1, len, slots])
     {
@@ -145,24 +150,13 @@ fn attend(
     // Each (batch row, KV head) pair's keys in panels, read by every query head of its group.
     let panel_floats = slots.div_ceil(LANES) * dim * LANES;
     let mut key_panels = vec![0.0f32; batch * kv_heads * panel_floats];
-    let pack = |(pair, panels): (usize, &mut [f32])| {
+    for_each_block(&mut key_panels, panel_floats, parallel, |pair, panels| {
         pack_keys(k, pair / kv_heads, pair % kv_heads, slots, dim, panels)
-    };
-    if parallel {
-        key_panels
-            .par_chunks_mut(panel_floats)
-            .enumerate()
-            .for_each(pack);
-    } else {
-        key_panels
-            .chunks_mut(panel_floats)
-            .enumerate()
-            .for_each(pack);
-    }
+    });
     // Each (batch row, head) pair writes its own `[len, dim]` block; they are interleaved into
     // `[batch, len, heads · dim]` afterwards.
     let mut by_head = vec![0.0f32; batch * heads * len * dim];
-    let run = |(pair, out): (usize, &mut [f32])| {
+    for_each_block(&mut by_head, len * dim, parallel, |pair, out| {
         let (b, h) = (pair / heads, pair % heads);
         let kv_pair = b * kv_heads + h / shape.groups;
         let keys = &key_panels[kv_pair * panel_floats..][..panel_floats];
@@ -184,12 +178,7 @@ fn attend(
             Simd::Avx2 => unsafe { head_attention_avx2(&head, out) },
             Simd::Portable => head_attention(&head, out),
         }
-    };
-    if parallel {
-        by_head.par_chunks_mut(len * dim).enumerate().for_each(run);
-    } else {
-        by_head.chunks_mut(len * dim).enumerate().for_each(run);
-    }
+    });
     let mut out = vec![0.0f32; batch * len * heads * dim];
     for (pair, block) in by_head.chunks_exact(len * dim).enumerate() {
         let (b, h) = (pair / heads, pair % heads);
@@ -201,16 +190,31 @@ fn attend(
     out
 }
 
-/// `K` of batch row `b`, KV head `kv` as panels of 16 slots, `[⌈slots / 16⌉][dim][16]`, the
-/// padding slots zero.
-fn pack_keys(k: &View<'_>, b: usize, kv: usize, slots: usize, dim: usize, panels: &mut [f32]) {
-    for s in 0..slots {
-        let (panel, lane) = (s / LANES, s % LANES);
-        let base = panel * dim * LANES + lane;
-        for (d, &key) in k.row(b, kv, s, dim).iter().enumerate() {
-            panels[base + d * LANES] = key;
-        }
+/// `work(i, block)` for each `block`-float block `i` of `buffer`, on the thread pool when
+/// `parallel`.
+fn for_each_block(
+    buffer: &mut [f32],
+    block: usize,
+    parallel: bool,
+    work: impl Fn(usize, &mut [f32]) + Send + Sync,
+) {
+    if parallel {
+        buffer
+            .par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, b)| work(i, b));
+    } else {
+        buffer
+            .chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, b)| work(i, b));
     }
+}
+
+/// `K` of batch row `b`, KV head `kv` as panels of 16 slots, `[⌈slots / 16⌉][dim][16]`, into a
+/// zeroed buffer (the padding slots stay zero).
+fn pack_keys(k: &View<'_>, b: usize, kv: usize, slots: usize, dim: usize, panels: &mut [f32]) {
+    pack_rows_into((0..slots).map(|s| k.row(b, kv, s, dim)), dim, panels);
 }
 
 /// What one query head's attention reads.
@@ -523,5 +527,8 @@ mod tests {
         let bias = Tensor::<B, 4>::zeros([1, 1, 2, 4], &device);
         assert!(attention(&q, &k, &k, Some(&bias)).is_none());
         assert!(attention(&q, &k, &k, None).is_some());
+        // An empty block is left to Burn's ops.
+        let empty = Tensor::<B, 4>::zeros([1, 4, 0, 8], &device);
+        assert!(attention(&empty, &k, &k, None).is_none());
     }
 }

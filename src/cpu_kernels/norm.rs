@@ -6,6 +6,7 @@
 //! partial sums added in a fixed order, so a row's result does not depend on how many rows are
 //! normalised with it.
 
+use burn::backend::flex::FlexTensor;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::flex_tensor::{into_contiguous_flex, is_flex};
@@ -19,12 +20,9 @@ pub(crate) fn rms_norm<B: Backend, const D: usize>(
     weight: Option<&Tensor<B, 1>>,
     eps: f64,
 ) -> Option<Tensor<B, D>> {
-    let (values, width) = host_rows(x)?;
-    let weight = host_weight(weight, width)?;
-    let mut out = vec![0.0f32; values.len()];
-    for (row, out) in values.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        normalize_row(row, weight.as_deref(), eps as f32, out);
-    }
+    let (rows, width) = flex_rows(x)?;
+    let scale = flex_scale(weight, width)?;
+    let out = normalize_rows(rows.as_slice::<f32>()?, width, scale_values(&scale)?, eps);
     Some(Tensor::from_data(
         TensorData::new(out, x.dims()),
         &x.device(),
@@ -41,14 +39,14 @@ pub(crate) fn add_rms_norm<B: Backend, const D: usize>(
     if x.dims() != delta.dims() {
         return None;
     }
-    let (values, width) = host_rows(x)?;
-    let (deltas, _) = host_rows(delta)?;
-    let weight = host_weight(weight, width)?;
-    let sum: Vec<f32> = values.iter().zip(&deltas).map(|(a, b)| a + b).collect();
-    let mut out = vec![0.0f32; sum.len()];
-    for (row, out) in sum.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        normalize_row(row, weight.as_deref(), eps as f32, out);
-    }
+    let (rows, width) = flex_rows(x)?;
+    let (deltas, _) = flex_rows(delta)?;
+    let scale = flex_scale(weight, width)?;
+    let sum: Vec<f32> = (rows.as_slice::<f32>()?.iter())
+        .zip(deltas.as_slice::<f32>()?)
+        .map(|(a, b)| a + b)
+        .collect();
+    let out = normalize_rows(&sum, width, scale_values(&scale)?, eps);
     let device = x.device();
     Some((
         Tensor::from_data(TensorData::new(sum, x.dims()), &device),
@@ -56,8 +54,9 @@ pub(crate) fn add_rms_norm<B: Backend, const D: usize>(
     ))
 }
 
-/// The tensor's values in row-major order and its last dimension; `None` unless f32 on Flex.
-fn host_rows<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<(Vec<f32>, usize)> {
+/// The tensor's buffer in row-major order (read in place unless it is a strided view) and its
+/// last dimension; `None` unless f32 on Flex.
+fn flex_rows<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<(FlexTensor, usize)> {
     if !is_flex::<B>() {
         return None;
     }
@@ -65,20 +64,36 @@ fn host_rows<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<(Vec<f32>, 
     if width == 0 {
         return None;
     }
-    let values = into_contiguous_flex(x.clone())?.as_slice::<f32>()?.to_vec();
-    Some((values, width))
+    Some((into_contiguous_flex(x.clone())?, width))
 }
 
-/// The scale's values, `Some(None)` without one; `None` (decline) if it does not fit the rows.
-fn host_weight<B: Backend>(
+/// The scale's buffer, `Some(None)` without one; `None` (decline) if it does not fit the rows.
+fn flex_scale<B: Backend>(
     weight: Option<&Tensor<B, 1>>,
     width: usize,
-) -> Option<Option<Vec<f32>>> {
+) -> Option<Option<FlexTensor>> {
     match weight {
         None => Some(None),
-        Some(weight) if weight.dims() == [width] => Some(Some(host_rows(weight)?.0)),
+        Some(weight) if weight.dims() == [width] => Some(Some(flex_rows(weight)?.0)),
         Some(_) => None,
     }
+}
+
+/// The scale's values, `Some(None)` without one.
+fn scale_values(scale: &Option<FlexTensor>) -> Option<Option<&[f32]>> {
+    match scale {
+        Some(scale) => Some(Some(scale.as_slice::<f32>()?)),
+        None => Some(None),
+    }
+}
+
+/// [`normalize_row`] over every row of `values` (`width` floats each).
+fn normalize_rows(values: &[f32], width: usize, weight: Option<&[f32]>, eps: f64) -> Vec<f32> {
+    let mut out = vec![0.0f32; values.len()];
+    for (row, out) in values.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        normalize_row(row, weight, eps as f32, out);
+    }
+    out
 }
 
 /// `out = row / sqrt(mean(row²) + eps) [· weight]`.
