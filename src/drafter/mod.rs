@@ -6,6 +6,7 @@ use crate::error::Result;
 
 mod beam_search;
 mod checkpoint;
+mod cpu_panels;
 mod draft_state;
 mod draft_vocabulary;
 mod recurrent;

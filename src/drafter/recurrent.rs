@@ -2,6 +2,7 @@
 //! building blocks ([`RecurrentDrafter::step`], [`RecurrentDrafter::head_logits`]) that both
 //! beam search and training are made of.
 
+use super::cpu_panels::DrafterPanels;
 use super::{DraftVocabulary, TopKCache, TopKMethod};
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
@@ -339,6 +340,9 @@ pub(crate) struct DraftTables<B: Backend> {
     /// in one launch instead of two. Derived like `inputs`: setting the vocabulary again rebuilds
     /// it.
     pub(crate) exit: Option<Tensor<B, 2>>,
+    /// On the CPU (Flex in f32): the head's weights and the table in panels for the panel
+    /// kernel ([`DrafterPanels`]). Derived like `inputs`.
+    pub(crate) panels: Option<DrafterPanels<B>>,
 }
 
 /// The environment variable that switches off [`DraftTables::exit`] (`off`, `0` or `false`):
@@ -458,6 +462,11 @@ impl<B: Backend> RecurrentDrafter<B> {
         } else {
             None
         };
+        let panels = if in_out {
+            None
+        } else {
+            DrafterPanels::new(&self, &table)
+        };
         self.draft_vocabulary = Some(DraftTables {
             vocabulary,
             ids,
@@ -465,6 +474,7 @@ impl<B: Backend> RecurrentDrafter<B> {
             in_out,
             inputs,
             exit,
+            panels,
         });
         Ok(self)
     }
@@ -546,6 +556,11 @@ impl<B: Backend> RecurrentDrafter<B> {
             crate::cube_kernels::matmul(rows, &table)
         })?;
         Some(merged.cast(self.param_dtype()))
+    }
+
+    /// The draft vocabulary's weights in panels ([`DraftTables::panels`]), where they are kept.
+    pub(crate) fn cpu_panels(&self) -> Option<&DrafterPanels<B>> {
+        self.draft_vocabulary.as_ref()?.panels.as_ref()
     }
 
     /// The draft vocabulary's RNN inputs ([`DraftTables::inputs`]), where they are kept.
@@ -671,7 +686,12 @@ impl<B: Backend> RecurrentDrafter<B> {
                 });
                 gpu_rnn_update(u, state, input)
             }
-            (Some(w), Some(u)) => silu(w.forward(token_embedding) + u.forward(state)),
+            (Some(w), Some(u)) => match self.cpu_panels() {
+                Some(panels) => panels
+                    .rnn_step(self, &state, &token_embedding)
+                    .unwrap_or_else(|| silu(w.forward(token_embedding) + u.forward(state))),
+                None => silu(w.forward(token_embedding) + u.forward(state)),
+            },
             _ => state + token_embedding,
         })
     }
@@ -740,6 +760,9 @@ impl<B: Backend> RecurrentDrafter<B> {
         reduced: bool,
     ) -> Result<Tensor<B, D>> {
         check_last_dim("x", &x.dims(), 2 * self.config.hidden_size)?;
+        if reduced && let Some(logits) = self.cpu_panels().and_then(|p| p.head_logits(self, &x)) {
+            return Ok(logits);
+        }
         let mut x = match &self.input_proj {
             Some(proj) if crate::cube_kernels::applies::<B>() => {
                 // Our row product with the bias folded in (Burn's Linear: CubeCL's matmul and an

@@ -936,6 +936,71 @@ fn a_draft_vocabulary_of_every_token_drafts_the_same_beams() {
 }
 
 #[test]
+fn the_cpu_panels_compute_what_the_linears_compute() {
+    let tied = RecurrentDrafterConfig::new(8, 60).with_head(DraftHeadKind::Tied);
+    let configs = [
+        tied.clone().with_num_draft_layers(2),
+        // An exit width other than 2H: the head starts with an input projection.
+        tied.clone().with_exit_dim(12),
+        tied.clone().with_rnn(false),
+    ];
+    let ids: Vec<u32> = vec![7, 3, 59, 0, 22, 41, 18, 30, 5, 50, 11, 44, 2, 36, 27, 9, 55];
+    for (n, config) in configs.iter().enumerate() {
+        let full = drafter(config, 61 + n as u64);
+        let reduced = full
+            .clone()
+            .with_draft_vocabulary(DraftVocabulary::new(ids.clone(), 60).unwrap())
+            .unwrap();
+        assert!(
+            reduced.cpu_panels().is_some(),
+            "config {n}: no panels on Flex in f32"
+        );
+        let (context, state, embedding) = (random(3, 8, 70), random(3, 8, 71), random(3, 8, 72));
+        let want = floats(full.step(state.clone(), embedding.clone()).unwrap());
+        let got = floats(reduced.step(state.clone(), embedding).unwrap());
+        for (w, g) in want.iter().zip(&got) {
+            assert!((w - g).abs() < 1e-5, "config {n}: state {w} vs {g}");
+        }
+        let columns = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(
+                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                [ids.len()],
+            ),
+            &device(),
+        );
+        let whole = full.head_logits(context.clone(), state.clone()).unwrap();
+        let want = floats(whole.select(1, columns));
+        let got = floats(reduced.draft_logits(context, state).unwrap());
+        assert_eq!(want.len(), got.len());
+        for (w, g) in want.iter().zip(&got) {
+            assert!(
+                (w - g).abs() < 1e-4 * w.abs().max(1.0),
+                "config {n}: logit {w} vs {g}"
+            );
+        }
+    }
+    // Blocks added after the vocabulary no longer match its panels: the head falls back to its
+    // linears (zero blocks are the identity, so the logits stay the same).
+    let reduced = drafter(&configs[0], 61)
+        .with_draft_vocabulary(DraftVocabulary::new(ids.clone(), 60).unwrap())
+        .unwrap();
+    let grown = reduced.clone().with_extra_res_blocks(1);
+    let (context, state) = (random(2, 8, 73), random(2, 8, 74));
+    let want = floats(
+        reduced
+            .draft_logits(context.clone(), state.clone())
+            .unwrap(),
+    );
+    let got = floats(grown.draft_logits(context, state).unwrap());
+    for (w, g) in want.iter().zip(&got) {
+        assert!(
+            (w - g).abs() < 1e-4 * w.abs().max(1.0),
+            "grown: logit {w} vs {g}"
+        );
+    }
+}
+
+#[test]
 fn a_small_draft_vocabulary_drafts_only_its_tokens() {
     let config = RecurrentDrafterConfig::new(8, 60).with_head(DraftHeadKind::Tied);
     let allowed: Vec<u32> = vec![5, 17, 2, 40, 33, 59, 11];

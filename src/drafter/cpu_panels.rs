@@ -1,0 +1,168 @@
+//! The draft head's weights in panels of 16 outputs for the CPU (Flex in f32), so that a draft
+//! step's products run on [`crate::panel_matmul`] instead of Burn's `gemm` and the `[out, in]`
+//! kernel of [`crate::skinny_matmul`].
+//!
+//! A one-beam draft step multiplies one row by every weight of the head: SmolLM2's drafter reads
+//! 34.8 MB a step in f32 (the two residual blocks' 10.6 MB, the exit projection's 2.7 MB, the
+//! RNN's 2.7 MB and the 8,192-token draft table's 18.9 MB). Burn's `gemm` and the `[out, in]`
+//! kernel stream one row's weights at about 17–19 GB/s on the 2-core development machine, the
+//! panel kernel at 31 GB/s (docs/benchmarks.md, session 30), and a draft round was a tenth of a
+//! ReDrafter round on the CPU.
+//!
+//! The panels are copies laid out when a draft vocabulary is set
+//! ([`RecurrentDrafter::with_draft_vocabulary`](super::RecurrentDrafter::with_draft_vocabulary)),
+//! from the weights as they are then — like the vocabulary's other derived tables. They are
+//! plain tensors, not parameters: optimisers never see them, checkpoints never store them, and
+//! under `Autodiff` (which must record every op) none are built.
+
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::activation::silu;
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+
+use super::recurrent::RecurrentDrafter;
+use crate::projection::{PANEL, pack_in_out, pack_out_in};
+
+/// A weight laid out in panels ([`crate::projection::WeightLayout::Panels`]).
+#[derive(Module, Debug)]
+pub(crate) struct PanelWeight<B: Backend> {
+    /// `[⌈outputs / 16⌉ · inputs, 16]`.
+    panels: Tensor<B, 2>,
+    #[module(skip)]
+    outputs: usize,
+}
+
+impl<B: Backend> PanelWeight<B> {
+    /// The panels of a weight stored `[in, out]` (Burn's `Linear`) or, with `out_major`,
+    /// `[out, in]` (a table of token rows).
+    fn new(weight: &Tensor<B, 2>, out_major: bool) -> Self {
+        let [rows, cols] = weight.dims();
+        let (inputs, outputs) = if out_major {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        let device = weight.device();
+        let values: Vec<f32> = weight.clone().into_data().iter::<f32>().collect();
+        let panels = if out_major {
+            pack_out_in(&values, outputs, inputs)
+        } else {
+            pack_in_out(&values, inputs, outputs)
+        };
+        let shape = [outputs.div_ceil(PANEL) * inputs, PANEL];
+        Self {
+            panels: Tensor::from_data(TensorData::new(panels, shape), &device),
+            outputs,
+        }
+    }
+
+    /// `x · W`; `None` where the panel kernel declines (another float type, another width).
+    ///
+    /// # Shapes
+    /// `[..., in]` to `[..., out]`
+    fn forward<const D: usize>(&self, x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+        let mut shape = x.dims();
+        let inputs = shape[D - 1];
+        let rows = shape[..D - 1].iter().product::<usize>();
+        shape[D - 1] = self.outputs;
+        let flat = x.clone().reshape([rows, inputs]);
+        #[cfg(feature = "flex")]
+        return crate::panel_matmul::try_panel_matmul(&flat, &self.panels, self.outputs)
+            .map(|y| y.reshape(shape));
+        #[cfg(not(feature = "flex"))]
+        {
+            let _ = (flat, shape);
+            None
+        }
+    }
+
+    /// `x · W + b` for a `Linear`'s bias.
+    fn linear<const D: usize>(&self, x: &Tensor<B, D>, linear: &Linear<B>) -> Option<Tensor<B, D>> {
+        let y = self.forward(x)?;
+        Some(match &linear.bias {
+            Some(bias) => y + bias.val().unsqueeze(),
+            None => y,
+        })
+    }
+}
+
+/// Every weight a draft step multiplies by, in panels.
+#[derive(Module, Debug)]
+pub(crate) struct DrafterPanels<B: Backend> {
+    rnn_w: Option<PanelWeight<B>>,
+    rnn_u: Option<PanelWeight<B>>,
+    input_proj: Option<PanelWeight<B>>,
+    res_blocks: Vec<PanelWeight<B>>,
+    /// The tied head's exit projection `[E, H]`.
+    exit: PanelWeight<B>,
+    /// The draft vocabulary's rows of the output embedding, `[N, H]`.
+    table: PanelWeight<B>,
+}
+
+impl<B: Backend> DrafterPanels<B> {
+    /// The panels of `drafter`'s weights and of the draft vocabulary's `table` (`[N, H]`, rows
+    /// per token); `None` where the panel kernel does not run: a backend other than Flex itself,
+    /// or parameters in another type than f32.
+    pub(crate) fn new(drafter: &RecurrentDrafter<B>, table: &Tensor<B, 2>) -> Option<Self> {
+        #[cfg(feature = "flex")]
+        let flex = crate::flex_tensor::is_flex::<B>();
+        #[cfg(not(feature = "flex"))]
+        let flex = false;
+        if !flex || drafter.param_dtype() != DType::F32 || table.dtype() != DType::F32 {
+            return None;
+        }
+        let of = |linear: &Linear<B>| PanelWeight::new(&linear.weight.val(), false);
+        Some(Self {
+            rnn_w: drafter.rnn_w.as_ref().map(of),
+            rnn_u: drafter.rnn_u.as_ref().map(of),
+            input_proj: drafter.input_proj.as_ref().map(of),
+            res_blocks: drafter.res_blocks.iter().map(|b| of(&b.linear)).collect(),
+            exit: of(&drafter.head),
+            table: PanelWeight::new(table, true),
+        })
+    }
+
+    /// The RNN's update `silu(e·W + b_W + s·U + b_U)`, as `Linear`s compute it; `None` where a
+    /// product declines or the drafter has no RNN.
+    ///
+    /// # Shapes
+    /// `state`, `token_embedding`: `[..., H]` to `[..., H]`
+    pub(crate) fn rnn_step<const D: usize>(
+        &self,
+        drafter: &RecurrentDrafter<B>,
+        state: &Tensor<B, D>,
+        token_embedding: &Tensor<B, D>,
+    ) -> Option<Tensor<B, D>> {
+        let (w, u) = (drafter.rnn_w.as_ref()?, drafter.rnn_u.as_ref()?);
+        let input = self.rnn_w.as_ref()?.linear(token_embedding, w)?;
+        let recurrent = self.rnn_u.as_ref()?.linear(state, u)?;
+        Some(silu(input + recurrent))
+    }
+
+    /// The tied head's logits over the draft vocabulary from its input `[h | s]`: the input
+    /// projection, the residual blocks `x + silu(x·W + b)`, the exit projection and the table;
+    /// `None` where a product declines or the drafter's blocks no longer match the panels.
+    ///
+    /// # Shapes
+    /// `x`: `[..., 2H]` to `[..., N]`
+    pub(crate) fn head_logits<const D: usize>(
+        &self,
+        drafter: &RecurrentDrafter<B>,
+        x: &Tensor<B, D>,
+    ) -> Option<Tensor<B, D>> {
+        if self.res_blocks.len() != drafter.res_blocks.len()
+            || self.input_proj.is_some() != drafter.input_proj.is_some()
+        {
+            return None;
+        }
+        let mut x = match (&self.input_proj, &drafter.input_proj) {
+            (Some(panels), Some(proj)) => panels.linear(x, proj)?,
+            _ => x.clone(),
+        };
+        for (panels, block) in self.res_blocks.iter().zip(&drafter.res_blocks) {
+            x = x.clone() + silu(panels.linear(&x, &block.linear)?);
+        }
+        let features = self.exit.linear(&x, &drafter.head)?;
+        self.table.forward(&features)
+    }
+}
