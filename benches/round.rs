@@ -1,7 +1,7 @@
 //! Criterion micro-benchmarks of the pieces of one speculative round on the default CPU backend:
 //! tree packing, a draft round (beam search), one verification forward at packed lengths
-//! L ∈ {1, 8, 32, 64, 128}, and a projection of a few rows in both weight layouts (why CPUs
-//! store weights `[out, in]`, `src/projection.rs`).
+//! L ∈ {1, 8, 32, 64, 128}, a projection of a few rows in each weight layout (why CPUs store
+//! weights in panels, `src/projection.rs`) and one layer's attention.
 //!
 //! ```text
 //! cargo bench --bench round
@@ -169,11 +169,47 @@ fn projection(c: &mut Criterion) {
     group.finish();
 }
 
+/// One layer's attention at SmolLM2's shape (9 query heads over 3 KV heads of 64 dims) for
+/// `len` query tokens over 256 cached ones, with a causal bias, the keys and values strided
+/// views of a longer cache as in a forward. On Flex in f32 this is the crate's CPU kernel
+/// (`redrafter::cpu_kernels::attention`).
+fn attention(c: &mut Criterion) {
+    let device = Default::default();
+    let mut group = c.benchmark_group("attention");
+    let (heads, kv_heads, dim, context, capacity) = (9, 3, 64, 256, 1024);
+    let cache =
+        Tensor::<B, 4>::random([1, kv_heads, capacity, dim], Distribution::Default, &device);
+    for len in [1, 5, 18] {
+        let slots = context + len;
+        let queries = Tensor::<B, 4>::random([1, len, heads, dim], Distribution::Default, &device)
+            .swap_dims(1, 2);
+        let keys = cache.clone().slice([0..1, 0..kv_heads, 0..slots, 0..dim]);
+        let values = cache.clone().slice([0..1, 0..kv_heads, 0..slots, 0..dim]);
+        let mut bias = vec![redrafter::kv_cache::MASKED; len * slots];
+        for t in 0..len {
+            bias[t * slots..t * slots + context + t + 1].fill(0.0);
+        }
+        let bias = Tensor::<B, 4>::from_data(
+            burn::tensor::TensorData::new(bias, [1, 1, len, slots]),
+            &device,
+        );
+        group.bench_function(BenchmarkId::from_parameter(len), |b| {
+            b.iter(|| {
+                redrafter::cpu_kernels::attention(&queries, &keys, &values, Some(&bias))
+                    .expect("f32 on Flex")
+                    .into_data()
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     tree_packing,
     draft_round,
     verify_forward,
-    projection
+    projection,
+    attention
 );
 criterion_main!(benches);

@@ -11,10 +11,13 @@
 //! Scores and outputs are small products computed like [`crate::panel_matmul`]'s: the keys of
 //! each KV head are copied once per call into panels of 16 slots (`[slots / 16][dim][16]`), so a
 //! step multiplies one vector of 16 slots' key elements by a broadcast query element of up to 4
-//! query rows; `probs · V` walks the slots in order with 16 output columns per vector. Every score
-//! is one chain of fused multiply-adds over the head dimension, every output element one chain
-//! over the slots, and softmax sums in slot order — whatever the block length, the tile a row
-//! falls in or the instruction set. A masked slot contributes an exact zero, so a token's
+//! query rows; `probs · V` walks the slots in order with a whole 64-wide value row (4 vectors)
+//! per step. The rows of a tile are any 4 of the `(query head, token)` pairs that read the same
+//! KV head — a one-token step's 3 heads per KV head share one tile and every key they load. The
+//! softmax's exponentials are vectorised ([`super::exp`]). Every score is one chain of fused
+//! multiply-adds over the head dimension, every output element one chain over the slots, and
+//! softmax sums in slot order — whatever the block length, the tile a row falls in or the
+//! instruction set. A masked slot contributes an exact zero, so a token's
 //! attention output in a draft tree equals, bit for bit, its output when decoded alone — which
 //! keeps greedy speculative decoding equal to plain greedy decoding on this backend.
 //!
@@ -24,6 +27,7 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use rayon::prelude::*;
 
+use super::exp::exp;
 use super::view::View;
 use crate::cpu_simd::Simd;
 use crate::flex_tensor::{into_flex, is_flex};
@@ -33,12 +37,18 @@ use crate::projection::{PANEL, pack_rows_into};
 /// `probs · V`.
 const LANES: usize = PANEL;
 
+/// Value columns per pass of `probs · V` where the head is that wide: SmolLM2's and Llama's
+/// 64 (4 AVX-512 vectors per row).
+const WIDE: usize = 64;
+
 /// Query rows per register tile: 4 accumulators of 16 lanes (8 with AVX2) reuse each key or
 /// value vector they load.
 const TILE_ROWS: usize = 4;
 
-/// Below this many score elements (`heads · len · slots`) the heads run on one thread: a
-/// one-token step's attention is a few microseconds, less than waking the pool.
+/// Below this many score elements (`heads · len · slots`) the tiles run on one thread. At
+/// SmolLM2's shape over 256 cached tokens (criterion `attention`, 2-core development machine,
+/// session 31): 5 query tokens (11,745 scores) took 111–128 µs on one thread and 123–138 µs on
+/// two, 18 tokens (42,462) 390–440 µs on one and 240–310 µs on two.
 const PARALLEL_MIN_SCORES: usize = 16 * 1024;
 
 /// Attention of `queries` over `keys`/`values` with an optional additive `bias`, query head `h`
@@ -129,6 +139,11 @@ struct Shape {
 }
 
 /// The whole attention, `[batch, len, heads · dim]` out.
+///
+/// The query rows of one KV head's group — `groups · len` of them, `(head, token)` pairs — are
+/// cut into tiles of up to 4 rows that share each key and value vector they load: a one-token
+/// step's 3 query heads per KV head (SmolLM2) fill one tile, a 5-token tree's 15 rows four.
+/// Tiles are independent tasks for the thread pool.
 fn attend(
     simd: Simd,
     shape: &Shape,
@@ -140,54 +155,70 @@ fn attend(
     let Shape {
         batch,
         heads,
+        groups,
         len,
         slots,
         dim,
-        ..
     } = *shape;
-    let kv_heads = heads / shape.groups;
+    let kv_heads = heads / groups;
     let parallel = heads * len * slots >= PARALLEL_MIN_SCORES;
-    // Each (batch row, KV head) pair's keys in panels, read by every query head of its group.
+    // Each (batch row, KV head) pair's keys in panels, read by every tile of its group.
     let panel_floats = slots.div_ceil(LANES) * dim * LANES;
-    let mut key_panels = vec![0.0f32; batch * kv_heads * panel_floats];
-    for_each_block(&mut key_panels, panel_floats, parallel, |pair, panels| {
-        pack_keys(k, pair / kv_heads, pair % kv_heads, slots, dim, panels)
-    });
-    // Each (batch row, head) pair writes its own `[len, dim]` block; they are interleaved into
-    // `[batch, len, heads · dim]` afterwards.
-    let mut by_head = vec![0.0f32; batch * heads * len * dim];
-    for_each_block(&mut by_head, len * dim, parallel, |pair, out| {
-        let (b, h) = (pair / heads, pair % heads);
-        let kv_pair = b * kv_heads + h / shape.groups;
-        let keys = &key_panels[kv_pair * panel_floats..][..panel_floats];
-        let head = Head {
-            shape,
-            b,
-            h,
-            q,
-            keys,
-            v,
-            bias,
-        };
-        match simd {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd` names AVX-512 only where the CPU has AVX-512F.
-            Simd::Avx512 => unsafe { head_attention_avx512(&head, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd` names AVX2 only where the CPU has AVX2 and FMA.
-            Simd::Avx2 => unsafe { head_attention_avx2(&head, out) },
-            Simd::Portable => head_attention(&head, out),
+    KEY_PANELS.with_borrow_mut(|key_panels| {
+        key_panels.resize(batch * kv_heads * panel_floats, 0.0);
+        for_each_block(key_panels, panel_floats, parallel, |pair, panels| {
+            pack_keys(k, pair / kv_heads, pair % kv_heads, slots, dim, panels)
+        });
+        let key_panels = &key_panels[..];
+        // Tile `i` of (batch row, KV head) pair `pair` writes rows `[4 · i, 4 · i + 4)` of the
+        // pair's `[groups · len, dim]` block; they are interleaved into `[batch, len, heads ·
+        // dim]` afterwards.
+        let group_rows = groups * len;
+        let tiles = group_rows.div_ceil(TILE_ROWS);
+        let mut by_tile = vec![0.0f32; batch * kv_heads * tiles * TILE_ROWS * dim];
+        for_each_block(&mut by_tile, TILE_ROWS * dim, parallel, |task, out| {
+            let (pair, tile) = (task / tiles, task % tiles);
+            let (b, kv) = (pair / kv_heads, pair % kv_heads);
+            let first = tile * TILE_ROWS;
+            let tile = Tile {
+                shape,
+                b,
+                kv,
+                first,
+                rows: TILE_ROWS.min(group_rows - first),
+                q,
+                keys: &key_panels[pair * panel_floats..][..panel_floats],
+                v,
+                bias,
+            };
+            match simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Simd` names AVX-512 only where the CPU has AVX-512F.
+                Simd::Avx512 => unsafe { tile_attention_avx512(&tile, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Simd` names AVX2 only where the CPU has AVX2 and FMA.
+                Simd::Avx2 => unsafe { tile_attention_avx2(&tile, out) },
+                Simd::Portable => tile_attention(&tile, out),
+            }
+        });
+        let mut out = vec![0.0f32; batch * len * heads * dim];
+        for (pair, block) in by_tile.chunks_exact(tiles * TILE_ROWS * dim).enumerate() {
+            let (b, kv) = (pair / kv_heads, pair % kv_heads);
+            for (r, row) in block.chunks_exact(dim).take(group_rows).enumerate() {
+                let (h, t) = (kv * groups + r / len, r % len);
+                let at = ((b * len + t) * heads + h) * dim;
+                out[at..at + dim].copy_from_slice(row);
+            }
         }
-    });
-    let mut out = vec![0.0f32; batch * len * heads * dim];
-    for (pair, block) in by_head.chunks_exact(len * dim).enumerate() {
-        let (b, h) = (pair / heads, pair % heads);
-        for (t, row) in block.chunks_exact(dim).enumerate() {
-            let at = ((b * len + t) * heads + h) * dim;
-            out[at..at + dim].copy_from_slice(row);
-        }
-    }
-    out
+        out
+    })
+}
+
+thread_local! {
+    /// The keys in panels, reused across calls: a fresh zeroed buffer of SmolLM2's 200 KB a
+    /// layer came from the kernel as new pages at every call. [`pack_keys`] writes every lane a
+    /// call reads.
+    static KEY_PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `work(i, block)` for each `block`-float block `i` of `buffer`, on the thread pool when
@@ -211,51 +242,76 @@ fn for_each_block(
     }
 }
 
-/// `K` of batch row `b`, KV head `kv` as panels of 16 slots, `[⌈slots / 16⌉][dim][16]`, into a
-/// zeroed buffer (the padding slots stay zero).
+/// `K` of batch row `b`, KV head `kv` as panels of 16 slots, `[⌈slots / 16⌉][dim][16]`, the
+/// last panel's lanes past `slots` set to zero (the buffer is reused across calls).
 fn pack_keys(k: &View<'_>, b: usize, kv: usize, slots: usize, dim: usize, panels: &mut [f32]) {
     pack_rows_into((0..slots).map(|s| k.row(b, kv, s, dim)), dim, panels);
+    let used = slots % LANES;
+    if used > 0 {
+        let last = &mut panels[(slots / LANES) * dim * LANES..];
+        for lanes in last.chunks_exact_mut(LANES) {
+            lanes[used..].fill(0.0);
+        }
+    }
 }
 
-/// What one query head's attention reads.
-struct Head<'a> {
+/// What one tile of up to 4 query rows of one KV head's group reads. Row `r` of the group is
+/// query head `kv · groups + r / len`, token `r % len`.
+struct Tile<'a> {
     shape: &'a Shape,
     b: usize,
-    h: usize,
+    kv: usize,
+    /// The tile's first row in the group.
+    first: usize,
+    /// Rows in the tile, 1 to 4.
+    rows: usize,
     q: &'a View<'a>,
-    /// Its KV head's keys in panels ([`pack_keys`]).
+    /// The KV head's keys in panels ([`pack_keys`]).
     keys: &'a [f32],
     v: &'a View<'a>,
     bias: Option<&'a View<'a>>,
 }
 
-/// [`head_attention`] compiled with more instruction-set features enabled.
-macro_rules! head_attention_for {
+/// [`tile_attention`] compiled with more instruction-set features enabled.
+macro_rules! tile_attention_for {
     ($name:ident, $features:literal) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        fn $name(head: &Head<'_>, out: &mut [f32]) {
-            head_attention(head, out)
+        fn $name(tile: &Tile<'_>, out: &mut [f32]) {
+            tile_attention(tile, out)
         }
     };
 }
 
-head_attention_for!(head_attention_avx512, "avx512f,avx2,fma");
-head_attention_for!(head_attention_avx2, "avx2,fma");
+tile_attention_for!(tile_attention_avx512, "avx512f,avx2,fma");
+tile_attention_for!(tile_attention_avx2, "avx2,fma");
 
-/// One query head of one batch row: `out[t] = softmax(q[t] · Kᵀ + bias[t]) · V`. Inlined into
-/// each instruction-set variant above.
+/// `out[i] = softmax(q[i] · Kᵀ + bias[i]) · V` for the tile's rows, `[rows, dim]` at the start of
+/// `out`. Inlined into each instruction-set variant above, with the loops compiled for each row
+/// count (a short tile computes no repeated rows).
 #[inline(always)]
-fn head_attention(head: &Head<'_>, out: &mut [f32]) {
-    let Head {
+fn tile_attention(tile: &Tile<'_>, out: &mut [f32]) {
+    match tile.rows {
+        1 => rows_attention::<1>(tile, out),
+        2 => rows_attention::<2>(tile, out),
+        3 => rows_attention::<3>(tile, out),
+        _ => rows_attention::<TILE_ROWS>(tile, out),
+    }
+}
+
+#[inline(always)]
+fn rows_attention<const R: usize>(tile: &Tile<'_>, out: &mut [f32]) {
+    let Tile {
         shape,
         b,
-        h,
+        kv,
+        first,
         q,
         keys,
         v,
         bias,
-    } = *head;
+        ..
+    } = *tile;
     let Shape {
         groups,
         len,
@@ -263,53 +319,75 @@ fn head_attention(head: &Head<'_>, out: &mut [f32]) {
         dim,
         ..
     } = *shape;
-    let kv = h / groups;
+    let head_token = |i: usize| ((first + i) / len, (first + i) % len);
+    let queries: [&[f32]; R] = std::array::from_fn(|i| {
+        let (g, t) = head_token(i);
+        q.row(b, kv * groups + g, t, dim)
+    });
     let padded = slots.div_ceil(LANES) * LANES;
-    let mut probs = vec![0.0f32; len * padded];
-    for first in (0..len).step_by(TILE_ROWS) {
-        let rows = TILE_ROWS.min(len - first);
-        // A short tile repeats its last row; the repeats are computed and dropped.
-        let queries: [&[f32]; TILE_ROWS] =
-            std::array::from_fn(|i| q.row(b, h, first + i.min(rows - 1), dim));
-        for (panel, keys) in keys.chunks_exact(dim * LANES).enumerate() {
-            let scores = panel_scores(&queries, keys, dim);
-            for (i, scores) in scores.iter().enumerate().take(rows) {
-                probs[(first + i) * padded + panel * LANES..][..LANES].copy_from_slice(scores);
-            }
+    let mut probs = vec![0.0f32; R * padded];
+    for (panel, keys) in keys.chunks_exact(dim * LANES).enumerate() {
+        let scores = panel_scores(&queries, keys, dim);
+        for (i, scores) in scores.iter().enumerate() {
+            probs[i * padded + panel * LANES..][..LANES].copy_from_slice(scores);
         }
     }
-    for (t, row) in probs.chunks_exact_mut(padded).enumerate() {
+    for (i, row) in probs.chunks_exact_mut(padded).enumerate() {
         let row = &mut row[..slots];
         if let Some(bias) = bias {
+            let (_, t) = head_token(i);
             for (p, &add) in row.iter_mut().zip(bias.row(b, 0, t, slots)) {
                 *p += add;
             }
         }
         softmax_in_place(row);
     }
-    for first in (0..len).step_by(TILE_ROWS) {
-        let rows = TILE_ROWS.min(len - first);
-        let tile_probs: [&[f32]; TILE_ROWS] =
-            std::array::from_fn(|i| &probs[(first + i.min(rows - 1)) * padded..][..slots]);
-        for column in (0..dim).step_by(LANES) {
-            let width = LANES.min(dim - column);
-            let sums = weighted_values(&tile_probs, v, b, kv, column, width, dim);
-            for (i, sums) in sums.iter().enumerate().take(rows) {
-                out[(first + i) * dim + column..][..width].copy_from_slice(&sums[..width]);
-            }
-        }
+    let tile_probs: [&[f32]; R] = std::array::from_fn(|i| &probs[i * padded..][..slots]);
+    // Whole value rows of a 64-wide head in one pass (each row's 4 vectors loaded once for the
+    // tile), then blocks of 16 columns, then a padded remainder; every output element is the same
+    // chain over the slots in each.
+    let mut column = 0;
+    let mut write = |column: usize, width: usize, sums: &[f32], i: usize| {
+        out[i * dim + column..][..width].copy_from_slice(&sums[..width]);
+    };
+    while dim - column >= WIDE {
+        let Some(sums) = weighted_value_block::<R, WIDE>(&tile_probs, v, b, kv, column, dim) else {
+            break;
+        };
+        sums.iter()
+            .enumerate()
+            .for_each(|(i, sums)| write(column, WIDE, sums, i));
+        column += WIDE;
+    }
+    while dim - column >= LANES {
+        let Some(sums) = weighted_value_block::<R, LANES>(&tile_probs, v, b, kv, column, dim)
+        else {
+            break;
+        };
+        sums.iter()
+            .enumerate()
+            .for_each(|(i, sums)| write(column, LANES, sums, i));
+        column += LANES;
+    }
+    while column < dim {
+        let width = LANES.min(dim - column);
+        let sums = weighted_values(&tile_probs, v, b, kv, column, width, dim);
+        sums.iter()
+            .enumerate()
+            .for_each(|(i, sums)| write(column, width, sums, i));
+        column += width;
     }
 }
 
-/// Scores of 4 query rows against one panel of 16 slots: per slot one chain of fused
+/// Scores of `R` query rows against one panel of 16 slots: per slot one chain of fused
 /// multiply-adds over the head dimension.
 #[inline(always)]
-fn panel_scores(
-    queries: &[&[f32]; TILE_ROWS],
+fn panel_scores<const R: usize>(
+    queries: &[&[f32]; R],
     keys: &[f32],
     dim: usize,
-) -> [[f32; LANES]; TILE_ROWS] {
-    let mut acc = [[0.0f32; LANES]; TILE_ROWS];
+) -> [[f32; LANES]; R] {
+    let mut acc = [[0.0f32; LANES]; R];
     for (d, keys) in keys.as_chunks::<LANES>().0.iter().enumerate().take(dim) {
         for (acc, query) in acc.iter_mut().zip(queries) {
             let x = query[d];
@@ -319,26 +397,46 @@ fn panel_scores(
     acc
 }
 
-/// `Σ_s probs[i][s] · V[s][column..column + width]` for 4 rows of probabilities, summed in slot
-/// order with fused multiply-adds; lanes past `width` are zero.
+/// `Σ_s probs[i][s] · V[s][column..column + C]` for `R` rows of probabilities, summed in slot
+/// order with fused multiply-adds; `None` unless every value row has `C` columns there (then
+/// [`weighted_values`] takes the block).
 #[inline(always)]
-fn weighted_values(
-    probs: &[&[f32]; TILE_ROWS],
+fn weighted_value_block<const R: usize, const C: usize>(
+    probs: &[&[f32]; R],
+    v: &View<'_>,
+    b: usize,
+    kv: usize,
+    column: usize,
+    dim: usize,
+) -> Option<[[f32; C]; R]> {
+    let mut acc = [[0.0f32; C]; R];
+    let slots = probs[0].len();
+    for s in 0..slots {
+        let values = v.row(b, kv, s, dim).get(column..)?.first_chunk::<C>()?;
+        for (acc, probs) in acc.iter_mut().zip(probs) {
+            let p = probs[s];
+            *acc = std::array::from_fn(|l| p.mul_add(values[l], acc[l]));
+        }
+    }
+    Some(acc)
+}
+
+/// [`weighted_value_block`] for the last `width < 16` columns, padded with zeros.
+#[inline(always)]
+fn weighted_values<const R: usize>(
+    probs: &[&[f32]; R],
     v: &View<'_>,
     b: usize,
     kv: usize,
     column: usize,
     width: usize,
     dim: usize,
-) -> [[f32; LANES]; TILE_ROWS] {
-    let mut acc = [[0.0f32; LANES]; TILE_ROWS];
+) -> [[f32; LANES]; R] {
+    let mut acc = [[0.0f32; LANES]; R];
     let slots = probs[0].len();
     for s in 0..slots {
         let row = &v.row(b, kv, s, dim)[column..column + width];
-        let values: [f32; LANES] = match row.try_into() {
-            Ok(full) => full,
-            Err(_) => std::array::from_fn(|l| row.get(l).copied().unwrap_or(0.0)),
-        };
+        let values: [f32; LANES] = std::array::from_fn(|l| row.get(l).copied().unwrap_or(0.0));
         for (acc, probs) in acc.iter_mut().zip(probs) {
             let p = probs[s];
             *acc = std::array::from_fn(|l| p.mul_add(values[l], acc[l]));
@@ -351,11 +449,11 @@ fn weighted_values(
 #[inline(always)]
 fn softmax_in_place(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
+    // The exponentials vectorise (`super::exp`); the sum stays one chain in slot order.
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v = exp(*v - max);
     }
+    let sum = x.iter().fold(0.0f32, |sum, &v| sum + v);
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;

@@ -14,6 +14,8 @@ use burn::tensor::{Tensor, backend::Backend};
 #[cfg(feature = "flex")]
 mod attention;
 #[cfg(feature = "flex")]
+mod exp;
+#[cfg(feature = "flex")]
 mod norm;
 #[cfg(feature = "flex")]
 mod rope;
