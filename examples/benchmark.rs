@@ -96,6 +96,11 @@ struct Args {
     /// this process, one after the other, for a comparison free of the spread between processes.
     #[arg(long, value_delimiter = ',', default_value = "on", value_parser = parse_switch)]
     merged_exit: Vec<bool>,
+    /// Decode each prompt in every mode in turn (AR, then each ReDrafter shape) instead of one
+    /// mode over all prompts after the other: a host whose speed drifts between minutes then
+    /// moves every mode alike, and the speedups compare like with like.
+    #[arg(long)]
+    interleave: bool,
     /// Write all results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -293,6 +298,187 @@ fn summarize(
     }
 }
 
+/// Plain autoregressive decoding's outputs and statistics so far.
+#[derive(Default)]
+struct ArRun {
+    stats: Stats,
+    outputs: Vec<Vec<u32>>,
+}
+
+impl ArRun {
+    fn warm_up<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        prompts: &[Vec<u32>],
+        warmup: usize,
+        generation: &GenerationConfig,
+    ) -> Result<()> {
+        for prompt in prompts.iter().take(warmup) {
+            generate(model, std::slice::from_ref(prompt), generation, |_, _| {})?;
+        }
+        Ok(())
+    }
+
+    fn decode<B: Backend>(
+        &mut self,
+        model: &Llama<B>,
+        chunk: &[Vec<u32>],
+        generation: &GenerationConfig,
+    ) -> Result<()> {
+        let out = generate(model, chunk, generation, |_, _| {})?;
+        self.stats.merge(&out.stats);
+        self.outputs.extend(out.tokens);
+        Ok(())
+    }
+
+    /// Reports the result; returns its tokens/s.
+    fn finish(&self, temperature: f32, prompts: usize, results: &mut Vec<ModeResult>) -> f64 {
+        let result = summarize(
+            "ar".into(),
+            None,
+            temperature,
+            &self.stats,
+            prompts,
+            None,
+            vec![],
+        );
+        eprintln!("AR  T={temperature}: {:.1} tok/s", result.tokens_per_second);
+        let tps = result.tokens_per_second;
+        results.push(result);
+        tps
+    }
+}
+
+/// One ReDrafter shape's decoder, and its statistics and greedy mismatches so far.
+struct SpeculativeRun<'a, B: Backend> {
+    decoder: SpeculativeDecoder<'a, B, Llama<B>, RecurrentDrafter<B>>,
+    drafter: &'a RecurrentDrafter<B>,
+    stats: Stats,
+    mismatches: Vec<usize>,
+    divergences: Vec<Divergence>,
+}
+
+impl<B: Backend> SpeculativeRun<'_, B> {
+    fn label(&self, temperature: f32) -> String {
+        let config = self.decoder.config();
+        let lookup = config.lookup.map_or(0, |l| l.beams);
+        format!(
+            "ReDrafter M={}+{lookup} C={} T={temperature}",
+            config.beam_width, config.beam_length
+        )
+    }
+
+    fn warm_up(&self, prompts: &[Vec<u32>], warmup: usize) -> Result<()> {
+        for prompt in prompts.iter().take(warmup) {
+            self.decoder
+                .generate(std::slice::from_ref(prompt), |_, _| {})?;
+        }
+        Ok(())
+    }
+
+    /// Decodes `chunk` (prompts `first..` of `prompts`); in greedy decoding, compares each
+    /// output with AR's where `ar_outputs` has it.
+    fn decode(
+        &mut self,
+        model: &Llama<B>,
+        prompts: &[Vec<u32>],
+        first: usize,
+        chunk: &[Vec<u32>],
+        ar_outputs: Option<&[Vec<u32>]>,
+    ) -> Result<()> {
+        let out = self.decoder.generate(chunk, |_, _| {})?;
+        self.stats.merge(&out.stats);
+        let greedy = self.decoder.config().generation.sampling.temperature == 0.0;
+        for (j, tokens) in out.tokens.iter().enumerate() {
+            let i = first + j;
+            let Some(want) = ar_outputs.and_then(|outputs| outputs.get(i)) else {
+                continue;
+            };
+            if greedy && tokens != want {
+                self.mismatches.push(i);
+                self.divergences
+                    .push(divergence(model, i, &prompts[i], want, tokens)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports the result; returns whether more greedy outputs differed than allowed.
+    fn finish(
+        &self,
+        temperature: f32,
+        prompts: usize,
+        ar_tps: Option<f64>,
+        args: &Args,
+        results: &mut Vec<ModeResult>,
+    ) -> bool {
+        let config = self.decoder.config();
+        let acceptance = config.acceptance;
+        let result = summarize(
+            format!("redrafter-{acceptance:?}").to_lowercase(),
+            Some(config),
+            temperature,
+            &self.stats,
+            prompts,
+            ar_tps,
+            self.mismatches.clone(),
+        );
+        let merged_exit = self.drafter.has_merged_exit();
+        let result = ModeResult {
+            divergences: self.divergences.clone(),
+            draft_vocab: self.drafter.draft_vocab_size(),
+            merged_exit,
+            ..result
+        };
+        let stats = &self.stats;
+        eprintln!(
+            "ReDrafter M={}+{} C={} V={}{} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+            result.beam_width,
+            result.lookup_beams,
+            result.beam_length,
+            result.draft_vocab,
+            if merged_exit { " merged" } else { "" },
+            result.tree_length,
+            result.tokens_per_second,
+            result
+                .speedup_over_ar
+                .map(|s| format!("{s:.2}×"))
+                .unwrap_or("-".into()),
+            result.tau,
+            100.0 * result.lookup_round_share,
+            result.mean_packed_tokens,
+            stats.draft_time.as_secs_f64(),
+            stats.tree_time.as_secs_f64(),
+            stats.verify_time.as_secs_f64(),
+            stats.readback_time.as_secs_f64(),
+            stats.accept_time.as_secs_f64(),
+            self.mismatches
+        );
+        for d in &self.divergences {
+            eprintln!(
+                "  prompt {}: first difference at token {} (AR {:?} vs ReDrafter {:?}); a \
+                 fresh forward over the common prefix gives logits {:.4} vs {:.4} (margin {:.4})",
+                d.prompt,
+                d.position,
+                d.ar_token,
+                d.speculative_token,
+                d.ar_logit,
+                d.speculative_logit,
+                d.ar_logit - d.speculative_logit
+            );
+        }
+        let failed = self.mismatches.len() > args.max_mismatches;
+        if failed {
+            eprintln!(
+                "greedy outputs differ from AR on prompts {:?}",
+                self.mismatches
+            );
+        }
+        results.push(result);
+        failed
+    }
+}
+
 fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
     let model_path = match &args.model {
         Some(p) => p.clone(),
@@ -377,42 +563,13 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             sampling: Sampling::with_temperature(temperature),
             seed: 0,
         };
-        // Baseline.
-        let mut ar_outputs = Vec::new();
-        let mut ar_tps = None;
-        if !args.no_baseline {
-            for prompt in prompts.iter().take(args.warmup) {
-                generate(&model, std::slice::from_ref(prompt), &generation, |_, _| {})?;
-            }
-            let bar = progress(prompts.len(), &format!("AR T={temperature}"));
-            let mut stats = Stats::default();
-            for chunk in prompts.chunks(batch) {
-                let out = generate(&model, chunk, &generation, |_, _| {})?;
-                stats.merge(&out.stats);
-                ar_outputs.extend(out.tokens);
-                bar.inc(chunk.len() as u64);
-            }
-            bar.finish_and_clear();
-            let result = summarize(
-                "ar".into(),
-                None,
-                temperature,
-                &stats,
-                prompts.len(),
-                None,
-                vec![],
-            );
-            eprintln!("AR  T={temperature}: {:.1} tok/s", result.tokens_per_second);
-            ar_tps = Some(result.tokens_per_second);
-            results.push(result);
-            // Written after every mode, so a run cut short keeps what it measured.
-            write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
-        }
         let acceptance = if temperature == 0.0 {
             Acceptance::Greedy
         } else {
             args.sampled_acceptance.parse()?
         };
+        let mut ar = (!args.no_baseline).then(ArRun::default);
+        let mut speculative = Vec::new();
         let shapes = drafters.iter().flat_map(|d| {
             args.beam_lengths.iter().flat_map(move |&c| {
                 args.beam_widths
@@ -421,7 +578,6 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             })
         });
         for (drafter, beam_length, beam_width, lookup_beams) in shapes {
-            let draft_vocab = drafter.draft_vocab_size();
             let config = SpeculativeConfig::default()
                 .beam_width(beam_width)
                 .beam_length(beam_length)
@@ -431,91 +587,69 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 })
                 .acceptance(acceptance)
                 .generation(generation.clone());
-            let decoder = SpeculativeDecoder::new(&model, drafter, config)?;
-            for prompt in prompts.iter().take(args.warmup) {
-                decoder.generate(std::slice::from_ref(prompt), |_, _| {})?;
+            speculative.push(SpeculativeRun {
+                decoder: SpeculativeDecoder::new(&model, drafter, config)?,
+                drafter,
+                stats: Stats::default(),
+                mismatches: Vec::new(),
+                divergences: Vec::new(),
+            });
+        }
+        let mut ar_tps = None;
+        if args.interleave {
+            // Every mode on each prompt in turn: a host whose speed drifts over minutes (the
+            // 2-core development machine's does by ±7 %) then slows or speeds all modes alike.
+            if let Some(ar) = &mut ar {
+                ar.warm_up(&model, &prompts, args.warmup, &generation)?;
             }
-            let bar = progress(
-                prompts.len(),
-                &format!("ReDrafter M={beam_width}+{lookup_beams} C={beam_length} T={temperature}"),
-            );
-            let mut stats = Stats::default();
-            let mut mismatches = Vec::new();
-            let mut divergences = Vec::new();
+            for run in &mut speculative {
+                run.warm_up(&prompts, args.warmup)?;
+            }
+            let bar = progress(prompts.len(), &format!("all modes T={temperature}"));
             for (c, chunk) in prompts.chunks(batch).enumerate() {
-                let out = decoder.generate(chunk, |_, _| {})?;
-                stats.merge(&out.stats);
-                for (j, tokens) in out.tokens.iter().enumerate() {
-                    let i = c * batch + j;
-                    if temperature == 0.0 && !ar_outputs.is_empty() && *tokens != ar_outputs[i] {
-                        mismatches.push(i);
-                        divergences.push(divergence(
-                            &model,
-                            i,
-                            &prompts[i],
-                            &ar_outputs[i],
-                            tokens,
-                        )?);
-                    }
+                if let Some(ar) = &mut ar {
+                    ar.decode(&model, chunk, &generation)?;
+                }
+                let ar_outputs = ar.as_ref().map(|ar| &ar.outputs[..]);
+                for run in &mut speculative {
+                    run.decode(&model, &prompts, c * batch, chunk, ar_outputs)?;
                 }
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
-            let result = summarize(
-                format!("redrafter-{acceptance:?}").to_lowercase(),
-                Some(decoder.config()),
-                temperature,
-                &stats,
-                prompts.len(),
-                ar_tps,
-                mismatches.clone(),
-            );
-            let merged_exit = drafter.has_merged_exit();
-            let result = ModeResult {
-                divergences: divergences.clone(),
-                draft_vocab,
-                merged_exit,
-                ..result
-            };
-            eprintln!(
-                "ReDrafter M={beam_width}+{lookup_beams} C={beam_length} V={draft_vocab}{} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
-                if merged_exit { " merged" } else { "" },
-                result.tree_length,
-                result.tokens_per_second,
-                result
-                    .speedup_over_ar
-                    .map(|s| format!("{s:.2}×"))
-                    .unwrap_or("-".into()),
-                result.tau,
-                100.0 * result.lookup_round_share,
-                result.mean_packed_tokens,
-                stats.draft_time.as_secs_f64(),
-                stats.tree_time.as_secs_f64(),
-                stats.verify_time.as_secs_f64(),
-                stats.readback_time.as_secs_f64(),
-                stats.accept_time.as_secs_f64(),
-                mismatches
-            );
-            for d in &divergences {
-                eprintln!(
-                    "  prompt {}: first difference at token {} (AR {:?} vs ReDrafter {:?}); a \
-                         fresh forward over the common prefix gives logits {:.4} vs {:.4} \
-                         (margin {:.4})",
-                    d.prompt,
-                    d.position,
-                    d.ar_token,
-                    d.speculative_token,
-                    d.ar_logit,
-                    d.speculative_logit,
-                    d.ar_logit - d.speculative_logit
-                );
+            if let Some(ar) = &ar {
+                ar_tps = Some(ar.finish(temperature, prompts.len(), &mut results));
             }
-            if mismatches.len() > args.max_mismatches {
-                eprintln!("greedy outputs differ from AR on prompts {mismatches:?}");
-                failed = true;
+            for run in &speculative {
+                failed |= run.finish(temperature, prompts.len(), ar_tps, args, &mut results);
             }
-            results.push(result);
             write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
+        } else {
+            // One mode after the other, each over all prompts.
+            if let Some(ar) = &mut ar {
+                ar.warm_up(&model, &prompts, args.warmup, &generation)?;
+                let bar = progress(prompts.len(), &format!("AR T={temperature}"));
+                for chunk in prompts.chunks(batch) {
+                    ar.decode(&model, chunk, &generation)?;
+                    bar.inc(chunk.len() as u64);
+                }
+                bar.finish_and_clear();
+                ar_tps = Some(ar.finish(temperature, prompts.len(), &mut results));
+                // Written after every mode, so a run cut short keeps what it measured.
+                write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
+            }
+            let ar_outputs = ar.as_ref().map(|ar| &ar.outputs[..]);
+            for run in &mut speculative {
+                run.warm_up(&prompts, args.warmup)?;
+                let bar = progress(prompts.len(), &run.label(temperature));
+                for (c, chunk) in prompts.chunks(batch).enumerate() {
+                    run.decode(&model, &prompts, c * batch, chunk, ar_outputs)?;
+                    bar.inc(chunk.len() as u64);
+                }
+                bar.finish_and_clear();
+                failed |= run.finish(temperature, prompts.len(), ar_tps, args, &mut results);
+                write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
+            }
         }
     }
     let report = write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
