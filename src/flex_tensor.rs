@@ -8,8 +8,8 @@
 use std::any::{Any, TypeId};
 
 use burn::backend::Flex;
-use burn::backend::flex::FlexTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive, backend::Backend};
 
 /// Whether `B` is the Flex backend itself.
 pub(crate) fn is_flex<B: Backend>() -> bool {
@@ -50,4 +50,23 @@ pub(crate) fn from_flex<B: Backend, const D: usize>(tensor: FlexTensor) -> Optio
         .downcast::<B::FloatTensorPrimitive>()
         .ok()
         .map(|primitive| Tensor::from_primitive(TensorPrimitive::Float(*primitive)))
+}
+
+/// `tensor` without its leading dimension of size 1, sharing the buffer; `None` when `B` is not
+/// Flex, the leading dimension is not 1 or `D2 + 1 != D`. Burn's `squeeze` reshapes, and Flex
+/// copies a strided view (a slice of the KV cache) into a new buffer to reshape it: ~13.8 MB a
+/// SmolLM2 forward at 256 cached tokens. The view keeps the buffer shared while it lives, so an
+/// in-place write into the source ([`crate::flex_write`]) copies instead until it is dropped.
+pub(crate) fn squeeze_leading<B: Backend, const D: usize, const D2: usize>(
+    tensor: Tensor<B, D>,
+) -> Option<Tensor<B, D2>> {
+    if !is_flex::<B>() || D2 + 1 != D || tensor.dims()[0] != 1 {
+        return None;
+    }
+    let flex = into_flex(tensor)?;
+    let layout = flex.layout();
+    let shape = Shape::from(layout.shape()[1..].to_vec());
+    let strides = layout.strides()[1..].to_vec();
+    let view = Layout::new(shape, strides, layout.start_offset());
+    from_flex(flex.with_layout(view))
 }

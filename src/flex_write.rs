@@ -101,6 +101,9 @@ mod flex {
             return false;
         };
         let Some(buffer) = destination.try_storage_mut::<E>() else {
+            tracing::debug!(
+                "flex_write: the destination's buffer is shared; Burn's slice_assign copies it whole"
+            );
             return false;
         };
         if region.iter().any(|r| r.is_empty()) {

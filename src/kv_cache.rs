@@ -230,8 +230,12 @@ impl<B: Backend> KvCache<B> {
             0..end,
             0..self.head_dim,
         ];
+        // Views of the storage on the GPUs and on Flex (no copy), else Burn's slice and squeeze.
+        // They must be dropped before the next append, whose write would otherwise find the
+        // storage shared and copy it whole; the layers drop them when their attention returns.
         let visible_of = |cache: &Tensor<B, 5>| {
             crate::cube_kernels::view::<B, 5, 4>(cache, visible.clone())
+                .or_else(|| flex_view(cache.clone().slice(visible.clone())))
                 .unwrap_or_else(|| cache.clone().slice(visible.clone()).squeeze_dim::<4>(0))
         };
         (
@@ -432,6 +436,18 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// A slice `[1, ...]` of the storage as a 4-D view sharing its buffer on Flex
+/// ([`crate::flex_tensor::squeeze_leading`]); `None` elsewhere.
+fn flex_view<B: Backend>(slice: Tensor<B, 5>) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "flex")]
+    return crate::flex_tensor::squeeze_leading::<B, 5, 4>(slice);
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = slice;
+        None
+    }
+}
+
 #[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
@@ -440,7 +456,7 @@ mod tests {
     use burn::tensor::{Distribution, TensorPrimitive};
 
     /// Address of the buffer behind a Flex tensor.
-    fn buffer(tensor: &Tensor<Flex, 5>) -> *const u8 {
+    fn buffer<const D: usize>(tensor: &Tensor<Flex, D>) -> *const u8 {
         let TensorPrimitive::Float(primitive) = tensor.clone().into_primitive() else {
             unreachable!("float tensor")
         };
@@ -449,7 +465,8 @@ mod tests {
     }
 
     /// Appending and committing on the CPU must not copy the whole cache (Burn's Flex
-    /// `slice_assign` does; `flex_write` avoids it).
+    /// `slice_assign` does; `flex_write` avoids it), nor must reading its visible slots (Flex's
+    /// `squeeze` of a strided slice does; `flex_tensor::squeeze_leading` avoids it).
     #[test]
     fn appends_and_commits_write_the_flex_cache_in_place() {
         let device = Default::default();
@@ -460,6 +477,10 @@ mod tests {
             for layer in 0..3 {
                 let k = Tensor::<Flex, 4>::random([1, 2, 3, 4], Distribution::Default, &device);
                 let (visible_k, visible_v) = cache.append(layer, k.clone(), k.clone()).unwrap();
+                // The visible slots are views of the storage, not copies; dropped before the
+                // next append, they leave its write in place.
+                assert_eq!(buffer(&visible_k), keys_at);
+                assert_eq!(buffer(&visible_v), values_at);
                 let tail = visible_k.dims()[2];
                 visible_k
                     .slice([0..1, 0..2, tail - 3..tail, 0..4])
