@@ -11,7 +11,8 @@ pub(crate) enum Simd {
     /// AVX-512F (with AVX2 and FMA): 32 vector registers of 16 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx512,
-    /// AVX2 and FMA: 16 vector registers of 8 lanes.
+    /// AVX2, FMA and F16C (every CPU with the first two has the third): 16 vector registers of
+    /// 8 lanes.
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// Plain Rust, vectorised as the compiler sees fit.
@@ -31,6 +32,7 @@ impl Simd {
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 all.push(Self::Avx2);
                 if std::arch::is_x86_feature_detected!("avx512f") {

@@ -21,7 +21,8 @@
 //! ([`WeightLayout::Panels`](crate::projection::WeightLayout::Panels)) and calls
 //! [`try_panel_matmul`].
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::cpu_simd::Simd;
@@ -36,9 +37,10 @@ const PANELS_PER_TASK: usize = 8;
 /// whose inputs (64 × 1,536 floats at most for SmolLM2) stay in L2 while the weight streams.
 const ROW_BLOCK: usize = 64;
 
-/// `x · Wᵀ` for `x: [rows, in]` and the panels of an `[outputs, in]` weight, both f32 on Flex;
-/// `None` leaves the product to the caller (another backend, another float type, a panel tensor
-/// whose size does not match `outputs` and `x`'s width).
+/// `x · Wᵀ` for `x: [rows, in]` (f32) and the panels of an `[outputs, in]` weight (f32, or f16
+/// widened as it is read — see [`PanelElement`]) on Flex; `None` leaves the product to the caller
+/// (another backend, another float type, a panel tensor whose size does not match `outputs` and
+/// `x`'s width).
 ///
 /// # Shapes
 /// `x`: `[rows, in]`, `panels`: `[⌈outputs / 16⌉ · in, 16]` to `[rows, outputs]`
@@ -57,22 +59,49 @@ pub fn try_panel_matmul<B: Backend>(
     let device = x.device();
     let x = into_contiguous_flex(x.clone())?;
     let panels = into_flex(panels.clone())?;
-    let panel_values = panels.as_slice::<f32>()?;
     let x_values = x.as_slice::<f32>()?;
-    let y = panel_matmul(x_values, rows, panel_values, outputs, inputs)?;
+    let y = match panels.dtype() {
+        DType::F32 => panel_matmul(x_values, rows, panels.as_slice::<f32>()?, outputs, inputs)?,
+        DType::F16 => panel_matmul(x_values, rows, panels.as_slice::<f16>()?, outputs, inputs)?,
+        _ => return None,
+    };
     Some(Tensor::from_data(
         TensorData::new(y, [rows, outputs]),
         &device,
     ))
 }
 
+/// A weight element the panel kernel reads: f32, or f16 widened to f32 as it is loaded (exactly:
+/// every f16 value is an f32 value), so f16 panels give the bits of the f32 panels of the same
+/// values while streaming half the bytes.
+pub trait PanelElement: Copy + Send + Sync + 'static {
+    /// Whether the element is f16 (the SIMD loops convert it with `vcvtph2ps`).
+    const HALF: bool;
+    /// The element as f32 (the portable loop).
+    fn widen(self) -> f32;
+}
+
+impl PanelElement for f32 {
+    const HALF: bool = false;
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl PanelElement for f16 {
+    const HALF: bool = true;
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// `y = x · Wᵀ` for row-major `x: [rows, inputs]` and `W: [outputs, inputs]` given as its
 /// panels ([`crate::projection::pack_out_in`]); row-major `[rows, outputs]` out. `None` when
 /// `x` or `panels` does not have the length these sizes give.
-pub fn panel_matmul(
+pub fn panel_matmul<E: PanelElement>(
     x: &[f32],
     rows: usize,
-    panels: &[f32],
+    panels: &[E],
     outputs: usize,
     inputs: usize,
 ) -> Option<Vec<f32>> {
@@ -105,11 +134,11 @@ impl Output {
     }
 }
 
-fn panel_matmul_with(
+fn panel_matmul_with<E: PanelElement>(
     simd: Simd,
     x: &[f32],
     rows: usize,
-    panels: &[f32],
+    panels: &[E],
     outputs: usize,
     inputs: usize,
 ) -> Vec<f32> {
@@ -145,7 +174,7 @@ fn panel_matmul_with(
                         avx512::block(x_block, block_rows, task_panels, y_block.get())
                     },
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: and `Simd` names AVX2 only where the CPU has AVX2 and FMA.
+                    // SAFETY: and `Simd` names AVX2 only where the CPU has AVX2, FMA and F16C.
                     Simd::Avx2 => unsafe {
                         avx2::block(x_block, block_rows, task_panels, y_block.get())
                     },
@@ -160,17 +189,17 @@ fn panel_matmul_with(
 
 /// The panels one task multiplies: `first..end` of the weight's panels.
 #[derive(Clone, Copy)]
-struct Panels<'a> {
-    data: &'a [f32],
+struct Panels<'a, E> {
+    data: &'a [E],
     inputs: usize,
     outputs: usize,
     first: usize,
     end: usize,
 }
 
-impl Panels<'_> {
-    /// Panel `p`'s `inputs × 16` floats.
-    fn panel(&self, p: usize) -> &[f32] {
+impl<E> Panels<'_, E> {
+    /// Panel `p`'s `inputs × 16` weights.
+    fn panel(&self, p: usize) -> &[E] {
         &self.data[p * self.inputs * PANEL..][..self.inputs * PANEL]
     }
 
@@ -185,7 +214,12 @@ impl Panels<'_> {
 /// # Safety
 /// `y` must point at `rows × panels.outputs` writable floats that no other thread touches in
 /// this task's columns.
-unsafe fn block_portable(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32) {
+unsafe fn block_portable<E: PanelElement>(
+    x: &[f32],
+    rows: usize,
+    panels: Panels<'_, E>,
+    y: *mut f32,
+) {
     let inputs = panels.inputs;
     for p in panels.first..panels.end {
         let panel = panels.panel(p);
@@ -194,7 +228,7 @@ unsafe fn block_portable(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32
             let mut acc = [0.0f32; PANEL];
             for (&xk, w) in x_row.iter().zip(panel.chunks_exact(PANEL)) {
                 for (acc, &w) in acc.iter_mut().zip(w) {
-                    *acc = xk.mul_add(w, *acc);
+                    *acc = xk.mul_add(w.widen(), *acc);
                 }
             }
             for (lane, &value) in acc.iter().enumerate().take(lanes) {
@@ -207,8 +241,25 @@ unsafe fn block_portable(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{PANEL, Panels};
+    use super::{PANEL, PanelElement, Panels};
     use std::arch::x86_64::*;
+
+    /// 16 weights at `at`, as f32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `at` must point at 16 readable elements.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load<E: PanelElement>(at: *const E) -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if E::HALF {
+                _mm512_cvtph_ps(_mm256_loadu_si256(at.cast()))
+            } else {
+                _mm512_loadu_ps(at.cast())
+            }
+        }
+    }
 
     /// Rows and panels per register tile: 8 × 2 accumulators, 2 weight vectors and a broadcast
     /// input, 19 of the 32 registers; each step loads 2 vectors for 16 multiply-adds.
@@ -220,7 +271,12 @@ mod avx512 {
     /// # Safety
     /// The CPU must have AVX-512F; `y` as for `block_portable`.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32) {
+    pub(super) unsafe fn block<E: PanelElement>(
+        x: &[f32],
+        rows: usize,
+        panels: Panels<'_, E>,
+        y: *mut f32,
+    ) {
         let mut p = panels.first;
         while p < panels.end {
             let pair = panels.end - p >= TILE_PANELS;
@@ -231,22 +287,22 @@ mod avx512 {
                 // SAFETY: the caller's contract; the tile lies inside `rows` and the task.
                 unsafe {
                     match (tile_rows, pair) {
-                        (8, true) => tile::<8, 2>(at),
-                        (7, true) => tile::<7, 2>(at),
-                        (6, true) => tile::<6, 2>(at),
-                        (5, true) => tile::<5, 2>(at),
-                        (4, true) => tile::<4, 2>(at),
-                        (3, true) => tile::<3, 2>(at),
-                        (2, true) => tile::<2, 2>(at),
-                        (1, true) => tile::<1, 2>(at),
-                        (8, false) => tile::<8, 1>(at),
-                        (7, false) => tile::<7, 1>(at),
-                        (6, false) => tile::<6, 1>(at),
-                        (5, false) => tile::<5, 1>(at),
-                        (4, false) => tile::<4, 1>(at),
-                        (3, false) => tile::<3, 1>(at),
-                        (2, false) => tile::<2, 1>(at),
-                        _ => tile::<1, 1>(at),
+                        (8, true) => tile::<8, 2, E>(at),
+                        (7, true) => tile::<7, 2, E>(at),
+                        (6, true) => tile::<6, 2, E>(at),
+                        (5, true) => tile::<5, 2, E>(at),
+                        (4, true) => tile::<4, 2, E>(at),
+                        (3, true) => tile::<3, 2, E>(at),
+                        (2, true) => tile::<2, 2, E>(at),
+                        (1, true) => tile::<1, 2, E>(at),
+                        (8, false) => tile::<8, 1, E>(at),
+                        (7, false) => tile::<7, 1, E>(at),
+                        (6, false) => tile::<6, 1, E>(at),
+                        (5, false) => tile::<5, 1, E>(at),
+                        (4, false) => tile::<4, 1, E>(at),
+                        (3, false) => tile::<3, 1, E>(at),
+                        (2, false) => tile::<2, 1, E>(at),
+                        _ => tile::<1, 1, E>(at),
                     }
                 }
                 r += tile_rows;
@@ -256,9 +312,9 @@ mod avx512 {
     }
 
     #[derive(Clone, Copy)]
-    struct Tile<'a> {
+    struct Tile<'a, E> {
         x: &'a [f32],
-        panels: Panels<'a>,
+        panels: Panels<'a, E>,
         /// First row and first panel of the tile.
         r: usize,
         p: usize,
@@ -271,18 +327,18 @@ mod avx512 {
     /// As for `block`; `r + MR <= rows` and `p + NP <= panels.end`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const MR: usize, const NP: usize>(t: Tile<'_>) {
+    unsafe fn tile<const MR: usize, const NP: usize, E: PanelElement>(t: Tile<'_, E>) {
         let Tile { x, panels, r, p, y } = t;
         let inputs = panels.inputs;
         let x_rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(r + i) * inputs..][..inputs]);
-        let weights: [&[f32]; NP] = std::array::from_fn(|j| panels.panel(p + j));
+        let weights: [&[E]; NP] = std::array::from_fn(|j| panels.panel(p + j));
         let mut acc = [[_mm512_setzero_ps(); NP]; MR];
         for k in 0..inputs {
             // No closures here: they would not inherit the target features.
             let mut w = [_mm512_setzero_ps(); NP];
             for (w, panel) in w.iter_mut().zip(&weights) {
                 // SAFETY: `(k + 1) · 16 <= inputs · 16`, the panel's length.
-                *w = unsafe { _mm512_loadu_ps(panel.as_ptr().add(k * PANEL)) };
+                *w = unsafe { load(panel.as_ptr().add(k * PANEL)) };
             }
             for (acc, x_row) in acc.iter_mut().zip(&x_rows) {
                 let xk = _mm512_set1_ps(x_row[k]);
@@ -313,8 +369,25 @@ mod avx512 {
 // vector width (a panel is one AVX-512 vector, two AVX2 vectors), tile shape and tail stores.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PANEL, Panels};
+    use super::{PANEL, PanelElement, Panels};
     use std::arch::x86_64::*;
+
+    /// 8 weights at `at`, as f32.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; `at` must point at 8 readable elements.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load<E: PanelElement>(at: *const E) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if E::HALF {
+                _mm256_cvtph_ps(_mm_loadu_si128(at.cast()))
+            } else {
+                _mm256_loadu_ps(at.cast())
+            }
+        }
+    }
 
     /// Rows per register tile: 4 rows × 2 half-panels of 8 lanes, 8 accumulators, 2 weight
     /// vectors and a broadcast input, 11 of AVX2's 16 registers.
@@ -325,8 +398,13 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `y` as for `block_portable`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn block(x: &[f32], rows: usize, panels: Panels<'_>, y: *mut f32) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn block<E: PanelElement>(
+        x: &[f32],
+        rows: usize,
+        panels: Panels<'_, E>,
+        y: *mut f32,
+    ) {
         for p in panels.first..panels.end {
             let mut r = 0;
             while r < rows {
@@ -334,10 +412,10 @@ mod avx2 {
                 // SAFETY: the caller's contract; the tile lies inside `rows` and the task.
                 unsafe {
                     match tile_rows {
-                        4 => tile::<4>(x, panels, r, p, y),
-                        3 => tile::<3>(x, panels, r, p, y),
-                        2 => tile::<2>(x, panels, r, p, y),
-                        _ => tile::<1>(x, panels, r, p, y),
+                        4 => tile::<4, E>(x, panels, r, p, y),
+                        3 => tile::<3, E>(x, panels, r, p, y),
+                        2 => tile::<2, E>(x, panels, r, p, y),
+                        _ => tile::<1, E>(x, panels, r, p, y),
                     }
                 }
                 r += tile_rows;
@@ -350,10 +428,10 @@ mod avx2 {
     /// # Safety
     /// As for `block`; `r + MR <= rows`, `p < panels.end`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const MR: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const MR: usize, E: PanelElement>(
         x: &[f32],
-        panels: Panels<'_>,
+        panels: Panels<'_, E>,
         r: usize,
         p: usize,
         y: *mut f32,
@@ -366,8 +444,8 @@ mod avx2 {
             // SAFETY: `k · 16 + 16 <= inputs · 16`, the panel's length.
             let w = unsafe {
                 [
-                    _mm256_loadu_ps(panel.as_ptr().add(k * PANEL)),
-                    _mm256_loadu_ps(panel.as_ptr().add(k * PANEL + HALF)),
+                    load(panel.as_ptr().add(k * PANEL)),
+                    load(panel.as_ptr().add(k * PANEL + HALF)),
                 ]
             };
             for (acc, x_row) in acc.iter_mut().zip(&x_rows) {
@@ -466,6 +544,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// f16 panels are read as the f32 values they hold: every kernel gives the chain of the f32
+    /// weights of the same values, bit for bit, through the tensor entry point too.
+    #[test]
+    fn half_panels_compute_the_chain_of_their_values() {
+        for (outputs, inputs) in [(5, 3), (48, 17), (300, 64)] {
+            let w: Vec<f32> = random(outputs * inputs, 11)
+                .into_iter()
+                .map(|v| f16::from_f32(v).to_f32())
+                .collect();
+            let half: Vec<f16> = pack_out_in(&w, outputs, inputs)
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            for rows in [1, 3, 8, 9, 70] {
+                let x = random(rows * inputs, (outputs + rows) as u64);
+                let want = bits(&chained(&x, rows, &w, outputs, inputs));
+                for kernel in Simd::available() {
+                    let got = panel_matmul_with(kernel, &x, rows, &half, outputs, inputs);
+                    assert_eq!(
+                        bits(&got),
+                        want,
+                        "{kernel:?}: {rows} × [{outputs}, {inputs}]"
+                    );
+                }
+            }
+        }
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        let (rows, outputs, inputs) = (2, 20, 6);
+        let x = random(rows * inputs, 12);
+        let w: Vec<f32> = random(outputs * inputs, 13)
+            .into_iter()
+            .map(|v| f16::from_f32(v).to_f32())
+            .collect();
+        let half: Vec<f16> = pack_out_in(&w, outputs, inputs)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let x_tensor =
+            Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [rows, inputs]), &device);
+        let panels = Tensor::<B, 2>::from_data(TensorData::new(half, [2 * inputs, PANEL]), &device);
+        let y: Vec<f32> = try_panel_matmul(&x_tensor, &panels, outputs)
+            .expect("f32 rows and f16 panels on Flex")
+            .into_data()
+            .to_vec()
+            .unwrap();
+        assert_eq!(bits(&y), bits(&chained(&x, rows, &w, outputs, inputs)));
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! panel kernel at 31 GB/s (docs/benchmarks.md, session 30), and a draft round was a tenth of a
 //! ReDrafter round on the CPU.
 //!
+//! A weight whose values are all f16 values — every layer of a checkpoint saved in f16, as the
+//! shipped drafter is — is stored in f16 and widened exactly as it is read
+//! ([`crate::panel_matmul::PanelElement`]): the same products from half the bytes (the README's
+//! CPU shape drafted in 2.4 ms a round instead of 2.9 with f32 layers; session 31). The table,
+//! rows of the target's embedding, stays f32 unless its values are f16 values too.
+//!
 //! The panels are copies laid out when a draft vocabulary is set
 //! ([`RecurrentDrafter::with_draft_vocabulary`](super::RecurrentDrafter::with_draft_vocabulary)),
 //! from the weights as they are then — like the vocabulary's other derived tables. They are
@@ -19,6 +25,7 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use half::f16;
 
 use super::recurrent::RecurrentDrafter;
 use crate::projection::{PANEL, pack_in_out, pack_out_in};
@@ -34,7 +41,7 @@ pub(crate) struct PanelWeight<B: Backend> {
 
 impl<B: Backend> PanelWeight<B> {
     /// The panels of a weight stored `[in, out]` (Burn's `Linear`) or, with `out_major`,
-    /// `[out, in]` (a table of token rows).
+    /// `[out, in]` (a table of token rows), in f16 where that loses nothing.
     fn new(weight: &Tensor<B, 2>, out_major: bool) -> Self {
         let [rows, cols] = weight.dims();
         let (inputs, outputs) = if out_major {
@@ -50,10 +57,19 @@ impl<B: Backend> PanelWeight<B> {
             pack_in_out(&values, inputs, outputs)
         };
         let shape = [outputs.div_ceil(PANEL) * inputs, PANEL];
-        Self {
-            panels: Tensor::from_data(TensorData::new(panels, shape), &device),
-            outputs,
-        }
+        // In f16 where every value is an f16 value (a checkpoint saved in f16, as the shipped
+        // drafter is): half the bytes, the same products (the kernel widens each weight exactly).
+        // Elsewhere (SmolLM2's table, rows of a Q8_0 embedding) f32, so drafts never change.
+        let stored_half = panels
+            .iter()
+            .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
+        let panels = Tensor::<B, 2>::from_data(TensorData::new(panels, shape), &device);
+        let panels = if stored_half {
+            panels.cast(DType::F16)
+        } else {
+            panels
+        };
+        Self { panels, outputs }
     }
 
     /// `x · W`; `None` where the panel kernel declines (another float type, another width).
@@ -112,14 +128,29 @@ impl<B: Backend> DrafterPanels<B> {
             return None;
         }
         let of = |linear: &Linear<B>| PanelWeight::new(&linear.weight.val(), false);
-        Some(Self {
+        let panels = Self {
             rnn_w: drafter.rnn_w.as_ref().map(of),
             rnn_u: drafter.rnn_u.as_ref().map(of),
             input_proj: drafter.input_proj.as_ref().map(of),
             res_blocks: drafter.res_blocks.iter().map(|b| of(&b.linear)).collect(),
             exit: of(&drafter.head),
             table: PanelWeight::new(table, true),
-        })
+        };
+        tracing::debug!(
+            half = panels.half_weights(),
+            "draft head's weights laid out in panels for the CPU"
+        );
+        Some(panels)
+    }
+
+    /// How many of the weights (the table included) are stored in f16.
+    pub(crate) fn half_weights(&self) -> usize {
+        let weights = [&self.rnn_w, &self.rnn_u, &self.input_proj]
+            .into_iter()
+            .flatten()
+            .chain(&self.res_blocks)
+            .chain([&self.exit, &self.table]);
+        weights.filter(|w| w.panels.dtype() == DType::F16).count()
     }
 
     /// The RNN's update `silu(e·W + b_W + s·U + b_U)`, as `Linear`s compute it; `None` where a

@@ -979,6 +979,51 @@ fn the_cpu_panels_compute_what_the_linears_compute() {
             );
         }
     }
+    // A drafter whose weights are all f16 values (a checkpoint saved in f16, as the shipped one
+    // is) keeps its layers' panels in f16 — and computes the same bits as its linears' f32
+    // panels would, so the same values within the tolerance of the linears' products.
+    struct RoundToHalf;
+    impl burn::module::ModuleMapper<B> for RoundToHalf {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<B, D>>,
+        ) -> burn::module::Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let rounded = tensor
+                .cast(burn::tensor::DType::F16)
+                .cast(burn::tensor::DType::F32);
+            burn::module::Param::from_mapped_value(id, rounded, mapper)
+        }
+    }
+    let full = drafter(&configs[0], 64).map(&mut RoundToHalf);
+    let reduced = full
+        .clone()
+        .with_draft_vocabulary(DraftVocabulary::new(ids.clone(), 60).unwrap())
+        .unwrap();
+    assert!(reduced.cpu_panels().unwrap().half_weights() > 0);
+    let (context, state, embedding) = (random(3, 8, 75), random(3, 8, 76), random(3, 8, 77));
+    let want = floats(full.step(state.clone(), embedding.clone()).unwrap());
+    let got = floats(reduced.step(state.clone(), embedding).unwrap());
+    for (w, g) in want.iter().zip(&got) {
+        assert!((w - g).abs() < 1e-5, "f16 layers: state {w} vs {g}");
+    }
+    let columns = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(
+            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            [ids.len()],
+        ),
+        &device(),
+    );
+    let whole = full.head_logits(context.clone(), state.clone()).unwrap();
+    let want = floats(whole.select(1, columns));
+    let got = floats(reduced.draft_logits(context, state).unwrap());
+    for (w, g) in want.iter().zip(&got) {
+        assert!(
+            (w - g).abs() < 1e-4 * w.abs().max(1.0),
+            "f16 layers: logit {w} vs {g}"
+        );
+    }
+
     // Blocks added after the vocabulary no longer match its panels: the head falls back to its
     // linears (zero blocks are the identity, so the logits stay the same).
     let reduced = drafter(&configs[0], 61)
