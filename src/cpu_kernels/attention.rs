@@ -344,38 +344,33 @@ fn rows_attention<const R: usize>(tile: &Tile<'_>, out: &mut [f32]) {
     }
     let tile_probs: [&[f32]; R] = std::array::from_fn(|i| &probs[i * padded..][..slots]);
     // Whole value rows of a 64-wide head in one pass (each row's 4 vectors loaded once for the
-    // tile), then blocks of 16 columns, then a padded remainder; every output element is the same
-    // chain over the slots in each.
+    // tile), else 16 columns at a time; every output element is the same chain over the slots.
     let mut column = 0;
-    let mut write = |column: usize, width: usize, sums: &[f32], i: usize| {
-        out[i * dim + column..][..width].copy_from_slice(&sums[..width]);
-    };
-    while dim - column >= WIDE {
-        let Some(sums) = weighted_value_block::<R, WIDE>(&tile_probs, v, b, kv, column, dim) else {
-            break;
-        };
-        sums.iter()
-            .enumerate()
-            .for_each(|(i, sums)| write(column, WIDE, sums, i));
-        column += WIDE;
-    }
-    while dim - column >= LANES {
-        let Some(sums) = weighted_value_block::<R, LANES>(&tile_probs, v, b, kv, column, dim)
-        else {
-            break;
-        };
-        sums.iter()
-            .enumerate()
-            .for_each(|(i, sums)| write(column, LANES, sums, i));
-        column += LANES;
-    }
     while column < dim {
-        let width = LANES.min(dim - column);
-        let sums = weighted_values(&tile_probs, v, b, kv, column, width, dim);
-        sums.iter()
-            .enumerate()
-            .for_each(|(i, sums)| write(column, width, sums, i));
-        column += width;
+        if dim - column >= WIDE {
+            let sums = weighted_values::<R, WIDE>(&tile_probs, v, b, kv, column, WIDE, dim);
+            store(out, dim, column, WIDE, &sums);
+            column += WIDE;
+        } else {
+            let width = LANES.min(dim - column);
+            let sums = weighted_values::<R, LANES>(&tile_probs, v, b, kv, column, width, dim);
+            store(out, dim, column, width, &sums);
+            column += width;
+        }
+    }
+}
+
+/// Columns `column..column + width` of each of the `R` output rows (`dim` wide) from `sums`.
+#[inline(always)]
+fn store<const R: usize, const C: usize>(
+    out: &mut [f32],
+    dim: usize,
+    column: usize,
+    width: usize,
+    sums: &[[f32; C]; R],
+) {
+    for (i, sums) in sums.iter().enumerate() {
+        out[i * dim + column..][..width].copy_from_slice(&sums[..width]);
     }
 }
 
@@ -397,33 +392,10 @@ fn panel_scores<const R: usize>(
     acc
 }
 
-/// `Σ_s probs[i][s] · V[s][column..column + C]` for `R` rows of probabilities, summed in slot
-/// order with fused multiply-adds; `None` unless every value row has `C` columns there (then
-/// [`weighted_values`] takes the block).
+/// `Σ_s probs[i][s] · V[s][column..column + width]` (`width ≤ C`) for `R` rows of
+/// probabilities, summed in slot order with fused multiply-adds; lanes past `width` are zero.
 #[inline(always)]
-fn weighted_value_block<const R: usize, const C: usize>(
-    probs: &[&[f32]; R],
-    v: &View<'_>,
-    b: usize,
-    kv: usize,
-    column: usize,
-    dim: usize,
-) -> Option<[[f32; C]; R]> {
-    let mut acc = [[0.0f32; C]; R];
-    let slots = probs[0].len();
-    for s in 0..slots {
-        let values = v.row(b, kv, s, dim).get(column..)?.first_chunk::<C>()?;
-        for (acc, probs) in acc.iter_mut().zip(probs) {
-            let p = probs[s];
-            *acc = std::array::from_fn(|l| p.mul_add(values[l], acc[l]));
-        }
-    }
-    Some(acc)
-}
-
-/// [`weighted_value_block`] for the last `width < 16` columns, padded with zeros.
-#[inline(always)]
-fn weighted_values<const R: usize>(
+fn weighted_values<const R: usize, const C: usize>(
     probs: &[&[f32]; R],
     v: &View<'_>,
     b: usize,
@@ -431,12 +403,19 @@ fn weighted_values<const R: usize>(
     column: usize,
     width: usize,
     dim: usize,
-) -> [[f32; LANES]; R] {
-    let mut acc = [[0.0f32; LANES]; R];
+) -> [[f32; C]; R] {
+    let mut acc = [[0.0f32; C]; R];
     let slots = probs[0].len();
     for s in 0..slots {
         let row = &v.row(b, kv, s, dim)[column..column + width];
-        let values: [f32; LANES] = std::array::from_fn(|l| row.get(l).copied().unwrap_or(0.0));
+        let padded: [f32; C];
+        let values = match row.first_chunk::<C>() {
+            Some(whole) => whole,
+            None => {
+                padded = std::array::from_fn(|l| row.get(l).copied().unwrap_or(0.0));
+                &padded
+            }
+        };
         for (acc, probs) in acc.iter_mut().zip(probs) {
             let p = probs[s];
             *acc = std::array::from_fn(|l| p.mul_add(values[l], acc[l]));

@@ -935,6 +935,44 @@ fn a_draft_vocabulary_of_every_token_drafts_the_same_beams() {
     }
 }
 
+/// `reduced`'s RNN step and draft logits (through its CPU panels) against `full`'s linears over
+/// the whole vocabulary, at the draft vocabulary's `ids`.
+fn assert_panels_match(
+    full: &RecurrentDrafter<B>,
+    reduced: &RecurrentDrafter<B>,
+    ids: &[u32],
+    seed: u64,
+    label: &str,
+) {
+    let (context, state, embedding) = (
+        random(3, 8, seed),
+        random(3, 8, seed + 1),
+        random(3, 8, seed + 2),
+    );
+    let want = floats(full.step(state.clone(), embedding.clone()).unwrap());
+    let got = floats(reduced.step(state.clone(), embedding).unwrap());
+    for (w, g) in want.iter().zip(&got) {
+        assert!((w - g).abs() < 1e-5, "{label}: state {w} vs {g}");
+    }
+    let columns = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(
+            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            [ids.len()],
+        ),
+        &device(),
+    );
+    let whole = full.head_logits(context.clone(), state.clone()).unwrap();
+    let want = floats(whole.select(1, columns));
+    let got = floats(reduced.draft_logits(context, state).unwrap());
+    assert_eq!(want.len(), got.len());
+    for (w, g) in want.iter().zip(&got) {
+        assert!(
+            (w - g).abs() < 1e-4 * w.abs().max(1.0),
+            "{label}: logit {w} vs {g}"
+        );
+    }
+}
+
 #[test]
 fn the_cpu_panels_compute_what_the_linears_compute() {
     let tied = RecurrentDrafterConfig::new(8, 60).with_head(DraftHeadKind::Tied);
@@ -945,43 +983,20 @@ fn the_cpu_panels_compute_what_the_linears_compute() {
         tied.clone().with_rnn(false),
     ];
     let ids: Vec<u32> = vec![7, 3, 59, 0, 22, 41, 18, 30, 5, 50, 11, 44, 2, 36, 27, 9, 55];
+    let vocabulary = DraftVocabulary::new(ids.clone(), 60).unwrap();
     for (n, config) in configs.iter().enumerate() {
         let full = drafter(config, 61 + n as u64);
         let reduced = full
             .clone()
-            .with_draft_vocabulary(DraftVocabulary::new(ids.clone(), 60).unwrap())
+            .with_draft_vocabulary(vocabulary.clone())
             .unwrap();
-        assert!(
-            reduced.cpu_panels().is_some(),
-            "config {n}: no panels on Flex in f32"
-        );
-        let (context, state, embedding) = (random(3, 8, 70), random(3, 8, 71), random(3, 8, 72));
-        let want = floats(full.step(state.clone(), embedding.clone()).unwrap());
-        let got = floats(reduced.step(state.clone(), embedding).unwrap());
-        for (w, g) in want.iter().zip(&got) {
-            assert!((w - g).abs() < 1e-5, "config {n}: state {w} vs {g}");
-        }
-        let columns = Tensor::<B, 1, Int>::from_data(
-            TensorData::new(
-                ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-                [ids.len()],
-            ),
-            &device(),
-        );
-        let whole = full.head_logits(context.clone(), state.clone()).unwrap();
-        let want = floats(whole.select(1, columns));
-        let got = floats(reduced.draft_logits(context, state).unwrap());
-        assert_eq!(want.len(), got.len());
-        for (w, g) in want.iter().zip(&got) {
-            assert!(
-                (w - g).abs() < 1e-4 * w.abs().max(1.0),
-                "config {n}: logit {w} vs {g}"
-            );
-        }
+        let panels = reduced.cpu_panels().expect("panels on Flex in f32");
+        // Random f32 weights are not f16 values: every panel stays f32.
+        assert_eq!(panels.half_weights(), 0, "config {n}");
+        assert_panels_match(&full, &reduced, &ids, 70, &format!("config {n}"));
     }
     // A drafter whose weights are all f16 values (a checkpoint saved in f16, as the shipped one
-    // is) keeps its layers' panels in f16 — and computes the same bits as its linears' f32
-    // panels would, so the same values within the tolerance of the linears' products.
+    // is) keeps its layers' panels in f16 — the same products as f32 panels of those values.
     struct RoundToHalf;
     impl burn::module::ModuleMapper<B> for RoundToHalf {
         fn map_float<const D: usize>(
@@ -998,31 +1013,11 @@ fn the_cpu_panels_compute_what_the_linears_compute() {
     let full = drafter(&configs[0], 64).map(&mut RoundToHalf);
     let reduced = full
         .clone()
-        .with_draft_vocabulary(DraftVocabulary::new(ids.clone(), 60).unwrap())
+        .with_draft_vocabulary(vocabulary.clone())
         .unwrap();
-    assert!(reduced.cpu_panels().unwrap().half_weights() > 0);
-    let (context, state, embedding) = (random(3, 8, 75), random(3, 8, 76), random(3, 8, 77));
-    let want = floats(full.step(state.clone(), embedding.clone()).unwrap());
-    let got = floats(reduced.step(state.clone(), embedding).unwrap());
-    for (w, g) in want.iter().zip(&got) {
-        assert!((w - g).abs() < 1e-5, "f16 layers: state {w} vs {g}");
-    }
-    let columns = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(
-            ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
-            [ids.len()],
-        ),
-        &device(),
-    );
-    let whole = full.head_logits(context.clone(), state.clone()).unwrap();
-    let want = floats(whole.select(1, columns));
-    let got = floats(reduced.draft_logits(context, state).unwrap());
-    for (w, g) in want.iter().zip(&got) {
-        assert!(
-            (w - g).abs() < 1e-4 * w.abs().max(1.0),
-            "f16 layers: logit {w} vs {g}"
-        );
-    }
+    // The RNN's two, two blocks and the exit projection; the table (random embeddings) is f32.
+    assert_eq!(reduced.cpu_panels().unwrap().half_weights(), 5);
+    assert_panels_match(&full, &reduced, &ids, 75, "f16 layers");
 
     // Blocks added after the vocabulary no longer match its panels: the head falls back to its
     // linears (zero blocks are the identity, so the logits stay the same).
