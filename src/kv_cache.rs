@@ -235,7 +235,7 @@ impl<B: Backend> KvCache<B> {
         // storage shared and copy it whole; the layers drop them when their attention returns.
         let visible_of = |cache: &Tensor<B, 5>| {
             crate::cube_kernels::view::<B, 5, 4>(cache, visible.clone())
-                .or_else(|| flex_view(cache.clone().slice(visible.clone())))
+                .or_else(|| flex_view(cache, visible.clone()))
                 .unwrap_or_else(|| cache.clone().slice(visible.clone()).squeeze_dim::<4>(0))
         };
         (
@@ -436,16 +436,18 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// A slice `[1, ...]` of the storage as a 4-D view sharing its buffer on Flex
-/// ([`crate::flex_tensor::squeeze_leading`]); `None` elsewhere.
-fn flex_view<B: Backend>(slice: Tensor<B, 5>) -> Option<Tensor<B, 4>> {
+/// The slice `region` (`[1, ...]`) of the storage as a 4-D view sharing its buffer on Flex
+/// ([`crate::flex_tensor::squeeze_leading`]); `None` elsewhere, with nothing sliced.
+fn flex_view<B: Backend>(
+    storage: &Tensor<B, 5>,
+    region: [std::ops::Range<usize>; 5],
+) -> Option<Tensor<B, 4>> {
     #[cfg(feature = "flex")]
-    return crate::flex_tensor::squeeze_leading::<B, 5, 4>(slice);
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = slice;
-        None
+    if crate::flex_tensor::is_flex::<B>() {
+        return crate::flex_tensor::squeeze_leading::<B, 5, 4>(storage.clone().slice(region));
     }
+    let _ = (storage, region);
+    None
 }
 
 #[cfg(all(test, feature = "flex"))]
