@@ -116,13 +116,7 @@ impl<B: Backend> Projection<B> {
     ) -> Self {
         #[cfg(feature = "flex")]
         if takes_panels::<B>(dtype) {
-            let panels = if data_out_major {
-                pack_out_in(&data, outputs, inputs)
-            } else {
-                pack_in_out(&data, inputs, outputs)
-            };
-            let shape = [outputs.div_ceil(PANEL) * inputs, PANEL];
-            let weight = Tensor::<B, 2>::from_data(TensorData::new(panels, shape), device);
+            let weight = panel_tensor(&data, inputs, outputs, data_out_major, device);
             return Self::from_tensor(weight, WeightLayout::Panels { outputs });
         }
         let out_major = prefers_out_major::<B>(device);
@@ -277,6 +271,25 @@ pub fn panel_len(outputs: usize, inputs: usize) -> usize {
     outputs.div_ceil(PANEL) * inputs * PANEL
 }
 
+/// The panels of a row-major weight, `[outputs, inputs]` when `out_major` (HF's `nn.Linear`
+/// layout, a table of token rows), else `[inputs, outputs]` (the `x·W` layout), as an f32 tensor
+/// `[⌈outputs / 16⌉ · inputs, 16]` on `device`.
+pub(crate) fn panel_tensor<B: Backend>(
+    weight: &[f32],
+    inputs: usize,
+    outputs: usize,
+    out_major: bool,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let panels = if out_major {
+        pack_out_in(weight, outputs, inputs)
+    } else {
+        pack_in_out(weight, inputs, outputs)
+    };
+    let shape = [outputs.div_ceil(PANEL) * inputs, PANEL];
+    Tensor::from_data(TensorData::new(panels, shape), device)
+}
+
 /// The panel layout of a row-major `[outputs, inputs]` weight (HF's `nn.Linear` layout).
 pub fn pack_out_in(weight: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
     debug_assert_eq!(weight.len(), outputs * inputs);
@@ -285,9 +298,9 @@ pub fn pack_out_in(weight: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
     panels
 }
 
-/// Writes output rows of `inputs` floats each (row `o` is output `o`) into a zeroed panel
-/// buffer of [`panel_len`] floats — also the CPU attention's keys, whose rows are strided views
-/// of the KV cache.
+/// Writes output rows of `inputs` floats each (row `o` is output `o`) into a panel buffer of
+/// [`panel_len`] floats, leaving the last panel's padding lanes as they are (zero in a fresh
+/// buffer) — also the CPU attention's keys, whose rows are strided views of the KV cache.
 pub(crate) fn pack_rows_into<'a>(
     rows: impl IntoIterator<Item = &'a [f32]>,
     inputs: usize,

@@ -24,11 +24,11 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Tensor, backend::Backend};
 use half::f16;
 
-use super::recurrent::RecurrentDrafter;
-use crate::projection::{PANEL, pack_in_out, pack_out_in};
+use super::recurrent::{RecurrentDrafter, as_rows};
+use crate::projection::panel_tensor;
 
 /// A weight laid out in panels ([`crate::projection::WeightLayout::Panels`]).
 #[derive(Module, Debug)]
@@ -49,22 +49,15 @@ impl<B: Backend> PanelWeight<B> {
         } else {
             (rows, cols)
         };
-        let device = weight.device();
         let values: Vec<f32> = weight.clone().into_data().iter::<f32>().collect();
-        let panels = if out_major {
-            pack_out_in(&values, outputs, inputs)
-        } else {
-            pack_in_out(&values, inputs, outputs)
-        };
-        let shape = [outputs.div_ceil(PANEL) * inputs, PANEL];
+        let panels = panel_tensor(&values, inputs, outputs, out_major, &weight.device());
         // In f16 where every value is an f16 value (a checkpoint saved in f16, as the shipped
         // drafter is): half the bytes, the same products (the kernel widens each weight exactly).
         // Elsewhere (SmolLM2's table, rows of a Q8_0 embedding) f32, so drafts never change.
-        let stored_half = panels
+        let exact_in_half = values
             .iter()
             .all(|&v| f16::from_f32(v).to_f32().to_bits() == v.to_bits());
-        let panels = Tensor::<B, 2>::from_data(TensorData::new(panels, shape), &device);
-        let panels = if stored_half {
+        let panels = if exact_in_half {
             panels.cast(DType::F16)
         } else {
             panels
@@ -77,11 +70,7 @@ impl<B: Backend> PanelWeight<B> {
     /// # Shapes
     /// `[..., in]` to `[..., out]`
     fn forward<const D: usize>(&self, x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
-        let mut shape = x.dims();
-        let inputs = shape[D - 1];
-        let rows = shape[..D - 1].iter().product::<usize>();
-        shape[D - 1] = self.outputs;
-        let flat = x.clone().reshape([rows, inputs]);
+        let (flat, shape) = as_rows(x, self.outputs);
         #[cfg(feature = "flex")]
         return crate::panel_matmul::try_panel_matmul(&flat, &self.panels, self.outputs)
             .map(|y| y.reshape(shape));

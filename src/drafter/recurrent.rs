@@ -686,12 +686,10 @@ impl<B: Backend> RecurrentDrafter<B> {
                 });
                 gpu_rnn_update(u, state, input)
             }
-            (Some(w), Some(u)) => match self.cpu_panels() {
-                Some(panels) => panels
-                    .rnn_step(self, &state, &token_embedding)
-                    .unwrap_or_else(|| silu(w.forward(token_embedding) + u.forward(state))),
-                None => silu(w.forward(token_embedding) + u.forward(state)),
-            },
+            (Some(w), Some(u)) => self
+                .cpu_panels()
+                .and_then(|panels| panels.rnn_step(self, &state, &token_embedding))
+                .unwrap_or_else(|| silu(w.forward(token_embedding) + u.forward(state))),
             _ => state + token_embedding,
         })
     }
@@ -839,7 +837,7 @@ fn gpu_product<B: Backend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>
 
 /// `x` `[..., in]` as the rows `[rows, in]` our products take, and the shape `[..., outputs]` of
 /// their product to reshape it back to.
-fn as_rows<B: Backend, const D: usize>(
+pub(super) fn as_rows<B: Backend, const D: usize>(
     x: &Tensor<B, D>,
     outputs: usize,
 ) -> (Tensor<B, 2>, [usize; D]) {
