@@ -496,6 +496,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
                 .with_head(DraftHeadKind::Tied)
                 .init_seeded::<B>(0, &device)?
+                .with_dtype(options.dtype)?
                 .with_target(&model)?,
         ),
         Some(path) => Some(RecurrentDrafter::load_for_target(path, &model)?),

@@ -337,6 +337,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         let drafter = RecurrentDrafterConfig::new(model.hidden_size(), vocab)
             .with_head(DraftHeadKind::Tied)
             .init_seeded::<B>(0, &device)?
+            .with_dtype(dtype)?
             .with_target(&model)?;
         let drafter = match args.draft_vocab_size {
             0 => drafter,

@@ -91,6 +91,13 @@ impl<B: Backend> KvCache<B> {
         self
     }
 
+    /// The storage's float type (F32 for a cache that holds no storage).
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.keys
+            .as_ref()
+            .map_or(burn::tensor::DType::F32, |keys| keys.dtype())
+    }
+
     /// Number of sequences.
     pub fn batch_size(&self) -> usize {
         self.lengths.len()
@@ -424,8 +431,10 @@ impl<B: Backend> KvCache<B> {
         }
         // One contiguous row, reshaped, as `generate::int_tensor` uploads: a 4-D upload gets
         // padded rows on CUDA (the attention reads the bias through its strides either way).
+        // Converted on the host to the cache's float type, which the attention adds it in: an
+        // f16 model's forward then casts nothing (a launch a tree on the GPUs).
         let count = bias.len();
-        Tensor::<B, 1>::from_data(TensorData::new(bias, [count]), device)
+        Tensor::<B, 1>::from_data(TensorData::new(bias, [count]), (device, self.dtype()))
             .reshape([batch, 1, block_len, width])
     }
 
@@ -464,6 +473,27 @@ mod tests {
         };
         let primitive: FlexTensor = primitive;
         primitive.bytes().as_ptr()
+    }
+
+    /// The bias comes in the cache's float type (an f16 model's forward casts nothing), with
+    /// the values of the f32 bias converted.
+    #[test]
+    fn the_attention_bias_is_in_the_caches_float_type() {
+        use burn::tensor::DType;
+        let device = Default::default();
+        let cache = KvCache::<Flex>::new(2, 1, 2, 4, 16, &device);
+        let mask = vec![vec![true, false, true, true]];
+        let bias = cache.attention_bias(2, Some(&mask), &device);
+        assert_eq!(bias.dtype(), DType::F32);
+        let half = cache.cast(DType::F16);
+        assert_eq!(half.dtype(), DType::F16);
+        let half_bias = half.attention_bias(2, Some(&mask), &device);
+        assert_eq!(half_bias.dtype(), DType::F16);
+        assert_eq!(half_bias.dims(), bias.dims());
+        assert_eq!(
+            half_bias.into_data().convert::<f32>(),
+            bias.cast(DType::F16).into_data().convert::<f32>()
+        );
     }
 
     /// Appending and committing on the CPU must not copy the whole cache (Burn's Flex

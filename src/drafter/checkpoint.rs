@@ -175,7 +175,9 @@ impl<B: Backend> RecurrentDrafter<B> {
     }
 
     /// Loads a checkpoint for a target of hidden size `target_hidden` and vocabulary
-    /// `target_vocab`, and attaches the target's frozen embeddings.
+    /// `target_vocab`, and attaches the target's frozen embeddings. The parameters are stored
+    /// in the embeddings' float type (whatever the file's), as
+    /// [`with_dtype`](Self::with_dtype) does.
     ///
     /// # Shapes
     /// `input_embedding`, `output_embedding`: `[target_vocab, target_hidden]`
@@ -193,7 +195,11 @@ impl<B: Backend> RecurrentDrafter<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let drafter = load_checked(path.as_ref(), Some((target_hidden, target_vocab)), device)?;
-        drafter.with_embeddings(input_embedding, output_embedding)
+        // Draft in the target's float type: its hidden states and embedding rows then go in as
+        // they are, with no cast (see `with_dtype`).
+        drafter
+            .with_dtype(input_embedding.dtype())?
+            .with_embeddings(input_embedding, output_embedding)
     }
 
     /// [`Self::load`] with the sizes, embeddings and device taken from `target`.

@@ -642,6 +642,45 @@ impl<B: Backend> RecurrentDrafter<B> {
         self.head.weight.val().dtype()
     }
 
+    /// The drafter with its parameters in `dtype` (a float type), its draft vocabulary's derived
+    /// tables rebuilt from them. [`Self::load`] computes in the target embedding's type, so a
+    /// drafter for an f16 target drafts in f16: its inputs (the target's hidden state and
+    /// embedding rows) then need no cast — on the GPUs two launches fewer a draft round, where
+    /// every launch costs host time (our products accumulate in f32 either way).
+    ///
+    /// # Errors
+    /// [`Error::InvalidSettings`] for a type that is not a float type.
+    pub fn with_dtype(mut self, dtype: DType) -> Result<Self> {
+        if !dtype.is_float() {
+            return Err(Error::InvalidSettings(format!(
+                "a draft head computes in a float type, not {dtype:?}"
+            )));
+        }
+        if dtype == self.param_dtype() {
+            return Ok(self);
+        }
+        let cast = |linear: Linear<B>| Linear {
+            weight: Param::from_tensor(linear.weight.val().cast(dtype)),
+            bias: linear
+                .bias
+                .map(|bias| Param::from_tensor(bias.val().cast(dtype))),
+        };
+        self.rnn_w = self.rnn_w.map(cast);
+        self.rnn_u = self.rnn_u.map(cast);
+        self.input_proj = self.input_proj.map(cast);
+        self.res_blocks = std::mem::take(&mut self.res_blocks)
+            .into_iter()
+            .map(|block| ResBlock {
+                linear: cast(block.linear),
+            })
+            .collect();
+        self.head = cast(self.head);
+        match self.draft_vocabulary.take() {
+            Some(tables) => self.with_draft_vocabulary(tables.vocabulary),
+            None => Ok(self),
+        }
+    }
+
     /// Looks up token embeddings in the target's (frozen) input table.
     ///
     /// # Shapes

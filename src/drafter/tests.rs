@@ -729,6 +729,55 @@ fn save_load_round_trip() {
 }
 
 #[test]
+fn a_loaded_drafter_computes_in_its_targets_float_type() {
+    use burn::tensor::DType;
+    let dir = temp_dir("target-dtype");
+    let config = small_config().with_head(DraftHeadKind::Tied);
+    let path = dir.join("half.safetensors");
+    drafter(&config, 95)
+        .save(&path, CheckpointDType::F16)
+        .unwrap();
+    let (input, output) = (random(7, 8, 3), random(7, 8, 4));
+    let full =
+        RecurrentDrafter::<B>::load(&path, 8, 7, input.clone(), output.clone(), &device()).unwrap();
+    assert_eq!(full.param_dtype(), DType::F32);
+
+    // For an f16 target every parameter is f16, holding the file's values exactly.
+    let (input_half, output_half) = (input.cast(DType::F16), output.cast(DType::F16));
+    let half =
+        RecurrentDrafter::<B>::load(&path, 8, 7, input_half, output_half, &device()).unwrap();
+    assert_eq!(half.param_dtype(), DType::F16);
+    for (name, linear) in half.named_layers() {
+        assert_eq!(linear.weight.val().dtype(), DType::F16, "{name}");
+        if let Some(bias) = &linear.bias {
+            assert_eq!(bias.val().dtype(), DType::F16, "{name}.bias");
+        }
+    }
+    assert_eq!(params(&half), params(&full));
+    // And back: f32 parameters with the same values.
+    let widened = half.clone().with_dtype(DType::F32).unwrap();
+    assert_eq!(widened.param_dtype(), DType::F32);
+    assert_eq!(params(&widened), params(&full));
+
+    // A draft vocabulary is rebuilt for the new type: the CPU's panels exist only in f32.
+    let vocabulary = DraftVocabulary::new(vec![5, 1, 3], 7).unwrap();
+    let reduced = full.with_draft_vocabulary(vocabulary.clone()).unwrap();
+    assert!(reduced.cpu_panels().is_some());
+    let reduced_half = reduced.with_dtype(DType::F16).unwrap();
+    assert_eq!(reduced_half.draft_vocabulary(), Some(&vocabulary));
+    assert!(reduced_half.cpu_panels().is_none());
+    let reduced_back = reduced_half.with_dtype(DType::F32).unwrap();
+    assert!(reduced_back.cpu_panels().is_some());
+
+    // Not a float type: a typed error.
+    assert!(matches!(
+        widened.with_dtype(DType::I32),
+        Err(Error::InvalidSettings(_))
+    ));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
 fn reference_layout_without_metadata() {
     let dir = temp_dir("reference-layout");
     for config in [
