@@ -34,6 +34,8 @@ pub mod tokenizer;
 pub mod train;
 pub mod tree;
 
+#[cfg(feature = "flex")]
+pub use cpu_simd::SIMD_VARIABLE;
 pub use error::{Error, Result};
 pub use generate::{GenerationConfig, GenerationOutput, generate};
 pub use kv_cache::KvCache;

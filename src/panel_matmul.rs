@@ -389,12 +389,15 @@ mod avx2 {
         }
     }
 
-    /// Rows per register tile: 4 rows × 2 half-panels of 8 lanes, 8 accumulators, 2 weight
-    /// vectors and a broadcast input, 11 of AVX2's 16 registers.
-    const TILE_ROWS: usize = 4;
+    /// Rows per register tile: 6 rows × 2 half-panels of 8 lanes, 12 accumulators, 2 weight
+    /// vectors and a broadcast input, 15 of AVX2's 16 registers. Six rather than four so that a
+    /// verification tree of up to six tokens (the CPU's usual shape: ~4.6) reads each weight
+    /// once: with four, a 5-token tree streamed the weights twice and ReDrafter ran 1.32×
+    /// plain decoding with AVX2 against 1.61× with AVX-512 (docs/benchmarks.md, session 32).
+    const TILE_ROWS: usize = 6;
     const HALF: usize = PANEL / 2;
 
-    /// One task: its panels times every row, in tiles of up to 4 rows.
+    /// One task: its panels times every row, in tiles of up to 6 rows.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `y` as for `block_portable`.
@@ -412,6 +415,8 @@ mod avx2 {
                 // SAFETY: the caller's contract; the tile lies inside `rows` and the task.
                 unsafe {
                     match tile_rows {
+                        6 => tile::<6, E>(x, panels, r, p, y),
+                        5 => tile::<5, E>(x, panels, r, p, y),
                         4 => tile::<4, E>(x, panels, r, p, y),
                         3 => tile::<3, E>(x, panels, r, p, y),
                         2 => tile::<2, E>(x, panels, r, p, y),
@@ -529,7 +534,7 @@ mod tests {
         // Outputs that fill no panel, one, an odd number of them, a partial pair; rows across
         // tile sizes and past one row block.
         for (outputs, inputs) in [(5, 3), (16, 1), (48, 17), (129, 40), (300, 64)] {
-            for rows in [1, 2, 3, 7, 8, 9, 18, 65, 70] {
+            for rows in [1, 2, 3, 5, 6, 7, 8, 9, 18, 65, 70] {
                 let x = random(rows * inputs, (outputs * 1000 + rows) as u64);
                 let w = random(outputs * inputs, inputs as u64);
                 let want = bits(&chained(&x, rows, &w, outputs, inputs));
