@@ -391,9 +391,10 @@ mod avx2 {
 
     /// Rows per register tile: 6 rows × 2 half-panels of 8 lanes, 12 accumulators, 2 weight
     /// vectors and a broadcast input, 15 of AVX2's 16 registers. Six rather than four so that a
-    /// verification tree of up to six tokens (the CPU's usual shape: ~4.6) reads each weight
-    /// once: with four, a 5-token tree streamed the weights twice and ReDrafter ran 1.32×
-    /// plain decoding with AVX2 against 1.61× with AVX-512 (docs/benchmarks.md, session 32).
+    /// verification tree of up to six tokens reads each weight once: a 5-token verification
+    /// took 38.5–39.3 ms with four and 31.6–32.5 with six (random weights). End to end the
+    /// README shape's ReDrafter moved only within the noise (1.25–1.32× → 1.32–1.35× plain
+    /// decoding, AVX-512 1.61–1.65×): its trees reach 7 tokens (docs/benchmarks.md, session 32).
     const TILE_ROWS: usize = 6;
     const HALF: usize = PANEL / 2;
 
