@@ -1321,6 +1321,82 @@ fn a_transposed_draft_table_gives_the_whole_tables_beams() {
     }
 }
 
+/// A one-beam draft in one launch (`cube_kernels::draft_chain`, CUDA only: a grid-wide barrier
+/// between its products) drafts the beams, log-probabilities and scores of the launch-per-step
+/// path bit for bit: its sums run in the row product's order. Odd shapes on purpose: a hidden
+/// size whose slices leave splits empty, a draft vocabulary that ends mid-tile, batches of one to
+/// four rows (five falls back), beams of two to six tokens, f32 and f16. On WGPU both sides
+/// launch step by step (the chain does not apply there), so only CUDA tests the chain itself.
+#[test]
+fn a_chained_draft_equals_the_launch_per_step_draft() {
+    use burn::tensor::DType;
+    use redrafter::drafter::{
+        DraftHeadKind, DraftRequest, DraftVocabulary, RecurrentDrafterConfig,
+    };
+    #[cfg(not(feature = "wgpu"))]
+    assert!(cube_kernels::draft_chain_applies::<B>());
+    let (hidden, vocab, draft_vocab) = (72, 1000, 301);
+    let device = device();
+    let embedding = random([vocab, hidden]).mul_scalar(0.5);
+    // Every third token, in an order that is not sorted.
+    let ids: Vec<u32> = (0..draft_vocab as u32)
+        .map(|i| (i * 3 + 1) % vocab as u32)
+        .rev()
+        .collect();
+    for dtype in [DType::F32, DType::F16] {
+        let table = embedding.clone().cast(dtype);
+        let drafter = RecurrentDrafterConfig::new(hidden, vocab)
+            .with_head(DraftHeadKind::Tied)
+            .init_seeded::<B>(5, &device)
+            .unwrap()
+            .with_embeddings(table.clone(), table)
+            .unwrap()
+            .with_dtype(dtype)
+            .unwrap()
+            .with_draft_vocabulary(DraftVocabulary::new(ids.clone(), vocab).unwrap())
+            .unwrap();
+        assert!(drafter.has_merged_exit());
+        let stepped = drafter.clone().with_draft_chain(false);
+        for (batch, length) in [(1, 5), (1, 2), (2, 6), (3, 4), (4, 5), (5, 3)] {
+            let context = random([batch, hidden]).cast(dtype);
+            let first: Vec<i64> = (0..batch as i64).map(|b| 17 + 101 * b).collect();
+            let request = || DraftRequest {
+                context: context.clone(),
+                first_tokens: Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(first.clone(), [batch]),
+                    &device,
+                ),
+                beam_width: 1,
+                beam_length: length,
+                needs_log_probs: false,
+            };
+            let case = format!("{dtype:?}, batch {batch}, length {length}");
+            let (chained, apart) = (
+                drafter.beam_search(request()).unwrap(),
+                stepped.beam_search(request()).unwrap(),
+            );
+            assert_eq!(chained.tokens.dims(), [batch, 1, length], "{case}");
+            assert_eq!(
+                chained.tokens.into_data().iter::<i64>().collect::<Vec<_>>(),
+                apart.tokens.into_data().iter::<i64>().collect::<Vec<_>>(),
+                "{case}"
+            );
+            for (got, want) in [
+                (
+                    chained.token_log_probs.flatten::<1>(0, 2),
+                    apart.token_log_probs.flatten::<1>(0, 2),
+                ),
+                (
+                    chained.scores.flatten::<1>(0, 1),
+                    apart.scores.flatten::<1>(0, 1),
+                ),
+            ] {
+                assert_eq!(bits(got), bits(want), "{case}");
+            }
+        }
+    }
+}
+
 /// Speculative decoding on the GPU backend, where acceptance runs as one kernel
 /// (`cube_kernels::greedy_accept`) and beam search through `beam_advance`: greedy output equals
 /// plain greedy decoding token for token. A random model's greedy text falls into loops, so

@@ -30,6 +30,21 @@ pub(super) fn runtime_of<B: Backend>() -> Option<Runtime> {
     None
 }
 
+/// Whether `B`'s float tensors are CUDA's (kernels that rely on CUDA's scheduling, such as a grid
+/// barrier, launch nowhere else).
+pub(super) fn is_cuda<B: Backend>() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        matches!(runtime_of::<B>(), Some(Runtime::Cuda))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        // WGPU's runtime is the only other one: never CUDA.
+        let _ = runtime_of::<B>();
+        false
+    }
+}
+
 /// A fused operation, written once for every CubeCL runtime.
 pub(super) trait CubeOp<B: Backend> {
     type Output;

@@ -37,7 +37,7 @@ const COLUMNS: usize = 16;
 /// Units along `y`, each summing one slice of the inputs. Many slices give the few rows of a
 /// decoding step enough units to keep the memory system busy: with 4, a `[1, 1536] · [1536, 576]`
 /// product ran on 9 cubes and took ~60 µs on the H200 (docs/benchmarks.md, session 11).
-const SPLITS: usize = 32;
+pub(super) const SPLITS: usize = 32;
 /// Rows per cube for a few rows, and for more than that (a verification tree); each unit keeps
 /// one f32 accumulator per row. The weight is read once per cube: with 16 rows a 40-token tree
 /// reads it 3 times instead of 5 (the LM head's is 113 MB in f32).
@@ -46,7 +46,7 @@ const ROWS: usize = 8;
 /// most every device has (lavapipe's limit).
 const MANY_ROWS: usize = 16;
 /// Inputs whose loads a unit issues together before it adds them up (in order).
-const UNROLL: usize = 4;
+pub(super) const UNROLL: usize = 4;
 /// Column groups per unit for products of several rows with enough columns (see
 /// [`MIN_WIDE_CUBES`]); 2 where 4 would leave too few cubes. A 40-token tree's forward on the
 /// H200: 7.73 ms with one column per unit, 6.91–6.97 with up to four (docs/benchmarks.md, session

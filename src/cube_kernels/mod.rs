@@ -24,6 +24,8 @@
 //!   with them a Llama layer is six launches (`src/models/llama/fold.rs`),
 //! - `move_kv_slots` (a verified block's accepted keys and values moved after each row's
 //!   committed prefix, every layer and row at once: `KvCache::commit`).
+//! - `draft_chain` (a whole one-beam draft — every step's products and picks — in one launch,
+//!   on CUDA only: its cubes meet at grid-wide barriers).
 //!
 //! Each function returns `None` when it does not apply — a backend other than CUDA or WGPU without
 //! fusion (e.g. the CPU, or `Autodiff<_>`, which must record every op for training), a float type
@@ -53,6 +55,8 @@ mod attention;
 mod beam;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod dispatch;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod draft_chain;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod kv_move;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
@@ -511,6 +515,95 @@ pub(crate) fn beam_advance<B: Backend>(step: BeamStep<'_, B>) -> Option<BeamAdva
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = step;
+        None
+    }
+}
+
+/// The environment variable that switches off [`draft_chain`] (`off`, `0` or `false`): one-beam
+/// drafts then launch each step's products and selection apart, as before session 33 — how the
+/// benchmarks measure what the single launch saves.
+pub const DRAFT_CHAIN_SWITCH_VARIABLE: &str = "REDRAFTER_DRAFT_CHAIN";
+
+/// Whether one-beam drafts run in one launch where they can (they do on CUDA unless
+/// [`DRAFT_CHAIN_SWITCH_VARIABLE`] says otherwise, and only where [`fused_matmul`] is switched
+/// on, whose sums the launch reproduces). Read once.
+pub fn draft_chain_switched_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| folds_switched_on() && variable_allows(DRAFT_CHAIN_SWITCH_VARIABLE))
+}
+
+/// Whether [`draft_chain`] launches on `B` (its CUDA backend, switched on): where it does not,
+/// one-beam drafts launch step by step.
+pub fn draft_chain_applies<B: Backend>() -> bool {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        draft_chain_switched_on() && dispatch::is_cuda::<B>()
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        false
+    }
+}
+
+/// A one-beam draft for [`draft_chain`]: the recurrent head with an RNN (`W` without a bias),
+/// its residual blocks, its exit projection merged with a draft vocabulary's table, and that
+/// vocabulary's RNN input table.
+// Read only by the kernels, which need the `cuda` or `wgpu` feature.
+#[cfg_attr(not(any(feature = "cuda", feature = "wgpu")), allow(dead_code))]
+pub(crate) struct DraftChain<'a, B: Backend> {
+    /// The hidden state each row drafts from. Shape `[B, H]`.
+    pub context: &'a Tensor<B, 2>,
+    /// Each row's first token (the target's). Shape `[B]`.
+    pub first: &'a Tensor<B, 1, Int>,
+    /// The target's input embedding. Shape `[V, H]`.
+    pub embedding: &'a Tensor<B, 2>,
+    /// The RNN's input projection `W` (no bias). Shape `[H, H]`, `[in, out]`.
+    pub rnn_w: &'a Tensor<B, 2>,
+    /// The RNN's state projection `U`. Shape `[H, H]`.
+    pub rnn_u: &'a Tensor<B, 2>,
+    /// `U`'s bias `b_U`. Shape `[H]`.
+    pub rnn_bias: Option<&'a Tensor<B, 1>>,
+    /// Each residual block's weight `[2H, 2H]` and bias `[2H]`, in order.
+    pub blocks: Vec<(&'a Tensor<B, 2>, Option<&'a Tensor<B, 1>>)>,
+    /// The exit projection times the draft vocabulary's table. Shape `[2H, N]`.
+    pub exit: &'a Tensor<B, 2>,
+    /// Each draft-vocabulary token's RNN input `e·W` (+ `b_W`). Shape `[N, H]`.
+    pub input_table: &'a Tensor<B, 2>,
+    /// Each draft-vocabulary index's token id. Shape `[N]`.
+    pub draft_ids: &'a Tensor<B, 1, Int>,
+    /// The beam length `C` (the first token and `C − 1` drafted ones).
+    pub length: usize,
+}
+
+/// What [`draft_chain`] returns: one beam per row.
+pub(crate) struct DraftChainOutput<B: Backend> {
+    /// Each row's beam, the first token then the drafted ones. Shape `[B, C]`.
+    pub tokens: Tensor<B, 2, Int>,
+    /// The drafted tokens' log-probabilities as one-beam selection warps them (zeros for finite
+    /// logits). Shape `[B, C − 1]`.
+    pub token_log_probs: Tensor<B, 2>,
+    /// Each beam's score, their sum. Shape `[B]`.
+    pub scores: Tensor<B, 1>,
+}
+
+/// A one-beam draft of `C − 1` steps in one launch on CUDA: each step's RNN update, residual
+/// blocks and merged exit product, and the pick of each row's best logit (ties to the lower
+/// column) — the beams, log-probabilities and scores that the launch-per-product path computes,
+/// bit for bit, in one launch instead of `5 (C − 1) + 1`. `None` where it does not apply: not
+/// CUDA, switched off ([`DRAFT_CHAIN_SWITCH_VARIABLE`]), more than four rows or residual
+/// blocks, mixed float or integer types, weights not stored row by row, or a device that does
+/// not report its multiprocessors.
+pub(crate) fn draft_chain<B: Backend>(chain: DraftChain<'_, B>) -> Option<DraftChainOutput<B>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        if !draft_chain_switched_on() {
+            return None;
+        }
+        dispatch::run(chain)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = chain;
         None
     }
 }

@@ -216,7 +216,7 @@ pub(super) const NO_COLUMN: u32 = u32::MAX;
 /// Whether `(value, column)` comes before `(best_value, best_column)` in the order of the picks:
 /// value descending, then column ascending.
 #[cube]
-fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
+pub(super) fn precedes(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
     value > best_value || (value == best_value && column < best_column)
 }
 
@@ -243,7 +243,7 @@ pub(super) fn improves(
 /// One level of [`cube_pick`]: unit `u < stride` keeps the earlier candidate of its own and unit
 /// `u + stride`'s.
 #[cube]
-fn fold_pick(
+pub(super) fn fold_pick(
     values: &mut SharedMemory<f32>,
     columns: &mut SharedMemory<u32>,
     unit: usize,

@@ -51,6 +51,7 @@
 //!
 //! No value is read back to the host: the decoder reads the beams once.
 
+use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
@@ -431,6 +432,70 @@ impl<B: Backend> RecurrentDrafter<B> {
             && dims.width * dims.per_beam <= crate::cube_kernels::BEAM_MAX_CANDIDATES
     }
 
+    /// One beam per row, drafted in one launch on CUDA ([`crate::cube_kernels::draft_chain`]):
+    /// the beams [`Self::fused_search`] drafts in `5 (C − 1) + 1` launches, bit for bit. Applies
+    /// to its fast setup — an RNN head whose `W` has no bias, no input projection, a draft
+    /// vocabulary with its input table and merged exit; `None` elsewhere, before anything ran.
+    ///
+    /// # Shapes
+    /// `context`: `[B, H]` in the head's dtype, `first`: `[B]`; returns beams of width 1.
+    fn chained_search(
+        &self,
+        embedding: &Tensor<B, 2>,
+        context: &Tensor<B, 2>,
+        first: &Tensor<B, 1, Int>,
+        length: usize,
+    ) -> Option<BeamSearchOutput<B>> {
+        let (w, u) = (self.rnn_w.as_ref()?, self.rnn_u.as_ref()?);
+        if !self.chains_draft || w.bias.is_some() || self.input_proj.is_some() {
+            return None;
+        }
+        let tables = self.draft_vocabulary.as_ref()?;
+        let (exit, input_table) = (tables.exit.as_ref()?, tables.inputs.as_ref()?);
+        let rnn_w = w.weight.val();
+        let rnn_u = u.weight.val();
+        let rnn_bias = u.bias.as_ref().map(Param::val);
+        let blocks: Vec<_> = self
+            .res_blocks
+            .iter()
+            .map(|block| {
+                (
+                    block.linear.weight.val(),
+                    block.linear.bias.as_ref().map(Param::val),
+                )
+            })
+            .collect();
+        // The selection's integers are the backend's (its draft ids).
+        let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
+        let first = if first.dtype() == int_dtype {
+            first.clone()
+        } else {
+            first.clone().cast(int_dtype)
+        };
+        let batch = first.dims()[0];
+        let output = crate::cube_kernels::draft_chain(crate::cube_kernels::DraftChain {
+            context,
+            first: &first,
+            embedding,
+            rnn_w: &rnn_w,
+            rnn_u: &rnn_u,
+            rnn_bias: rnn_bias.as_ref(),
+            blocks: blocks
+                .iter()
+                .map(|(weight, bias)| (weight, bias.as_ref()))
+                .collect(),
+            exit,
+            input_table,
+            draft_ids: &tables.ids,
+            length,
+        })?;
+        Some(BeamSearchOutput {
+            tokens: output.tokens.reshape([batch, 1, length]),
+            token_log_probs: output.token_log_probs.reshape([batch, 1, length - 1]),
+            scores: output.scores.reshape([batch, 1]),
+        })
+    }
+
     /// [`Self::beam_search`] with each step's warp, selection and beam bookkeeping in one kernel
     /// ([`crate::cube_kernels::beam_advance`]): the same beams as the composition of Burn's ops
     /// (up to the rounding of the normaliser's sum), in ~15 launches per step instead of ~35.
@@ -503,6 +568,10 @@ impl<B: Backend> RecurrentDrafter<B> {
                 let token_embedding = embedding.clone().select(0, tokens).cast(dtype);
                 self.advance(context, state, token_embedding)
             };
+
+        if picks && let Some(output) = self.chained_search(embedding, &context, &first, length) {
+            return Ok(Some(output));
+        }
 
         // Step 1 on beam 0 only (one parent per batch entry): state s_0 = 0, input g0.
         let first_embedding = embedding.clone().select(0, first.clone()).cast(dtype);

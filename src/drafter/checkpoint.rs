@@ -310,6 +310,7 @@ fn load_checked<B: Backend>(
         top_k: super::TopKMethod::Auto,
         top_k_cache: super::TopKCache::default(),
         merges_exit: true,
+        chains_draft: true,
         draft_vocabulary: None,
     })
 }

@@ -246,6 +246,7 @@ impl RecurrentDrafterConfig {
             top_k: TopKMethod::Auto,
             top_k_cache: TopKCache::default(),
             merges_exit: true,
+            chains_draft: true,
             draft_vocabulary: None,
         }
     }
@@ -307,6 +308,10 @@ pub struct RecurrentDrafter<B: Backend> {
     /// kernels run ([`Self::with_merged_exit`]; a runtime choice, not part of the checkpoint).
     #[module(skip)]
     pub(crate) merges_exit: bool,
+    /// Whether a one-beam draft runs in one launch where it can ([`Self::with_draft_chain`]; a
+    /// runtime choice, not part of the checkpoint).
+    #[module(skip)]
+    pub(crate) chains_draft: bool,
     /// A reduced drafting vocabulary, when set (a runtime choice, not part of the checkpoint:
     /// plain tensors, like the embeddings above, are not parameters).
     pub(crate) draft_vocabulary: Option<DraftTables<B>>,
@@ -493,6 +498,17 @@ impl<B: Backend> RecurrentDrafter<B> {
         if let Some(tables) = &mut self.draft_vocabulary {
             tables.exit = exit;
         }
+        self
+    }
+
+    /// Whether a one-beam draft (beam width 1, log-probabilities not needed) runs as one launch
+    /// on CUDA (on by default): every step's products and picks in one kernel
+    /// ([`crate::cube_kernels::draft_chain`]) instead of `5 (C − 1) + 1` launches, the same beams
+    /// bit for bit. It applies with a draft vocabulary whose exit is merged
+    /// ([`Self::with_merged_exit`]), an RNN head and at most four batch rows; elsewhere drafting
+    /// launches step by step whatever this says.
+    pub fn with_draft_chain(mut self, chain: bool) -> Self {
+        self.chains_draft = chain;
         self
     }
 
