@@ -72,9 +72,10 @@ const MAX_CHUNK: usize = 36;
 const CHAIN_MAX_ROWS: usize = 4;
 /// The most residual blocks of the head the kernel runs.
 const CHAIN_MAX_BLOCKS: usize = 4;
-/// Spins on the arrival counter before a cube gives up waiting (seconds of waiting: only a cube
-/// that is not resident could make another wait that long).
-const SPIN_LIMIT: u32 = 1 << 24;
+/// Spins on the arrival counter before a cube gives up waiting: each spin is an atomic's round
+/// trip to the L2 cache (~0.5–1 µs), so about a second, thousands of times the longest phase a
+/// merged-exit head can have; only a cube that is not resident could make another wait that long.
+const SPIN_LIMIT: u32 = 1 << 20;
 /// Scratch elements are grouped in regions of a multiple of this many f32 (128 bytes, one L1
 /// line), so that no line holds values of two regions.
 const REGION_ALIGN: usize = 32;
