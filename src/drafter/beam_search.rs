@@ -446,8 +446,12 @@ impl<B: Backend> RecurrentDrafter<B> {
         first: &Tensor<B, 1, Int>,
         length: usize,
     ) -> Option<BeamSearchOutput<B>> {
+        // Checked first: elsewhere nothing below should run (the cast of `first` is a launch).
+        if !self.chains_draft || !crate::cube_kernels::draft_chain_applies::<B>() {
+            return None;
+        }
         let (w, u) = (self.rnn_w.as_ref()?, self.rnn_u.as_ref()?);
-        if !self.chains_draft || w.bias.is_some() || self.input_proj.is_some() {
+        if w.bias.is_some() || self.input_proj.is_some() {
             return None;
         }
         let tables = self.draft_vocabulary.as_ref()?;
