@@ -50,8 +50,8 @@ use super::DraftChainOutput;
 use super::dispatch::{
     CubeOp, empty_int_like, empty_like, from_cube, from_cube_int, is_cuda, to_cube, to_cube_int,
 };
-use super::matmul::{SPLITS, UNROLL};
-use super::reduce::{NO_COLUMN, fold_pick, precedes, scalar, scalars};
+use super::matmul::{SPLITS, UNROLL, fold_epilogue};
+use super::reduce::{NO_COLUMN, beats, cube_pick_among, scalar, scalars};
 use crate::generate::int_tensor;
 
 /// Output columns per tile: sixteen consecutive columns, so a warp's weight loads cover whole
@@ -60,8 +60,8 @@ const TILE: usize = 16;
 /// Units per cube: a tile's columns times the product's input slices ([`SPLITS`]).
 const CHAIN_UNITS: usize = TILE * SPLITS;
 const _: () = assert!(
-    CHAIN_UNITS == 512,
-    "the pick's fold below takes 512 candidates"
+    CHAIN_UNITS == 2 * super::reduce::PICK_UNITS,
+    "a cube's pick folds one candidate per unit"
 );
 /// The most weight elements a unit loads together before adding them in order: a slice of a
 /// 1152-input product (36) in one wait on memory instead of nine with [`UNROLL`]. Nsight Compute
@@ -365,24 +365,36 @@ fn product<X: Float, F: Float>(
                     for s in 1..SPLITS {
                         value += partial[((s * rows + r) * groups + g) * TILE + lane];
                     }
-                    if add_addend {
-                        value += f32::cast_from(table[epilogue.addend_rows[r] + column]);
-                    }
-                    if add_bias {
-                        value += f32::cast_from(bias[column]);
-                    }
-                    if silu {
-                        value = value / (f32::new(1.0) + (-value).exp());
-                    }
-                    if add_residual {
-                        value += f32::cast_from(x[x_rows[r] + column]);
-                    }
+                    // Only what a flag folds in is read.
+                    let addend = if add_addend {
+                        f32::cast_from(table[epilogue.addend_rows[r] + column])
+                    } else {
+                        f32::new(0.0)
+                    };
+                    let bias_value = if add_bias {
+                        f32::cast_from(bias[column])
+                    } else {
+                        f32::new(0.0)
+                    };
+                    let residual = if add_residual {
+                        f32::cast_from(x[x_rows[r] + column])
+                    } else {
+                        f32::new(0.0)
+                    };
+                    value = fold_epilogue(
+                        value,
+                        addend,
+                        bias_value,
+                        residual,
+                        add_addend,
+                        add_bias,
+                        silu,
+                        add_residual,
+                    );
                     let rounded = f32::cast_from(F::cast_from(value));
                     if pick {
                         let c = u32::cast_from(column);
-                        if best_column[0] == NO_COLUMN
-                            || precedes(rounded, c, best_value[0], best_column[0])
-                        {
+                        if beats(rounded, c, best_value[0], best_column[0]) {
                             best_value[0] = rounded;
                             best_column[0] = c;
                         }
@@ -805,9 +817,7 @@ fn draft_chain_kernel<F: Float, I: Int>(
             for l in 1..TILE {
                 let other = lane_columns[r * TILE + l];
                 let other_value = lane_values[r * TILE + l];
-                if other != NO_COLUMN
-                    && (column == NO_COLUMN || precedes(other_value, other, value, column))
-                {
+                if beats(other_value, other, value, column) {
                     value = other_value;
                     column = other;
                 }
@@ -843,28 +853,21 @@ fn draft_chain_kernel<F: Float, I: Int>(
                     if column_value >= f32::new(0.0) {
                         let candidate = u32::cast_from(column_value);
                         let candidate_value = scratch[at];
-                        if column == NO_COLUMN
-                            || precedes(candidate_value, candidate, value, column)
-                        {
+                        if beats(candidate_value, candidate, value, column) {
                             value = candidate_value;
                             column = candidate;
                         }
                     }
                     source += CHAIN_UNITS;
                 }
-                pick_values[unit] = value;
-                pick_columns[unit] = column;
-                sync_cube();
-                // CHAIN_UNITS = 512 candidates folded to one.
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 256usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 128usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 64usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 32usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 16usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 8usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 4usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 2usize);
-                fold_pick(&mut pick_values, &mut pick_columns, unit, 1usize);
+                cube_pick_among(
+                    &mut pick_values,
+                    &mut pick_columns,
+                    unit,
+                    value,
+                    column,
+                    CHAIN_UNITS,
+                );
                 if unit == 0 {
                     // A broken barrier (see SPIN_LIMIT) may leave no column: draft column 0.
                     let mut picked = pick_columns[0];

@@ -338,24 +338,38 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
                         }
                         value = value / (f32::new(1.0) + (-value).exp()) * up;
                     }
-                    if add_addend {
-                        value += f32::cast_from(
+                    // Only what a flag folds in is read.
+                    let addend_value = if add_addend {
+                        f32::cast_from(
                             addend[row * strides.addend_row as usize
                                 + column * strides.addend_step as usize],
-                        );
-                    }
-                    if add_bias {
-                        value += f32::cast_from(bias[column * strides.bias_step as usize]);
-                    }
-                    if silu {
-                        value = value / (f32::new(1.0) + (-value).exp());
-                    }
-                    if add_residual {
-                        value += f32::cast_from(
+                        )
+                    } else {
+                        f32::new(0.0)
+                    };
+                    let bias_value = if add_bias {
+                        f32::cast_from(bias[column * strides.bias_step as usize])
+                    } else {
+                        f32::new(0.0)
+                    };
+                    let residual_value = if add_residual {
+                        f32::cast_from(
                             residual[row * strides.residual_row as usize
                                 + column * strides.residual_step as usize],
-                        );
-                    }
+                        )
+                    } else {
+                        f32::new(0.0)
+                    };
+                    value = fold_epilogue(
+                        value,
+                        addend_value,
+                        bias_value,
+                        residual_value,
+                        add_addend,
+                        add_bias,
+                        silu,
+                        add_residual,
+                    );
                     if copy_prefix {
                         // `[prefix | product]`, `2 · columns` a row.
                         let out_row = row * 2 * columns;
@@ -369,6 +383,37 @@ fn row_matmul_kernel<F: Float, NX: Size, NW: Size>(
             }
         }
     }
+}
+
+/// What a product folds in after its sum, in this order: `+ addend`, `+ bias`, SiLU,
+/// `+ residual` (each only with its flag). The one-launch draft (`super::draft_chain`) applies it
+/// too, so that its outputs are this kernel's bits.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fold_epilogue(
+    sum: f32,
+    addend: f32,
+    bias: f32,
+    residual: f32,
+    #[comptime] add_addend: bool,
+    #[comptime] add_bias: bool,
+    #[comptime] silu: bool,
+    #[comptime] add_residual: bool,
+) -> f32 {
+    let mut value = sum;
+    if add_addend {
+        value += addend;
+    }
+    if add_bias {
+        value += bias;
+    }
+    if silu {
+        value = value / (f32::new(1.0) + (-value).exp());
+    }
+    if add_residual {
+        value += residual;
+    }
+    value
 }
 
 /// Adds inputs `k .. k + count` of the cube's rows to their sums (and sums of squares), one input

@@ -240,10 +240,19 @@ pub(super) fn improves(
     left && (best_column == NO_COLUMN || precedes(value, column, best_value, best_column))
 }
 
+/// Whether the candidate `(value, column)` replaces the best so far `(best_value, best_column)`:
+/// it is one ([`NO_COLUMN`] is none) and there is no best yet or it comes first in the order of
+/// [`precedes`].
+#[cube]
+pub(super) fn beats(value: f32, column: u32, best_value: f32, best_column: u32) -> bool {
+    column != NO_COLUMN
+        && (best_column == NO_COLUMN || precedes(value, column, best_value, best_column))
+}
+
 /// One level of [`cube_pick`]: unit `u < stride` keeps the earlier candidate of its own and unit
 /// `u + stride`'s.
 #[cube]
-pub(super) fn fold_pick(
+fn fold_pick(
     values: &mut SharedMemory<f32>,
     columns: &mut SharedMemory<u32>,
     unit: usize,
@@ -252,10 +261,7 @@ pub(super) fn fold_pick(
     if unit < stride {
         let other = columns[unit + stride];
         let other_value = values[unit + stride];
-        let mine = columns[unit];
-        if other != NO_COLUMN
-            && (mine == NO_COLUMN || precedes(other_value, other, values[unit], mine))
-        {
+        if beats(other_value, other, values[unit], columns[unit]) {
             values[unit] = other_value;
             columns[unit] = other;
         }
@@ -275,9 +281,30 @@ pub(super) fn cube_pick(
     value: f32,
     column: u32,
 ) {
+    cube_pick_among(values, columns, unit, value, column, PICK_UNITS);
+}
+
+/// [`cube_pick`] for cubes of `units` units, [`PICK_UNITS`] or twice as many (the shared memory
+/// holding one candidate per unit).
+#[cube]
+pub(super) fn cube_pick_among(
+    values: &mut SharedMemory<f32>,
+    columns: &mut SharedMemory<u32>,
+    unit: usize,
+    value: f32,
+    column: u32,
+    #[comptime] units: usize,
+) {
+    comptime!(assert!(
+        units == PICK_UNITS || units == 2 * PICK_UNITS,
+        "a pick folds 256 or 512 candidates"
+    ));
     values[unit] = value;
     columns[unit] = column;
     sync_cube();
+    if comptime!(units > PICK_UNITS) {
+        fold_pick(values, columns, unit, 256usize);
+    }
     fold_pick(values, columns, unit, 128usize);
     fold_pick(values, columns, unit, 64usize);
     fold_pick(values, columns, unit, 32usize);
