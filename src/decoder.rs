@@ -21,7 +21,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Distribution, Int, Tensor, Transaction, activation::softmax, backend::Backend};
+use burn::tensor::{
+    DType, Distribution, Int, Tensor, Transaction, activation::softmax, backend::Backend,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::drafter::{DraftHead, DraftRequest};
@@ -580,7 +582,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                     .float(),
                 Acceptance::Typical { epsilon, delta } => {
                     let t = if temperature > 0.0 { temperature } else { 1.0 };
-                    let probs = softmax(logits.div_scalar(t), 2);
+                    // In f32: in f16 the entropy's 1e-30 floor is 0, and 0 · log 0 is NaN.
+                    let probs = softmax(logits.cast(DType::F32).div_scalar(t), 2);
                     let entropy = probs
                         .clone()
                         .mul(probs.clone().clamp_min(1e-30).log())
@@ -598,14 +601,14 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 }
                 Acceptance::ReferenceParity => {
                     let t = if temperature > 0.0 { temperature } else { 1.0 };
-                    let probs = softmax(logits.div_scalar(t), 2);
+                    let probs = softmax(logits.cast(DType::F32).div_scalar(t), 2);
                     let child = self.child_probabilities(packed, probs, vocab, &device);
                     let target_p = child
                         .gather(1, unpacker.clone())
                         .reshape([live, m, c])
                         .slice([0..live, 0..m, 1..c]);
                     // Only drafted beams here: `new` rejects prompt lookup with this rule.
-                    let draft_q = drafted.token_log_probs.clone().exp();
+                    let draft_q = drafted.token_log_probs.clone().cast(DType::F32).exp();
                     let uniform = draft_q.random_like(Distribution::Uniform(0.0, 1.0));
                     uniform.mul(draft_q).lower(target_p).float()
                 }

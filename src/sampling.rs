@@ -2,7 +2,7 @@
 //! perturbation that lets a device sample without reading the rows back.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::{DType, Distribution, Int, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -90,8 +90,8 @@ pub fn argmax_rows<B: Backend, const D: usize>(values: Tensor<B, D>) -> Tensor<B
 /// be, which no test of ours could see.
 const GUMBEL_UNIFORM_CLAMP: f64 = 1e-7;
 
-/// `logits / temperature` plus independent Gumbel(0, 1) noise, computed where the logits live.
-/// The argmax of each row of the result is an exact draw from `softmax(logits / temperature)`
+/// `logits / temperature` plus independent Gumbel(0, 1) noise, computed where the logits live,
+/// in f32 whatever the logits' float type (the result is f32). The argmax of each row of the result is an exact draw from `softmax(logits / temperature)`
 /// (the Gumbel-max trick), so sampling needs one small readback of indices instead of the whole
 /// rows. Draws from the backend's random generator: seed it with [`Backend::seed`] for
 /// reproducible runs.
@@ -102,6 +102,14 @@ pub fn gumbel_perturbed<B: Backend, const D: usize>(
     logits: Tensor<B, D>,
     temperature: f32,
 ) -> Tensor<B, D> {
+    // In f32 whatever the logits' type: in f16 a uniform draw rounds to 1.0 about once in 4,096
+    // (and the clamp's upper bound is 1.0 too), its noise is +∞, and a row of SmolLM2's 49,152
+    // logits held a dozen infinities — its argmax a uniformly random token.
+    let logits = if logits.dtype() == DType::F32 {
+        logits
+    } else {
+        logits.cast(DType::F32)
+    };
     let uniform = logits
         .random_like(Distribution::Uniform(0.0, 1.0))
         .clamp(GUMBEL_UNIFORM_CLAMP, 1.0 - GUMBEL_UNIFORM_CLAMP);
@@ -240,6 +248,43 @@ mod tests {
             assert!(
                 chi2 < 18.5,
                 "T={temperature}: χ² = {chi2:.1}, counts {counts:?}"
+            );
+        }
+    }
+
+    /// With half-precision logits (a model run in f16) the noise must still be drawn and added in
+    /// f32: in f16 a uniform draw rounds to 1.0 about once in 4,096 (and 1 − 1e-7 is 1.0), whose
+    /// Gumbel noise is +∞, so a 49,152-token row held a dozen infinite entries and its argmax
+    /// was a uniformly random token (session 34 on the H200: exact sampling accepted nothing, τ
+    /// 1.00, and plain f16 sampling wrote noise).
+    #[test]
+    fn gumbel_max_draws_from_half_precision_logits_are_draws_from_their_softmax() {
+        use burn::tensor::DType;
+        type B = crate::backend::Cpu;
+        let device = Default::default();
+        B::seed(&device, 11);
+        // One clear favourite among 4,096 tokens: it holds all but ~e^-12 · 4,095 of the mass.
+        let (rows, vocab) = (64, 4096);
+        let mut values = vec![0.0f32; rows * vocab];
+        for row in 0..rows {
+            values[row * vocab + (row * 37) % vocab] = 12.0;
+        }
+        let logits = Tensor::<B, 2>::from_data(
+            burn::tensor::TensorData::new(values, [rows, vocab]),
+            &device,
+        )
+        .cast(DType::F16);
+        for temperature in [1.0f32, 0.7] {
+            let perturbed = gumbel_perturbed(logits.clone(), temperature);
+            let picks: Vec<i64> = perturbed.argmax(1).into_data().iter::<i64>().collect();
+            let favourites = (0..rows)
+                .filter(|&row| picks[row] == ((row * 37) % vocab) as i64)
+                .count();
+            // P(another token) ≤ 4,095 · e^-12 / (1 + 4,095 · e^-12) ≈ 2.5 %: 64 rows missing
+            // the favourite more than 10 times is a ~1e-5 event.
+            assert!(
+                favourites >= rows - 10,
+                "T={temperature}: the favourite won {favourites} of {rows} rows"
             );
         }
     }
