@@ -896,6 +896,38 @@ fn the_cache_returns_what_was_appended() {
     }
 }
 
+/// A Gumbel-max draw from f16 logits on the GPU (`sampling::gumbel_perturbed`, then our argmax):
+/// one favourite among 4,096 tokens must win nearly every row. Until session 34 the noise was
+/// drawn in the logits' type, where a uniform draw of 1.0 gives +∞ noise: a random token won
+/// most rows, and f16 sampling on the H200 wrote noise.
+#[test]
+fn a_gumbel_draw_from_half_precision_logits_picks_the_favourite() {
+    use burn::tensor::DType;
+    use redrafter::sampling::{argmax_rows, gumbel_perturbed};
+    let (rows, vocab) = (64, 4096);
+    let favourite = |row: usize| (row * 37) % vocab;
+    let mut values = vec![0.0f32; rows * vocab];
+    for row in 0..rows {
+        values[row * vocab + favourite(row)] = 12.0;
+    }
+    let logits = Tensor::<B, 2>::from_data(TensorData::new(values, [rows, vocab]), &device())
+        .cast(DType::F16);
+    for temperature in [1.0f32, 0.7] {
+        let picks: Vec<i64> = argmax_rows(gumbel_perturbed(logits.clone(), temperature))
+            .into_data()
+            .iter::<i64>()
+            .collect();
+        let won = (0..rows)
+            .filter(|&row| picks[row] == favourite(row) as i64)
+            .count();
+        // Another token wins a row with probability ≤ 4,095 · e^-12 ≈ 2.5 %.
+        assert!(
+            won >= rows - 10,
+            "T={temperature}: the favourite won {won} of {rows} rows"
+        );
+    }
+}
+
 #[test]
 fn matmul_declines_what_it_does_not_cover() {
     let w = random([16, 8]);
