@@ -104,12 +104,9 @@ pub fn gumbel_perturbed<B: Backend, const D: usize>(
 ) -> Tensor<B, D> {
     // In f32 whatever the logits' type: in f16 a uniform draw rounds to 1.0 about once in 4,096
     // (and the clamp's upper bound is 1.0 too), its noise is +∞, and a row of SmolLM2's 49,152
-    // logits held a dozen infinities — its argmax a uniformly random token.
-    let logits = if logits.dtype() == DType::F32 {
-        logits
-    } else {
-        logits.cast(DType::F32)
-    };
+    // logits held a dozen infinities — its argmax a uniformly random token. (Burn's `cast` hands
+    // back an f32 tensor as it is.)
+    let logits = logits.cast(DType::F32);
     let uniform = logits
         .random_like(Distribution::Uniform(0.0, 1.0))
         .clamp(GUMBEL_UNIFORM_CLAMP, 1.0 - GUMBEL_UNIFORM_CLAMP);
