@@ -19,7 +19,8 @@ use backend::run_on_backend;
 use burn::tensor::backend::Backend;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+use redrafter::cube_kernels;
+use redrafter::decoder::{Acceptance, DraftTiming, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{
     DraftHeadKind, DraftVocabulary, RecurrentDrafter, RecurrentDrafterConfig, TopKMethod,
 };
@@ -96,6 +97,15 @@ struct Args {
     /// this process, one after the other, for a comparison free of the spread between processes.
     #[arg(long, value_delimiter = ',', default_value = "on", value_parser = parse_switch)]
     merged_exit: Vec<bool>,
+    /// When each round's beams are drafted: auto, sequential or overlapped (the decoder's
+    /// `DraftTiming`); a list runs each as a mode of its own.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    draft_timings: Vec<DraftTiming>,
+    /// Where the host hands queued GPU work to CubeCL's runner early: `none`, `draft` (after an
+    /// overlapped round's draft), `layersN` (every N layers of a forward) or both joined by `+`
+    /// (`draft+layers6`); a list runs each as a group of modes with its own AR baseline.
+    #[arg(long, value_delimiter = ',', default_value = "draft", value_parser = parse_queue_flush)]
+    queue_flush: Vec<cube_kernels::QueueFlush>,
     /// Decode each prompt in every mode in turn (AR, then each ReDrafter shape) instead of one
     /// mode over all prompts after the other: a host whose speed drifts between minutes then
     /// moves every mode alike, and the speedups compare like with like.
@@ -119,6 +129,11 @@ struct ModeResult {
     lookup_beams: usize,
     /// Tokens per beam of the verified tree (beam length, or the lookup length when longer).
     tree_length: usize,
+    /// Where queued GPU work was handed over early (`--queue-flush`).
+    queue_flush: String,
+    /// Whether rounds drafted their own beams at their start (`DraftTiming::Overlapped`, or
+    /// `Auto` resolved to it).
+    overlapped_draft: bool,
     /// Fraction of rounds won by a prompt-lookup beam.
     lookup_round_share: f64,
     temperature: f32,
@@ -266,6 +281,8 @@ fn summarize(
         beam_length: speculative.map_or(0, |c| c.beam_length),
         lookup_beams: speculative.and_then(|c| c.lookup).map_or(0, |l| l.beams),
         tree_length: speculative.map_or(0, SpeculativeConfig::tree_length),
+        overlapped_draft: false,
+        queue_flush: String::new(),
         lookup_round_share: stats.lookup_rounds as f64 / rounds,
         temperature,
         prompts,
@@ -332,7 +349,13 @@ impl ArRun {
     }
 
     /// Reports the result; returns its tokens/s.
-    fn finish(&self, temperature: f32, prompts: usize, results: &mut Vec<ModeResult>) -> f64 {
+    fn finish(
+        &self,
+        temperature: f32,
+        prompts: usize,
+        flush: cube_kernels::QueueFlush,
+        results: &mut Vec<ModeResult>,
+    ) -> f64 {
         let result = summarize(
             "ar".into(),
             None,
@@ -342,7 +365,14 @@ impl ArRun {
             None,
             vec![],
         );
-        eprintln!("AR  T={temperature}: {:.1} tok/s", result.tokens_per_second);
+        let result = ModeResult {
+            queue_flush: flush_label(flush),
+            ..result
+        };
+        eprintln!(
+            "AR  T={temperature} flush {}: {:.1} tok/s",
+            result.queue_flush, result.tokens_per_second
+        );
         let tps = result.tokens_per_second;
         results.push(result);
         tps
@@ -363,8 +393,8 @@ impl<B: Backend> SpeculativeRun<'_, B> {
         let config = self.decoder.config();
         let lookup = config.lookup.map_or(0, |l| l.beams);
         format!(
-            "ReDrafter M={}+{lookup} C={} T={temperature}",
-            config.beam_width, config.beam_length
+            "ReDrafter M={}+{lookup} C={} {:?} T={temperature}",
+            config.beam_width, config.beam_length, config.draft_timing
         )
     }
 
@@ -410,6 +440,7 @@ impl<B: Backend> SpeculativeRun<'_, B> {
         prompts: usize,
         ar_tps: Option<f64>,
         args: &Args,
+        flush: cube_kernels::QueueFlush,
         results: &mut Vec<ModeResult>,
     ) -> bool {
         let config = self.decoder.config();
@@ -428,17 +459,25 @@ impl<B: Backend> SpeculativeRun<'_, B> {
             divergences: self.divergences.clone(),
             draft_vocab: self.drafter.draft_vocab_size(),
             merged_exit,
+            overlapped_draft: self.decoder.overlaps_drafting(),
+            queue_flush: flush_label(flush),
             ..result
         };
         let stats = &self.stats;
         eprintln!(
-            "ReDrafter M={}+{} C={} V={}{} tree {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+            "ReDrafter M={}+{} C={} V={}{}{} tree {} flush {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
             result.beam_width,
             result.lookup_beams,
             result.beam_length,
             result.draft_vocab,
             if merged_exit { " merged" } else { "" },
+            if result.overlapped_draft {
+                " overlapped"
+            } else {
+                ""
+            },
             result.tree_length,
+            result.queue_flush,
             result.tokens_per_second,
             result
                 .speedup_over_ar
@@ -569,87 +608,123 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         } else {
             args.sampled_acceptance.parse()?
         };
-        let mut ar = (!args.no_baseline).then(ArRun::default);
-        let mut speculative = Vec::new();
-        let shapes = drafters.iter().flat_map(|d| {
-            args.beam_lengths.iter().flat_map(move |&c| {
-                args.beam_widths
-                    .iter()
-                    .flat_map(move |&m| args.lookup_beams.iter().map(move |&k| (d, c, m, k)))
-            })
-        });
-        for (drafter, beam_length, beam_width, lookup_beams) in shapes {
-            let config = SpeculativeConfig::default()
-                .beam_width(beam_width)
-                .beam_length(beam_length)
-                .lookup(PromptLookup {
-                    beam_length: args.lookup_length,
-                    ..PromptLookup::new(lookup_beams)
+        // One group of modes per queue-flush setting, each with its own AR baseline: the
+        // setting moves plain decoding too.
+        let mut groups = Vec::new();
+        for &flush in &args.queue_flush {
+            let ar = (!args.no_baseline).then(ArRun::default);
+            let mut speculative = Vec::new();
+            let shapes = drafters.iter().flat_map(|d| {
+                args.beam_lengths.iter().flat_map(move |&c| {
+                    args.beam_widths.iter().flat_map(move |&m| {
+                        args.lookup_beams.iter().flat_map(move |&k| {
+                            args.draft_timings
+                                .iter()
+                                .map(move |&timing| (d, c, m, k, timing))
+                        })
+                    })
                 })
-                .acceptance(acceptance)
-                .generation(generation.clone());
-            speculative.push(SpeculativeRun {
-                decoder: SpeculativeDecoder::new(&model, drafter, config)?,
-                drafter,
-                stats: Stats::default(),
-                mismatches: Vec::new(),
-                divergences: Vec::new(),
             });
+            for (drafter, beam_length, beam_width, lookup_beams, timing) in shapes {
+                let config = SpeculativeConfig::default()
+                    .draft_timing(timing)
+                    .beam_width(beam_width)
+                    .beam_length(beam_length)
+                    .lookup(PromptLookup {
+                        beam_length: args.lookup_length,
+                        ..PromptLookup::new(lookup_beams)
+                    })
+                    .acceptance(acceptance)
+                    .generation(generation.clone());
+                speculative.push(SpeculativeRun {
+                    decoder: SpeculativeDecoder::new(&model, drafter, config)?,
+                    drafter,
+                    stats: Stats::default(),
+                    mismatches: Vec::new(),
+                    divergences: Vec::new(),
+                });
+            }
+            groups.push((flush, ar, speculative));
         }
-        let mut ar_tps = None;
         if args.interleave {
             // Every mode on each prompt in turn: a host whose speed drifts over minutes (the
             // 2-core development machine's does by ±7 %) then slows or speeds all modes alike.
-            if let Some(ar) = &mut ar {
-                ar.warm_up(&model, &prompts, args.warmup, &generation)?;
-            }
-            for run in &mut speculative {
-                run.warm_up(&prompts, args.warmup)?;
+            for (flush, ar, speculative) in &mut groups {
+                cube_kernels::set_queue_flush(*flush);
+                if let Some(ar) = ar {
+                    ar.warm_up(&model, &prompts, args.warmup, &generation)?;
+                }
+                for run in speculative.iter_mut() {
+                    run.warm_up(&prompts, args.warmup)?;
+                }
             }
             let bar = progress(prompts.len(), &format!("all modes T={temperature}"));
             for (c, chunk) in prompts.chunks(batch).enumerate() {
-                if let Some(ar) = &mut ar {
-                    ar.decode(&model, chunk, &generation)?;
-                }
-                let ar_outputs = ar.as_ref().map(|ar| &ar.outputs[..]);
-                for run in &mut speculative {
-                    run.decode(&model, &prompts, c * batch, chunk, ar_outputs)?;
+                for (flush, ar, speculative) in &mut groups {
+                    cube_kernels::set_queue_flush(*flush);
+                    if let Some(ar) = ar.as_mut() {
+                        ar.decode(&model, chunk, &generation)?;
+                    }
+                    let ar_outputs = ar.as_ref().map(|ar| &ar.outputs[..]);
+                    for run in speculative.iter_mut() {
+                        run.decode(&model, &prompts, c * batch, chunk, ar_outputs)?;
+                    }
                 }
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
-            if let Some(ar) = &ar {
-                ar_tps = Some(ar.finish(temperature, prompts.len(), &mut results));
-            }
-            for run in &speculative {
-                failed |= run.finish(temperature, prompts.len(), ar_tps, args, &mut results);
+            for (flush, ar, speculative) in &groups {
+                let ar_tps = ar
+                    .as_ref()
+                    .map(|ar| ar.finish(temperature, prompts.len(), *flush, &mut results));
+                for run in speculative {
+                    failed |= run.finish(
+                        temperature,
+                        prompts.len(),
+                        ar_tps,
+                        args,
+                        *flush,
+                        &mut results,
+                    );
+                }
             }
             write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
         } else {
             // One mode after the other, each over all prompts.
-            if let Some(ar) = &mut ar {
-                ar.warm_up(&model, &prompts, args.warmup, &generation)?;
-                let bar = progress(prompts.len(), &format!("AR T={temperature}"));
-                for chunk in prompts.chunks(batch) {
-                    ar.decode(&model, chunk, &generation)?;
-                    bar.inc(chunk.len() as u64);
+            for (flush, ar, speculative) in &mut groups {
+                cube_kernels::set_queue_flush(*flush);
+                let mut ar_tps = None;
+                if let Some(ar) = ar.as_mut() {
+                    ar.warm_up(&model, &prompts, args.warmup, &generation)?;
+                    let bar = progress(prompts.len(), &format!("AR T={temperature}"));
+                    for chunk in prompts.chunks(batch) {
+                        ar.decode(&model, chunk, &generation)?;
+                        bar.inc(chunk.len() as u64);
+                    }
+                    bar.finish_and_clear();
+                    ar_tps = Some(ar.finish(temperature, prompts.len(), *flush, &mut results));
+                    // Written after every mode, so a run cut short keeps what it measured.
+                    write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
                 }
-                bar.finish_and_clear();
-                ar_tps = Some(ar.finish(temperature, prompts.len(), &mut results));
-                // Written after every mode, so a run cut short keeps what it measured.
-                write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
-            }
-            let ar_outputs = ar.as_ref().map(|ar| &ar.outputs[..]);
-            for run in &mut speculative {
-                run.warm_up(&prompts, args.warmup)?;
-                let bar = progress(prompts.len(), &run.label(temperature));
-                for (c, chunk) in prompts.chunks(batch).enumerate() {
-                    run.decode(&model, &prompts, c * batch, chunk, ar_outputs)?;
-                    bar.inc(chunk.len() as u64);
+                let ar_outputs = ar.as_ref().map(|ar| &ar.outputs[..]);
+                for run in speculative.iter_mut() {
+                    run.warm_up(&prompts, args.warmup)?;
+                    let bar = progress(prompts.len(), &run.label(temperature));
+                    for (c, chunk) in prompts.chunks(batch).enumerate() {
+                        run.decode(&model, &prompts, c * batch, chunk, ar_outputs)?;
+                        bar.inc(chunk.len() as u64);
+                    }
+                    bar.finish_and_clear();
+                    failed |= run.finish(
+                        temperature,
+                        prompts.len(),
+                        ar_tps,
+                        args,
+                        *flush,
+                        &mut results,
+                    );
+                    write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
                 }
-                bar.finish_and_clear();
-                failed |= run.finish(temperature, prompts.len(), ar_tps, args, &mut results);
-                write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
             }
         }
     }
@@ -701,5 +776,43 @@ fn parse_switch(value: &str) -> Result<bool, String> {
         "on" | "true" | "1" => Ok(true),
         "off" | "false" | "0" => Ok(false),
         other => Err(format!("expected on or off, got {other:?}")),
+    }
+}
+
+/// Parses `--queue-flush`: `none`, `draft`, `layersN`, or both joined by `+`.
+fn parse_queue_flush(value: &str) -> std::result::Result<cube_kernels::QueueFlush, String> {
+    let mut flush = cube_kernels::QueueFlush::NONE;
+    for part in value.split('+') {
+        match part {
+            "none" => {}
+            "draft" => flush.after_draft = true,
+            layers if layers.starts_with("layers") => {
+                flush.every_layers = layers["layers".len()..]
+                    .parse()
+                    .map_err(|_| format!("`{layers}`: expected layersN, N a number"))?;
+            }
+            other => {
+                return Err(format!(
+                    "unknown queue flush `{other}` (expected none, draft, layersN or a + of them)"
+                ));
+            }
+        }
+    }
+    Ok(flush)
+}
+
+/// `--queue-flush`'s spelling of a setting.
+fn flush_label(flush: cube_kernels::QueueFlush) -> String {
+    let mut parts = Vec::new();
+    if flush.after_draft {
+        parts.push("draft".to_string());
+    }
+    if flush.every_layers > 0 {
+        parts.push(format!("layers{}", flush.every_layers));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join("+")
     }
 }

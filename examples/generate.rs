@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use backend::run_on_backend;
 use burn::tensor::backend::Backend;
 use clap::Parser;
-use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+use redrafter::decoder::{Acceptance, DraftTiming, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{DraftVocabulary, RecurrentDrafter};
 use redrafter::models::llama::{LlamaLoadOptions, load_llama};
 use redrafter::tokenizer::ChatMessage;
@@ -72,6 +72,10 @@ struct Args {
     /// extended with guesses too).
     #[arg(long)]
     lookup_length: Option<usize>,
+    /// auto | sequential | overlapped: when each round's beams are drafted (auto overlaps the
+    /// draft with the host's work for one beam on the GPU backends).
+    #[arg(long, default_value = "auto")]
+    draft_timing: DraftTiming,
     /// cpu | cuda | wgpu
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -163,6 +167,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 .beam_length(args.beam_length)
                 .lookup(lookup)
                 .acceptance(acceptance)
+                .draft_timing(args.draft_timing)
                 .generation(generation);
             SpeculativeDecoder::new(&model, &drafter, config)?.generate(&prompts, &mut on_tokens)?
         }

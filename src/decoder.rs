@@ -7,16 +7,20 @@
 //! # One round
 //!
 //! 1. The beams of this round were drafted at the end of the previous round and read back
-//!    together with its acceptance result (the round's single readback).
+//!    together with its acceptance result (the round's single readback) — or, with overlapped
+//!    drafting ([`DraftTiming`]), the round queues their draft first, and the device drafts
+//!    while the host does step 2 with stand-ins for the drafted tokens.
 //! 2. With prompt lookup on ([`PromptLookup`]), the host first adds guesses copied from each
 //!    row's text as extra beams. It packs each row's beams into a prefix tree ([`DraftTree`]) —
-//!    microseconds — and uploads tokens, positions and the attention bias.
+//!    microseconds — and uploads tokens, positions and the attention bias (overlapped: one
+//!    launch then puts the drafted tokens in place of their stand-ins).
 //! 3. The target verifies the packed tree in one forward against the KV cache.
 //! 4. Still on the device: the target's verdict at every tree node (argmax, or one sample per
 //!    node for exact sampling), each beam's accepted length, the best beam, the bonus token and
 //!    the hidden state at the last accepted token; the draft head then proposes the next beams
-//!    from that state — no host round-trip in between.
-//! 5. One readback brings (best beam, accepted length, bonus, next beams); the host emits the
+//!    from that state — no host round-trip in between (sequential drafting; overlapped drafting
+//!    leaves that to the next round's step 1, so the readback does not wait for the draft).
+//! 5. One readback brings (best beam, accepted length, bonus, drafted beams); the host emits the
 //!    tokens and commits the accepted path's KV slots.
 
 use std::time::Instant;
@@ -36,7 +40,7 @@ use crate::lookup::PromptLookup;
 use crate::sampling::Sampling;
 use crate::stats::Stats;
 use crate::target::{Block, TargetModel};
-use crate::tree::{DraftTree, PackedBatch};
+use crate::tree::{BEAM_END, DraftTree, PackedBatch};
 
 /// How drafted tokens are accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -79,6 +83,43 @@ impl std::str::FromStr for Acceptance {
     }
 }
 
+/// When a round's beams are drafted.
+///
+/// A round verifies the beams drafted from the last accepted token. Drafting them right after
+/// the acceptance that chose that token ([`Sequential`](Self::Sequential)) puts the draft's
+/// device time between the acceptance and the round's readback: the host waits for it. Drafting
+/// them at the start of the round that verifies them ([`Overlapped`](Self::Overlapped)) lets the
+/// device draft while the host packs the tree and queues the verification, but the host then
+/// packs the drafted beams without knowing their tokens (the round's readback brings them): the
+/// tree cannot share their prefixes, nor extend them with prompt-lookup guesses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DraftTiming {
+    /// [`Overlapped`](Self::Overlapped) where it pays — one drafted beam (nothing to share),
+    /// greedy or exact acceptance, a backend that runs our CubeCL kernels (whose device works
+    /// behind the host) — [`Sequential`](Self::Sequential) elsewhere.
+    #[default]
+    Auto,
+    /// Drafted after the acceptance, read back with it.
+    Sequential,
+    /// Drafted at the start of the round that verifies them; needs greedy or exact acceptance
+    /// (the other rules read the tree's tokens on the host).
+    Overlapped,
+}
+
+impl std::str::FromStr for DraftTiming {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DraftTiming::Auto),
+            "sequential" => Ok(DraftTiming::Sequential),
+            "overlapped" => Ok(DraftTiming::Overlapped),
+            other => Err(Error::InvalidSettings(format!(
+                "unknown draft timing `{other}` (expected auto, sequential or overlapped)"
+            ))),
+        }
+    }
+}
+
 /// Settings of a speculative generation, built fluently:
 ///
 /// ```
@@ -104,6 +145,9 @@ pub struct SpeculativeConfig {
     /// Extra beams guessed by prompt lookup, verified next to the drafted ones (`None`: off).
     #[serde(default)]
     pub lookup: Option<PromptLookup>,
+    /// When each round's beams are drafted.
+    #[serde(default)]
+    pub draft_timing: DraftTiming,
 }
 
 impl Default for SpeculativeConfig {
@@ -114,6 +158,7 @@ impl Default for SpeculativeConfig {
             acceptance: Acceptance::Greedy,
             generation: GenerationConfig::default(),
             lookup: None,
+            draft_timing: DraftTiming::Auto,
         }
     }
 }
@@ -153,6 +198,11 @@ impl SpeculativeConfig {
         self.lookup = lookup.into().filter(|l| l.beams > 0);
         self
     }
+    /// Sets when each round's beams are drafted ([`DraftTiming`]).
+    pub fn draft_timing(mut self, timing: DraftTiming) -> Self {
+        self.draft_timing = timing;
+        self
+    }
     /// Replaces the shared generation settings.
     pub fn generation(mut self, generation: GenerationConfig) -> Self {
         self.generation = generation;
@@ -190,7 +240,103 @@ struct RoundResult {
     best_beam: Vec<usize>,
     accepted: Vec<usize>,
     bonus: Vec<u32>,
+    /// Drafted beams `[live, M, C]`: the next round's (sequential drafting) or this round's
+    /// (overlapped).
     beams: Vec<u32>,
+}
+
+/// The drafted beams a round starts from.
+enum Drafts<B: Backend> {
+    /// Drafted after the last acceptance and read back with it ([`DraftTiming::Sequential`]).
+    Ready {
+        /// `[live, M, C]`, flattened.
+        host: Vec<u32>,
+        device: crate::drafter::DraftBeams<B>,
+    },
+    /// What the round drafts from at its start ([`DraftTiming::Overlapped`]).
+    Pending {
+        /// The hidden state at each row's last accepted node, `[live, H]`.
+        context: Tensor<B, 2>,
+        /// The token after it (the beams' shared first token), `[live]`, and its host copy.
+        first_tokens: Tensor<B, 1, Int>,
+        roots: Vec<u32>,
+    },
+}
+
+impl<B: Backend> Drafts<B> {
+    /// Keeps only the batch rows `keep` (increasing), on the host and on the device.
+    fn retain_rows(&mut self, keep: &[usize], per_row: usize, device: &B::Device) {
+        let index = int_tensor::<B, 1>(
+            keep.iter().map(|&i| i as i64).collect(),
+            [keep.len()],
+            device,
+        );
+        match self {
+            Drafts::Ready { host, device } => {
+                *host = keep
+                    .iter()
+                    .flat_map(|&i| host[i * per_row..(i + 1) * per_row].iter().copied())
+                    .collect();
+                device.tokens = device.tokens.clone().select(0, index.clone());
+                device.token_log_probs = device.token_log_probs.clone().select(0, index);
+            }
+            Drafts::Pending {
+                context,
+                first_tokens,
+                roots,
+            } => {
+                *roots = keep.iter().map(|&i| roots[i]).collect();
+                *context = context.clone().select(0, index.clone());
+                *first_tokens = first_tokens.clone().select(0, index);
+            }
+        }
+    }
+}
+
+/// Host stand-ins for drafted tokens not read back yet (overlapped drafting): `DRAFTED + i`
+/// stands for element `i` of the round's drafted beams `[live, M, C]`, flattened. No vocabulary
+/// reaches it, so the tree never merges a stand-in with a real token.
+const DRAFTED: u32 = 0x8000_0000;
+
+/// The round's drafted beams as the host knows them before the readback: each row's first token
+/// (the `roots`, known), then stand-ins.
+fn stand_in_beams(roots: &[u32], m: usize, c: usize) -> Vec<u32> {
+    let mut beams = Vec::with_capacity(roots.len() * m * c);
+    for &root in roots {
+        for _ in 0..m {
+            let first = beams.len();
+            beams.push(root);
+            beams.extend((first + 1..first + c).map(|index| DRAFTED + index as u32));
+        }
+    }
+    beams
+}
+
+/// Replaces the stand-ins in `beams` by the drafted tokens they stand for, once read back.
+fn resolve_stand_ins(beams: &mut [u32], drafted: &[u32]) -> Result<()> {
+    for token in beams.iter_mut() {
+        if *token >= DRAFTED && *token != BEAM_END {
+            let index = (*token - DRAFTED) as usize;
+            *token = *drafted.get(index).ok_or_else(|| {
+                Error::Backend(format!(
+                    "drafted token {index} missing from the {} read back",
+                    drafted.len()
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// A host token as the device receives it: a vocabulary token as it is; the stand-in for drafted
+/// element `i` as `-1 - i`, which [`IntSegments::resolve_drafted`](crate::generate::IntSegments)
+/// replaces with the token; a beam's end as `i32::MAX`, which no choice of the target equals.
+fn device_token(token: u32) -> i64 {
+    match token {
+        BEAM_END => i64::from(i32::MAX),
+        t if t >= DRAFTED => -1 - i64::from(t - DRAFTED),
+        t => i64::from(t),
+    }
 }
 
 impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, B, T, D> {
@@ -263,6 +409,15 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             }
             _ => {}
         }
+        if config.draft_timing == DraftTiming::Overlapped
+            && !matches!(config.acceptance, Acceptance::Greedy | Acceptance::Exact)
+        {
+            return Err(Error::InvalidSettings(format!(
+                "overlapped drafting needs greedy or exact acceptance, not {:?}: the other rules \
+                 read the drafted tokens on the host before the round's readback",
+                config.acceptance
+            )));
+        }
         if config.generation.sampling.top_k.is_some() || config.generation.sampling.top_p.is_some()
         {
             return Err(Error::InvalidSettings(
@@ -280,6 +435,23 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     /// The settings.
     pub fn config(&self) -> &SpeculativeConfig {
         &self.config
+    }
+
+    /// Whether rounds draft their own beams at their start ([`DraftTiming::Overlapped`]), as
+    /// the settings and the backend resolve [`DraftTiming::Auto`].
+    pub fn overlaps_drafting(&self) -> bool {
+        match self.config.draft_timing {
+            DraftTiming::Sequential => false,
+            DraftTiming::Overlapped => true,
+            DraftTiming::Auto => {
+                self.config.beam_width == 1
+                    && matches!(
+                        self.config.acceptance,
+                        Acceptance::Greedy | Acceptance::Exact
+                    )
+                    && crate::cube_kernels::applies::<B>()
+            }
+        }
     }
 
     /// Largest packed tree a round can produce.
@@ -328,57 +500,97 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         }
 
         // Prefill, first token and first beams: one readback.
+        let overlapped = self.overlaps_drafting();
         let hidden = prefill(self.target, &mut cache, prompts)?;
         let logits = self.target.logits(hidden.clone().unsqueeze_dim::<3>(1));
         let first = self.choose(logits).reshape([batch]);
         let draft_start = Instant::now();
-        let beams = self.drafter.propose(DraftRequest {
-            context: hidden,
-            first_tokens: first.clone(),
-            beam_width: m,
-            beam_length: c,
-            needs_log_probs,
-        })?;
-        let data = Transaction::default()
-            .register(first)
-            .register(beams.tokens.clone())
-            .execute();
+        let (first_host, mut drafts) = if overlapped {
+            // The first round drafts its beams itself.
+            let data = Transaction::default().register(first.clone()).execute();
+            let first_host: Vec<u32> = ints(&data[0]).into_iter().map(|t| t as u32).collect();
+            let drafts = Drafts::Pending {
+                context: hidden,
+                first_tokens: first,
+                roots: first_host.clone(),
+            };
+            (first_host, drafts)
+        } else {
+            let beams = self.drafter.propose(DraftRequest {
+                context: hidden,
+                first_tokens: first.clone(),
+                beam_width: m,
+                beam_length: c,
+                needs_log_probs,
+            })?;
+            let data = Transaction::default()
+                .register(first)
+                .register(beams.tokens.clone())
+                .execute();
+            let first_host: Vec<u32> = ints(&data[0]).into_iter().map(|t| t as u32).collect();
+            let drafts = Drafts::Ready {
+                host: ints(&data[1]).into_iter().map(|t| t as u32).collect(),
+                device: beams,
+            };
+            (first_host, drafts)
+        };
         stats.syncs += 1;
         stats.draft_time += draft_start.elapsed();
         stats.prefill_time = start.elapsed();
-        let first: Vec<u32> = ints(&data[0]).into_iter().map(|t| t as u32).collect();
-        let mut host_beams: Vec<u32> = ints(&data[1]).into_iter().map(|t| t as u32).collect();
-        let mut device_beams = beams;
         for (b, row) in rows.iter_mut().enumerate() {
-            if row.push(&first[b..b + 1], gen_config) == 1 {
+            if row.push(&first_host[b..b + 1], gen_config) == 1 {
                 stats.new_tokens += 1;
-                on_tokens(b, &first[b..b + 1]);
+                on_tokens(b, &first_host[b..b + 1]);
             }
         }
         // `active[i]` is the original row of batch slot i; finished rows leave the batch.
         let mut active: Vec<usize> = (0..batch).collect();
-        self.retire_finished(
-            &rows,
-            &mut active,
-            &mut cache,
-            &mut host_beams,
-            &mut device_beams,
-        )?;
+        self.retire_finished(&rows, &mut active, &mut cache, &mut drafts)?;
 
         while !active.is_empty() {
             let live = active.len();
+            // The round's drafted beams: drafted last round and known here, or drafted now, the
+            // device working on them while the host packs and queues the tree below.
+            let (drafted_host, device_beams) = match drafts {
+                Drafts::Ready { host, device } => (host, device),
+                Drafts::Pending {
+                    context,
+                    first_tokens,
+                    roots,
+                } => {
+                    let draft_start = Instant::now();
+                    let beams = self.drafter.propose(DraftRequest {
+                        context,
+                        first_tokens,
+                        beam_width: m,
+                        beam_length: c,
+                        needs_log_probs,
+                    })?;
+                    if crate::cube_kernels::queue_flush().after_draft {
+                        crate::cube_kernels::flush_queue::<B>(&device);
+                    }
+                    stats.draft_time += draft_start.elapsed();
+                    (stand_in_beams(&roots, m, c), beams)
+                }
+            };
             // Prompt-lookup beams, tree packing and upload.
             let tree_start = Instant::now();
             // The round's integers (lookup guesses, tree tokens, positions, unpacker) go up in
             // one upload: each upload is a task for CubeCL's runner.
             let mut upload = IntUpload::default();
-            let (round_beams, lookup_segment) = match &config.lookup {
-                None => (std::borrow::Cow::Borrowed(host_beams.as_slice()), None),
+            let (mut round_beams, lookup_segment) = match &config.lookup {
+                None => (drafted_host, None),
                 Some(lookup) => {
-                    let beams =
-                        self.with_lookup_beams(lookup, &host_beams, &active, prompts, &rows);
-                    let segment = upload.push(beams.iter().map(|&t| i64::from(t)));
-                    (std::borrow::Cow::Owned(beams), Some(segment))
+                    let beams = self.with_lookup_beams(
+                        lookup,
+                        &drafted_host,
+                        !overlapped,
+                        &active,
+                        prompts,
+                        &rows,
+                    );
+                    let segment = upload.push(beams.iter().map(|&t| device_token(t)));
+                    (beams, Some(segment))
                 }
             };
             let trees = (0..live)
@@ -393,7 +605,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let packed = PackedBatch::new(trees)?;
             let tree_len = packed.max_len();
             let starts: Vec<usize> = cache.lengths().to_vec();
-            let tokens_segment = upload.push(packed.tokens(0));
+            let tokens_segment =
+                upload.push(packed.tokens(0).into_iter().map(|t| device_token(t as u32)));
             let positions_segment = upload.push(packed.positions(&starts)?);
             let unpacker_segment = upload.push(
                 packed
@@ -401,7 +614,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                     .iter()
                     .flat_map(|t| t.unpacker().iter().map(|&u| u as i64)),
             );
-            let uploaded = upload.upload::<B>(&device);
+            let mut uploaded = upload.upload::<B>(&device);
+            if overlapped {
+                // The stand-ins become the drafted tokens, on the device.
+                uploaded = uploaded.resolve_drafted(&device_beams.tokens);
+            }
             let round_tokens = match lookup_segment {
                 Some(segment) => uploaded.get(segment, [live, total, depth])?,
                 None => device_beams.tokens.clone(),
@@ -427,20 +644,28 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 unpacker_t,
             )?;
             stats.verify_time += verify_start.elapsed();
-            let draft_start = Instant::now();
-            let next_beams = self.drafter.propose(DraftRequest {
-                context: next_context,
-                first_tokens: bonus.clone(),
-                beam_width: m,
-                beam_length: c,
-                needs_log_probs,
-            })?;
-            stats.draft_time += draft_start.elapsed();
+            // Sequential drafting drafts the next beams now and reads them back with the
+            // acceptance; overlapped drafting reads back this round's beams, drafted long ago.
+            let next_beams = if overlapped {
+                None
+            } else {
+                let draft_start = Instant::now();
+                let beams = self.drafter.propose(DraftRequest {
+                    context: next_context.clone(),
+                    first_tokens: bonus.clone(),
+                    beam_width: m,
+                    beam_length: c,
+                    needs_log_probs,
+                })?;
+                stats.draft_time += draft_start.elapsed();
+                Some(beams)
+            };
             let readback_start = Instant::now();
+            let beams_to_read = next_beams.as_ref().unwrap_or(&device_beams);
             let data = Transaction::default()
                 .register(summary)
-                .register(bonus)
-                .register(next_beams.tokens.clone())
+                .register(bonus.clone())
+                .register(beams_to_read.tokens.clone())
                 .execute();
             stats.syncs += 1;
             stats.readback_time += readback_start.elapsed();
@@ -459,6 +684,9 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 bonus: ints(&data[1]).into_iter().map(|v| v as u32).collect(),
                 beams: ints(&data[2]).into_iter().map(|v| v as u32).collect(),
             };
+            if overlapped {
+                resolve_stand_ins(&mut round_beams, &result.beams)?;
+            }
             let mut keep = Vec::with_capacity(live);
             stats.target_forwards += 1;
             for i in 0..live {
@@ -492,16 +720,19 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 }
             }
             cache.commit(&keep)?;
-            host_beams = result.beams;
-            device_beams = next_beams;
+            drafts = match next_beams {
+                Some(device) => Drafts::Ready {
+                    host: result.beams,
+                    device,
+                },
+                None => Drafts::Pending {
+                    context: next_context,
+                    first_tokens: bonus,
+                    roots: result.bonus,
+                },
+            };
             let live_before = active.len();
-            self.retire_finished(
-                &rows,
-                &mut active,
-                &mut cache,
-                &mut host_beams,
-                &mut device_beams,
-            )?;
+            self.retire_finished(&rows, &mut active, &mut cache, &mut drafts)?;
             if active.len() != live_before {
                 tracing::debug!(remaining = active.len(), "rows finished");
             }
@@ -648,8 +879,9 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     /// The round's beams per live row: the `M` drafted beams, then `lookup.beams` guesses from
     /// the row's prompt and output. When the tree is deeper than the drafted beams, each drafted
     /// beam is extended with a guess for the text it ends with (or its last token repeated,
-    /// where the text offers none). Rows with fewer guesses repeat drafted beam 0, which adds no
-    /// node to the packed tree.
+    /// where the text offers none) if `drafts_known`, else it ends there ([`BEAM_END`]: its
+    /// tokens are stand-ins). Rows with fewer guesses repeat drafted beam 0, which adds no node
+    /// to the packed tree.
     ///
     /// # Shapes
     /// `drafted`: `[live, M, C]` flattened; returns `[live, M + lookup.beams, depth]` flattened
@@ -657,6 +889,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         &self,
         lookup: &PromptLookup,
         drafted: &[u32],
+        drafts_known: bool,
         active: &[usize],
         prompts: &[Vec<u32>],
         rows: &[RowOutput],
@@ -673,7 +906,9 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let row_start = beams.len();
             for beam in drafted[i * m * c..(i + 1) * m * c].chunks(c) {
                 beams.extend_from_slice(beam);
-                if depth > c {
+                if depth > c && !drafts_known {
+                    beams.extend(std::iter::repeat_n(BEAM_END, depth - c));
+                } else if depth > c {
                     let known = history.len();
                     history.extend_from_slice(&beam[1..]);
                     let extension = PromptLookup {
@@ -757,8 +992,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         rows: &[RowOutput],
         active: &mut Vec<usize>,
         cache: &mut crate::kv_cache::KvCache<B>,
-        host_beams: &mut Vec<u32>,
-        device_beams: &mut crate::drafter::DraftBeams<B>,
+        drafts: &mut Drafts<B>,
     ) -> Result<()> {
         let keep: Vec<usize> = (0..active.len())
             .filter(|&i| !rows[active[i]].done)
@@ -766,24 +1000,13 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         if keep.len() == active.len() {
             return Ok(());
         }
-        let per_row = self.config.beam_width * self.config.beam_length;
         *active = keep.iter().map(|&i| active[i]).collect();
         if keep.is_empty() {
             return Ok(());
         }
         cache.retain_rows(&keep)?;
-        *host_beams = keep
-            .iter()
-            .flat_map(|&i| host_beams[i * per_row..(i + 1) * per_row].iter().copied())
-            .collect();
-        let device = self.target.device();
-        let index = int_tensor::<B, 1>(
-            keep.iter().map(|&i| i as i64).collect(),
-            [keep.len()],
-            &device,
-        );
-        device_beams.tokens = device_beams.tokens.clone().select(0, index.clone());
-        device_beams.token_log_probs = device_beams.token_log_probs.clone().select(0, index);
+        let per_row = self.config.beam_width * self.config.beam_length;
+        drafts.retain_rows(&keep, per_row, &self.target.device());
         Ok(())
     }
 }

@@ -173,6 +173,26 @@ pub(crate) struct IntSegments<B: Backend> {
 }
 
 impl<B: Backend> IntSegments<B> {
+    /// The segments with every stand-in `-1 - i` replaced by element `i` of `drafted`
+    /// `[live, M, C]` (row-major numbering): the drafted tokens of an overlapped round, which the
+    /// host uploaded before it knew them (`DraftTiming::Overlapped`). One launch on the CubeCL
+    /// backends.
+    pub(crate) fn resolve_drafted(self, drafted: &Tensor<B, 3, Int>) -> Self {
+        let buffer =
+            crate::cube_kernels::resolve_drafted(&self.buffer, drafted).unwrap_or_else(|| {
+                let count = drafted.dims().iter().product::<usize>();
+                let stand_in = self.buffer.clone().lower_elem(0);
+                // Kept values index element 0, which every beam has; the mask drops them.
+                let index = self.buffer.clone().neg().sub_scalar(1).clamp_min(0);
+                let tokens = drafted.clone().reshape([count]).select(0, index);
+                self.buffer.mask_where(stand_in, tokens)
+            });
+        Self {
+            buffer,
+            segments: self.segments,
+        }
+    }
+
     /// Segment `index` as a tensor of `shape`: a view of the buffer on the CubeCL backends,
     /// Burn's `slice` elsewhere.
     ///

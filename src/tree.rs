@@ -30,6 +30,12 @@
 
 use crate::{Error, Result};
 
+/// Marks the end of a beam shorter than the tree's beam length: every position from a beam's
+/// first `BEAM_END` on adds no node and unpacks to the beam's last real node. It is never a
+/// vocabulary token, so such a position is never accepted. (The decoder pads a drafted beam with
+/// it when the tree is deeper than the beam and the beam's text is not known on the host yet.)
+pub const BEAM_END: u32 = u32::MAX;
+
 /// The unique-prefix tree of one batch row's beams.
 ///
 /// Node 0 is the root (`g0`, depth 0). Every other node is a distinct prefix of at least one beam;
@@ -57,9 +63,12 @@ impl DraftTree {
     /// `beams[i * beam_length..(i + 1) * beam_length]`, and every beam must start with the same
     /// token `g0` (the token the target itself chose last round).
     ///
+    /// A beam may end early with [`BEAM_END`] (then only `BEAM_END` up to its length).
+    ///
     /// # Errors
     /// [`Error::InvalidSettings`] if a size is zero, `beams` has the wrong length, the tree would
-    /// not fit `u32` indices, or the beams do not share their first token.
+    /// not fit `u32` indices, the beams do not share their first token, or a beam starts with
+    /// [`BEAM_END`] or has a token after it.
     pub fn pack(beams: &[u32], beam_width: usize, beam_length: usize) -> Result<Self> {
         if beam_width == 0 || beam_length == 0 {
             return Err(Error::InvalidSettings(format!(
@@ -89,6 +98,16 @@ impl DraftTree {
                 "all beams must start with the same token: beam 0 starts with {g0}, beam {i} with {}",
                 beams[i * beam_length]
             )));
+        }
+        for (i, beam) in beams.chunks_exact(beam_length).enumerate() {
+            if let Some(end) = beam.iter().position(|&t| t == BEAM_END)
+                && (end == 0 || beam[end..].iter().any(|&t| t != BEAM_END))
+            {
+                return Err(Error::InvalidSettings(format!(
+                    "beam {i} ends at position {end}: a beam must keep its first token and \
+                     hold nothing after its end"
+                )));
+            }
         }
 
         let capacity = 1 + beam_width * (beam_length - 1);
@@ -121,7 +140,7 @@ impl DraftTree {
             }
             let mut node = row[k - 1];
             // Follow the prefix that other earlier beams already created...
-            while k < beam_length {
+            while k < beam_length && beam[k] != BEAM_END {
                 match children.get(node, beam[k], &parents, &tokens) {
                     Some(child) => {
                         node = child;
@@ -135,6 +154,11 @@ impl DraftTree {
             // the remaining depths, appended in (beam, depth) order. A fresh node has no
             // children, so no further lookups are needed.
             for (k, &token) in beam.iter().enumerate().skip(k) {
+                if token == BEAM_END {
+                    // The beam has ended: its remaining positions stay on its last node.
+                    row[k..].fill(node);
+                    break;
+                }
                 let n = tokens.len();
                 tokens.push(token);
                 depths.push(k);
@@ -489,6 +513,27 @@ mod tests {
             PackedBatch::new(Vec::new()),
             Err(Error::EmptyInput(_))
         ));
+    }
+
+    #[test]
+    fn a_beam_that_ends_early_adds_no_nodes_past_its_end() {
+        const E: u32 = BEAM_END;
+        // Beam 0 ends after two tokens; beam 1 shares its first drafted token and goes on.
+        let tree = DraftTree::pack(&[5, 8, E, E, 5, 8, 2, 3], 2, 4).unwrap();
+        assert_eq!(tree.tokens(), &[5, 8, 2, 3]);
+        assert_eq!(tree.depths(), &[0, 1, 2, 3]);
+        assert_eq!(tree.unpacker(), &[0, 1, 1, 1, 0, 1, 2, 3]);
+        // Two beams ending at the same place share every node.
+        let tree = DraftTree::pack(&[5, 8, E, 5, 8, E], 2, 3).unwrap();
+        assert_eq!(tree.tokens(), &[5, 8]);
+        assert_eq!(tree.unpacker(), &[0, 1, 1, 0, 1, 1]);
+        // A beam may not start with the end, nor go on after it.
+        for bad in [[E, 8, 2], [5, E, 2]] {
+            assert!(matches!(
+                DraftTree::pack(&bad, 1, 3),
+                Err(Error::InvalidSettings(_))
+            ));
+        }
     }
 
     #[test]

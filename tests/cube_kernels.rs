@@ -1435,7 +1435,7 @@ fn a_chained_draft_equals_the_launch_per_step_draft() {
 /// prompt-lookup beams get accepted and the acceptance walks runs longer than zero (checked).
 #[test]
 fn greedy_speculative_decoding_on_the_kernels_equals_plain_decoding() {
-    use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+    use redrafter::decoder::{Acceptance, DraftTiming, SpeculativeConfig, SpeculativeDecoder};
     use redrafter::drafter::{DraftHeadKind, RecurrentDrafterConfig};
     use redrafter::lookup::PromptLookup;
     use redrafter::models::llama::{Llama, LlamaLoadOptions};
@@ -1456,21 +1456,61 @@ fn greedy_speculative_decoding_on_the_kernels_equals_plain_decoding() {
     let prompts = vec![vec![5, 17, 250, 3, 99, 42, 7], vec![1, 2, 3, 1, 2, 3, 1, 2]];
     let greedy = GenerationConfig::default().with_max_new_tokens(60);
     let plain = generate(&model, &prompts, &greedy, |_, _| {}).unwrap();
-    let config = SpeculativeConfig::default()
-        .beam_width(3)
-        .beam_length(4)
-        .acceptance(Acceptance::Greedy)
-        .lookup(PromptLookup::new(2).with_beam_length(6))
-        .generation(greedy);
-    let speculative = SpeculativeDecoder::new(&model, &drafter, config)
-        .unwrap()
-        .generate(&prompts, |_, _| {})
-        .unwrap();
-    assert_eq!(speculative.tokens, plain.tokens);
-    assert!(
-        speculative.stats.tau() > 1.2,
-        "too few accepted drafts to exercise acceptance: τ {:.2}",
-        speculative.stats.tau()
+    // Three drafted beams drafted after each acceptance; one drafted beam (which `Auto` drafts
+    // at the start of the round that verifies it, filling its tokens in on the device), with
+    // and without guesses, and forced sequential for comparison.
+    // (A random drafter's own beams are hardly ever accepted: the guesses carry τ here, and
+    // `overlapped_drafting_accepts_what_sequential_drafting_accepts` on the CPU and
+    // `drafted_stand_ins_are_replaced_by_the_drafted_tokens` here check the drafted tokens.)
+    let lookup = Some(PromptLookup::new(2).with_beam_length(6));
+    let shapes = [
+        (3, DraftTiming::Auto),
+        (1, DraftTiming::Auto),
+        (1, DraftTiming::Sequential),
+    ];
+    for (m, timing) in shapes {
+        let config = SpeculativeConfig::default()
+            .beam_width(m)
+            .beam_length(4)
+            .acceptance(Acceptance::Greedy)
+            .lookup(lookup)
+            .draft_timing(timing)
+            .generation(greedy.clone());
+        let decoder = SpeculativeDecoder::new(&model, &drafter, config).unwrap();
+        assert_eq!(
+            decoder.overlaps_drafting(),
+            m == 1 && timing == DraftTiming::Auto
+        );
+        let speculative = decoder.generate(&prompts, |_, _| {}).unwrap();
+        let case = format!("M={m}, lookup {lookup:?}, {timing:?}");
+        assert_eq!(speculative.tokens, plain.tokens, "{case}");
+        assert!(
+            speculative.stats.tau() > 1.2,
+            "{case}: too few accepted drafts to exercise acceptance: τ {:.2}",
+            speculative.stats.tau()
+        );
+    }
+}
+
+/// An overlapped round's upload holds stand-ins `-1 - i` for drafted tokens the host has not
+/// read back yet; one launch puts element `i` of the drafted beams in their place (here read
+/// through a strided view) and keeps every other value.
+#[test]
+fn drafted_stand_ins_are_replaced_by_the_drafted_tokens() {
+    let drafted: Tensor<B, 3, Int> = Tensor::from_data(
+        TensorData::new((100..112).collect::<Vec<i64>>(), [2, 2, 3]),
+        &device(),
+    );
+    // Beam 1 of each row: [[103, 104, 105]], [[109, 110, 111]] as `[2, 1, 3]`.
+    let view = drafted.slice([0..2, 1..2, 0..3]);
+    let values: Tensor<B, 1, Int> = Tensor::from_data(
+        TensorData::new(vec![3i64, -1, 7, -6, 0, -4, i64::from(i32::MAX), -3], [8]),
+        &device(),
+    );
+    let got = cube_kernels::resolve_drafted(&values, &view).expect("applies");
+    assert_eq!(
+        got.into_data().iter::<i64>().collect::<Vec<_>>(),
+        vec![3, 103, 7, 111, 0, 109, i64::from(i32::MAX), 105]
     );
 }
 

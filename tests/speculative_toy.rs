@@ -9,7 +9,7 @@ mod toy_model;
 use std::collections::HashMap;
 
 use burn::tensor::activation::softmax;
-use redrafter::decoder::{Acceptance, SpeculativeConfig, SpeculativeDecoder};
+use redrafter::decoder::{Acceptance, DraftTiming, SpeculativeConfig, SpeculativeDecoder};
 use redrafter::drafter::{DraftHeadKind, RecurrentDrafter, RecurrentDrafterConfig};
 use redrafter::{Error, GenerationConfig, PromptLookup, TargetModel, generate};
 use toy_model::{ToyConfig, ToyModel};
@@ -116,6 +116,7 @@ fn sample_sequences(
     model: &ToyModel<B>,
     acceptance: Acceptance,
     lookup: Option<PromptLookup>,
+    timing: DraftTiming,
     calls: u64,
     rows: usize,
 ) -> Vec<Vec<u32>> {
@@ -128,6 +129,7 @@ fn sample_sequences(
             .beam_length(3)
             .acceptance(acceptance)
             .lookup(lookup)
+            .draft_timing(timing)
             .temperature(1.0)
             .seed(1000 + call)
             .max_new_tokens(3);
@@ -162,16 +164,25 @@ fn exact_sampling_matches_the_target_distribution() {
     let joint = exact_joint(&model, &[1, 4, 2], 3);
     // The same walk over a tree that also holds prompt-lookup guesses: the guesses depend only
     // on tokens already emitted, so every emitted token stays an exact sample.
-    for lookup in [
-        None,
-        Some(PromptLookup::new(2)),
-        Some(PromptLookup::new(1).with_beam_length(5)),
+    // Overlapped drafting changes the tree (no shared drafted prefixes, drafted beams ending
+    // where the guesses go on) and the order of the random draws, not the distribution.
+    for (lookup, timing) in [
+        (None, DraftTiming::Sequential),
+        (Some(PromptLookup::new(2)), DraftTiming::Sequential),
+        (
+            Some(PromptLookup::new(1).with_beam_length(5)),
+            DraftTiming::Sequential,
+        ),
+        (
+            Some(PromptLookup::new(1).with_beam_length(5)),
+            DraftTiming::Overlapped,
+        ),
     ] {
-        let samples = sample_sequences(&model, Acceptance::Exact, lookup, 40, 500);
+        let samples = sample_sequences(&model, Acceptance::Exact, lookup, timing, 40, 500);
         assert_exact_samples(
             &joint,
             &samples,
-            &format!("exact sampling, lookup {lookup:?}"),
+            &format!("exact sampling, lookup {lookup:?}, {timing:?} drafting"),
         );
     }
 }
@@ -211,7 +222,14 @@ fn reference_parity_mode_is_measurably_biased() {
     let _rng = exclusive_rng();
     let model = toy(11);
     let joint = exact_joint(&model, &[1, 4, 2], 3);
-    let samples = sample_sequences(&model, Acceptance::ReferenceParity, None, 40, 500);
+    let samples = sample_sequences(
+        &model,
+        Acceptance::ReferenceParity,
+        None,
+        DraftTiming::Sequential,
+        40,
+        500,
+    );
     let (stat, dof) = chi_square(&joint, &samples);
     let bound = dof as f64 + 10.0 * (2.0 * dof as f64).sqrt();
     eprintln!(
@@ -242,7 +260,11 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
         (2, 2, 1, Some(6)),
         (3, 4, 2, Some(5)),
     ];
-    for (m, c, k, length) in shapes {
+    let timings = [DraftTiming::Sequential, DraftTiming::Overlapped];
+    for ((m, c, k, length), timing) in shapes
+        .into_iter()
+        .flat_map(|shape| timings.map(|timing| (shape, timing)))
+    {
         let spec = SpeculativeConfig::default()
             .beam_width(m)
             .beam_length(c)
@@ -250,20 +272,23 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
                 beam_length: length,
                 ..PromptLookup::new(k)
             })
+            .draft_timing(timing)
             .generation(config.clone());
-        let out = SpeculativeDecoder::new(&model, &drafter, spec)
-            .unwrap()
-            .generate(&prompts, |_, _| {})
-            .unwrap();
+        let decoder = SpeculativeDecoder::new(&model, &drafter, spec).unwrap();
+        assert_eq!(
+            decoder.overlaps_drafting(),
+            timing == DraftTiming::Overlapped
+        );
+        let out = decoder.generate(&prompts, |_, _| {}).unwrap();
         assert_eq!(
             out.tokens, expected.tokens,
-            "M={m} C={c} lookup {k} × {length:?}"
+            "M={m} C={c} lookup {k} × {length:?}, {timing:?} drafting"
         );
         if k > 0 {
             // Six tokens repeat a lot: some rounds must be won by a guess from the text.
             assert!(
                 out.stats.lookup_rounds > 0,
-                "M={m} C={c} lookup {k} × {length:?}"
+                "M={m} C={c} lookup {k} × {length:?}, {timing:?}"
             );
         }
         if let Some(length) = length {
@@ -272,10 +297,45 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
             assert_eq!(depths.len(), length - 1);
             assert!(
                 depths[c - 1] > 0.0,
-                "M={m} C={c} lookup {k} × {length}: {depths:?}"
+                "M={m} C={c} lookup {k} × {length}, {timing:?}: {depths:?}"
             );
         }
     }
+}
+
+/// With one drafted beam and no guesses the tree is that beam whenever it is drafted, so
+/// overlapped drafting (its tokens filled in on the device) must accept exactly what sequential
+/// drafting (its tokens packed on the host) accepts, round for round: a wrong drafted token would
+/// leave the output right (decoding is lossless) but cut an accepted run short.
+#[test]
+fn overlapped_drafting_accepts_what_sequential_drafting_accepts() {
+    let _rng = exclusive_rng();
+    let model = toy(5);
+    let drafter = drafter(&model, 9);
+    let prompts = vec![vec![1u32, 2, 3], vec![5, 0], vec![3, 3, 3, 1, 2]];
+    let config = GenerationConfig::default().with_max_new_tokens(20);
+    let run = |timing| {
+        let spec = SpeculativeConfig::default()
+            .beam_width(1)
+            .beam_length(4)
+            .draft_timing(timing)
+            .generation(config.clone());
+        SpeculativeDecoder::new(&model, &drafter, spec)
+            .unwrap()
+            .generate(&prompts, |_, _| {})
+            .unwrap()
+    };
+    let (sequential, overlapped) = (run(DraftTiming::Sequential), run(DraftTiming::Overlapped));
+    assert_eq!(overlapped.tokens, sequential.tokens);
+    assert_eq!(overlapped.stats.row_rounds, sequential.stats.row_rounds);
+    assert_eq!(
+        overlapped.stats.accepted_at_depth,
+        sequential.stats.accepted_at_depth
+    );
+    assert!(
+        sequential.stats.accepted_at_depth[0] > 0,
+        "nothing accepted: the comparison says nothing"
+    );
 }
 
 #[test]
@@ -305,6 +365,19 @@ fn bad_settings_and_inputs_are_typed_errors() {
         ),
         Some(Error::InvalidSettings(_))
     ));
+
+    // Overlapped drafting: only the rules that compare tokens on the device.
+    for acceptance in [Acceptance::typical(), Acceptance::ReferenceParity] {
+        assert!(matches!(
+            make(
+                SpeculativeConfig::default()
+                    .acceptance(acceptance)
+                    .temperature(0.7)
+                    .draft_timing(DraftTiming::Overlapped)
+            ),
+            Some(Error::InvalidSettings(_))
+        ));
+    }
 
     // Prompt lookup: an empty n-gram range, and the p/q rule, which needs drafter probabilities.
     assert!(matches!(

@@ -249,3 +249,27 @@ pub(super) fn from_cube_int<R: CubeRuntime, B: Backend, const D: usize>(
     let primitive = *boxed.downcast::<B::IntTensorPrimitive>().ok()?;
     Some(Tensor::from_primitive(primitive))
 }
+
+/// Hands the tasks queued for `device` to CubeCL's runner thread now, without waiting for them.
+///
+/// The runner takes tasks (a launch, an allocation) from the host in batches of 32 and starts on
+/// a batch only once it is full, or when something waits on the device. Nothing queued reaches
+/// the card before then.
+pub(super) fn flush_queue<B: Backend>(device: &B::Device) {
+    match runtime_of::<B>() {
+        #[cfg(feature = "cuda")]
+        Some(Runtime::Cuda) => flush_queue_on::<cubecl::cuda::CudaRuntime, B>(device),
+        #[cfg(feature = "wgpu")]
+        Some(Runtime::Wgpu) => flush_queue_on::<cubecl::wgpu::WgpuRuntime, B>(device),
+        None => {}
+    }
+}
+
+fn flush_queue_on<R: CubeRuntime, B: Backend>(device: &B::Device) {
+    let device: &dyn Any = device;
+    if let Some(device) = device.downcast_ref::<R::Device>() {
+        let id = cubecl::device::Device::to_id(device);
+        // The handle of the runner the device's client already talks to (one per device).
+        cubecl::device_handle::DeviceHandle::<R::Server>::new(id).flush_queue();
+    }
+}

@@ -24,6 +24,7 @@
 //!   with them a Llama layer is six launches (`src/models/llama/fold.rs`),
 //! - `move_kv_slots` (a verified block's accepted keys and values moved after each row's
 //!   committed prefix, every layer and row at once: `KvCache::commit`).
+//! - `resolve_drafted` (an overlapped round's drafted tokens put into its upload),
 //! - `draft_chain` (a whole one-beam draft — every step's products and picks — in one launch,
 //!   on CUDA only: its cubes meet at grid-wide barriers).
 //!
@@ -58,6 +59,8 @@ mod dispatch;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod draft_chain;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod drafted_tokens;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod kv_move;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod matmul;
@@ -75,6 +78,68 @@ mod softmax;
 mod swiglu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod top_k;
+
+/// Where the host hands its queued GPU work over early ([`flush_queue`]): after an overlapped
+/// round's draft (on by default), and every this many layers of a forward (off by default).
+///
+/// Measured on an H200 (docs/benchmarks.md, session 35): the flush after the draft makes
+/// ReDrafter 3 % faster and leaves plain decoding alone; a flush after every layer makes plain
+/// decoding 3–6 % faster and ReDrafter 2–3 %, every third layer slows both by 3–4 %.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFlush {
+    /// After an overlapped round queues its draft (`DraftTiming::Overlapped`), so that the
+    /// device drafts while the host packs the tree.
+    pub after_draft: bool,
+    /// Every this many transformer layers of a forward (0: never).
+    pub every_layers: usize,
+}
+
+impl Default for QueueFlush {
+    fn default() -> Self {
+        Self {
+            after_draft: true,
+            every_layers: 0,
+        }
+    }
+}
+
+impl QueueFlush {
+    /// No early hand-over anywhere.
+    pub const NONE: Self = Self {
+        after_draft: false,
+        every_layers: 0,
+    };
+}
+
+static FLUSH_AFTER_DRAFT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+static FLUSH_EVERY_LAYERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets where the host hands queued work over early, for the whole process
+/// ([`QueueFlush::default`] until set).
+pub fn set_queue_flush(flush: QueueFlush) {
+    use std::sync::atomic::Ordering::Relaxed;
+    FLUSH_AFTER_DRAFT.store(flush.after_draft, Relaxed);
+    FLUSH_EVERY_LAYERS.store(flush.every_layers, Relaxed);
+}
+
+/// The process's [`QueueFlush`] setting.
+pub fn queue_flush() -> QueueFlush {
+    use std::sync::atomic::Ordering::Relaxed;
+    QueueFlush {
+        after_draft: FLUSH_AFTER_DRAFT.load(Relaxed),
+        every_layers: FLUSH_EVERY_LAYERS.load(Relaxed),
+    }
+}
+
+/// Hands the work queued for `device` to CubeCL's runner thread now, without waiting for it: the
+/// runner starts on queued launches only in batches of 32 tasks, or when the host waits for the
+/// device. Does nothing on other backends.
+pub fn flush_queue<B: Backend>(device: &B::Device) {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    dispatch::flush_queue::<B>(device);
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    let _ = device;
+}
 
 /// The environment variable that switches the kernels off (`off`, `0` or `false`).
 pub const SWITCH_VARIABLE: &str = "REDRAFTER_CUBE_KERNELS";
@@ -621,6 +686,24 @@ pub fn argmax<B: Backend, const D: usize>(
     #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
     {
         let _ = values;
+        None
+    }
+}
+
+/// `values` `[len]` with every stand-in `-1 - i` replaced by element `i` of `drafted`
+/// `[live, M, C]` (row-major numbering), other values kept: an overlapped round's upload made
+/// whole (`DraftTiming::Overlapped`). One launch; `None` where the kernels do not apply.
+pub fn resolve_drafted<B: Backend>(
+    values: &Tensor<B, 1, Int>,
+    drafted: &Tensor<B, 3, Int>,
+) -> Option<Tensor<B, 1, Int>> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        dispatch::run(drafted_tokens::ResolveDrafted { values, drafted })
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = (values, drafted);
         None
     }
 }
