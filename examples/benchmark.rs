@@ -320,6 +320,8 @@ fn summarize(
 struct ArRun {
     stats: Stats,
     outputs: Vec<Vec<u32>>,
+    /// Where queued GPU work was handed over early while it ran.
+    flush: cube_kernels::QueueFlush,
 }
 
 impl ArRun {
@@ -349,13 +351,7 @@ impl ArRun {
     }
 
     /// Reports the result; returns its tokens/s.
-    fn finish(
-        &self,
-        temperature: f32,
-        prompts: usize,
-        flush: cube_kernels::QueueFlush,
-        results: &mut Vec<ModeResult>,
-    ) -> f64 {
+    fn finish(&self, temperature: f32, prompts: usize, results: &mut Vec<ModeResult>) -> f64 {
         let result = summarize(
             "ar".into(),
             None,
@@ -366,7 +362,7 @@ impl ArRun {
             vec![],
         );
         let result = ModeResult {
-            queue_flush: flush_label(flush),
+            queue_flush: flush_label(self.flush),
             ..result
         };
         eprintln!(
@@ -386,6 +382,8 @@ struct SpeculativeRun<'a, B: Backend> {
     stats: Stats,
     mismatches: Vec<usize>,
     divergences: Vec<Divergence>,
+    /// Where queued GPU work was handed over early while it ran.
+    flush: cube_kernels::QueueFlush,
 }
 
 impl<B: Backend> SpeculativeRun<'_, B> {
@@ -440,7 +438,6 @@ impl<B: Backend> SpeculativeRun<'_, B> {
         prompts: usize,
         ar_tps: Option<f64>,
         args: &Args,
-        flush: cube_kernels::QueueFlush,
         results: &mut Vec<ModeResult>,
     ) -> bool {
         let config = self.decoder.config();
@@ -460,7 +457,7 @@ impl<B: Backend> SpeculativeRun<'_, B> {
             draft_vocab: self.drafter.draft_vocab_size(),
             merged_exit,
             overlapped_draft: self.decoder.overlaps_drafting(),
-            queue_flush: flush_label(flush),
+            queue_flush: flush_label(self.flush),
             ..result
         };
         let stats = &self.stats;
@@ -612,7 +609,10 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
         // setting moves plain decoding too.
         let mut groups = Vec::new();
         for &flush in &args.queue_flush {
-            let ar = (!args.no_baseline).then(ArRun::default);
+            let ar = (!args.no_baseline).then(|| ArRun {
+                flush,
+                ..ArRun::default()
+            });
             let mut speculative = Vec::new();
             let shapes = drafters.iter().flat_map(|d| {
                 args.beam_lengths.iter().flat_map(move |&c| {
@@ -642,6 +642,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                     stats: Stats::default(),
                     mismatches: Vec::new(),
                     divergences: Vec::new(),
+                    flush,
                 });
             }
             groups.push((flush, ar, speculative));
@@ -673,19 +674,12 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
-            for (flush, ar, speculative) in &groups {
+            for (_, ar, speculative) in &groups {
                 let ar_tps = ar
                     .as_ref()
-                    .map(|ar| ar.finish(temperature, prompts.len(), *flush, &mut results));
+                    .map(|ar| ar.finish(temperature, prompts.len(), &mut results));
                 for run in speculative {
-                    failed |= run.finish(
-                        temperature,
-                        prompts.len(),
-                        ar_tps,
-                        args,
-                        *flush,
-                        &mut results,
-                    );
+                    failed |= run.finish(temperature, prompts.len(), ar_tps, args, &mut results);
                 }
             }
             write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
@@ -702,7 +696,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                         bar.inc(chunk.len() as u64);
                     }
                     bar.finish_and_clear();
-                    ar_tps = Some(ar.finish(temperature, prompts.len(), *flush, &mut results));
+                    ar_tps = Some(ar.finish(temperature, prompts.len(), &mut results));
                     // Written after every mode, so a run cut short keeps what it measured.
                     write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
                 }
@@ -715,14 +709,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                         bar.inc(chunk.len() as u64);
                     }
                     bar.finish_and_clear();
-                    failed |= run.finish(
-                        temperature,
-                        prompts.len(),
-                        ar_tps,
-                        args,
-                        *flush,
-                        &mut results,
-                    );
+                    failed |= run.finish(temperature, prompts.len(), ar_tps, args, &mut results);
                     write_report::<B>(args, &model_path, &prompts, top_k, &device, &results)?;
                 }
             }
