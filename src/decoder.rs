@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::drafter::{DraftHead, DraftRequest};
 use crate::error::{Error, Result};
 use crate::generate::{
-    GenerationConfig, GenerationOutput, IntUpload, RowOutput, int_tensor, ints, prefill,
+    GenerationConfig, GenerationOutput, IntUpload, RowOutput, int_tensor, ints, prefill, token_ids,
     validate_prompts,
 };
 use crate::lookup::PromptLookup;
@@ -59,6 +59,13 @@ pub enum Acceptance {
 }
 
 impl Acceptance {
+    /// Whether the rule accepts a drafted token by comparing it with the target's verdict at its
+    /// parent (greedy and exact sampling) — what the device does in one kernel, and all it needs
+    /// of the tree's tokens. The other rules read each node's token on the host.
+    pub fn compares_tokens(self) -> bool {
+        matches!(self, Acceptance::Greedy | Acceptance::Exact)
+    }
+
     /// Typical acceptance with the usual Medusa constants (ε = 0.3, δ = 0.09).
     pub fn typical() -> Self {
         Acceptance::Typical {
@@ -409,9 +416,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             }
             _ => {}
         }
-        if config.draft_timing == DraftTiming::Overlapped
-            && !matches!(config.acceptance, Acceptance::Greedy | Acceptance::Exact)
-        {
+        if config.draft_timing == DraftTiming::Overlapped && !config.acceptance.compares_tokens() {
             return Err(Error::InvalidSettings(format!(
                 "overlapped drafting needs greedy or exact acceptance, not {:?}: the other rules \
                  read the drafted tokens on the host before the round's readback",
@@ -445,10 +450,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             DraftTiming::Overlapped => true,
             DraftTiming::Auto => {
                 self.config.beam_width == 1
-                    && matches!(
-                        self.config.acceptance,
-                        Acceptance::Greedy | Acceptance::Exact
-                    )
+                    && self.config.acceptance.compares_tokens()
                     && crate::cube_kernels::applies::<B>()
             }
         }
@@ -505,34 +507,34 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let logits = self.target.logits(hidden.clone().unsqueeze_dim::<3>(1));
         let first = self.choose(logits).reshape([batch]);
         let draft_start = Instant::now();
-        let (first_host, mut drafts) = if overlapped {
-            // The first round drafts its beams itself.
-            let data = Transaction::default().register(first.clone()).execute();
-            let first_host: Vec<u32> = ints(&data[0]).into_iter().map(|t| t as u32).collect();
-            let drafts = Drafts::Pending {
-                context: hidden,
-                first_tokens: first,
-                roots: first_host.clone(),
-            };
-            (first_host, drafts)
+        // Sequential drafting drafts the first beams now; overlapped, the first round does.
+        let beams = if overlapped {
+            None
         } else {
-            let beams = self.drafter.propose(DraftRequest {
-                context: hidden,
+            Some(self.drafter.propose(DraftRequest {
+                context: hidden.clone(),
                 first_tokens: first.clone(),
                 beam_width: m,
                 beam_length: c,
                 needs_log_probs,
-            })?;
-            let data = Transaction::default()
-                .register(first)
-                .register(beams.tokens.clone())
-                .execute();
-            let first_host: Vec<u32> = ints(&data[0]).into_iter().map(|t| t as u32).collect();
-            let drafts = Drafts::Ready {
-                host: ints(&data[1]).into_iter().map(|t| t as u32).collect(),
-                device: beams,
-            };
-            (first_host, drafts)
+            })?)
+        };
+        let mut readback = Transaction::default().register(first.clone());
+        if let Some(beams) = &beams {
+            readback = readback.register(beams.tokens.clone());
+        }
+        let data = readback.execute();
+        let first_host = token_ids(&data[0]);
+        let mut drafts = match beams {
+            Some(device) => Drafts::Ready {
+                host: token_ids(&data[1]),
+                device,
+            },
+            None => Drafts::Pending {
+                context: hidden,
+                first_tokens: first,
+                roots: first_host.clone(),
+            },
         };
         stats.syncs += 1;
         stats.draft_time += draft_start.elapsed();
@@ -681,8 +683,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                     .step_by(2)
                     .map(|&v| v as usize)
                     .collect(),
-                bonus: ints(&data[1]).into_iter().map(|v| v as u32).collect(),
-                beams: ints(&data[2]).into_iter().map(|v| v as u32).collect(),
+                bonus: token_ids(&data[1]),
+                beams: token_ids(&data[2]),
             };
             if overlapped {
                 resolve_stand_ins(&mut round_beams, &result.beams)?;
@@ -783,16 +785,14 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let device = logits.device();
         let temperature = self.config.temperature_value();
         let verdict = self.choose(logits.clone());
-        if matches!(
-            self.config.acceptance,
-            Acceptance::Greedy | Acceptance::Exact
-        ) && let Some(accepted) =
-            crate::cube_kernels::greedy_accept(crate::cube_kernels::GreedyAcceptance {
-                choices: &verdict,
-                unpacker: &unpacker,
-                beams: &tokens,
-                hidden: &hidden,
-            })
+        if self.config.acceptance.compares_tokens()
+            && let Some(accepted) =
+                crate::cube_kernels::greedy_accept(crate::cube_kernels::GreedyAcceptance {
+                    choices: &verdict,
+                    unpacker: &unpacker,
+                    beams: &tokens,
+                    hidden: &hidden,
+                })
         {
             // One launch on the GPUs instead of ~20.
             return Ok(accepted);

@@ -222,6 +222,11 @@ pub(crate) fn ints(data: &TensorData) -> Vec<i64> {
     data.iter::<i64>().collect()
 }
 
+/// Reads token ids (integer tensor data) as `u32` whatever the backend's int type.
+pub(crate) fn token_ids(data: &TensorData) -> Vec<u32> {
+    data.iter::<i64>().map(|t| t as u32).collect()
+}
+
 /// Runs right-padded prompts through the target, commits them to the cache and returns the
 /// final-norm hidden state at each row's last prompt token.
 ///
@@ -406,10 +411,7 @@ fn select_tokens<B: Backend>(
     rng: &mut StdRng,
 ) -> Vec<u32> {
     let [batch, vocab] = logits.dims();
-    let device_argmax = |values: Tensor<B, 2>| {
-        let ids = argmax_rows(values).into_data();
-        ints(&ids).into_iter().map(|t| t as u32).collect()
-    };
+    let device_argmax = |values: Tensor<B, 2>| token_ids(&argmax_rows(values).into_data());
     if sampling.is_greedy() {
         return device_argmax(logits);
     }

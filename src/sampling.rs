@@ -91,9 +91,9 @@ pub fn argmax_rows<B: Backend, const D: usize>(values: Tensor<B, D>) -> Tensor<B
 const GUMBEL_UNIFORM_CLAMP: f64 = 1e-7;
 
 /// `logits / temperature` plus independent Gumbel(0, 1) noise, computed where the logits live,
-/// in f32 whatever the logits' float type (the result is f32). The argmax of each row of the result is an exact draw from `softmax(logits / temperature)`
-/// (the Gumbel-max trick), so sampling needs one small readback of indices instead of the whole
-/// rows. Draws from the backend's random generator: seed it with [`Backend::seed`] for
+/// in f32 whatever the logits' float type (the result is f32). The argmax of each row of the
+/// result is an exact draw from `softmax(logits / temperature)` (the Gumbel-max trick), so
+/// sampling needs one small readback of indices instead of the whole rows. Draws from the backend's random generator: seed it with [`Backend::seed`] for
 /// reproducible runs.
 ///
 /// # Shapes
@@ -256,7 +256,6 @@ mod tests {
     /// 1.00, and plain f16 sampling wrote noise).
     #[test]
     fn gumbel_max_draws_from_half_precision_logits_are_draws_from_their_softmax() {
-        use burn::tensor::DType;
         type B = crate::backend::Cpu;
         let device = Default::default();
         B::seed(&device, 11);

@@ -94,25 +94,29 @@ pub struct QueueFlush {
     pub every_layers: usize,
 }
 
-impl Default for QueueFlush {
-    fn default() -> Self {
-        Self {
-            after_draft: true,
-            every_layers: 0,
-        }
-    }
-}
-
 impl QueueFlush {
     /// No early hand-over anywhere.
     pub const NONE: Self = Self {
         after_draft: false,
         every_layers: 0,
     };
+    /// The default: after an overlapped round's draft only.
+    pub const DEFAULT: Self = Self {
+        after_draft: true,
+        every_layers: 0,
+    };
 }
 
-static FLUSH_AFTER_DRAFT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-static FLUSH_EVERY_LAYERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+impl Default for QueueFlush {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+static FLUSH_AFTER_DRAFT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(QueueFlush::DEFAULT.after_draft);
+static FLUSH_EVERY_LAYERS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(QueueFlush::DEFAULT.every_layers);
 
 /// Sets where the host hands queued work over early, for the whole process
 /// ([`QueueFlush::default`] until set).

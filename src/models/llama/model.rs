@@ -379,11 +379,10 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
         }
         .map(|b| b.cast(dtype));
         let flush_every = crate::cube_kernels::queue_flush().every_layers;
-        let device = block.tokens.device();
         if folds_layers::<B>(batch * len) {
             for (i, layer) in self.layers.iter().enumerate() {
                 if flush_every > 0 && i > 0 && i % flush_every == 0 {
-                    crate::cube_kernels::flush_queue::<B>(&device);
+                    crate::cube_kernels::flush_queue::<B>(&block.tokens.device());
                 }
                 x = layer.attention.forward_residual(
                     x,
