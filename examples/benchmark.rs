@@ -34,10 +34,10 @@ use serde::Serialize;
 struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Drafter checkpoint, or `random` for an untrained tied drafter (measures pure overhead).
-    /// Without it only the autoregressive baseline runs.
-    #[arg(long)]
-    drafter: Option<String>,
+    /// Drafter checkpoint, or `random` for an untrained tied drafter (measures pure overhead);
+    /// a list compares drafters in one process. Without it only the autoregressive baseline runs.
+    #[arg(long, value_delimiter = ',')]
+    drafter: Vec<String>,
     #[arg(long, default_value = "benches/data/mt_bench_question.jsonl")]
     prompts: PathBuf,
     #[arg(long, default_value = "turns")]
@@ -62,9 +62,13 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "0")]
     lookup_beams: Vec<usize>,
     /// Tokens per prompt-lookup beam when longer than the beam length (drafted beams are then
-    /// extended with guesses too).
-    #[arg(long)]
-    lookup_length: Option<usize>,
+    /// extended with guesses too, unless drafting overlaps the tree); a list sweeps.
+    #[arg(long, value_delimiter = ',')]
+    lookup_length: Vec<usize>,
+    /// Shortest suffix match whose guess runs on to the lookup length (shorter matches stop at
+    /// the beam length, `PromptLookup::extend_min_ngram`); a list sweeps.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    lookup_extend_ngram: Vec<usize>,
     /// Temperatures; 0 runs greedy acceptance, others exact sampling.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     temperatures: Vec<f32>,
@@ -119,6 +123,8 @@ struct Args {
 #[derive(Serialize, Clone)]
 struct ModeResult {
     mode: String,
+    /// The drafter checkpoint (`--drafter`; empty for AR).
+    drafter: String,
     /// Tokens the drafter chooses from (the draft vocabulary's size, else the vocabulary's).
     draft_vocab: usize,
     /// Whether the drafter's exit projection ran merged with its draft table.
@@ -129,6 +135,8 @@ struct ModeResult {
     lookup_beams: usize,
     /// Tokens per beam of the verified tree (beam length, or the lookup length when longer).
     tree_length: usize,
+    /// Shortest suffix match whose lookup guess ran past the beam length.
+    lookup_extend_ngram: usize,
     /// Where queued GPU work was handed over early (`--queue-flush`).
     queue_flush: String,
     /// Whether rounds drafted their own beams at their start (`DraftTiming::Overlapped`, or
@@ -275,11 +283,15 @@ fn summarize(
     let rounds = stats.row_rounds.max(1) as f64;
     ModeResult {
         mode,
+        drafter: String::new(),
         draft_vocab: 0,
         merged_exit: false,
         beam_width: speculative.map_or(0, |c| c.beam_width),
         beam_length: speculative.map_or(0, |c| c.beam_length),
         lookup_beams: speculative.and_then(|c| c.lookup).map_or(0, |l| l.beams),
+        lookup_extend_ngram: speculative
+            .and_then(|c| c.lookup)
+            .map_or(0, |l| l.extend_min_ngram),
         tree_length: speculative.map_or(0, SpeculativeConfig::tree_length),
         overlapped_draft: false,
         queue_flush: String::new(),
@@ -379,6 +391,8 @@ impl ArRun {
 struct SpeculativeRun<'a, B: Backend> {
     decoder: SpeculativeDecoder<'a, B, Llama<B>, RecurrentDrafter<B>>,
     drafter: &'a RecurrentDrafter<B>,
+    /// The checkpoint it came from (`--drafter`).
+    drafter_name: &'a str,
     stats: Stats,
     mismatches: Vec<usize>,
     divergences: Vec<Divergence>,
@@ -454,6 +468,7 @@ impl<B: Backend> SpeculativeRun<'_, B> {
         let merged_exit = self.drafter.has_merged_exit();
         let result = ModeResult {
             divergences: self.divergences.clone(),
+            drafter: self.drafter_name.to_string(),
             draft_vocab: self.drafter.draft_vocab_size(),
             merged_exit,
             overlapped_draft: self.decoder.overlaps_drafting(),
@@ -462,7 +477,8 @@ impl<B: Backend> SpeculativeRun<'_, B> {
         };
         let stats = &self.stats;
         eprintln!(
-            "ReDrafter M={}+{} C={} V={}{}{} tree {} flush {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+            "ReDrafter {} M={}+{} C={} V={}{}{} tree {} ext {} flush {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+            result.drafter,
             result.beam_width,
             result.lookup_beams,
             result.beam_length,
@@ -474,6 +490,7 @@ impl<B: Backend> SpeculativeRun<'_, B> {
                 ""
             },
             result.tree_length,
+            result.lookup_extend_ngram,
             result.queue_flush,
             result.tokens_per_second,
             result
@@ -526,49 +543,52 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
     };
     let top_k: TopKMethod = args.top_k.parse()?;
     let (model, tokenizer): (Llama<B>, _) = load_llama(&model_path, &options, &device)?;
-    let drafter = match args.drafter.as_deref() {
-        None => None,
-        Some("random") => Some(
-            RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
+    let vocabulary = args
+        .draft_vocab
+        .as_ref()
+        .map(DraftVocabulary::load)
+        .transpose()?;
+    // Per checkpoint, one drafter per draft-vocabulary size (0 or none: the whole vocabulary),
+    // each labelled with its checkpoint.
+    let mut drafters: Vec<(String, RecurrentDrafter<B>)> = Vec::new();
+    for name in &args.drafter {
+        let drafter = match name.as_str() {
+            "random" => RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
                 .with_head(DraftHeadKind::Tied)
                 .init_seeded::<B>(0, &device)?
                 .with_dtype(options.dtype)?
                 .with_target(&model)?,
-        ),
-        Some(path) => Some(RecurrentDrafter::load_for_target(path, &model)?),
-    }
-    .map(|d| d.with_top_k(top_k));
-    // One drafter per draft-vocabulary size (0 or none: the whole vocabulary).
-    let drafters: Vec<RecurrentDrafter<B>> = match (&drafter, &args.draft_vocab) {
-        (None, _) => Vec::new(),
-        (Some(d), None) => vec![d.clone()],
-        (Some(d), Some(path)) => {
-            let vocabulary = DraftVocabulary::load(path)?;
-            let sizes = if args.draft_vocab_sizes.is_empty() {
-                vec![vocabulary.len()]
-            } else {
-                args.draft_vocab_sizes.clone()
+            path => RecurrentDrafter::load_for_target(path, &model)?,
+        }
+        .with_top_k(top_k);
+        let Some(vocabulary) = &vocabulary else {
+            drafters.push((name.clone(), drafter));
+            continue;
+        };
+        let sizes = if args.draft_vocab_sizes.is_empty() {
+            vec![vocabulary.len()]
+        } else {
+            args.draft_vocab_sizes.clone()
+        };
+        for size in sizes {
+            let sized = match size {
+                0 => drafter.clone(),
+                n => drafter
+                    .clone()
+                    .with_draft_vocabulary(vocabulary.truncated(n)?)?,
             };
-            let mut drafters = Vec::new();
-            for size in sizes {
-                let sized = match size {
-                    0 => d.clone(),
-                    n => d.clone().with_draft_vocabulary(vocabulary.truncated(n)?)?,
-                };
-                // One run per distinct drafter: where nothing merges (no draft vocabulary, a CPU
-                // backend) `on` and `off` are the same drafter.
-                let mut seen = Vec::new();
-                for &merge in &args.merged_exit {
-                    let variant = sized.clone().with_merged_exit(merge);
-                    if !seen.contains(&variant.has_merged_exit()) {
-                        seen.push(variant.has_merged_exit());
-                        drafters.push(variant);
-                    }
+            // One run per distinct drafter: where nothing merges (no draft vocabulary, a CPU
+            // backend) `on` and `off` are the same drafter.
+            let mut seen = Vec::new();
+            for &merge in &args.merged_exit {
+                let variant = sized.clone().with_merged_exit(merge);
+                if !seen.contains(&variant.has_merged_exit()) {
+                    seen.push(variant.has_merged_exit());
+                    drafters.push((name.clone(), variant));
                 }
             }
-            drafters
         }
-    };
+    }
     let prompts = read_prompts(args, &tokenizer)?;
     let eos = tokenizer.eos_token_ids().to_vec();
     eprintln!(
@@ -614,31 +634,54 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 ..ArRun::default()
             });
             let mut speculative = Vec::new();
+            // No length given: the guesses are as long as the drafted beams.
+            let lookup_lengths: Vec<Option<usize>> = if args.lookup_length.is_empty() {
+                vec![None]
+            } else {
+                args.lookup_length.iter().map(|&l| Some(l)).collect()
+            };
+            let lookup_lengths = &lookup_lengths;
             let shapes = drafters.iter().flat_map(|d| {
                 args.beam_lengths.iter().flat_map(move |&c| {
                     args.beam_widths.iter().flat_map(move |&m| {
                         args.lookup_beams.iter().flat_map(move |&k| {
-                            args.draft_timings
-                                .iter()
-                                .map(move |&timing| (d, c, m, k, timing))
+                            lookup_lengths.iter().flat_map(move |&length| {
+                                args.lookup_extend_ngram.iter().flat_map(move |&n| {
+                                    args.draft_timings
+                                        .iter()
+                                        .map(move |&timing| (d, c, m, k, (length, n), timing))
+                                })
+                            })
                         })
                     })
                 })
             });
-            for (drafter, beam_length, beam_width, lookup_beams, timing) in shapes {
+            for (
+                (drafter_name, drafter),
+                beam_length,
+                beam_width,
+                lookup_beams,
+                (lookup_length, extend_ngram),
+                timing,
+            ) in shapes
+            {
                 let config = SpeculativeConfig::default()
                     .draft_timing(timing)
                     .beam_width(beam_width)
                     .beam_length(beam_length)
-                    .lookup(PromptLookup {
-                        beam_length: args.lookup_length,
-                        ..PromptLookup::new(lookup_beams)
-                    })
+                    .lookup(
+                        PromptLookup {
+                            beam_length: lookup_length,
+                            ..PromptLookup::new(lookup_beams)
+                        }
+                        .with_extend_min_ngram(extend_ngram),
+                    )
                     .acceptance(acceptance)
                     .generation(generation.clone());
                 speculative.push(SpeculativeRun {
                     decoder: SpeculativeDecoder::new(&model, drafter, config)?,
                     drafter,
+                    drafter_name,
                     stats: Stats::default(),
                     mismatches: Vec::new(),
                     divergences: Vec::new(),

@@ -72,6 +72,10 @@ struct Args {
     /// extended with guesses too).
     #[arg(long)]
     lookup_length: Option<usize>,
+    /// Shortest suffix match whose guess runs on to --lookup-length (shorter matches stop at
+    /// --beam-length).
+    #[arg(long, default_value_t = 1)]
+    lookup_extend_ngram: usize,
     /// auto | sequential | overlapped: when each round's beams are drafted (auto overlaps the
     /// draft with the host's work for one beam on the GPU backends).
     #[arg(long, default_value = "auto")]
@@ -161,7 +165,8 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
             let lookup = PromptLookup {
                 beam_length: args.lookup_length,
                 ..PromptLookup::new(args.lookup_beams)
-            };
+            }
+            .with_extend_min_ngram(args.lookup_extend_ngram);
             let config = SpeculativeConfig::default()
                 .beam_width(args.beam_width)
                 .beam_length(args.beam_length)

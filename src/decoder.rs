@@ -878,10 +878,11 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
 
     /// The round's beams per live row: the `M` drafted beams, then `lookup.beams` guesses from
     /// the row's prompt and output. When the tree is deeper than the drafted beams, each drafted
-    /// beam is extended with a guess for the text it ends with (or its last token repeated,
-    /// where the text offers none) if `drafts_known`, else it ends there ([`BEAM_END`]: its
-    /// tokens are stand-ins). Rows with fewer guesses repeat drafted beam 0, which adds no node
-    /// to the packed tree.
+    /// beam is extended with a guess for the text it ends with if `drafts_known` and the text
+    /// offers one from a match of at least `lookup.extend_min_ngram` tokens, else it ends there
+    /// ([`BEAM_END`]; without `drafts_known` its tokens are stand-ins); a guess from a shorter
+    /// match also ends at the drafted beams' length. Rows with fewer guesses repeat drafted
+    /// beam 0, which adds no node to the packed tree.
     ///
     /// # Shapes
     /// `drafted`: `[live, M, C]` flattened; returns `[live, M + lookup.beams, depth]` flattened
@@ -915,22 +916,32 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                         beams: 1,
                         ..*lookup
                     }
-                    .candidates(&history, depth - c, &[])
+                    .guesses(&history, depth - c, &[])
                     .pop()
-                    .unwrap_or_else(|| vec![beam[c - 1]; depth - c]);
+                    .filter(|guess| guess.ngram >= lookup.extend_min_ngram);
                     history.truncate(known);
-                    beams.extend_from_slice(&extension);
+                    match extension {
+                        Some(guess) => beams.extend_from_slice(&guess.tokens),
+                        None => beams.extend(std::iter::repeat_n(BEAM_END, depth - c)),
+                    }
                 }
             }
             let own = &beams[row_start..];
             let covered: Vec<&[u32]> = own.chunks(depth).map(|beam| &beam[1..]).collect();
-            let guesses = lookup.candidates(&history, depth - 1, &covered);
+            let guesses = lookup.guesses(&history, depth - 1, &covered);
             let (g0, first_beam) = (own[0], own[..depth].to_vec());
             for k in 0..lookup.beams {
                 match guesses.get(k) {
                     Some(guess) => {
                         beams.push(g0);
-                        beams.extend_from_slice(guess);
+                        // A weak guess stops where the drafted beams do.
+                        let kept = if guess.ngram >= lookup.extend_min_ngram {
+                            depth - 1
+                        } else {
+                            c.min(depth) - 1
+                        };
+                        beams.extend_from_slice(&guess.tokens[..kept]);
+                        beams.extend(std::iter::repeat_n(BEAM_END, depth - 1 - kept));
                     }
                     None => beams.extend_from_slice(&first_beam),
                 }

@@ -38,6 +38,26 @@ pub struct PromptLookup {
     /// text that follows it, so all beams of the tree stay equally long.
     #[serde(default)]
     pub beam_length: Option<usize>,
+    /// Shortest matching suffix whose guess may run past the drafted beams' length to
+    /// [`beam_length`](Self::beam_length) (`1`: every guess does). A guess from a shorter match,
+    /// and a drafted beam whose extension would come from one, ends at the drafted beams' length
+    /// instead ([`BEAM_END`](crate::tree::BEAM_END)): a one-token match is a weak guess, and on a
+    /// backend where every verified token costs (the CPU) its long tail costs more than it wins.
+    #[serde(default = "one")]
+    pub extend_min_ngram: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A guess and the length of the suffix match it continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guess {
+    /// The guessed tokens.
+    pub tokens: Vec<u32>,
+    /// Tokens of the history's suffix that matched before the guess's source.
+    pub ngram: usize,
 }
 
 impl PromptLookup {
@@ -48,7 +68,15 @@ impl PromptLookup {
             max_ngram: 3,
             min_ngram: 1,
             beam_length: None,
+            extend_min_ngram: 1,
         }
+    }
+
+    /// Lets only guesses from suffix matches of at least `ngram` tokens run past the drafted
+    /// beams' length (see [`PromptLookup::extend_min_ngram`]).
+    pub fn with_extend_min_ngram(mut self, ngram: usize) -> Self {
+        self.extend_min_ngram = ngram;
+        self
     }
 
     /// Makes the beams `beam_length` tokens long (see [`PromptLookup::beam_length`]).
@@ -72,6 +100,13 @@ impl PromptLookup {
                 self.min_ngram, self.max_ngram
             )));
         }
+        if self.extend_min_ngram == 0 || self.extend_min_ngram > self.max_ngram {
+            return Err(Error::InvalidSettings(format!(
+                "prompt lookup needs 1 <= extend_min_ngram <= max_ngram ({}), got {}: no longer \
+                 match is searched for, so no guess would ever be extended",
+                self.max_ngram, self.extend_min_ngram
+            )));
+        }
         if self.beam_length == Some(0) {
             return Err(Error::InvalidSettings(
                 "prompt lookup beam length must be at least 1".into(),
@@ -87,7 +122,15 @@ impl PromptLookup {
     /// A match near the end of the history continues into the guess itself, so a repeating
     /// pattern is extended periodically ("x y x y" guesses "x y x y …").
     pub fn candidates(&self, history: &[u32], len: usize, exclude: &[&[u32]]) -> Vec<Vec<u32>> {
-        let mut found: Vec<Vec<u32>> = Vec::new();
+        self.guesses(history, len, exclude)
+            .into_iter()
+            .map(|guess| guess.tokens)
+            .collect()
+    }
+
+    /// [`candidates`](Self::candidates) with the length of the suffix match behind each.
+    pub fn guesses(&self, history: &[u32], len: usize, exclude: &[&[u32]]) -> Vec<Guess> {
+        let mut found: Vec<Guess> = Vec::new();
         if self.beams == 0 || len == 0 {
             return found;
         }
@@ -113,10 +156,13 @@ impl PromptLookup {
                     };
                     guess.push(token);
                 }
-                if found.contains(&guess) || exclude.contains(&guess.as_slice()) {
+                if found.iter().any(|g| g.tokens == guess) || exclude.contains(&guess.as_slice()) {
                     continue;
                 }
-                found.push(guess);
+                found.push(Guess {
+                    tokens: guess,
+                    ngram: n,
+                });
                 if found.len() == self.beams {
                     return found;
                 }
@@ -170,10 +216,25 @@ mod tests {
     }
 
     #[test]
+    fn reports_the_suffix_length_behind_each_guess() {
+        let lookup = PromptLookup::new(2);
+        // "3 4" matches once (→ 9, a 2-token match); "4" alone also at index 6 (→ 7).
+        let history = [1, 3, 4, 9, 9, 2, 4, 7, 3, 4];
+        let guesses = lookup.guesses(&history, 1, &[]);
+        let found: Vec<(Vec<u32>, usize)> =
+            guesses.into_iter().map(|g| (g.tokens, g.ngram)).collect();
+        assert_eq!(found, vec![(vec![9], 2), (vec![7], 1)]);
+    }
+
+    #[test]
     fn rejects_empty_ngram_ranges() {
         assert!(PromptLookup::new(1).with_ngrams(0, 2).validate().is_err());
         assert!(PromptLookup::new(1).with_ngrams(3, 2).validate().is_err());
         assert!(PromptLookup::new(1).with_beam_length(0).validate().is_err());
+        for (ngram, valid) in [(0, false), (1, true), (3, true), (4, false)] {
+            let lookup = PromptLookup::new(1).with_extend_min_ngram(ngram);
+            assert_eq!(lookup.validate().is_ok(), valid, "extend_min_ngram {ngram}");
+        }
         assert!(PromptLookup::new(1).validate().is_ok());
     }
 }

@@ -138,6 +138,44 @@ fn shipped_drafter_is_lossless_and_accepts_its_drafts() {
     assert!(tau >= 1.8, "shipped drafter τ {tau:.3} at M=4, C=5");
 }
 
+/// The README's CPU shape: one drafted beam of three tokens and two lookup guesses of eight, of
+/// which only guesses from matches of three tokens or more run past the drafted beam. Lossless,
+/// and the gate keeps the trees smaller than the same guesses left ungated.
+#[test]
+fn gated_lookup_guesses_are_lossless_and_keep_trees_small() {
+    let (model, tokenizer) = smollm2();
+    let prompts = prompts(&tokenizer);
+    let expected = generate(&model, &prompts, &greedy(NEW_TOKENS), |_, _| {}).unwrap();
+    let drafter = RecurrentDrafter::<B>::load_for_target(SHIPPED_DRAFTER, &model)
+        .unwrap()
+        .with_draft_vocabulary(DraftVocabulary::load(SHIPPED_VOCABULARY).unwrap())
+        .unwrap();
+    let run = |extend_min_ngram| {
+        let config = SpeculativeConfig::default()
+            .beam_width(1)
+            .beam_length(3)
+            .lookup(
+                PromptLookup::new(2)
+                    .with_beam_length(8)
+                    .with_extend_min_ngram(extend_min_ngram),
+            )
+            .acceptance(Acceptance::Greedy)
+            .generation(greedy(NEW_TOKENS));
+        decode_losslessly(&model, &drafter, config, &prompts, &expected).stats
+    };
+    let (open, gated) = (run(1), run(3));
+    let tokens_a_tree = |s: &redrafter::Stats| s.packed_tokens as f64 / s.row_rounds as f64;
+    eprintln!(
+        "ungated: τ {:.3}, {:.1} tokens a tree; gated: τ {:.3}, {:.1} tokens a tree",
+        open.tau(),
+        tokens_a_tree(&open),
+        gated.tau(),
+        tokens_a_tree(&gated)
+    );
+    assert!(gated.tau() >= 1.8, "gated τ {:.3}", gated.tau());
+    assert!(tokens_a_tree(&gated) < tokens_a_tree(&open));
+}
+
 /// Proposes the target's own greedy continuation in beam 0 and junk in the other beams.
 struct OracleDrafter {
     continuation: Vec<u32>,

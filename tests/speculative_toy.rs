@@ -250,28 +250,34 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
     let prompts = vec![vec![1u32, 2, 3], vec![5, 0], vec![3, 3, 3, 1, 2]];
     let config = GenerationConfig::default().with_max_new_tokens(20);
     let expected = generate(&model, &prompts, &config, |_, _| {}).unwrap();
-    // (M, C, lookup beams, lookup beam length): the last two extend the drafted beams too.
+    // (M, C, lookup beams, lookup beam length, shortest match extended): the last four extend
+    // the drafted beams too, the last two only from matches of two tokens or more.
     let shapes = [
-        (1, 2, 0, None),
-        (3, 3, 0, None),
-        (6, 4, 0, None),
-        (1, 4, 1, None),
-        (2, 5, 3, None),
-        (2, 2, 1, Some(6)),
-        (3, 4, 2, Some(5)),
+        (1, 2, 0, None, 1),
+        (3, 3, 0, None, 1),
+        (6, 4, 0, None, 1),
+        (1, 4, 1, None, 1),
+        (2, 5, 3, None, 1),
+        (2, 2, 1, Some(6), 1),
+        (3, 4, 2, Some(5), 1),
+        (1, 3, 2, Some(6), 2),
+        (2, 2, 1, Some(5), 2),
     ];
     let timings = [DraftTiming::Sequential, DraftTiming::Overlapped];
-    for ((m, c, k, length), timing) in shapes
+    for ((m, c, k, length, extend), timing) in shapes
         .into_iter()
         .flat_map(|shape| timings.map(|timing| (shape, timing)))
     {
         let spec = SpeculativeConfig::default()
             .beam_width(m)
             .beam_length(c)
-            .lookup(PromptLookup {
-                beam_length: length,
-                ..PromptLookup::new(k)
-            })
+            .lookup(
+                PromptLookup {
+                    beam_length: length,
+                    ..PromptLookup::new(k)
+                }
+                .with_extend_min_ngram(extend),
+            )
             .draft_timing(timing)
             .generation(config.clone());
         let decoder = SpeculativeDecoder::new(&model, &drafter, spec).unwrap();
@@ -282,7 +288,7 @@ fn greedy_speculative_equals_plain_greedy_on_the_toy_model() {
         let out = decoder.generate(&prompts, |_, _| {}).unwrap();
         assert_eq!(
             out.tokens, expected.tokens,
-            "M={m} C={c} lookup {k} × {length:?}, {timing:?} drafting"
+            "M={m} C={c} lookup {k} × {length:?} (n ≥ {extend}), {timing:?} drafting"
         );
         if k > 0 {
             // Six tokens repeat a lot: some rounds must be won by a guess from the text.
