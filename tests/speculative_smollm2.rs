@@ -115,6 +115,14 @@ const SHIPPED_VOCABULARY: &str = concat!(
     "/drafters/smollm2-135m-instruct.vocab.json"
 );
 
+/// The committed drafter with its draft vocabulary, as the README's command loads it.
+fn shipped_drafter(model: &Llama<B>) -> RecurrentDrafter<B> {
+    RecurrentDrafter::<B>::load_for_target(SHIPPED_DRAFTER, model)
+        .unwrap()
+        .with_draft_vocabulary(DraftVocabulary::load(SHIPPED_VOCABULARY).unwrap())
+        .unwrap()
+}
+
 /// The committed drafter, as the README's command uses it: lossless, and it must actually draft —
 /// τ well above the ~1.0 of an untrained head (an H200 measured 1.95 on MT-Bench at M=4; these
 /// three prompts give 2.38 on the CPU with the session-15 drafter), so a broken file fails here.
@@ -123,10 +131,7 @@ fn shipped_drafter_is_lossless_and_accepts_its_drafts() {
     let (model, tokenizer) = smollm2();
     let prompts = prompts(&tokenizer);
     let expected = generate(&model, &prompts, &greedy(NEW_TOKENS), |_, _| {}).unwrap();
-    let drafter = RecurrentDrafter::<B>::load_for_target(SHIPPED_DRAFTER, &model)
-        .unwrap()
-        .with_draft_vocabulary(DraftVocabulary::load(SHIPPED_VOCABULARY).unwrap())
-        .unwrap();
+    let drafter = shipped_drafter(&model);
     let config = SpeculativeConfig::default()
         .beam_width(4)
         .beam_length(5)
@@ -146,10 +151,7 @@ fn gated_lookup_guesses_are_lossless_and_keep_trees_small() {
     let (model, tokenizer) = smollm2();
     let prompts = prompts(&tokenizer);
     let expected = generate(&model, &prompts, &greedy(NEW_TOKENS), |_, _| {}).unwrap();
-    let drafter = RecurrentDrafter::<B>::load_for_target(SHIPPED_DRAFTER, &model)
-        .unwrap()
-        .with_draft_vocabulary(DraftVocabulary::load(SHIPPED_VOCABULARY).unwrap())
-        .unwrap();
+    let drafter = shipped_drafter(&model);
     let run = |extend_min_ngram| {
         let config = SpeculativeConfig::default()
             .beam_width(1)
