@@ -83,6 +83,7 @@ fn draft_round(c: &mut Criterion) {
                         beam_width: width,
                         beam_length: 5,
                         needs_log_probs: false,
+                        stop_below: None,
                     })
                     .expect("valid request");
                 beams.tokens.into_data()

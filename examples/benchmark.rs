@@ -105,6 +105,11 @@ struct Args {
     /// `DraftTiming`); a list runs each as a mode of its own.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     draft_timings: Vec<DraftTiming>,
+    /// Verify drafted tokens only while their beam's draft probability is at least this, and
+    /// stop drafting below it (`SpeculativeConfig::min_draft_probability`; 0 = off); a list
+    /// sweeps.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    min_draft_prob: Vec<f32>,
     /// Where the host hands queued GPU work to CubeCL's runner early: `none`, `draft` (after an
     /// overlapped round's draft), `layersN` (every N layers of a forward) or both joined by `+`
     /// (`draft+layers6`); a list runs each as a group of modes with its own AR baseline.
@@ -137,6 +142,8 @@ struct ModeResult {
     tree_length: usize,
     /// Shortest suffix match whose lookup guess ran past the beam length.
     lookup_extend_ngram: usize,
+    /// The drafted beams' probability floor (0: none).
+    min_draft_probability: f32,
     /// Where queued GPU work was handed over early (`--queue-flush`).
     queue_flush: String,
     /// Whether rounds drafted their own beams at their start (`DraftTiming::Overlapped`, or
@@ -292,6 +299,9 @@ fn summarize(
         lookup_extend_ngram: speculative
             .and_then(|c| c.lookup)
             .map_or(0, |l| l.extend_min_ngram),
+        min_draft_probability: speculative
+            .and_then(|c| c.min_draft_probability)
+            .unwrap_or(0.0),
         tree_length: speculative.map_or(0, SpeculativeConfig::tree_length),
         overlapped_draft: false,
         queue_flush: String::new(),
@@ -477,7 +487,7 @@ impl<B: Backend> SpeculativeRun<'_, B> {
         };
         let stats = &self.stats;
         eprintln!(
-            "ReDrafter {} M={}+{} C={} V={}{}{} tree {} ext {} flush {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
+            "ReDrafter {} M={}+{} C={} V={}{}{} tree {} ext {} p≥{} flush {} T={temperature}: {:.1} tok/s, speedup {}, τ {:.2}, lookup wins {:.1} %, packed {:.1}, split draft/tree/verify/readback/accept {:.2}/{:.2}/{:.2}/{:.2}/{:.2} s, mismatches {:?}",
             result.drafter,
             result.beam_width,
             result.lookup_beams,
@@ -491,6 +501,7 @@ impl<B: Backend> SpeculativeRun<'_, B> {
             },
             result.tree_length,
             result.lookup_extend_ngram,
+            result.min_draft_probability,
             result.queue_flush,
             result.tokens_per_second,
             result
@@ -647,9 +658,11 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                         args.lookup_beams.iter().flat_map(move |&k| {
                             lookup_lengths.iter().flat_map(move |&length| {
                                 args.lookup_extend_ngram.iter().flat_map(move |&n| {
-                                    args.draft_timings
-                                        .iter()
-                                        .map(move |&timing| (d, c, m, k, (length, n), timing))
+                                    args.draft_timings.iter().flat_map(move |&timing| {
+                                        args.min_draft_prob
+                                            .iter()
+                                            .map(move |&p| (d, c, m, k, (length, n), (timing, p)))
+                                    })
                                 })
                             })
                         })
@@ -662,7 +675,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 beam_width,
                 lookup_beams,
                 (lookup_length, extend_ngram),
-                timing,
+                (timing, min_draft_prob),
             ) in shapes
             {
                 let config = SpeculativeConfig::default()
@@ -677,6 +690,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                         .with_extend_min_ngram(extend_ngram),
                     )
                     .acceptance(acceptance)
+                    .min_draft_probability((min_draft_prob > 0.0).then_some(min_draft_prob))
                     .generation(generation.clone());
                 speculative.push(SpeculativeRun {
                     decoder: SpeculativeDecoder::new(&model, drafter, config)?,

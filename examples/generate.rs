@@ -80,6 +80,10 @@ struct Args {
     /// draft with the host's work for one beam on the GPU backends).
     #[arg(long, default_value = "auto")]
     draft_timing: DraftTiming,
+    /// Verify drafted tokens only while their beam's probability under the draft head is at
+    /// least this, and stop drafting below it (sequential drafting; suits the CPU).
+    #[arg(long)]
+    min_draft_prob: Option<f32>,
     /// cpu | cuda | wgpu
     #[arg(long, default_value = "cpu")]
     backend: String,
@@ -173,6 +177,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                 .lookup(lookup)
                 .acceptance(acceptance)
                 .draft_timing(args.draft_timing)
+                .min_draft_probability(args.min_draft_prob)
                 .generation(generation);
             SpeculativeDecoder::new(&model, &drafter, config)?.generate(&prompts, &mut on_tokens)?
         }

@@ -369,6 +369,7 @@ fn run<B: Backend>(args: &Args, device: B::Device) -> Result<()> {
                         beam_width: width,
                         beam_length: length,
                         needs_log_probs: false,
+                        stop_below: None,
                     })?;
                     beams.tokens.into_data();
                     Ok(())

@@ -26,11 +26,12 @@
 use std::time::Instant;
 
 use burn::tensor::{
-    DType, Distribution, Int, Tensor, Transaction, activation::softmax, backend::Backend,
+    DType, Distribution, Int, Tensor, TensorData, Transaction, activation::softmax,
+    backend::Backend,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::drafter::{DraftHead, DraftRequest};
+use crate::drafter::{DraftBeams, DraftHead, DraftRequest};
 use crate::error::{Error, Result};
 use crate::generate::{
     GenerationConfig, GenerationOutput, IntUpload, RowOutput, int_tensor, ints, prefill, token_ids,
@@ -102,8 +103,10 @@ impl std::str::FromStr for Acceptance {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DraftTiming {
     /// [`Overlapped`](Self::Overlapped) where it pays — one drafted beam (nothing to share),
-    /// greedy or exact acceptance, a backend that runs our CubeCL kernels (whose device works
-    /// behind the host) — [`Sequential`](Self::Sequential) elsewhere.
+    /// greedy or exact acceptance, no [minimum draft
+    /// probability](SpeculativeConfig::min_draft_probability), a backend that runs our CubeCL
+    /// kernels (whose device works behind the host) — [`Sequential`](Self::Sequential)
+    /// elsewhere.
     #[default]
     Auto,
     /// Drafted after the acceptance, read back with it.
@@ -155,6 +158,17 @@ pub struct SpeculativeConfig {
     /// When each round's beams are drafted.
     #[serde(default)]
     pub draft_timing: DraftTiming,
+    /// Verify a drafted token only while its beam's probability under the draft head (the
+    /// product of its drafted tokens' probabilities) is at least this, and stop drafting once
+    /// no beam of any row reaches it (`None`: verify every drafted token). The beams then end
+    /// early ([`BEAM_END`]) where the draft head is unsure: the tree is smaller where a long
+    /// beam would likely be rejected and may run deep where the head is confident, with a
+    /// longer [`beam_length`](Self::beam_length). Output is unchanged — the target still
+    /// decides every token. Reads the draft scores on the host after every draft step, so it
+    /// suits the CPU backends (where that read is free) and needs sequential drafting
+    /// ([`DraftTiming::Auto`] resolves to it).
+    #[serde(default)]
+    pub min_draft_probability: Option<f32>,
 }
 
 impl Default for SpeculativeConfig {
@@ -166,6 +180,7 @@ impl Default for SpeculativeConfig {
             generation: GenerationConfig::default(),
             lookup: None,
             draft_timing: DraftTiming::Auto,
+            min_draft_probability: None,
         }
     }
 }
@@ -208,6 +223,12 @@ impl SpeculativeConfig {
     /// Sets when each round's beams are drafted ([`DraftTiming`]).
     pub fn draft_timing(mut self, timing: DraftTiming) -> Self {
         self.draft_timing = timing;
+        self
+    }
+    /// Verifies drafted tokens only while their beam's draft probability is at least `p`
+    /// ([`SpeculativeConfig::min_draft_probability`]); `None` verifies them all.
+    pub fn min_draft_probability(mut self, p: impl Into<Option<f32>>) -> Self {
+        self.min_draft_probability = p.into();
         self
     }
     /// Replaces the shared generation settings.
@@ -346,6 +367,63 @@ fn device_token(token: u32) -> i64 {
     }
 }
 
+/// Drafted beams, `beams` of `C'` tokens, as a round packs them: `beams` of `c` tokens, each
+/// ending ([`BEAM_END`]) after its `C'` tokens and, with a `floor`, before its first token whose
+/// beam score — the running sum of `log_probs` (`[beams, C' - 1]`, one per drafted token) — is
+/// below it.
+fn cut_beams(
+    tokens: &[u32],
+    log_probs: Option<&[f32]>,
+    beams: usize,
+    c: usize,
+    floor: Option<f32>,
+) -> Result<Vec<u32>> {
+    let drafted = tokens.len().checked_div(beams).unwrap_or(c);
+    if drafted == 0 || drafted > c || tokens.len() != beams * drafted {
+        return Err(Error::Backend(format!(
+            "{} drafted tokens read back for {beams} beams of at most {c}",
+            tokens.len()
+        )));
+    }
+    if drafted == c && floor.is_none() {
+        return Ok(tokens.to_vec());
+    }
+    let scored = match (floor, log_probs) {
+        (Some(floor), Some(log_probs)) if log_probs.len() == beams * (drafted - 1) => {
+            Some((floor, log_probs))
+        }
+        (Some(_), _) => {
+            return Err(Error::Backend(format!(
+                "{} drafted log-probabilities read back for {beams} beams of {drafted} tokens",
+                log_probs.map_or(0, <[f32]>::len)
+            )));
+        }
+        (None, _) => None,
+    };
+    let mut cut = Vec::with_capacity(beams * c);
+    for b in 0..beams {
+        let beam = &tokens[b * drafted..(b + 1) * drafted];
+        let mut kept = drafted;
+        if let Some((floor, log_probs)) = scored {
+            let mut score = 0.0f32;
+            for (k, &lp) in log_probs[b * (drafted - 1)..(b + 1) * (drafted - 1)]
+                .iter()
+                .enumerate()
+            {
+                score += lp;
+                // A NaN score ends the beam too.
+                if score.is_nan() || score < floor {
+                    kept = k + 1;
+                    break;
+                }
+            }
+        }
+        cut.extend_from_slice(&beam[..kept]);
+        cut.extend(std::iter::repeat_n(BEAM_END, c - kept));
+    }
+    Ok(cut)
+}
+
 impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, B, T, D> {
     /// Checks that the drafter fits the target and that the settings can work.
     pub fn new(target: &'a T, drafter: &'a D, config: SpeculativeConfig) -> Result<Self> {
@@ -423,6 +501,28 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 config.acceptance
             )));
         }
+        if let Some(p) = config.min_draft_probability {
+            if !(p > 0.0 && p < 1.0) {
+                return Err(Error::InvalidSettings(format!(
+                    "the minimum draft probability must lie strictly between 0 and 1, got {p}"
+                )));
+            }
+            if config.draft_timing == DraftTiming::Overlapped {
+                return Err(Error::InvalidSettings(
+                    "a minimum draft probability needs sequential drafting: overlapped drafting \
+                     packs the tree before the drafted beams and their scores are known"
+                        .into(),
+                ));
+            }
+            if config.acceptance == Acceptance::ReferenceParity {
+                return Err(Error::InvalidSettings(
+                    "reference-parity acceptance needs the draft head's probability of every \
+                     drafted token, which beams cut short by a minimum draft probability do not \
+                     have"
+                        .into(),
+                ));
+            }
+        }
         if config.generation.sampling.top_k.is_some() || config.generation.sampling.top_p.is_some()
         {
             return Err(Error::InvalidSettings(
@@ -451,6 +551,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             DraftTiming::Auto => {
                 self.config.beam_width == 1
                     && self.config.acceptance.compares_tokens()
+                    && self.config.min_draft_probability.is_none()
                     && crate::cube_kernels::applies::<B>()
             }
         }
@@ -473,8 +574,6 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         // `c`: drafted beam length; `depth`: the tree's (longer when lookup beams are).
         let (m, c) = (config.beam_width, config.beam_length);
         let (total, depth) = (config.total_beams(), config.tree_length());
-        // Only the reference-parity rule reads the draft head's probabilities.
-        let needs_log_probs = config.acceptance == Acceptance::ReferenceParity;
         validate_prompts(
             prompts,
             self.target.vocab_size(),
@@ -511,23 +610,17 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let beams = if overlapped {
             None
         } else {
-            Some(self.drafter.propose(DraftRequest {
-                context: hidden.clone(),
-                first_tokens: first.clone(),
-                beam_width: m,
-                beam_length: c,
-                needs_log_probs,
-            })?)
+            Some(self.draft(hidden.clone(), first.clone(), batch)?)
         };
         let mut readback = Transaction::default().register(first.clone());
         if let Some(beams) = &beams {
-            readback = readback.register(beams.tokens.clone());
+            readback = self.register_beams(readback, beams);
         }
         let data = readback.execute();
         let first_host = token_ids(&data[0]);
         let mut drafts = match beams {
             Some(device) => Drafts::Ready {
-                host: token_ids(&data[1]),
+                host: self.host_beams(&data[1..], batch)?,
                 device,
             },
             None => Drafts::Pending {
@@ -561,13 +654,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                     roots,
                 } => {
                     let draft_start = Instant::now();
-                    let beams = self.drafter.propose(DraftRequest {
-                        context,
-                        first_tokens,
-                        beam_width: m,
-                        beam_length: c,
-                        needs_log_probs,
-                    })?;
+                    let beams = self.draft(context, first_tokens, live)?;
                     if crate::cube_kernels::queue_flush().after_draft {
                         crate::cube_kernels::flush_queue::<B>(&device);
                     }
@@ -580,8 +667,16 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             // The round's integers (lookup guesses, tree tokens, positions, unpacker) go up in
             // one upload: each upload is a task for CubeCL's runner.
             let mut upload = IntUpload::default();
-            let (mut round_beams, lookup_segment) = match &config.lookup {
-                None => (drafted_host, None),
+            // The device's drafted beams serve as the round's beams when they are exactly what
+            // the host packs; beams cut short on the host go up with the other integers.
+            let cut_short =
+                config.min_draft_probability.is_some() || device_beams.tokens.dims()[2] != c;
+            let (mut round_beams, beams_segment) = match &config.lookup {
+                None if !cut_short => (drafted_host, None),
+                None => {
+                    let segment = upload.push(drafted_host.iter().map(|&t| device_token(t)));
+                    (drafted_host, Some(segment))
+                }
                 Some(lookup) => {
                     let beams = self.with_lookup_beams(
                         lookup,
@@ -621,7 +716,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 // The stand-ins become the drafted tokens, on the device.
                 uploaded = uploaded.resolve_drafted(&device_beams.tokens);
             }
-            let round_tokens = match lookup_segment {
+            let round_tokens = match beams_segment {
                 Some(segment) => uploaded.get(segment, [live, total, depth])?,
                 None => device_beams.tokens.clone(),
             };
@@ -652,22 +747,19 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 None
             } else {
                 let draft_start = Instant::now();
-                let beams = self.drafter.propose(DraftRequest {
-                    context: next_context.clone(),
-                    first_tokens: bonus.clone(),
-                    beam_width: m,
-                    beam_length: c,
-                    needs_log_probs,
-                })?;
+                let beams = self.draft(next_context.clone(), bonus.clone(), live)?;
                 stats.draft_time += draft_start.elapsed();
                 Some(beams)
             };
             let readback_start = Instant::now();
             let beams_to_read = next_beams.as_ref().unwrap_or(&device_beams);
-            let data = Transaction::default()
-                .register(summary)
-                .register(bonus.clone())
-                .register(beams_to_read.tokens.clone())
+            let data = self
+                .register_beams(
+                    Transaction::default()
+                        .register(summary)
+                        .register(bonus.clone()),
+                    beams_to_read,
+                )
                 .execute();
             stats.syncs += 1;
             stats.readback_time += readback_start.elapsed();
@@ -684,7 +776,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                     .map(|&v| v as usize)
                     .collect(),
                 bonus: token_ids(&data[1]),
-                beams: token_ids(&data[2]),
+                beams: self.host_beams(&data[2..], live)?,
             };
             if overlapped {
                 resolve_stand_ins(&mut round_beams, &result.beams)?;
@@ -745,6 +837,74 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             tokens: rows.into_iter().map(|r| r.tokens).collect(),
             stats,
         })
+    }
+
+    /// Asks the draft head for `live` rows' beams of the configured shape and checks the shape
+    /// it returns.
+    ///
+    /// # Shapes
+    /// `context`: `[live, H]`, `first_tokens`: `[live]`; returns tokens `[live, M, C']` with
+    /// `C' = C`, or `2 <= C' < C` when the head stopped early
+    fn draft(
+        &self,
+        context: Tensor<B, 2>,
+        first_tokens: Tensor<B, 1, Int>,
+        live: usize,
+    ) -> Result<DraftBeams<B>> {
+        let config = &self.config;
+        let (m, c) = (config.beam_width, config.beam_length);
+        let beams = self.drafter.propose(DraftRequest {
+            context,
+            first_tokens,
+            beam_width: m,
+            beam_length: c,
+            // Only the reference-parity rule and the probability floor read the head's
+            // probabilities.
+            needs_log_probs: config.acceptance == Acceptance::ReferenceParity
+                || config.min_draft_probability.is_some(),
+            stop_below: config.min_draft_probability.map(f32::ln),
+        })?;
+        let [rows, width, drafted] = beams.tokens.dims();
+        let shortest = if config.min_draft_probability.is_some() {
+            c.min(2)
+        } else {
+            c
+        };
+        if rows != live || width != m || !(shortest..=c).contains(&drafted) {
+            return Err(Error::ShapeMismatch {
+                tensor: "drafted beams".into(),
+                expected: vec![live, m, c],
+                found: vec![rows, width, drafted],
+            });
+        }
+        Ok(beams)
+    }
+
+    /// Adds drafted beams to a readback: their tokens and, with a probability floor, their
+    /// tokens' log-probabilities ([`Self::host_beams`] reads them).
+    fn register_beams(&self, readback: Transaction<B>, beams: &DraftBeams<B>) -> Transaction<B> {
+        let readback = readback.register(beams.tokens.clone());
+        match self.config.min_draft_probability {
+            Some(_) => readback.register(beams.token_log_probs.clone().cast(DType::F32)),
+            None => readback,
+        }
+    }
+
+    /// The drafted beams of `live` rows as the host packs them, `[live, M, C]` flattened, from
+    /// what [`Self::register_beams`] read back.
+    fn host_beams(&self, data: &[TensorData], live: usize) -> Result<Vec<u32>> {
+        let config = &self.config;
+        let tokens = token_ids(&data[0]);
+        let log_probs: Option<Vec<f32>> = config
+            .min_draft_probability
+            .map(|_| data[1].iter::<f32>().collect());
+        cut_beams(
+            &tokens,
+            log_probs.as_deref(),
+            live * config.beam_width,
+            config.beam_length,
+            config.min_draft_probability.map(f32::ln),
+        )
     }
 
     /// Chooses a token from logits on the device: argmax at temperature 0, else a Gumbel-max
@@ -825,10 +985,16 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                     let threshold = entropy.neg().exp().mul_scalar(delta).clamp_max(epsilon);
                     let parents = self.parent_index(packed, &device);
                     let acceptable = child.greater(threshold.gather(1, parents)).float();
+                    // A beam's end (`BEAM_END`) unpacks to its last real node, whose verdict
+                    // would otherwise count again for every position past the end.
+                    let real = drafted_tokens
+                        .not_equal_elem(device_token(BEAM_END))
+                        .float();
                     acceptable
                         .gather(1, unpacker.clone())
                         .reshape([live, m, c])
                         .slice([0..live, 0..m, 1..c])
+                        .mul(real)
                 }
                 Acceptance::ReferenceParity => {
                     let t = if temperature > 0.0 { temperature } else { 1.0 };
@@ -907,7 +1073,8 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
             let row_start = beams.len();
             for beam in drafted[i * m * c..(i + 1) * m * c].chunks(c) {
                 beams.extend_from_slice(beam);
-                if depth > c && !drafts_known {
+                // A beam cut short by the probability floor is not extended either.
+                if depth > c && (!drafts_known || beam.contains(&BEAM_END)) {
                     beams.extend(std::iter::repeat_n(BEAM_END, depth - c));
                 } else if depth > c {
                     let known = history.len();
@@ -1019,5 +1186,48 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         let per_row = self.config.beam_width * self.config.beam_length;
         drafts.retain_rows(&keep, per_row, &self.target.device());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const E: u32 = BEAM_END;
+
+    #[test]
+    fn beams_end_before_the_first_token_below_the_floor() {
+        // Two beams of 4 tokens; log-probs of their 3 drafted tokens.
+        let tokens = [7, 1, 2, 3, 7, 4, 5, 6];
+        let log_probs = [-0.1, -0.2, -0.3, -1.5, -0.1, -0.1];
+        let floor = Some(0.5f32.ln());
+        // Beam 0 scores -0.1, -0.3, -0.6, all above ln 0.5 = -0.69; beam 1 -1.5 at once.
+        let cut = cut_beams(&tokens, Some(&log_probs), 2, 4, floor).unwrap();
+        assert_eq!(cut, vec![7, 1, 2, 3, 7, E, E, E]);
+        // A higher floor: beam 0 keeps its first two drafted tokens (-0.3 ≥ ln 0.7 = -0.36).
+        let cut = cut_beams(&tokens, Some(&log_probs), 2, 4, Some(0.7f32.ln())).unwrap();
+        assert_eq!(cut, vec![7, 1, 2, E, 7, E, E, E]);
+        // A NaN score ends the beam.
+        let nan = [-0.1, f32::NAN, -0.1, -0.1, -0.1, -0.1];
+        let cut = cut_beams(&tokens, Some(&nan), 2, 4, floor).unwrap();
+        assert_eq!(cut, vec![7, 1, E, E, 7, 4, 5, 6]);
+    }
+
+    #[test]
+    fn beams_drafted_short_are_padded_to_the_beam_length() {
+        // The head stopped after 2 of 4 tokens.
+        let cut = cut_beams(&[7, 1, 7, 4], Some(&[-0.1, -0.2]), 2, 4, Some(0.5f32.ln()));
+        assert_eq!(cut.unwrap(), vec![7, 1, E, E, 7, 4, E, E]);
+        // Without a floor, full beams pass unchanged.
+        let full = [7, 1, 2, 7, 4, 5];
+        assert_eq!(cut_beams(&full, None, 2, 3, None).unwrap(), full.to_vec());
+    }
+
+    #[test]
+    fn a_malformed_readback_is_an_error() {
+        // 5 tokens for 2 beams; more columns than the beam length; missing log-probs.
+        assert!(cut_beams(&[7, 1, 2, 7, 4], None, 2, 3, None).is_err());
+        assert!(cut_beams(&[7, 1, 2, 3, 7, 4, 5, 6], None, 2, 3, None).is_err());
+        assert!(cut_beams(&[7, 1, 7, 4], None, 2, 2, Some(-1.0)).is_err());
     }
 }

@@ -1233,6 +1233,7 @@ fn the_fused_beam_search_step_selects_the_composed_steps_beams() {
                     beam_width: width,
                     beam_length: length,
                     needs_log_probs,
+                    stop_below: None,
                 })
                 .unwrap()
         };
@@ -1324,6 +1325,7 @@ fn a_transposed_draft_table_gives_the_whole_tables_beams() {
             beam_width: width,
             beam_length: length,
             needs_log_probs,
+            stop_below: None,
         };
         let case = format!("width {width}, log-probs {needs_log_probs}");
         let whole: BeamSearchOutput<B> = drafter.beam_search(request()).unwrap();
@@ -1401,6 +1403,7 @@ fn a_chained_draft_equals_the_launch_per_step_draft() {
                 beam_width: 1,
                 beam_length: length,
                 needs_log_probs: false,
+                stop_below: None,
             };
             let case = format!("{dtype:?}, batch {batch}, length {length}");
             let (chained, apart) = (

@@ -152,7 +152,7 @@ fn gated_lookup_guesses_are_lossless_and_keep_trees_small() {
     let prompts = prompts(&tokenizer);
     let expected = generate(&model, &prompts, &greedy(NEW_TOKENS), |_, _| {}).unwrap();
     let drafter = shipped_drafter(&model);
-    let run = |extend_min_ngram| {
+    let run = |extend_min_ngram, min_draft_probability: Option<f32>| {
         let config = SpeculativeConfig::default()
             .beam_width(1)
             .beam_length(3)
@@ -161,21 +161,30 @@ fn gated_lookup_guesses_are_lossless_and_keep_trees_small() {
                     .with_beam_length(8)
                     .with_extend_min_ngram(extend_min_ngram),
             )
+            .min_draft_probability(min_draft_probability)
             .acceptance(Acceptance::Greedy)
             .generation(greedy(NEW_TOKENS));
         decode_losslessly(&model, &drafter, config, &prompts, &expected).stats
     };
-    let (open, gated) = (run(1), run(3));
+    // The README's CPU shape without and with its gate, then with a draft-probability floor
+    // (the three prompts decode as one batch: the head stops only once no row's beam is sure).
+    let (open, gated, floored) = (run(1, None), run(3, None), run(3, Some(0.3)));
     let tokens_a_tree = |s: &redrafter::Stats| s.packed_tokens as f64 / s.row_rounds as f64;
-    eprintln!(
-        "ungated: τ {:.3}, {:.1} tokens a tree; gated: τ {:.3}, {:.1} tokens a tree",
-        open.tau(),
-        tokens_a_tree(&open),
-        gated.tau(),
-        tokens_a_tree(&gated)
-    );
+    for (name, stats) in [
+        ("ungated", &open),
+        ("gated", &gated),
+        ("gated, floor 0.3", &floored),
+    ] {
+        eprintln!(
+            "{name}: τ {:.3}, {:.2} tokens a tree",
+            stats.tau(),
+            tokens_a_tree(stats)
+        );
+    }
     assert!(gated.tau() >= 1.8, "gated τ {:.3}", gated.tau());
     assert!(tokens_a_tree(&gated) < tokens_a_tree(&open));
+    assert!(floored.tau() >= 1.7, "floored τ {:.3}", floored.tau());
+    assert!(tokens_a_tree(&floored) < tokens_a_tree(&gated));
 }
 
 /// Proposes the target's own greedy continuation in beam 0 and junk in the other beams.

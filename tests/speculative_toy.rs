@@ -385,6 +385,32 @@ fn bad_settings_and_inputs_are_typed_errors() {
         ));
     }
 
+    // A draft-probability floor: strictly inside (0, 1), with sequential drafting, not with the
+    // p/q rule (which needs every drafted token's probability).
+    for p in [0.0, 1.0, -0.5, f32::NAN] {
+        assert!(matches!(
+            make(SpeculativeConfig::default().min_draft_probability(p)),
+            Some(Error::InvalidSettings(_))
+        ));
+    }
+    assert!(matches!(
+        make(
+            SpeculativeConfig::default()
+                .min_draft_probability(0.3)
+                .draft_timing(DraftTiming::Overlapped)
+        ),
+        Some(Error::InvalidSettings(_))
+    ));
+    assert!(matches!(
+        make(
+            SpeculativeConfig::default()
+                .min_draft_probability(0.3)
+                .acceptance(Acceptance::ReferenceParity)
+                .temperature(1.0)
+        ),
+        Some(Error::InvalidSettings(_))
+    ));
+
     // Prompt lookup: an empty n-gram range, and the p/q rule, which needs drafter probabilities.
     assert!(matches!(
         make(SpeculativeConfig::default().lookup(PromptLookup::new(2).with_ngrams(0, 3))),
@@ -465,27 +491,53 @@ fn typical_acceptance_thresholds_bound_the_accepted_length() {
     let model = toy(5);
     let drafter = drafter(&model, 9);
     let prompts = vec![vec![1u32, 2, 3], vec![4, 0]];
-    let run = |epsilon: f32, delta: f32| {
-        let config = SpeculativeConfig::default()
-            .beam_width(3)
-            .beam_length(4)
-            .acceptance(Acceptance::Typical { epsilon, delta })
-            .temperature(1.0)
-            .seed(3)
-            .max_new_tokens(13);
+    // Decodes 13 tokens per prompt at T = 1 and checks they are 13 vocabulary tokens.
+    let decode = |config: SpeculativeConfig| {
+        let config = config.temperature(1.0).seed(3).max_new_tokens(13);
         let out = SpeculativeDecoder::new(&model, &drafter, config)
             .unwrap()
             .generate(&prompts, |_, _| {})
             .unwrap();
-        assert!(
-            out.tokens
-                .iter()
-                .all(|row| row.len() == 13 && row.iter().all(|&t| (t as usize) < TOY.vocab))
-        );
-        out.stats.tau()
+        for row in &out.tokens {
+            assert_eq!(row.len(), 13);
+            assert!(row.iter().all(|&t| (t as usize) < TOY.vocab), "{row:?}");
+        }
+        out.stats
+    };
+    let run = |epsilon: f32, delta: f32| {
+        let config = SpeculativeConfig::default()
+            .beam_width(3)
+            .beam_length(4)
+            .acceptance(Acceptance::Typical { epsilon, delta });
+        decode(config).tau()
     };
     // A threshold above any probability accepts nothing: one token per forward.
     assert_eq!(run(10.0, 10.0), 1.0);
     // A threshold below every drafted token's probability accepts every beam in full.
     assert_eq!(run(1e-12, 1e-12), 4.0);
+
+    // Beams that end early (`BEAM_END`: weak lookup guesses, unextended drafted beams, beams
+    // cut by a draft-probability floor) are accepted up to their end, never past it.
+    let ended = |lookup: Option<PromptLookup>, floor: Option<f32>| {
+        let config = SpeculativeConfig::default()
+            .beam_width(2)
+            .beam_length(3)
+            .lookup(lookup)
+            .min_draft_probability(floor)
+            .acceptance(Acceptance::Typical {
+                epsilon: 1e-12,
+                delta: 1e-12,
+            });
+        decode(config)
+    };
+    // Every guess from a match shorter than 3 tokens stops at the drafted beams' length.
+    let gated = PromptLookup::new(2)
+        .with_beam_length(6)
+        .with_extend_min_ngram(3);
+    let stats = ended(Some(gated), None);
+    assert!(stats.tau() <= 6.0);
+    // A floor above every beam's probability verifies the first token alone.
+    let stats = ended(None, Some(0.999_999));
+    assert_eq!(stats.tau(), 1.0);
+    assert_eq!(stats.packed_tokens, stats.row_rounds);
 }

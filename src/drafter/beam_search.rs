@@ -49,7 +49,9 @@
 //! gather and no input product), and one beam whose log-probabilities nobody reads takes its
 //! token straight from the step's logits (no top-k launch).
 //!
-//! No value is read back to the host: the decoder reads the beams once.
+//! No value is read back to the host — the decoder reads the beams once — unless the request
+//! sets [`DraftRequest::stop_below`](super::DraftRequest::stop_below): then the best score is
+//! read after each step, and drafting stops once it is below the floor.
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -201,6 +203,7 @@ impl<B: Backend> RecurrentDrafter<B> {
     /// request; [`Error::InvalidConfig`] if the embeddings are not attached.
     pub fn beam_search(&self, request: DraftRequest<B>) -> Result<BeamSearchOutput<B>> {
         let dims = self.check_request(&request)?;
+        let stop_below = request.stop_below;
         let embedding = self.input_embedding()?.clone();
         let Dims {
             batch,
@@ -287,6 +290,12 @@ impl<B: Backend> RecurrentDrafter<B> {
                 .cast(beams.dtype());
             let candidates = width * dims.per_beam;
             for step in 2..length {
+                if let Some(floor) = stop_below
+                    && best_score(&scores) < floor
+                {
+                    // Every beam is already unlikely to be accepted this far: stop drafting.
+                    break;
+                }
                 let Expansion {
                     state: new_state,
                     log_probs,
@@ -333,9 +342,11 @@ impl<B: Backend> RecurrentDrafter<B> {
             }
         }
 
+        // Fewer than `length` columns when drafting stopped early.
+        let drafted = beams.dims()[1];
         Ok(BeamSearchOutput {
-            tokens: beams.reshape([batch, width, length]),
-            token_log_probs: history.reshape([batch, width, length - 1]),
+            tokens: beams.reshape([batch, width, drafted]),
+            token_log_probs: history.reshape([batch, width, drafted - 1]),
             scores,
         })
     }
@@ -643,6 +654,20 @@ impl<B: Backend> RecurrentDrafter<B> {
             scores: step.scores,
         }))
     }
+}
+
+/// The best score of any beam of any row (a read of the scores: a sync on the GPUs).
+///
+/// # Shapes
+/// `scores`: `[B, M]`
+fn best_score<B: Backend>(scores: &Tensor<B, 2>) -> f32 {
+    scores
+        .clone()
+        .max()
+        .into_data()
+        .iter::<f32>()
+        .next()
+        .unwrap_or(f32::NEG_INFINITY)
 }
 
 impl<B: Backend> DraftHead<B> for RecurrentDrafter<B> {

@@ -27,12 +27,13 @@ pub use top_k::{TopKCache, TopKMethod, top_k, top_k_cached};
 #[derive(Debug, Clone)]
 pub struct DraftBeams<B: Backend> {
     /// Draft tokens, the first column being the given first token `g0`; beam 0 is the best.
-    /// Shape `[batch, beam_width, beam_length]`.
+    /// Shape `[batch, beam_width, C']`: `C' = beam_length`, or fewer (at least 2) when the
+    /// head stopped early ([`DraftRequest::stop_below`]).
     pub tokens: Tensor<B, 3, Int>,
     /// Log-probability under the drafter's (warped) distribution of each drafted token
     /// (columns 1..), needed only by the reference-parity acceptance. Placeholders (zeros from
     /// the shipped head) when the request did not ask for them
-    /// ([`DraftRequest::needs_log_probs`]). Shape `[batch, beam_width, beam_length - 1]`.
+    /// ([`DraftRequest::needs_log_probs`]). Shape `[batch, beam_width, C' - 1]`.
     pub token_log_probs: Tensor<B, 3>,
 }
 
@@ -55,6 +56,15 @@ pub struct DraftRequest<B: Backend> {
     /// normalises over (that selection was two thirds of a one-beam draft round's device time
     /// on the H200, docs/benchmarks.md session 19).
     pub needs_log_probs: bool,
+    /// A floor for the beams' scores, the sums of their drafted tokens' log-probabilities: a
+    /// head may stop drafting once every beam of every row scores below it, and return fewer
+    /// than `beam_length` columns (at least 2; tokens past the floor are unlikely to be
+    /// accepted and cost a draft step each). `None`: draft every step. Deciding costs a read of
+    /// the scores after each step — free where the host reads the tensors' memory directly
+    /// (the CPU backends), a wait for the device elsewhere; the shipped head's one-launch GPU
+    /// paths ignore it. The decoder sets it from
+    /// [`SpeculativeConfig::min_draft_probability`](crate::decoder::SpeculativeConfig::min_draft_probability).
+    pub stop_below: Option<f32>,
 }
 
 /// Anything that proposes draft beams from the target's hidden state.

@@ -54,6 +54,7 @@ fn request(h: usize, first: &[i64], width: usize, length: usize, seed: u64) -> D
         beam_width: width,
         beam_length: length,
         needs_log_probs: true,
+        stop_below: None,
     }
 }
 
@@ -494,6 +495,7 @@ fn one_beam_without_log_probs_drafts_the_same_tokens() {
             let quick = d
                 .beam_search(DraftRequest {
                     needs_log_probs: false,
+                    stop_below: None,
                     ..request(8, &[3, 250], width, 5, 7)
                 })
                 .unwrap();
@@ -510,6 +512,45 @@ fn one_beam_without_log_probs_drafts_the_same_tokens() {
                 assert_eq!(quick_lp, full_lp, "{method:?}, width {width}");
             }
         }
+    }
+}
+
+/// A score floor stops drafting once every beam of every row is below it: the beams are then
+/// those of a search that was asked for that many steps, and a floor below every score changes
+/// nothing.
+#[test]
+fn a_score_floor_stops_drafting_early() {
+    let d = drafter(&RecurrentDrafterConfig::new(8, 300), 43);
+    for width in [1, 3] {
+        let search = |length: usize, floor: Option<f32>| {
+            d.beam_search(DraftRequest {
+                stop_below: floor,
+                ..request(8, &[3, 250], width, length, 7)
+            })
+            .unwrap()
+        };
+        let tokens = |out: &BeamSearchOutput<B>| ints(out.tokens.clone());
+        let full = search(5, None);
+        let (one_step, two_steps) = (search(2, None), search(3, None));
+        // The best score after two steps, over every row and beam.
+        let best = floats(two_steps.scores.clone())
+            .into_iter()
+            .fold(f32::NEG_INFINITY, f32::max);
+        // Above every score (log-probabilities are at most 0): one draft step only.
+        let stopped = search(5, Some(1.0));
+        assert_eq!(stopped.tokens.dims(), [2, width, 2], "width {width}");
+        assert_eq!(tokens(&stopped), tokens(&one_step), "width {width}");
+        assert_eq!(stopped.token_log_probs.dims(), [2, width, 1]);
+        // Just above the best two-step score: the third step does not run.
+        let stopped = search(5, Some(best + 1e-4));
+        assert_eq!(stopped.tokens.dims(), [2, width, 3], "width {width}");
+        assert_eq!(tokens(&stopped), tokens(&two_steps), "width {width}");
+        // Below every score: the whole search.
+        assert_eq!(
+            tokens(&search(5, Some(-1.0e9))),
+            tokens(&full),
+            "width {width}"
+        );
     }
 }
 
