@@ -393,23 +393,15 @@ fn bad_settings_and_inputs_are_typed_errors() {
             Some(Error::InvalidSettings(_))
         ));
     }
-    assert!(matches!(
-        make(
-            SpeculativeConfig::default()
-                .min_draft_probability(0.3)
-                .draft_timing(DraftTiming::Overlapped)
-        ),
-        Some(Error::InvalidSettings(_))
-    ));
-    assert!(matches!(
-        make(
-            SpeculativeConfig::default()
-                .min_draft_probability(0.3)
-                .acceptance(Acceptance::ReferenceParity)
-                .temperature(1.0)
-        ),
-        Some(Error::InvalidSettings(_))
-    ));
+    let floored = SpeculativeConfig::default().min_draft_probability(0.3);
+    for config in [
+        floored.clone().draft_timing(DraftTiming::Overlapped),
+        floored
+            .acceptance(Acceptance::ReferenceParity)
+            .temperature(1.0),
+    ] {
+        assert!(matches!(make(config), Some(Error::InvalidSettings(_))));
+    }
 
     // Prompt lookup: an empty n-gram range, and the p/q rule, which needs drafter probabilities.
     assert!(matches!(

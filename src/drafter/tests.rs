@@ -495,7 +495,6 @@ fn one_beam_without_log_probs_drafts_the_same_tokens() {
             let quick = d
                 .beam_search(DraftRequest {
                     needs_log_probs: false,
-                    stop_below: None,
                     ..request(8, &[3, 250], width, 5, 7)
                 })
                 .unwrap();
