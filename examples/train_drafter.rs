@@ -211,6 +211,10 @@ struct TrainArgs {
     /// labels); the label's own gets 1 - weight. 0 = labels only (the published recipe).
     #[arg(long, default_value_t = 0.0)]
     soft_labels: f64,
+    /// Train on the target's greedy choice at each position instead of the data's token (for
+    /// sampled data: the drafter learns what greedy verification accepts).
+    #[arg(long)]
+    greedy_labels: bool,
     /// Train the softmax over this draft vocabulary (`draft-vocab`'s output) only: the drafter
     /// is made for drafting from it, and each step's head costs V / N times less.
     #[arg(long)]
@@ -572,6 +576,7 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
         resume: args.resume,
         keep_best: true,
         soft_label_weight: args.soft_labels,
+        greedy_labels: args.greedy_labels,
         draft_vocabulary,
         time_budget_secs: args.time_budget,
         init_from: args.init_from.clone(),

@@ -462,6 +462,55 @@ fn soft_labels_over_a_draft_vocabulary_train_a_drafter_for_that_vocabulary() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Sampled responses, as far as a drafter of greedy decoding is concerned: 70 % of each
+/// greedy response's tokens replaced by random ones. Trained on these tokens a drafter learns
+/// noise; trained on the target's greedy choices along the same sequences it learns what
+/// verification accepts.
+#[test]
+fn greedy_labels_learn_greedy_decoding_from_noisy_responses() {
+    let model = toy();
+    let dir = temp_dir("greedy-labels");
+    make_dataset(&model, &dir.join("data"), 96);
+    let data = load_training_data(&[dir.join("data")], 256, TOY.vocab).unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    let noisy: Vec<Sequence> = data
+        .sequences
+        .into_iter()
+        .map(|mut sequence| {
+            for token in &mut sequence.tokens[sequence.prompt_len..] {
+                if rng.random_bool(0.7) {
+                    *token = rng.random_range(0..TOY.vocab as u32);
+                }
+            }
+            sequence
+        })
+        .collect();
+    let (train, eval) = split_eval(noisy, 0.1, 0);
+    let config = |greedy_labels| TrainConfig {
+        draft_steps: DRAFT_STEPS,
+        learning_rate: 3e-3,
+        max_steps: Some(200),
+        batch_size: 8,
+        eval_every: 0,
+        checkpoint_every: 0,
+        greedy_labels,
+        ..TrainConfig::default()
+    };
+    let held_out: Vec<Vec<u32>> = random_prompts(8, 99).into_iter().map(|p| p.ids).collect();
+    let mut taus = Vec::new();
+    for greedy_labels in [false, true] {
+        let out = dir.join(format!("greedy-{greedy_labels}.safetensors"));
+        let report = train_quietly(&model, &train, &eval, &out, &config(greedy_labels)).unwrap();
+        let (first, last) = (report.first_loss.unwrap(), report.last_loss.unwrap());
+        let drafter = RecurrentDrafter::<B>::load_for_target(&out, &model).unwrap();
+        let tau = tau(&model, &drafter, &held_out);
+        eprintln!("greedy labels {greedy_labels}: loss {first:.3} → {last:.3}, τ {tau:.3}");
+        taus.push(tau);
+    }
+    assert!(taus[1] - taus[0] > 0.2, "τ with the data's tokens {taus:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn a_time_budget_lowers_the_step_count_after_calibration() {
     let model = toy();

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 
 use super::dataset::Sequence;
 use crate::drafter::DraftVocabulary;
+use crate::error::{Error, Result};
 
 /// The trained pairs of one draft step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +153,41 @@ impl TeacherForcing {
         }
     }
 
+    /// Trains on the target's own choices instead of the data's tokens: each pair's label
+    /// becomes `predictions[n][t + i]`, the target's argmax at the position whose logits predict
+    /// `x_{t+i+1}` (its [`StepTargets::teacher_rows`] entry). The drafter's inputs stay the
+    /// data's tokens. For greedy verification this is the exact target: after an accepted prefix
+    /// `x_{t+1..=t+i}` the next token the target emits is its argmax there, whatever token the
+    /// data (a sampled response, say) continued with. Call before [`Self::restrict`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidSettings`] after `restrict` (labels are then draft indices);
+    /// [`Error::ShapeMismatch`] when `predictions` does not hold one entry per token of each
+    /// sequence.
+    pub fn relabel(&mut self, predictions: &[&[u32]]) -> Result<()> {
+        if self.restricted {
+            return Err(Error::InvalidSettings(
+                "relabel before restricting the layout to a draft vocabulary".into(),
+            ));
+        }
+        let found: Vec<usize> = predictions.iter().map(|p| p.len()).collect();
+        if found != self.lengths {
+            return Err(Error::ShapeMismatch {
+                tensor: "greedy predictions (one per token of each sequence)".into(),
+                expected: self.lengths.clone(),
+                found,
+            });
+        }
+        let width = self.width;
+        for step in &mut self.steps {
+            for (label, &teacher) in step.labels.iter_mut().zip(&step.teacher_rows) {
+                let teacher = teacher as usize;
+                *label = i64::from(predictions[teacher / width][teacher % width]);
+            }
+        }
+        Ok(())
+    }
+
     /// Trained pairs per draft step.
     pub fn counts(&self) -> Vec<usize> {
         self.steps.iter().map(|s| s.rows.len()).collect()
@@ -253,6 +289,47 @@ mod tests {
         assert_eq!(second.teacher_rows, vec![3]);
         assert_eq!(second.excluded, vec![0]);
         assert_eq!(layout.counts(), vec![3, 1]);
+    }
+
+    #[test]
+    fn relabelling_takes_the_prediction_at_the_teacher_position() {
+        let a = seq(&[10, 11, 12, 13, 14], 2);
+        let b = seq(&[20, 21, 22], 1);
+        let mut layout = TeacherForcing::new(&[&a, &b], 2);
+        // The target's argmax at each position of each sequence (position p predicts p + 1).
+        let predictions_a = [100, 101, 102, 103, 104];
+        let predictions_b = [200, 201, 202];
+        layout.relabel(&[&predictions_a, &predictions_b]).unwrap();
+        // Teacher rows [1, 2, 3, 6] and [2, 3] (see `hand_made_example`): a's positions 1, 2, 3
+        // and b's position 1 (6 = 1·5 + 1).
+        assert_eq!(layout.steps[0].labels, vec![101, 102, 103, 201]);
+        assert_eq!(layout.steps[1].labels, vec![102, 103]);
+        // Inputs and pairs are untouched.
+        assert_eq!(layout.tokens, vec![10, 11, 12, 13, 14, 20, 21, 22, 0, 0]);
+        assert_eq!(layout.steps[0].rows, vec![0, 1, 2, 3]);
+        // Predictions equal to the data's next tokens give the data's labels back.
+        let mut same = TeacherForcing::new(&[&a, &b], 2);
+        same.relabel(&[&[11, 12, 13, 14, 0], &[21, 22, 0]]).unwrap();
+        assert_eq!(same, TeacherForcing::new(&[&a, &b], 2));
+    }
+
+    #[test]
+    fn relabelling_rejects_wrong_lengths_and_restricted_layouts() {
+        let a = seq(&[10, 11, 12, 13, 14], 2);
+        let mut layout = TeacherForcing::new(&[&a], 2);
+        assert!(matches!(
+            layout.relabel(&[&[1, 2, 3]]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            layout.relabel(&[]),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        layout.restrict(&DraftVocabulary::new(vec![12, 13], 30).unwrap());
+        assert!(matches!(
+            layout.relabel(&[&[1, 2, 3, 4, 5]]),
+            Err(Error::InvalidSettings(_))
+        ));
     }
 
     #[test]

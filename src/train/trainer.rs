@@ -119,6 +119,14 @@ pub struct TrainConfig {
     /// labels alone, as the published recipe does.
     #[serde(default)]
     pub soft_label_weight: f64,
+    /// Train on the target's greedy choices: every label becomes the target's argmax at the
+    /// position that predicts it ([`TeacherForcing::relabel`]), computed once from the same
+    /// forward that caches the hidden states. For drafters of greedy decoding trained on
+    /// sampled responses: a sampled token the target would not have chosen is not what
+    /// verification accepts. Evaluation keeps the data's tokens, so its accuracies stay
+    /// comparable between runs.
+    #[serde(default)]
+    pub greedy_labels: bool,
     /// Train the softmax over this draft vocabulary only (tied head): the drafter is then made
     /// for drafting from it, each step costs `V / N` times less in the head, and labels outside
     /// it are left out of the loss (and count as misses in evaluation). Not serialised (the
@@ -167,6 +175,7 @@ impl Default for TrainConfig {
             resume: false,
             keep_best: true,
             soft_label_weight: 0.0,
+            greedy_labels: false,
             draft_vocabulary: None,
             time_budget_secs: None,
             init_from: None,
@@ -501,10 +510,11 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         steps_per_epoch,
     });
 
-    let hidden_total = if config.hidden_cache == HiddenCache::Off {
-        0
-    } else {
-        train.len() + eval.len()
+    // Sequences the target runs over before the first step.
+    let hidden_total = match (config.hidden_cache, config.greedy_labels) {
+        (HiddenCache::Off, false) => 0,
+        (HiddenCache::Off, true) => train.len(),
+        _ => train.len() + eval.len(),
     };
     let mut cached = 0;
     let mut caching = |done: usize| {
@@ -515,8 +525,9 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         });
     };
     let caching_started = Instant::now();
-    let train_hidden = HiddenStore::build(target, &train, config, &mut caching)?;
-    let eval_hidden = HiddenStore::build(target, &eval, config, &mut caching)?;
+    let (train_hidden, train_predictions) =
+        HiddenStore::build(target, &train, config, config.greedy_labels, &mut caching)?;
+    let (eval_hidden, _) = HiddenStore::build(target, &eval, config, false, &mut caching)?;
     let caching_time = caching_started.elapsed();
     tracing::info!(
         secs = caching_time.as_secs_f64(),
@@ -557,8 +568,16 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         let micro = micro_batches(&train, batch, config.micro_batch_tokens);
         let layouts: Vec<TeacherForcing> = micro
             .iter()
-            .map(|ids| layout_for(&drafter, &train, ids, config.draft_steps))
-            .collect();
+            .map(|ids| {
+                layout_for(
+                    &drafter,
+                    &train,
+                    train_predictions.as_deref(),
+                    ids,
+                    config.draft_steps,
+                )
+            })
+            .collect::<Result<_>>()?;
         let mut normalizers = vec![0usize; config.draft_steps];
         for layout in &layouts {
             for (n, c) in normalizers.iter_mut().zip(layout.counts()) {
@@ -722,18 +741,25 @@ fn steady_pace(ends: &[f64]) -> Option<f64> {
 
 /// The teacher-forcing layout of the micro-batch `ids`, restricted to the drafter's draft
 /// vocabulary when it has one (its logits then cover that vocabulary alone).
+/// The layout of the sequences `ids`, labelled with the target's `predictions` (one per token
+/// of every sequence) where given, restricted to the drafter's draft vocabulary where it has one.
 fn layout_for<B: Backend>(
     drafter: &RecurrentDrafter<B>,
     sequences: &[Sequence],
+    predictions: Option<&[Vec<u32>]>,
     ids: &[usize],
     steps: usize,
-) -> TeacherForcing {
+) -> Result<TeacherForcing> {
     let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
     let mut layout = TeacherForcing::new(&refs, steps);
+    if let Some(predictions) = predictions {
+        let rows: Vec<&[u32]> = ids.iter().map(|&i| predictions[i].as_slice()).collect();
+        layout.relabel(&rows)?;
+    }
     if let Some(vocabulary) = drafter.draft_vocabulary() {
         layout.restrict(vocabulary);
     }
-    layout
+    Ok(layout)
 }
 
 /// Writes the optimiser state, the drafter and then the training state (which refers to both).
@@ -785,7 +811,7 @@ fn evaluate_with<B: Backend, T: TargetModel<B>>(
     let all: Vec<usize> = (0..sequences.len()).collect();
     let mut counts = EvalCounts::default();
     for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
-        let layout = layout_for(drafter, sequences, &ids, config.draft_steps);
+        let layout = layout_for(drafter, sequences, None, &ids, config.draft_steps)?;
         let states = hidden.get(target, sequences, &ids, layout.width)?;
         counts.merge(&evaluate_batch(drafter, states, &layout)?);
     }
@@ -840,24 +866,42 @@ enum HiddenStore<B: Backend> {
 }
 
 impl<B: Backend> HiddenStore<B> {
-    /// Fills the cache the configuration asks for, reporting sequences done.
+    /// Fills the cache the configuration asks for, reporting sequences done; with `predict`,
+    /// also the target's greedy choice at every position of every sequence (the argmax of its
+    /// logits there), from the same forward.
     fn build<T: TargetModel<B>>(
         target: &T,
         sequences: &[Sequence],
         config: &TrainConfig,
+        predict: bool,
         mut progress: impl FnMut(usize),
-    ) -> Result<Self> {
-        if config.hidden_cache == HiddenCache::Off || sequences.is_empty() {
-            return Ok(Self::Off);
+    ) -> Result<(Self, Option<Vec<Vec<u32>>>)> {
+        if (config.hidden_cache == HiddenCache::Off && !predict) || sequences.is_empty() {
+            return Ok((Self::Off, predict.then(Vec::new)));
         }
         let h = target.hidden_size();
         let mut host: Vec<Vec<f32>> = vec![Vec::new(); sequences.len()];
         let mut device: Vec<Option<Tensor<B, 2>>> = vec![None; sequences.len()];
+        let mut predictions: Vec<Vec<u32>> =
+            vec![Vec::new(); if predict { sequences.len() } else { 0 }];
         let all: Vec<usize> = (0..sequences.len()).collect();
         for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
             let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
             let width = refs.iter().map(|s| s.len()).max().unwrap_or(0);
             let hidden = target_hidden_states(target, &refs, width)?;
+            if predict {
+                let choices = target
+                    .logits(hidden.clone())
+                    .argmax(2)
+                    .into_data()
+                    .iter::<i64>()
+                    .map(|id| id as u32)
+                    .collect::<Vec<u32>>();
+                for (row, &i) in ids.iter().enumerate() {
+                    predictions[i] =
+                        choices[row * width..row * width + sequences[i].len()].to_vec();
+                }
+            }
             match config.hidden_cache {
                 HiddenCache::Host => {
                     let values: Vec<f32> = hidden.into_data().iter::<f32>().collect();
@@ -877,22 +921,25 @@ impl<B: Backend> HiddenStore<B> {
                         );
                     }
                 }
-                HiddenCache::Off => unreachable!("handled above"),
+                // Only the predictions were asked for.
+                HiddenCache::Off => {}
             }
             progress(ids.len());
         }
-        Ok(match config.hidden_cache {
+        let store = match config.hidden_cache {
+            HiddenCache::Off => Self::Off,
             HiddenCache::Host => Self::Host {
                 hidden_size: h,
                 states: host,
             },
-            _ => Self::Device(
+            HiddenCache::Device => Self::Device(
                 device
                     .into_iter()
                     .map(|t| t.expect("every sequence cached"))
                     .collect(),
             ),
-        })
+        };
+        Ok((store, predict.then_some(predictions)))
     }
 
     /// Hidden states of the sequences `ids`, right-padded with zeros to `width`.
