@@ -120,11 +120,11 @@ pub struct TrainConfig {
     #[serde(default)]
     pub soft_label_weight: f64,
     /// Train on the target's greedy choices: every label becomes the target's argmax at the
-    /// position that predicts it ([`TeacherForcing::relabel`]), computed once from the same
-    /// forward that caches the hidden states. For drafters of greedy decoding trained on
-    /// sampled responses: a sampled token the target would not have chosen is not what
-    /// verification accepts. Evaluation keeps the data's tokens, so its accuracies stay
-    /// comparable between runs.
+    /// position that predicts it ([`TeacherForcing::relabel`]), computed once before the first
+    /// step, in the forward that caches the hidden states (without a cache, in a pass of its
+    /// own). For drafters of greedy decoding trained on sampled responses: a sampled token the
+    /// target would not have chosen is not what verification accepts. Evaluation keeps the
+    /// data's tokens, so its accuracies stay comparable between runs.
     #[serde(default)]
     pub greedy_labels: bool,
     /// Train the softmax over this draft vocabulary only (tied head): the drafter is then made
