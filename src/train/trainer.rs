@@ -739,10 +739,9 @@ fn steady_pace(ends: &[f64]) -> Option<f64> {
     Some((ends[n - 1] - ends[half - 1]) / (n - half) as f64)
 }
 
-/// The teacher-forcing layout of the micro-batch `ids`, restricted to the drafter's draft
-/// vocabulary when it has one (its logits then cover that vocabulary alone).
-/// The layout of the sequences `ids`, labelled with the target's `predictions` (one per token
-/// of every sequence) where given, restricted to the drafter's draft vocabulary where it has one.
+/// The teacher-forcing layout of the micro-batch `ids`, labelled with the target's
+/// `predictions` (one per token of every sequence) where given, and restricted to the drafter's
+/// draft vocabulary when it has one (its logits then cover that vocabulary alone).
 fn layout_for<B: Backend>(
     drafter: &RecurrentDrafter<B>,
     sequences: &[Sequence],
