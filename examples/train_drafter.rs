@@ -161,6 +161,11 @@ struct TrainArgs {
     /// Width of the residual blocks (default 2H).
     #[arg(long)]
     exit_dim: Option<usize>,
+    /// Target layers (0-based, increasing, comma-separated) whose outputs the head reads
+    /// besides the final hidden state (e.g. `9,19` of SmolLM2's 30). With --init-from a head
+    /// that reads none, they start through a zero projection.
+    #[arg(long, value_delimiter = ',')]
+    tap_layers: Vec<usize>,
     /// Draft steps trained (beam length at inference ≤ this + 1).
     #[arg(long, default_value_t = 5)]
     draft_steps: usize,
@@ -541,7 +546,8 @@ fn train<B: Backend>(args: &TrainArgs, device: B::Device) -> Result<()> {
     let mut drafter = RecurrentDrafterConfig::new(model.hidden_size(), model.vocab_size())
         .with_head(head)
         .with_rnn(args.rnn)
-        .with_num_draft_layers(args.num_layers);
+        .with_num_draft_layers(args.num_layers)
+        .with_tapped_layers(args.tap_layers.clone());
     if let Some(exit_dim) = args.exit_dim {
         drafter = drafter.with_exit_dim(exit_dim);
     }

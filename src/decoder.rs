@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::drafter::{DraftBeams, DraftHead, DraftRequest};
 use crate::error::{Error, Result};
 use crate::generate::{
-    GenerationConfig, GenerationOutput, IntUpload, RowOutput, int_tensor, ints, prefill, token_ids,
-    validate_prompts,
+    GenerationConfig, GenerationOutput, IntUpload, RowOutput, int_tensor, ints, prefill_tapped,
+    token_ids, validate_prompts,
 };
 use crate::lookup::PromptLookup;
 use crate::sampling::Sampling;
@@ -602,15 +602,21 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
 
         // Prefill, first token and first beams: one readback.
         let overlapped = self.overlaps_drafting();
-        let hidden = prefill(self.target, &mut cache, prompts)?;
-        let logits = self.target.logits(hidden.clone().unsqueeze_dim::<3>(1));
+        let (hidden, features) = prefill_tapped(
+            self.target,
+            &mut cache,
+            prompts,
+            self.drafter.tapped_layers(),
+        )?;
+        let logits = self.target.logits(hidden.unsqueeze_dim::<3>(1));
+        let context = self.draft_context(features)?;
         let first = self.choose(logits).reshape([batch]);
         let draft_start = Instant::now();
         // Sequential drafting drafts the first beams now; overlapped, the first round does.
         let beams = if overlapped {
             None
         } else {
-            Some(self.draft(hidden.clone(), first.clone(), batch)?)
+            Some(self.draft(context.clone(), first.clone(), batch)?)
         };
         let mut readback = Transaction::default().register(first.clone());
         if let Some(beams) = &beams {
@@ -624,7 +630,7 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
                 device,
             },
             None => Drafts::Pending {
-                context: hidden,
+                context,
                 first_tokens: first,
                 roots: first_host.clone(),
             },
@@ -730,16 +736,25 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
 
             // Verification and on-device acceptance, then the next beams.
             let verify_start = Instant::now();
-            let hidden = self.target.forward(&block, &mut cache)?;
+            let (hidden, tapped) =
+                self.target
+                    .forward_tapped(&block, &mut cache, self.drafter.tapped_layers())?;
             let logits = self.target.logits(hidden.clone());
-            let (summary, bonus, next_context) = self.accept_on_device(
+            // The head's features at every node; acceptance picks the last accepted node's.
+            let features = if tapped.is_empty() {
+                hidden
+            } else {
+                Tensor::cat(std::iter::once(hidden).chain(tapped).collect(), 2)
+            };
+            let (summary, bonus, next_features) = self.accept_on_device(
                 &packed,
-                hidden,
+                features,
                 logits,
                 round_tokens,
                 &device_beams,
                 unpacker_t,
             )?;
+            let next_context = self.draft_context(next_features)?;
             stats.verify_time += verify_start.elapsed();
             // Sequential drafting drafts the next beams now and reads them back with the
             // acceptance; overlapped drafting reads back this round's beams, drafted long ago.
@@ -839,6 +854,26 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
         })
     }
 
+    /// The context the head drafts from, from the target's features at the rows it drafts
+    /// after ([`DraftHead::context`]), checked to be `[rows, H]`: a head that lists tapped
+    /// layers but does not fold them would otherwise draft from the wrong width.
+    ///
+    /// # Shapes
+    /// `features`: `[rows, H · (1 + taps)]` to `[rows, H]`
+    fn draft_context(&self, features: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        let rows = features.dims()[0];
+        let context = self.drafter.context(features)?;
+        let expected = [rows, self.target.hidden_size()];
+        if context.dims() != expected {
+            return Err(Error::ShapeMismatch {
+                tensor: "draft context".into(),
+                expected: expected.to_vec(),
+                found: context.dims().to_vec(),
+            });
+        }
+        Ok(context)
+    }
+
     /// Asks the draft head for `live` rows' beams of the configured shape and checks the shape
     /// it returns.
     ///
@@ -923,12 +958,12 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     }
 
     /// Computes, on the device, each row's best beam and its accepted draft count, the bonus
-    /// token and the hidden state at the last accepted node.
+    /// token and the draft head's features at the last accepted node.
     ///
     /// # Shapes
-    /// - `hidden`: `[live, L, H]`, `logits`: `[live, L, V]`, `tokens`: `[live, M', C]` (the
+    /// - `hidden`: `[live, L, F]` (the head's features, `F = H` unless it taps layers), `logits`: `[live, L, V]`, `tokens`: `[live, M', C]` (the
     ///   round's beams, prompt-lookup ones included), `unpacker`: `[live, M'·C]`
-    /// - returns `[live, 2]` ints (best beam, accepted count), `[live]` (bonus) and `[live, H]`
+    /// - returns `[live, 2]` ints (best beam, accepted count), `[live]` (bonus) and `[live, F]`
     #[allow(clippy::type_complexity)]
     fn accept_on_device(
         &self,

@@ -241,6 +241,24 @@ pub fn prefill<B: Backend, M: TargetModel<B>>(
     cache: &mut KvCache<B>,
     prompts: &[Vec<u32>],
 ) -> Result<Tensor<B, 2>> {
+    Ok(prefill_tapped(model, cache, prompts, &[])?.0)
+}
+
+/// [`prefill`] that also returns the draft head's features at each row's last prompt token: the
+/// final-norm hidden state followed by the outputs of the layers `taps`
+/// ([`TargetModel::forward_tapped`]), side by side.
+///
+/// # Shapes
+/// returns `[batch, hidden]` and `[batch, hidden · (1 + taps)]`
+///
+/// # Errors
+/// Those of [`prefill`], and the target's for taps it does not expose.
+pub fn prefill_tapped<B: Backend, M: TargetModel<B>>(
+    model: &M,
+    cache: &mut KvCache<B>,
+    prompts: &[Vec<u32>],
+    taps: &[usize],
+) -> Result<(Tensor<B, 2>, Tensor<B, 2>)> {
     validate_prompts(prompts, model.vocab_size(), model.max_context(), 0, 0)?;
     let device = model.device();
     let batch = prompts.len();
@@ -274,7 +292,7 @@ pub fn prefill<B: Backend, M: TargetModel<B>>(
         positions: int_tensor(positions, [batch, width], &device),
         bias,
     };
-    let hidden = model.forward(&block, cache)?;
+    let (hidden, tapped) = model.forward_tapped(&block, cache, taps)?;
     let keep: Vec<Vec<usize>> = prompts.iter().map(|p| (0..p.len()).collect()).collect();
     cache.commit(&keep)?;
     let last: Vec<i64> = prompts
@@ -282,10 +300,22 @@ pub fn prefill<B: Backend, M: TargetModel<B>>(
         .enumerate()
         .map(|(b, p)| (b * width + p.len() - 1) as i64)
         .collect();
-    let hidden_size = hidden.dims()[2];
-    Ok(hidden
-        .reshape([batch * width, hidden_size])
-        .select(0, int_tensor(last, [batch], &device)))
+    let last = int_tensor(last, [batch], &device);
+    let at_last = |states: Tensor<B, 3>| {
+        let size = states.dims()[2];
+        states
+            .reshape([batch * width, size])
+            .select(0, last.clone())
+    };
+    let hidden = at_last(hidden);
+    let features = if tapped.is_empty() {
+        hidden.clone()
+    } else {
+        let mut parts = vec![hidden.clone()];
+        parts.extend(tapped.into_iter().map(at_last));
+        Tensor::cat(parts, 1)
+    };
+    Ok((hidden, features))
 }
 
 /// Output bookkeeping for one row: appends tokens until a stop token or the length limit.

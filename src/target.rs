@@ -80,6 +80,33 @@ pub trait TargetModel<B: Backend> {
     /// # Shapes
     /// returns `[batch, T, hidden_size]`
     fn forward(&self, block: &Block<B>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>>;
+    /// Runs a block like [`forward`](Self::forward) and also returns the residual stream after
+    /// each layer of `taps` (0-based layer indices, strictly increasing), in that order: the
+    /// extra inputs of a draft head that reads several layers
+    /// ([`DraftHead::tapped_layers`](crate::drafter::DraftHead::tapped_layers)).
+    ///
+    /// The default serves heads that read no layer (`taps` empty) and refuses the others;
+    /// implement it to let such heads draft for your model.
+    ///
+    /// # Shapes
+    /// returns `[batch, T, hidden_size]` and one `[batch, T, hidden_size]` per tap
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidSettings`] for a tap the model does not have or does not expose.
+    fn forward_tapped(
+        &self,
+        block: &Block<B>,
+        cache: &mut KvCache<B>,
+        taps: &[usize],
+    ) -> Result<(Tensor<B, 3>, Vec<Tensor<B, 3>>)> {
+        if !taps.is_empty() {
+            return Err(crate::Error::InvalidSettings(format!(
+                "this target does not expose its layers' outputs (asked for layers {taps:?}); \
+                 implement TargetModel::forward_tapped to use a draft head that reads them"
+            )));
+        }
+        Ok((self.forward(block, cache)?, Vec::new()))
+    }
     /// The LM head: hidden states to logits.
     ///
     /// # Shapes

@@ -1088,6 +1088,14 @@ fn a_masked_attention_row_equals_the_row_over_its_visible_slots() {
     }
 }
 
+/// One row of token ids (or positions) on the test device.
+fn ids(values: &[i64]) -> Tensor<B, 2, Int> {
+    Tensor::<B, 2, Int>::from_data(
+        TensorData::new(values.to_vec(), [1, values.len()]),
+        &device(),
+    )
+}
+
 /// The whole Llama forward on the GPU: a verification tree's logits along its accepted path are
 /// bit for bit those of one-token decoding steps, in f32 and f16 — so greedy speculative decoding
 /// emits exactly plain greedy decoding's tokens.
@@ -1097,12 +1105,6 @@ fn a_verification_tree_reproduces_decoding_bit_for_bit() {
     use redrafter::models::llama::{Llama, LlamaLoadOptions};
     use redrafter::target::{Block, TargetModel};
 
-    let ids = |values: &[i64]| {
-        Tensor::<B, 2, Int>::from_data(
-            TensorData::new(values.to_vec(), [1, values.len()]),
-            &device(),
-        )
-    };
     for dtype in [burn::tensor::DType::F32, burn::tensor::DType::F16] {
         let options = LlamaLoadOptions {
             dtype,
@@ -1709,4 +1711,66 @@ fn committing_moves_each_rows_accepted_slots_bit_for_bit() {
         // The last commit's result, read through one more block.
         append(&mut cache, 1, &expected);
     }
+}
+
+/// A head that taps the target's layers reads the same outputs whichever way the layers run:
+/// folded (a block of at most `MATMUL_MAX_ROWS` rows, one launch per projection with its norm,
+/// bias and residual) or unfolded (a longer prompt); and the final norm of the last layer's
+/// output is the hidden state the forward returns.
+#[test]
+fn tapped_layers_agree_between_folded_and_unfolded_layers() {
+    use redrafter::models::llama::{Llama, LlamaLoadOptions};
+    use redrafter::target::{Block, TargetModel};
+
+    let n = cube_kernels::MATMUL_MAX_ROWS + 4;
+    let options = LlamaLoadOptions {
+        dtype: burn::tensor::DType::F32,
+        max_context: Some(n + 8),
+    };
+    let config = small_config(4, 2, 32, 3, 300).with_max_position_embeddings(n + 8);
+    let model = Llama::<B>::init_random(config, &options, &device()).unwrap();
+    let tokens: Vec<i64> = (0..n as i64).map(|i| (i * 37 + 11) % 300).collect();
+    let positions: Vec<i64> = (0..n as i64).collect();
+    let taps = [0, 2];
+
+    // The whole prompt at once: unfolded layers.
+    let mut cache = model.new_cache(1, n);
+    let block = Block {
+        tokens: ids(&tokens),
+        positions: ids(&positions),
+        bias: None,
+    };
+    let (hidden_all, taps_all) = model.forward_tapped(&block, &mut cache, &taps).unwrap();
+    // All but the last token, then the last one alone: folded layers.
+    let mut cache = model.new_cache(1, n);
+    let block = Block {
+        tokens: ids(&tokens[..n - 1]),
+        positions: ids(&positions[..n - 1]),
+        bias: None,
+    };
+    model.forward(&block, &mut cache).unwrap();
+    cache.commit(&[(0..n - 1).collect()]).unwrap();
+    let block = Block {
+        tokens: ids(&tokens[n - 1..]),
+        positions: ids(&positions[n - 1..]),
+        bias: None,
+    };
+    let (hidden_one, taps_one) = model.forward_tapped(&block, &mut cache, &taps).unwrap();
+
+    let last = |t: Tensor<B, 3>| t.narrow(1, n - 1, 1);
+    last(hidden_all)
+        .into_data()
+        .assert_approx_eq::<f32>(&hidden_one.clone().into_data(), Tolerance::absolute(1e-3));
+    assert_eq!(taps_one.len(), 2);
+    for (all, one) in taps_all.into_iter().zip(&taps_one) {
+        last(all)
+            .into_data()
+            .assert_approx_eq::<f32>(&one.clone().into_data(), Tolerance::absolute(1e-3));
+    }
+    // The random model's final norm has unit weights: an RMS norm of the last layer's output.
+    let out = taps_one[1].clone();
+    let rms = out.clone().square().mean_dim(2).add_scalar(1e-5).sqrt();
+    out.div(rms)
+        .into_data()
+        .assert_approx_eq::<f32>(&hidden_one.into_data(), Tolerance::absolute(1e-3));
 }

@@ -686,4 +686,12 @@ impl<B: Backend> DraftHead<B> for RecurrentDrafter<B> {
     fn propose(&self, request: DraftRequest<B>) -> Result<DraftBeams<B>> {
         self.beam_search(request).map(Into::into)
     }
+
+    fn tapped_layers(&self) -> &[usize] {
+        &self.config().tapped_layers
+    }
+
+    fn context(&self, features: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        RecurrentDrafter::context(self, features)
+    }
 }

@@ -8,6 +8,7 @@
 //! | `input_proj.weight`, `input_proj.bias` (if `exit_dim != 2H`) | `[exit, 2H]`, `[exit]` |
 //! | `lm_head.{i}.linear.weight`, `.bias`, i < N | `[exit, exit]`, `[exit]` |
 //! | `lm_head.{N}.weight` | `[V, exit]` (separate head) or `[H, exit]` (tied head) |
+//! | `fuse.weight` (ours; only with `k` tapped layers) | `[H, k·H]` |
 //!
 //! Burn stores a linear weight as `[in, out]`, so weights are transposed on the way in and out.
 //! The configuration travels as JSON in the safetensors metadata under
@@ -93,6 +94,10 @@ fn layer_specs(config: &RecurrentDrafterConfig) -> Vec<LayerSpec> {
         bias,
     };
     let mut specs = Vec::new();
+    let taps = config.tapped_layers.len();
+    if taps > 0 {
+        specs.push(spec("fuse".into(), taps * h, h, false));
+    }
     if config.rnn {
         specs.push(spec("rnn_w".into(), h, h, false));
         specs.push(spec("rnn_u".into(), h, h, true));
@@ -116,6 +121,9 @@ impl<B: Backend> RecurrentDrafter<B> {
     /// The parameters under their checkpoint names, in [`layer_specs`] order.
     pub(crate) fn named_layers(&self) -> Vec<(String, &Linear<B>)> {
         let mut layers = Vec::new();
+        if let Some(fuse) = &self.fuse {
+            layers.push(("fuse".to_string(), fuse));
+        }
         if let Some(w) = &self.rnn_w {
             layers.push(("rnn_w".to_string(), w));
         }
@@ -287,6 +295,9 @@ fn load_checked<B: Backend>(
             .remove(name)
             .ok_or_else(|| Error::MissingTensor(format!("{name}.weight")))
     };
+    let fuse = (!config.tapped_layers.is_empty())
+        .then(|| take("fuse"))
+        .transpose()?;
     let rnn_w = config.rnn.then(|| take("rnn_w")).transpose()?;
     let rnn_u = config.rnn.then(|| take("rnn_u")).transpose()?;
     let input_proj = config
@@ -299,6 +310,7 @@ fn load_checked<B: Backend>(
     let head = take(&format!("lm_head.{}", config.num_draft_layers))?;
     tracing::info!(path = %path.display(), ?config, "loaded draft head");
     Ok(RecurrentDrafter {
+        fuse,
         rnn_w,
         rnn_u,
         input_proj,
@@ -424,6 +436,8 @@ fn infer_config(
         rnn: rnn.is_some(),
         head,
         trained_steps: Some(DEFAULT_TRAINED_STEPS),
+        // A published file stores no configuration, and the published head taps no layer.
+        tapped_layers: Vec::new(),
     })
 }
 

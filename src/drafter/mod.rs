@@ -78,4 +78,20 @@ pub trait DraftHead<B: Backend> {
     fn trained_steps(&self) -> Option<usize>;
     /// Proposes `beam_width` beams of `beam_length` tokens per batch row.
     fn propose(&self, request: DraftRequest<B>) -> Result<DraftBeams<B>>;
+    /// Target layers (0-based, strictly increasing) whose outputs the head reads besides the
+    /// final hidden state; the decoder asks the target for them
+    /// ([`TargetModel::forward_tapped`](crate::target::TargetModel::forward_tapped)). Default:
+    /// none.
+    fn tapped_layers(&self) -> &[usize] {
+        &[]
+    }
+    /// The context `h` the head drafts from (what [`DraftRequest::context`] carries), from the
+    /// target's features at the positions it drafts after: the final hidden state followed by
+    /// each tapped layer's output. Default: the final hidden state, as it is.
+    ///
+    /// # Shapes
+    /// `features`: `[rows, H · (1 + taps)]` to `[rows, H]`
+    fn context(&self, features: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        Ok(features)
+    }
 }

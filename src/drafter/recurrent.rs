@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::target::TargetModel;
 
+/// Added to a tapped layer's mean square before its root (see [`RecurrentDrafter::context`]).
+const TAP_NORM_EPS: f64 = 1e-6;
+
 /// Residual blocks of the published recipe.
 pub const DEFAULT_NUM_DRAFT_LAYERS: usize = 2;
 /// Draft steps the published recipe trains for.
@@ -57,6 +60,11 @@ pub struct RecurrentDrafterConfig {
     /// Draft steps the head was trained for; beams longer than `trained_steps + 1` are refused.
     /// `None` means unknown (no limit). Default `Some(5)`.
     pub trained_steps: Option<usize>,
+    /// Target layers (0-based, strictly increasing) whose outputs the head reads besides the
+    /// final hidden state, through its `fuse` projection (see [`RecurrentDrafter::context`]).
+    /// Empty (the published head, the default): the final hidden state alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tapped_layers: Vec<usize>,
 }
 
 /// Wire form of [`RecurrentDrafterConfig`]: `exit_dim` defaults to `2H`, which a plain serde
@@ -75,6 +83,8 @@ struct ConfigRepr {
     head: DraftHeadKind,
     #[serde(default = "default_trained_steps")]
     trained_steps: Option<usize>,
+    #[serde(default)]
+    tapped_layers: Vec<usize>,
 }
 
 fn default_num_draft_layers() -> usize {
@@ -97,6 +107,7 @@ impl From<ConfigRepr> for RecurrentDrafterConfig {
             rnn: r.rnn,
             head: r.head,
             trained_steps: r.trained_steps,
+            tapped_layers: r.tapped_layers,
         }
     }
 }
@@ -113,7 +124,21 @@ impl RecurrentDrafterConfig {
             rnn: true,
             head: DraftHeadKind::Separate,
             trained_steps: Some(DEFAULT_TRAINED_STEPS),
+            tapped_layers: Vec::new(),
         }
+    }
+
+    /// Sets the target layers the head reads besides the final hidden state (0-based, strictly
+    /// increasing; see [`Self::tapped_layers`]).
+    pub fn with_tapped_layers(mut self, layers: impl Into<Vec<usize>>) -> Self {
+        self.tapped_layers = layers.into();
+        self
+    }
+
+    /// Width of the features the head drafts from: the final hidden state and each tapped
+    /// layer's output side by side, `H · (1 + taps)`.
+    pub fn feature_width(&self) -> usize {
+        self.hidden_size * (1 + self.tapped_layers.len())
     }
 
     /// Sets the residual-block width.
@@ -171,6 +196,12 @@ impl RecurrentDrafterConfig {
                     "draft head {name} must be positive"
                 )));
             }
+        }
+        if self.tapped_layers.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(Error::InvalidConfig(format!(
+                "the draft head's tapped layers {:?} must be strictly increasing",
+                self.tapped_layers
+            )));
         }
         Ok(())
     }
@@ -234,7 +265,10 @@ impl RecurrentDrafterConfig {
             })
             .collect();
         let head = linear(self.exit_dim, self.head_out_dim(), false);
+        let taps = self.tapped_layers.len();
+        let fuse = (taps > 0).then(|| linear(taps * h, h, false));
         RecurrentDrafter {
+            fuse,
             rnn_w,
             rnn_u,
             input_proj,
@@ -287,6 +321,9 @@ impl<B: Backend> ResBlock<B> {
 /// [`Self::with_target`] (the `load` functions do it for you).
 #[derive(Module, Debug)]
 pub struct RecurrentDrafter<B: Backend> {
+    /// With tapped layers: their normalised outputs, side by side, to a correction of the
+    /// context `h` (`[taps · H, H]`, no bias; see [`Self::context`]).
+    pub(crate) fuse: Option<Linear<B>>,
     pub(crate) rnn_w: Option<Linear<B>>,
     pub(crate) rnn_u: Option<Linear<B>>,
     pub(crate) input_proj: Option<Linear<B>>,
@@ -653,6 +690,88 @@ impl<B: Backend> RecurrentDrafter<B> {
         self
     }
 
+    /// Makes a head that reads the final hidden state alone read the target layers `layers`
+    /// too, starting as the same head: the new `fuse` projection is zero, so
+    /// [`Self::context`] returns `h` unchanged until training moves it (its gradient is not
+    /// zero: the tapped states multiply the context's). How a trained head learns from more
+    /// layers without starting over (`train_drafter train --init-from … --tap-layers …`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] if the head already reads tapped layers or `layers` is not
+    /// strictly increasing.
+    pub fn with_tapped_layers(mut self, layers: impl Into<Vec<usize>>) -> Result<Self> {
+        if self.fuse.is_some() {
+            return Err(Error::InvalidConfig(format!(
+                "the draft head already reads layers {:?}",
+                self.config.tapped_layers
+            )));
+        }
+        let config = self.config.clone().with_tapped_layers(layers);
+        config.validate()?;
+        let taps = config.tapped_layers.len();
+        if taps > 0 {
+            let h = config.hidden_size;
+            let like = self.head.weight.val();
+            let weight = Tensor::<B, 2>::zeros([taps * h, h], &like.device()).cast(like.dtype());
+            self.fuse = Some(Linear {
+                weight: Param::from_tensor(weight),
+                bias: None,
+            });
+        }
+        self.config = config;
+        Ok(self)
+    }
+
+    /// The context the head drafts from, from the target's features at each position: the
+    /// final hidden state `h` when the head taps no layer, else
+    /// `h + fuse([rms(t_1) | … | rms(t_k)])`, each tapped layer's output `t_j` scaled to unit
+    /// root mean square first (the residual stream's scale grows with depth; this keeps every
+    /// layer's contribution on one scale without learned norms).
+    ///
+    /// # Shapes
+    /// `features`: `[..., H · (1 + taps)]` (see
+    /// [`RecurrentDrafterConfig::feature_width`]) to `[..., H]`
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] for features of another width.
+    pub fn context<const D: usize>(&self, features: Tensor<B, D>) -> Result<Tensor<B, D>> {
+        check_last_dim("features", &features.dims(), self.config.feature_width())?;
+        let Some(fuse) = &self.fuse else {
+            return Ok(features);
+        };
+        let h = self.config.hidden_size;
+        let taps = self.config.tapped_layers.len();
+        let dims = features.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        let flat = features.reshape([rows, (1 + taps) * h]);
+        let hidden = flat.clone().narrow(1, 0, h);
+        let tapped = flat.narrow(1, h, taps * h).reshape([rows * taps, h]);
+        // Each tapped state to unit RMS: one kernel where ours run, else in f32 (an f16 sum of
+        // squares overflows).
+        let normalized = crate::cube_kernels::rms_norm(&tapped, TAP_NORM_EPS)
+            .or_else(|| crate::cpu_kernels::rms_norm(&tapped, None, TAP_NORM_EPS))
+            .unwrap_or_else(|| {
+                let tapped = tapped.cast(DType::F32);
+                let rms = tapped
+                    .clone()
+                    .square()
+                    .mean_dim(1)
+                    .add_scalar(TAP_NORM_EPS)
+                    .sqrt();
+                tapped.div(rms)
+            })
+            .reshape([rows, taps * h])
+            .cast(self.param_dtype());
+        let correction = match crate::cube_kernels::applies::<B>() {
+            true => gpu_product(normalized, fuse.weight.val()),
+            false => fuse.forward(normalized),
+        }
+        .cast(hidden.dtype());
+        let mut out_dims = dims;
+        out_dims[D - 1] = h;
+        Ok((hidden + correction).reshape(out_dims))
+    }
+
     /// Dtype the parameters compute in; inputs of another float dtype are cast to it.
     pub fn param_dtype(&self) -> DType {
         self.head.weight.val().dtype()
@@ -681,6 +800,7 @@ impl<B: Backend> RecurrentDrafter<B> {
                 .bias
                 .map(|bias| Param::from_tensor(bias.val().cast(dtype))),
         };
+        self.fuse = self.fuse.map(cast);
         self.rnn_w = self.rnn_w.map(cast);
         self.rnn_u = self.rnn_u.map(cast);
         self.input_proj = self.input_proj.map(cast);

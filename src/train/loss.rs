@@ -46,7 +46,9 @@ pub struct SoftLabels<'a, B: Backend> {
 /// be restricted to it ([`TeacherForcing::restrict`]).
 ///
 /// # Shapes
-/// - `hidden`: `[N, T, H]`, the target's final-norm hidden states (constants)
+/// - `hidden`: `[N, T, F]`, the draft head's features (constants): the target's final-norm
+///   hidden states (`F = H`), followed by its tapped layers' outputs when the head reads them
+///   (`F = H · (1 + taps)`, [`RecurrentDrafter::context`])
 /// - `each_step(step, logits, targets)`: `step` is 0-based (draft step `step + 1`), `logits`
 ///   `[P_i, V]` (`[P_i, N]` over a draft vocabulary) for the `P_i` trained pairs of that step;
 ///   not called for steps without pairs
@@ -56,12 +58,14 @@ fn for_each_step<B: Backend>(
     layout: &TeacherForcing,
     mut each_step: impl FnMut(usize, Tensor<B, 2>, &StepTargets) -> Result<()>,
 ) -> Result<()> {
-    let [n, t, h] = hidden.dims();
-    if n != layout.batch || t != layout.width {
+    let [n, t, f] = hidden.dims();
+    let h = drafter.config().hidden_size;
+    let expected = drafter.config().feature_width();
+    if n != layout.batch || t != layout.width || f != expected {
         return Err(Error::ShapeMismatch {
             tensor: "hidden".into(),
-            expected: vec![layout.batch, layout.width, h],
-            found: vec![n, t, h],
+            expected: vec![layout.batch, layout.width, expected],
+            found: vec![n, t, f],
         });
     }
     let reduced = drafter.draft_vocabulary().is_some();
@@ -101,11 +105,12 @@ fn for_each_step<B: Backend>(
             TensorData::new(targets.rows.clone(), [targets.rows.len()]),
             &device,
         );
-        let context = hidden
+        let features = hidden
             .clone()
-            .slice([0..n, 0..width, 0..h])
-            .reshape([n * width, h])
+            .slice([0..n, 0..width, 0..f])
+            .reshape([n * width, f])
             .select(0, rows.clone());
+        let context = drafter.context(features)?;
         let state = next.reshape([n * width, h]).select(0, rows);
         let logits = if reduced {
             drafter.draft_logits(context, state)?
@@ -206,7 +211,8 @@ impl<B: Backend> TeacherDistribution<B> {
 /// `(1 - w) · CE(label) + w · CE(target's distribution)`.
 ///
 /// # Shapes
-/// - `hidden`: `[N, T, H]`
+/// - `hidden`: `[N, T, F]`, the head's features (see [`for_each_step`]; the soft labels read
+///   their first `H` columns, the final hidden states)
 /// - returns `[K]`
 ///
 /// # Errors
@@ -221,7 +227,8 @@ pub fn teacher_forced_loss<B: Backend>(
     soft: Option<SoftLabels<'_, B>>,
 ) -> Result<Tensor<B, 1>> {
     let device = hidden.device();
-    let [n, t, h] = hidden.dims();
+    let [n, t, _] = hidden.dims();
+    let h = drafter.config().hidden_size;
     if let Some(soft) = &soft {
         if !(soft.weight > 0.0 && soft.weight <= 1.0) {
             return Err(Error::InvalidSettings(format!(
@@ -240,7 +247,8 @@ pub fn teacher_forced_loss<B: Backend>(
         }
     }
     let teacher = soft.as_ref().and_then(|soft| {
-        TeacherDistribution::new(&hidden.clone().reshape([n * t, h]), soft.table, layout)
+        let final_hidden = hidden.clone().slice([0..n, 0..t, 0..h]).reshape([n * t, h]);
+        TeacherDistribution::new(&final_hidden, soft.table, layout)
             .map(|teacher| (soft.weight, teacher))
     });
     let mut terms: Vec<Tensor<B, 1>> = (0..layout.steps.len())
@@ -359,7 +367,7 @@ pub struct EvalReport {
 /// Evaluates a drafter on one micro-batch with a single readback.
 ///
 /// # Shapes
-/// `hidden`: `[N, T, H]`
+/// `hidden`: `[N, T, F]`, the head's features (see [`for_each_step`])
 pub fn evaluate_batch<B: Backend>(
     drafter: &RecurrentDrafter<B>,
     hidden: Tensor<B, 3>,

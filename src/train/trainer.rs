@@ -149,7 +149,10 @@ pub struct TrainConfig {
     /// a fresh schedule and optimiser), e.g. to fine-tune a trained drafter on new data or
     /// another objective. Its configuration must be the one asked for, except that it may have
     /// fewer residual blocks: the missing ones are added as the identity
-    /// ([`RecurrentDrafter::with_extra_res_blocks`](crate::drafter::RecurrentDrafter::with_extra_res_blocks)).
+    /// ([`RecurrentDrafter::with_extra_res_blocks`](crate::drafter::RecurrentDrafter::with_extra_res_blocks)),
+    /// and that it may read no tapped layer where the one asked for reads some: they are added
+    /// through a zero projection
+    /// ([`RecurrentDrafter::with_tapped_layers`](crate::drafter::RecurrentDrafter::with_tapped_layers)).
     /// A checkpoint found by `resume` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<std::path::PathBuf>,
@@ -458,7 +461,14 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
                 let mut drafter =
                     RecurrentDrafter::<TrainBackend<B>>::load_parameters(path, &device)?
                         .with_embeddings(input_embedding, output_embedding)?;
-                // A shallower head grows: the new blocks start as the identity.
+                // A shallower head grows: the new blocks start as the identity. A head that
+                // reads no layer learns to read some from a zero correction.
+                let loaded = drafter.config().clone();
+                let taps = &drafter_config.tapped_layers;
+                if loaded.tapped_layers.is_empty() && !taps.is_empty() {
+                    tracing::info!(layers = ?taps, "adding tapped layers through a zero projection");
+                    drafter = drafter.with_tapped_layers(taps.clone())?;
+                }
                 let loaded = drafter.config().clone();
                 let extra = drafter_config
                     .num_draft_layers
@@ -525,9 +535,17 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
         });
     };
     let caching_started = Instant::now();
-    let (train_hidden, train_predictions) =
-        HiddenStore::build(target, &train, config, config.greedy_labels, &mut caching)?;
-    let (eval_hidden, _) = HiddenStore::build(target, &eval, config, false, &mut caching)?;
+    // The target layers the head reads besides the final hidden state: cached beside it.
+    let taps = drafter.config().tapped_layers.clone();
+    let (train_hidden, train_predictions) = HiddenStore::build(
+        target,
+        &train,
+        config,
+        &taps,
+        config.greedy_labels,
+        &mut caching,
+    )?;
+    let (eval_hidden, _) = HiddenStore::build(target, &eval, config, &taps, false, &mut caching)?;
     let caching_time = caching_started.elapsed();
     tracing::info!(
         secs = caching_time.as_secs_f64(),
@@ -591,7 +609,7 @@ pub fn train_drafter<B: Backend, T: TargetModel<B>>(
             if layout.counts().iter().all(|&c| c == 0) {
                 continue;
             }
-            let hidden = train_hidden.get(target, &train, ids, layout.width)?;
+            let hidden = train_hidden.get(target, &train, ids, layout.width, &taps)?;
             if matches!(train_hidden, HiddenStore::Off) {
                 target_tokens += layout.padded_tokens();
             }
@@ -811,22 +829,26 @@ fn evaluate_with<B: Backend, T: TargetModel<B>>(
     let mut counts = EvalCounts::default();
     for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
         let layout = layout_for(drafter, sequences, None, &ids, config.draft_steps)?;
-        let states = hidden.get(target, sequences, &ids, layout.width)?;
+        let taps = &drafter.config().tapped_layers;
+        let states = hidden.get(target, sequences, &ids, layout.width, taps)?;
         counts.merge(&evaluate_batch(drafter, states, &layout)?);
     }
     Ok(counts.report())
 }
 
-/// Runs the target on right-padded sequences (causal attention, a fresh cache) and returns the
-/// final-norm hidden states in f32.
+/// Runs the target on right-padded sequences (causal attention, a fresh cache) and returns its
+/// final-norm hidden states and a draft head's features: the hidden states followed by the
+/// outputs of the layers `taps` ([`TargetModel::forward_tapped`]), side by side, all in f32 (the
+/// features are the hidden states themselves without taps).
 ///
 /// # Shapes
-/// returns `[N, width, H]`
-pub fn target_hidden_states<B: Backend, T: TargetModel<B>>(
+/// returns `[N, width, H]` and `[N, width, H · (1 + taps)]`
+pub fn target_features<B: Backend, T: TargetModel<B>>(
     target: &T,
     sequences: &[&Sequence],
     width: usize,
-) -> Result<Tensor<B, 3>> {
+    taps: &[usize],
+) -> Result<(Tensor<B, 3>, Tensor<B, 3>)> {
     let device = target.device();
     let n = sequences.len();
     if n == 0 || width == 0 {
@@ -848,8 +870,16 @@ pub fn target_hidden_states<B: Backend, T: TargetModel<B>>(
         bias: None,
     };
     let mut cache = target.new_cache(n, width);
-    let hidden = target.forward(&block, &mut cache)?;
-    Ok(hidden.cast(DType::F32))
+    let (hidden, tapped) = target.forward_tapped(&block, &mut cache, taps)?;
+    let hidden = hidden.cast(DType::F32);
+    let features = if tapped.is_empty() {
+        hidden.clone()
+    } else {
+        let mut parts = vec![hidden.clone()];
+        parts.extend(tapped.into_iter().map(|t| t.cast(DType::F32)));
+        Tensor::cat(parts, 2)
+    };
+    Ok((hidden, features))
 }
 
 /// Hidden states of a sequence set, recomputed or cached.
@@ -857,10 +887,11 @@ enum HiddenStore<B: Backend> {
     Off,
     /// Per sequence, `len·H` f32 values.
     Host {
+        /// `H`, or the head's feature width `H · (1 + taps)` when it taps layers.
         hidden_size: usize,
         states: Vec<Vec<f32>>,
     },
-    /// Per sequence, `[len, H]`.
+    /// Per sequence, `[len, H]` (`[len, H · (1 + taps)]` when the head taps layers).
     Device(Vec<Tensor<B, 2>>),
 }
 
@@ -872,13 +903,14 @@ impl<B: Backend> HiddenStore<B> {
         target: &T,
         sequences: &[Sequence],
         config: &TrainConfig,
+        taps: &[usize],
         predict: bool,
         mut progress: impl FnMut(usize),
     ) -> Result<(Self, Option<Vec<Vec<u32>>>)> {
         if (config.hidden_cache == HiddenCache::Off && !predict) || sequences.is_empty() {
             return Ok((Self::Off, predict.then(Vec::new)));
         }
-        let h = target.hidden_size();
+        let h = target.hidden_size() * (1 + taps.len());
         let mut host: Vec<Vec<f32>> = vec![Vec::new(); sequences.len()];
         let mut device: Vec<Option<Tensor<B, 2>>> = vec![None; sequences.len()];
         let mut predictions: Vec<Vec<u32>> =
@@ -887,7 +919,7 @@ impl<B: Backend> HiddenStore<B> {
         for ids in micro_batches(sequences, &all, config.micro_batch_tokens) {
             let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
             let width = refs.iter().map(|s| s.len()).max().unwrap_or(0);
-            let hidden = target_hidden_states(target, &refs, width)?;
+            let (hidden, features) = target_features(target, &refs, width, taps)?;
             if predict {
                 let choices = target
                     .logits(hidden.clone())
@@ -903,7 +935,7 @@ impl<B: Backend> HiddenStore<B> {
             }
             match config.hidden_cache {
                 HiddenCache::Host => {
-                    let values: Vec<f32> = hidden.into_data().iter::<f32>().collect();
+                    let values: Vec<f32> = features.into_data().iter::<f32>().collect();
                     for (row, &i) in ids.iter().enumerate() {
                         let start = row * width * h;
                         host[i] = values[start..start + sequences[i].len() * h].to_vec();
@@ -913,7 +945,7 @@ impl<B: Backend> HiddenStore<B> {
                     for (row, &i) in ids.iter().enumerate() {
                         let len = sequences[i].len();
                         device[i] = Some(
-                            hidden
+                            features
                                 .clone()
                                 .slice([row..row + 1, 0..len, 0..h])
                                 .reshape([len, h]),
@@ -941,21 +973,23 @@ impl<B: Backend> HiddenStore<B> {
         Ok((store, predict.then_some(predictions)))
     }
 
-    /// Hidden states of the sequences `ids`, right-padded with zeros to `width`.
+    /// The head's features (hidden states, and the layers `taps` it reads) of the sequences
+    /// `ids`, right-padded with zeros to `width`.
     ///
     /// # Shapes
-    /// returns `[ids.len(), width, H]`
+    /// returns `[ids.len(), width, H · (1 + taps)]`
     fn get<T: TargetModel<B>>(
         &self,
         target: &T,
         sequences: &[Sequence],
         ids: &[usize],
         width: usize,
+        taps: &[usize],
     ) -> Result<Tensor<B, 3>> {
         match self {
             Self::Off => {
                 let refs: Vec<&Sequence> = ids.iter().map(|&i| &sequences[i]).collect();
-                target_hidden_states(target, &refs, width)
+                Ok(target_features(target, &refs, width, taps)?.1)
             }
             Self::Host {
                 hidden_size,

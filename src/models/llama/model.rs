@@ -356,6 +356,24 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
     }
 
     fn forward(&self, block: &Block<B>, cache: &mut KvCache<B>) -> Result<Tensor<B, 3>> {
+        Ok(self.forward_tapped(block, cache, &[])?.0)
+    }
+
+    fn forward_tapped(
+        &self,
+        block: &Block<B>,
+        cache: &mut KvCache<B>,
+        taps: &[usize],
+    ) -> Result<(Tensor<B, 3>, Vec<Tensor<B, 3>>)> {
+        let layers = self.layers.len();
+        if taps.windows(2).any(|pair| pair[0] >= pair[1])
+            || taps.last().is_some_and(|&l| l >= layers)
+        {
+            return Err(Error::InvalidSettings(format!(
+                "tapped layers {taps:?} must be strictly increasing and below the model's {layers} layers"
+            )));
+        }
+        let mut tapped = Vec::with_capacity(taps.len());
         let [batch, len] = block.tokens.dims();
         if batch != cache.batch_size() {
             return Err(Error::InvalidConfig(format!(
@@ -393,14 +411,17 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
                     cache,
                 )?;
                 x = layer.mlp.forward_residual(x, &layer.post_attention_norm);
+                if taps.contains(&i) {
+                    tapped.push(x.clone());
+                }
             }
-            return Ok(self.norm.forward(x));
+            return Ok((self.norm.forward(x), tapped));
         }
         // Each residual add is done by the norm that follows it (one kernel on the GPUs); the
         // last one by the final norm.
         let mut normed = match self.layers.first() {
             Some(layer) => layer.input_norm.forward(x.clone()),
-            None => return Ok(self.norm.forward(x)),
+            None => return Ok((self.norm.forward(x), tapped)),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = layer
@@ -413,8 +434,11 @@ impl<B: Backend> TargetModel<B> for Llama<B> {
                 .get(i + 1)
                 .map_or(&self.norm, |next| &next.input_norm);
             (x, normed) = next_norm.add_forward(h, mlp);
+            if taps.contains(&i) {
+                tapped.push(x.clone());
+            }
         }
-        Ok(normed)
+        Ok((normed, tapped))
     }
 
     fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
