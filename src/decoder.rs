@@ -961,8 +961,9 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
     /// token and the draft head's features at the last accepted node.
     ///
     /// # Shapes
-    /// - `hidden`: `[live, L, F]` (the head's features, `F = H` unless it taps layers), `logits`: `[live, L, V]`, `tokens`: `[live, M', C]` (the
-    ///   round's beams, prompt-lookup ones included), `unpacker`: `[live, M'·C]`
+    /// - `hidden`: `[live, L, F]` (the head's features, `F = H` unless it taps layers),
+    ///   `logits`: `[live, L, V]`, `tokens`: `[live, M', C]` (the round's beams, prompt-lookup
+    ///   ones included), `unpacker`: `[live, M'·C]`
     /// - returns `[live, 2]` ints (best beam, accepted count), `[live]` (bonus) and `[live, F]`
     #[allow(clippy::type_complexity)]
     fn accept_on_device(
