@@ -38,9 +38,9 @@ const PANELS_PER_TASK: usize = 8;
 const ROW_BLOCK: usize = 64;
 
 // No software prefetch in the tiles: asking for each panel's weights 16–32 steps ahead made six
-// rows through every SmolLM2 product ~15 % faster on an Intel guest but one row 5–10 % and six
-// rows up to 10 % slower on an AMD Zen 4 guest, whose hardware prefetcher already keeps the
-// weights coming (docs/benchmarks.md, session 41).
+// rows through every SmolLM2 product ~15 % faster on an Intel guest but one row 5–10 % slower
+// and six rows no faster (1–10 % slower on average) on an AMD Zen 4 guest, whose hardware
+// prefetcher already keeps the weights coming (docs/benchmarks.md, session 41).
 
 /// `x · Wᵀ` for `x: [rows, in]` (f32) and the panels of an `[outputs, in]` weight (f32, or f16
 /// widened as it is read — see [`PanelElement`]) on Flex; `None` leaves the product to the caller

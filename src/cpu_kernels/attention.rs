@@ -329,21 +329,12 @@ fn rows_attention<const R: usize>(tile: &Tile<'_>, out: &mut [f32]) {
     // Two panels at a time: 2·R chains of multiply-adds in flight instead of R.
     let mut panels = keys.chunks_exact(dim * LANES).enumerate();
     while let Some((panel, first)) = panels.next() {
+        let at = panel * LANES;
         match panels.next() {
             Some((_, second)) => {
-                let scores = panel_scores::<R, 2>(&queries, [first, second], dim);
-                for (i, scores) in scores.iter().enumerate() {
-                    probs[i * padded + panel * LANES..][..2 * LANES]
-                        .copy_from_slice(scores.as_flattened());
-                }
+                score_panels::<R, 2>(&queries, [first, second], dim, &mut probs, padded, at)
             }
-            None => {
-                let scores = panel_scores::<R, 1>(&queries, [first], dim);
-                for (i, scores) in scores.iter().enumerate() {
-                    probs[i * padded + panel * LANES..][..LANES]
-                        .copy_from_slice(scores.as_flattened());
-                }
-            }
+            None => score_panels::<R, 1>(&queries, [first], dim, &mut probs, padded, at),
         }
     }
     if let Some(bias) = bias {
@@ -387,14 +378,18 @@ fn store<const R: usize, const C: usize>(
     }
 }
 
-/// Scores of `R` query rows against `P` panels of 16 slots: per slot one chain of fused
-/// multiply-adds over the head dimension.
+/// Scores of `R` query rows against `P` panels of 16 slots, written to each row of `probs`
+/// (`padded` floats a row) from slot `at` on: per slot one chain of fused multiply-adds over
+/// the head dimension.
 #[inline(always)]
-fn panel_scores<const R: usize, const P: usize>(
+fn score_panels<const R: usize, const P: usize>(
     queries: &[&[f32]; R],
     panels: [&[f32]; P],
     dim: usize,
-) -> [[[f32; LANES]; P]; R] {
+    probs: &mut [f32],
+    padded: usize,
+    at: usize,
+) {
     let mut acc = [[[0.0f32; LANES]; P]; R];
     let keys: [&[[f32; LANES]]; P] = panels.map(|panel| &panel.as_chunks::<LANES>().0[..dim]);
     for d in 0..dim {
@@ -406,7 +401,9 @@ fn panel_scores<const R: usize, const P: usize>(
             }
         }
     }
-    acc
+    for (row, scores) in probs.chunks_exact_mut(padded).zip(&acc) {
+        row[at..][..P * LANES].copy_from_slice(scores.as_flattened());
+    }
 }
 
 /// `Σ_s probs[i][s] · V[s][column..column + width]` (`width ≤ C`) for `R` rows of
