@@ -564,7 +564,24 @@ impl<'a, B: Backend, T: TargetModel<B>, D: DraftHead<B>> SpeculativeDecoder<'a, 
 
     /// Generates a continuation of each prompt. `on_tokens(row, tokens)` receives each row's
     /// new tokens as soon as a round accepts them.
+    ///
+    /// On the CPU (Flex) the loop, `on_tokens` included, runs on a worker thread of rayon's
+    /// global pool while the calling thread waits, unless the caller is a pool worker already
+    /// (see [`crate::cpu_workers`]); elsewhere on the calling thread.
     pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        on_tokens: impl FnMut(usize, &[u32]) + Send,
+    ) -> Result<GenerationOutput>
+    where
+        T: Sync,
+        D: Sync,
+    {
+        crate::cpu_workers::on_cpu_workers::<B, _>(|| self.generate_here(prompts, on_tokens))
+    }
+
+    /// [`Self::generate`] on the calling thread.
+    fn generate_here(
         &self,
         prompts: &[Vec<u32>],
         mut on_tokens: impl FnMut(usize, &[u32]),

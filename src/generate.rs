@@ -348,8 +348,20 @@ impl RowOutput {
 
 /// Plain autoregressive decoding: one target forward and at most one readback per token.
 ///
-/// `on_tokens(row, tokens)` is called with each row's new tokens as soon as they are known.
-pub fn generate<B: Backend, M: TargetModel<B>>(
+/// `on_tokens(row, tokens)` is called with each row's new tokens as soon as they are known. On
+/// the CPU (Flex) the loop, `on_tokens` included, runs on a worker thread of rayon's global pool
+/// while the calling thread waits, as [`SpeculativeDecoder::generate`](crate::SpeculativeDecoder::generate)'s does.
+pub fn generate<B: Backend, M: TargetModel<B> + Sync>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    config: &GenerationConfig,
+    on_tokens: impl FnMut(usize, &[u32]) + Send,
+) -> Result<GenerationOutput> {
+    crate::cpu_workers::on_cpu_workers::<B, _>(|| generate_here(model, prompts, config, on_tokens))
+}
+
+/// [`generate`] on the calling thread.
+fn generate_here<B: Backend, M: TargetModel<B>>(
     model: &M,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,

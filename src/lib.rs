@@ -8,6 +8,7 @@ pub mod chat_template;
 pub mod cpu_kernels;
 #[cfg(feature = "flex")]
 mod cpu_simd;
+mod cpu_workers;
 pub mod cube_kernels;
 pub mod decoder;
 pub mod drafter;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{B, smollm2};
@@ -190,7 +190,7 @@ fn gated_lookup_guesses_are_lossless_and_keep_trees_small() {
 /// Proposes the target's own greedy continuation in beam 0 and junk in the other beams.
 struct OracleDrafter {
     continuation: Vec<u32>,
-    cursor: Cell<usize>,
+    cursor: AtomicUsize,
     hidden: usize,
     vocab: usize,
 }
@@ -209,7 +209,7 @@ impl DraftHead<B> for OracleDrafter {
         let device = request.context.device();
         let first: Vec<i64> = request.first_tokens.into_data().iter::<i64>().collect();
         let (m, c) = (request.beam_width, request.beam_length);
-        let at = self.cursor.get();
+        let at = self.cursor.load(Ordering::Relaxed);
         assert_eq!(
             first,
             vec![self.continuation[at] as i64],
@@ -226,7 +226,7 @@ impl DraftHead<B> for OracleDrafter {
                 tokens.push(token as i64);
             }
         }
-        self.cursor.set(at + c);
+        self.cursor.store(at + c, Ordering::Relaxed);
         Ok(DraftBeams {
             tokens: Tensor::<B, 3, Int>::from_data(TensorData::new(tokens, [1, m, c]), &device),
             token_log_probs: Tensor::zeros([1, m, c - 1], &device),
@@ -250,7 +250,7 @@ fn oracle_drafter_reaches_tau_equal_to_beam_length() {
     .remove(0);
     let oracle = OracleDrafter {
         continuation: reference.clone(),
-        cursor: Cell::new(0),
+        cursor: AtomicUsize::new(0),
         hidden: model.hidden_size(),
         vocab: model.vocab_size(),
     };

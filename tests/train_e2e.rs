@@ -118,7 +118,7 @@ fn drafter_config() -> RecurrentDrafterConfig {
     RecurrentDrafterConfig::new(TOY.hidden, TOY.vocab).with_head(DraftHeadKind::Separate)
 }
 
-fn tau<D: redrafter::drafter::DraftHead<B>>(
+fn tau<D: redrafter::drafter::DraftHead<B> + Sync>(
     model: &ToyModel<B>,
     drafter: &D,
     prompts: &[Vec<u32>],

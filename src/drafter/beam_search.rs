@@ -227,6 +227,20 @@ impl<B: Backend> RecurrentDrafter<B> {
             });
         }
 
+        // One beam whose log-probabilities nobody reads, on the CPU: the host walks the steps.
+        #[cfg(feature = "flex")]
+        if (width, dims.kept) == (1, 1)
+            && stop_below.is_none()
+            && let Some(tokens) =
+                super::cpu_chain::draft_one_beam(self, &embedding, &context, &first, length)
+        {
+            return Ok(BeamSearchOutput {
+                tokens,
+                token_log_probs: Tensor::zeros([batch, width, length - 1], (&device, dtype)),
+                scores: Tensor::zeros([batch, width], (&device, dtype)),
+            });
+        }
+
         if self.fuses(&dims, &device)
             && let Some(output) =
                 self.fused_search(&dims, &embedding, context.clone(), first.clone())?

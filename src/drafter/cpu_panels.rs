@@ -13,7 +13,8 @@
 //! shipped drafter is — is stored in f16 and widened exactly as it is read
 //! ([`crate::panel_matmul::PanelElement`]): the same products from half the bytes (the README's
 //! CPU shape drafted in 2.4 ms a round instead of 2.9 with f32 layers; session 31). The table,
-//! rows of the target's embedding, stays f32 unless its values are f16 values too.
+//! rows of the target's embedding, stays f32 unless its values are f16 values too; a one-beam
+//! draft, which only ranks the table's logits, reads a copy rounded to f16 ([`super::cpu_chain`]).
 //!
 //! The panels are copies laid out when a draft vocabulary is set
 //! ([`RecurrentDrafter::with_draft_vocabulary`](super::RecurrentDrafter::with_draft_vocabulary)),
@@ -34,9 +35,9 @@ use crate::projection::panel_tensor;
 #[derive(Module, Debug)]
 pub(crate) struct PanelWeight<B: Backend> {
     /// `[⌈outputs / 16⌉ · inputs, 16]`.
-    panels: Tensor<B, 2>,
+    pub(super) panels: Tensor<B, 2>,
     #[module(skip)]
-    outputs: usize,
+    pub(super) outputs: usize,
 }
 
 impl<B: Backend> PanelWeight<B> {
@@ -63,6 +64,15 @@ impl<B: Backend> PanelWeight<B> {
             panels
         };
         Self { panels, outputs }
+    }
+
+    /// The same panels rounded to f16 (to the nearest f16 value, so no longer the same products
+    /// unless the values were f16 values).
+    fn rounded_to_half(&self) -> Self {
+        Self {
+            panels: self.panels.clone().cast(DType::F16),
+            outputs: self.outputs,
+        }
     }
 
     /// `x · W`; `None` where the panel kernel declines (another float type, another width).
@@ -94,14 +104,17 @@ impl<B: Backend> PanelWeight<B> {
 /// Every weight a draft step multiplies by, in panels.
 #[derive(Module, Debug)]
 pub(crate) struct DrafterPanels<B: Backend> {
-    rnn_w: Option<PanelWeight<B>>,
-    rnn_u: Option<PanelWeight<B>>,
-    input_proj: Option<PanelWeight<B>>,
-    res_blocks: Vec<PanelWeight<B>>,
+    pub(super) rnn_w: Option<PanelWeight<B>>,
+    pub(super) rnn_u: Option<PanelWeight<B>>,
+    pub(super) input_proj: Option<PanelWeight<B>>,
+    pub(super) res_blocks: Vec<PanelWeight<B>>,
     /// The tied head's exit projection `[E, H]`.
-    exit: PanelWeight<B>,
+    pub(super) exit: PanelWeight<B>,
     /// The draft vocabulary's rows of the output embedding, `[N, H]`.
-    table: PanelWeight<B>,
+    pub(super) table: PanelWeight<B>,
+    /// The table rounded to f16 where it is not f16 already, for drafts that only rank its
+    /// logits ([`super::cpu_chain`]): half the bytes of the largest product of a draft step.
+    pub(super) half_table: Option<PanelWeight<B>>,
 }
 
 impl<B: Backend> DrafterPanels<B> {
@@ -124,6 +137,12 @@ impl<B: Backend> DrafterPanels<B> {
             res_blocks: drafter.res_blocks.iter().map(|b| of(&b.linear)).collect(),
             exit: of(&drafter.head),
             table: PanelWeight::new(table, true),
+            half_table: None,
+        };
+        let panels = Self {
+            half_table: (panels.table.panels.dtype() != DType::F16)
+                .then(|| panels.table.rounded_to_half()),
+            ..panels
         };
         tracing::debug!(
             half = panels.half_weights(),

@@ -6,6 +6,8 @@ use crate::error::Result;
 
 mod beam_search;
 mod checkpoint;
+#[cfg(feature = "flex")]
+mod cpu_chain;
 mod cpu_panels;
 mod draft_state;
 mod draft_vocabulary;

@@ -1183,3 +1183,80 @@ fn draft_vocabulary_misuse_is_a_typed_error() {
         Err(Error::InvalidConfig(_))
     ));
 }
+
+#[test]
+fn a_one_beam_draft_on_the_host_drafts_beam_searchs_tokens() {
+    let tied = RecurrentDrafterConfig::new(8, 60).with_head(DraftHeadKind::Tied);
+    // The published head and one that starts with an input projection (exit width other than 2H).
+    let configs = [tied.clone(), tied.with_exit_dim(12)];
+    let ids: Vec<u32> = vec![7, 3, 59, 0, 22, 41, 18, 30, 5, 50, 11, 44, 2, 36, 27, 9, 55];
+    let vocabulary = DraftVocabulary::new(ids.clone(), 60).unwrap();
+    for (n, config) in configs.iter().enumerate() {
+        let drafter = drafter(config, 90 + n as u64)
+            .with_draft_vocabulary(vocabulary.clone())
+            .unwrap();
+        let first = [5i64, 59, 12];
+        for seed in 0..4u64 {
+            let request = request(8, &first, 1, 5, 300 + seed);
+            let (context, first_tokens) = (request.context.clone(), request.first_tokens.clone());
+            // With log-probs wanted, beam search keeps the top 50 and walks Burn's ops.
+            let searched = host_beams(drafter.beam_search(request.clone()).unwrap());
+            let embedding = drafter.input_embedding().unwrap();
+            let host = cpu_chain::draft_one_beam(&drafter, embedding, &context, &first_tokens, 5)
+                .expect("the host path applies: Flex, f32, an RNN head with a draft vocabulary");
+            assert_eq!(host.dims(), [3, 1, 5]);
+            let host = ints(host);
+            for (row, beams) in searched.iter().enumerate() {
+                assert_eq!(
+                    host[row * 5..(row + 1) * 5],
+                    beams[0].tokens[..],
+                    "config {n}, seed {seed}, row {row}"
+                );
+                assert_eq!(host[row * 5], first[row]);
+                assert!(
+                    host[row * 5 + 1..(row + 1) * 5]
+                        .iter()
+                        .all(|t| ids.contains(&(*t as u32)))
+                );
+            }
+            // Without log-probs, beam search takes the host path, log-probs and scores zero.
+            let quick = drafter
+                .beam_search(DraftRequest {
+                    needs_log_probs: false,
+                    ..request
+                })
+                .unwrap();
+            assert_eq!(ints(quick.tokens), host);
+            assert!(floats(quick.token_log_probs).iter().all(|&v| v == 0.0));
+            assert!(floats(quick.scores).iter().all(|&v| v == 0.0));
+        }
+    }
+    // Not for a drafter without an RNN, nor without a draft vocabulary: beam search's ops then.
+    let plain = drafter(&configs[0], 97);
+    let request = request(8, &[1], 1, 3, 310);
+    let embedding = plain.input_embedding().unwrap();
+    assert!(
+        cpu_chain::draft_one_beam(
+            &plain,
+            embedding,
+            &request.context,
+            &request.first_tokens,
+            3
+        )
+        .is_none()
+    );
+    let no_rnn = drafter(&configs[0].clone().with_rnn(false), 98)
+        .with_draft_vocabulary(vocabulary)
+        .unwrap();
+    let embedding = no_rnn.input_embedding().unwrap();
+    assert!(
+        cpu_chain::draft_one_beam(
+            &no_rnn,
+            embedding,
+            &request.context,
+            &request.first_tokens,
+            3
+        )
+        .is_none()
+    );
+}

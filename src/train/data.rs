@@ -294,7 +294,7 @@ pub struct DataProgress {
 /// # Errors
 /// [`Error::Data`] if `out_dir` holds data made with other settings; [`Error::InvalidSettings`]
 /// for a zero batch size; whatever generation or I/O returns.
-pub fn generate_dataset<B: Backend, M: TargetModel<B>>(
+pub fn generate_dataset<B: Backend, M: TargetModel<B> + Sync>(
     model: &M,
     prompts: &[TokenizedPrompt],
     out_dir: impl AsRef<Path>,
