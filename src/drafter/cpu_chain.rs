@@ -122,7 +122,7 @@ pub(crate) fn draft_one_beam<B: Backend>(
         let logits = table.product(&features, batch)?;
         let columns = logits.len() / batch;
         for (row, row_logits) in logits.chunks_exact(columns).enumerate() {
-            let best = first_maximum(row_logits);
+            let best = crate::sampling::argmax_in_lanes(row_logits);
             let token = *draft_ids.get(best)? as usize;
             tokens[row * length + step] = token as i64;
             last[row] = token;
@@ -143,19 +143,6 @@ fn context_device<B: Backend>(drafter: &RecurrentDrafter<B>) -> Option<B::Device
 /// `v · sigmoid(v)`.
 fn silu(v: f32) -> f32 {
     v / (1.0 + (-v).exp())
-}
-
-/// The index of the first largest value (NaN never wins; 0 for a row of NaNs).
-fn first_maximum(values: &[f32]) -> usize {
-    let mut best = 0;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best_value {
-            best = i;
-            best_value = v;
-        }
-    }
-    best
 }
 
 /// A panel weight's host buffer.
