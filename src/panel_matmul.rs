@@ -21,6 +21,7 @@
 //! ([`WeightLayout::Panels`](crate::projection::WeightLayout::Panels)) and calls
 //! [`try_panel_matmul`].
 
+use burn::backend::flex::FlexTensor;
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 use half::f16;
 use rayon::prelude::*;
@@ -64,16 +65,27 @@ pub fn try_panel_matmul<B: Backend>(
     let device = x.device();
     let x = into_contiguous_flex(x.clone())?;
     let panels = into_flex(panels.clone())?;
-    let x_values = x.as_slice::<f32>()?;
-    let y = match panels.dtype() {
-        DType::F32 => panel_matmul(x_values, rows, panels.as_slice::<f32>()?, outputs, inputs)?,
-        DType::F16 => panel_matmul(x_values, rows, panels.as_slice::<f16>()?, outputs, inputs)?,
-        _ => return None,
-    };
+    let y = flex_panel_matmul(x.as_slice::<f32>()?, rows, &panels, outputs, inputs)?;
     Some(Tensor::from_data(
         TensorData::new(y, [rows, outputs]),
         &device,
     ))
+}
+
+/// [`panel_matmul`] over the panels held by a Flex tensor, f32 or f16; `None` for another element
+/// type or for sizes that do not match.
+pub(crate) fn flex_panel_matmul(
+    x: &[f32],
+    rows: usize,
+    panels: &FlexTensor,
+    outputs: usize,
+    inputs: usize,
+) -> Option<Vec<f32>> {
+    match panels.dtype() {
+        DType::F32 => panel_matmul(x, rows, panels.as_slice::<f32>()?, outputs, inputs),
+        DType::F16 => panel_matmul(x, rows, panels.as_slice::<f16>()?, outputs, inputs),
+        _ => None,
+    }
 }
 
 /// A weight element the panel kernel reads: f32, or f16 widened to f32 as it is loaded (exactly:

@@ -17,9 +17,9 @@
 //! another formula. A draft only decides what gets verified, so speculative output is the same
 //! either way. Measured on the 2-core development machine in docs/benchmarks.md (session 42).
 
+use burn::backend::flex::FlexTensor;
 use burn::nn::Linear;
-use burn::tensor::{DType, Int, Tensor, backend::Backend};
-use half::f16;
+use burn::tensor::{Int, Tensor, backend::Backend};
 
 use super::cpu_panels::PanelWeight;
 use super::recurrent::RecurrentDrafter;
@@ -52,6 +52,7 @@ pub(crate) fn draft_one_beam<B: Backend>(
         return None;
     }
     let [batch, hidden] = context.dims();
+    let device = context.device();
     let [vocab, embedding_width] = embedding.dims();
     if embedding_width != hidden {
         return None;
@@ -89,7 +90,6 @@ pub(crate) fn draft_one_beam<B: Backend>(
         tokens[row * length] = token as i64;
     }
     let mut state = vec![0.0f32; batch * hidden];
-    let mut input = vec![0.0f32; batch * 2 * hidden];
     for step in 1..length {
         // s = silu(e·W + b_W + s·U + b_U)
         let token_embedding: Vec<f32> = last
@@ -103,14 +103,15 @@ pub(crate) fn draft_one_beam<B: Backend>(
             *s = silu(a + b);
         }
         // The head's input [h | s], its blocks x + silu(x·R + b), the exit and the table.
-        for row in 0..batch {
-            let out = &mut input[row * 2 * hidden..(row + 1) * 2 * hidden];
-            out[..hidden].copy_from_slice(&context[row * hidden..(row + 1) * hidden]);
-            out[hidden..].copy_from_slice(&state[row * hidden..(row + 1) * hidden]);
-        }
+        let input: Vec<f32> = context
+            .chunks_exact(hidden)
+            .zip(state.chunks_exact(hidden))
+            .flat_map(|(h, s)| h.iter().chain(s))
+            .copied()
+            .collect();
         let mut x = match &input_proj {
             Some(layer) => layer.forward(&input, batch)?,
-            None => input.clone(),
+            None => input,
         };
         for block in &res_blocks {
             let delta = block.forward(&x, batch)?;
@@ -128,16 +129,7 @@ pub(crate) fn draft_one_beam<B: Backend>(
             last[row] = token;
         }
     }
-    Some(int_tensor(
-        tokens,
-        [batch, 1, length],
-        &context_device(drafter)?,
-    ))
-}
-
-/// The device the drafter's weights live on (Flex has one).
-fn context_device<B: Backend>(drafter: &RecurrentDrafter<B>) -> Option<B::Device> {
-    Some(drafter.head.weight.val().device())
+    Some(int_tensor(tokens, [batch, 1, length], &device))
 }
 
 /// `v · sigmoid(v)`.
@@ -147,7 +139,7 @@ fn silu(v: f32) -> f32 {
 
 /// A panel weight's host buffer.
 struct Weights {
-    panels: burn::backend::flex::FlexTensor,
+    panels: FlexTensor,
     outputs: usize,
 }
 
@@ -161,40 +153,21 @@ impl Weights {
 
     /// `x · W` for `rows` rows of `x`.
     fn product(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
-        let inputs = x.len() / rows;
-        match self.panels.dtype() {
-            DType::F32 => crate::panel_matmul::panel_matmul(
-                x,
-                rows,
-                self.panels.as_slice::<f32>()?,
-                self.outputs,
-                inputs,
-            ),
-            DType::F16 => crate::panel_matmul::panel_matmul(
-                x,
-                rows,
-                self.panels.as_slice::<f16>()?,
-                self.outputs,
-                inputs,
-            ),
-            _ => None,
-        }
+        crate::panel_matmul::flex_panel_matmul(x, rows, &self.panels, self.outputs, x.len() / rows)
     }
 }
 
 /// A `Linear`'s panels and bias on the host.
 struct Layer {
     weights: Weights,
-    bias: Option<Vec<f32>>,
+    /// The bias's Flex tensor (sharing the parameter's buffer).
+    bias: Option<FlexTensor>,
 }
 
 impl Layer {
     fn new<B: Backend>(panels: &PanelWeight<B>, linear: &Linear<B>) -> Option<Self> {
         let bias = match &linear.bias {
-            Some(bias) => {
-                let bias = into_contiguous_flex(bias.val())?;
-                Some(bias.as_slice::<f32>()?.to_vec())
-            }
+            Some(bias) => Some(into_contiguous_flex(bias.val())?),
             None => None,
         };
         Some(Self {
@@ -207,6 +180,7 @@ impl Layer {
     fn forward(&self, x: &[f32], rows: usize) -> Option<Vec<f32>> {
         let mut y = self.weights.product(x, rows)?;
         if let Some(bias) = &self.bias {
+            let bias = bias.as_slice::<f32>()?;
             for row in y.chunks_exact_mut(bias.len()) {
                 for (v, b) in row.iter_mut().zip(bias) {
                     *v += b;

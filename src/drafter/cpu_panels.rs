@@ -130,19 +130,15 @@ impl<B: Backend> DrafterPanels<B> {
             return None;
         }
         let of = |linear: &Linear<B>| PanelWeight::new(&linear.weight.val(), false);
+        let table = PanelWeight::new(table, true);
         let panels = Self {
             rnn_w: drafter.rnn_w.as_ref().map(of),
             rnn_u: drafter.rnn_u.as_ref().map(of),
             input_proj: drafter.input_proj.as_ref().map(of),
             res_blocks: drafter.res_blocks.iter().map(|b| of(&b.linear)).collect(),
             exit: of(&drafter.head),
-            table: PanelWeight::new(table, true),
-            half_table: None,
-        };
-        let panels = Self {
-            half_table: (panels.table.panels.dtype() != DType::F16)
-                .then(|| panels.table.rounded_to_half()),
-            ..panels
+            half_table: (table.panels.dtype() != DType::F16).then(|| table.rounded_to_half()),
+            table,
         };
         tracing::debug!(
             half = panels.half_weights(),

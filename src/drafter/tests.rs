@@ -1232,31 +1232,20 @@ fn a_one_beam_draft_on_the_host_drafts_beam_searchs_tokens() {
         }
     }
     // Not for a drafter without an RNN, nor without a draft vocabulary: beam search's ops then.
-    let plain = drafter(&configs[0], 97);
     let request = request(8, &[1], 1, 3, 310);
-    let embedding = plain.input_embedding().unwrap();
-    assert!(
-        cpu_chain::draft_one_beam(
-            &plain,
-            embedding,
-            &request.context,
-            &request.first_tokens,
-            3
-        )
-        .is_none()
-    );
+    let plain = drafter(&configs[0], 97);
     let no_rnn = drafter(&configs[0].clone().with_rnn(false), 98)
         .with_draft_vocabulary(vocabulary)
         .unwrap();
-    let embedding = no_rnn.input_embedding().unwrap();
-    assert!(
-        cpu_chain::draft_one_beam(
-            &no_rnn,
+    for (what, drafter) in [("no draft vocabulary", plain), ("no RNN", no_rnn)] {
+        let embedding = drafter.input_embedding().unwrap();
+        let host = cpu_chain::draft_one_beam(
+            &drafter,
             embedding,
             &request.context,
             &request.first_tokens,
-            3
-        )
-        .is_none()
-    );
+            3,
+        );
+        assert!(host.is_none(), "{what}");
+    }
 }
