@@ -6,7 +6,7 @@
 //! horizontal sum and its input rows must be reloaded for every four weight rows; on the 2-core
 //! development machine its 64-row vocabulary product ran at 35 G multiply-adds/s. Here the
 //! weight is stored once, at load time, as panels `[out / 16][in][16]`: a step of the kernel loads
-//! one vector of 16 outputs' weights for input `k` and multiplies it by input `k` of up to 8 rows,
+//! one vector of 16 outputs' weights for input `k` and multiplies it by input `k` of up to 12 rows,
 //! broadcast — the register-tile scheme of BLAS micro-kernels, with no horizontal sums. The same
 //! product runs at 79 G multiply-adds/s, and one row streams the 113 MB vocabulary weight at
 //! 31 GB/s instead of 19 (criterion, docs/benchmarks.md, session 30).
@@ -278,12 +278,39 @@ mod avx512 {
         }
     }
 
-    /// Rows and panels per register tile: 8 × 2 accumulators, 2 weight vectors and a broadcast
-    /// input, 19 of the 32 registers; each step loads 2 vectors for 16 multiply-adds.
-    const TILE_ROWS: usize = 8;
+    /// Rows and panels per register tile: up to 12 × 2 accumulators, 2 weight vectors and a
+    /// broadcast input, 27 of the 32 registers; each step loads 2 vectors for up to 24
+    /// multiply-adds. Twelve rows rather than eight so that a verification tree of 9–12 tokens
+    /// still reads each weight once (docs/benchmarks.md, session 43).
+    const TILE_ROWS: usize = 12;
     const TILE_PANELS: usize = 2;
 
-    /// One task: its panels, in pairs, times every row, in tiles of up to 8 rows.
+    /// Above this many rows a tile's multiply-adds outlast its weights' trip from memory, and
+    /// the hardware prefetcher, which follows the loads, no longer keeps the stream busy: the
+    /// first tile of each panel (pair) then asks for the weights [`PREFETCH_STEPS`] steps ahead
+    /// into L2 itself — SmolLM2's products at 9–12 rows ~15 % faster, at 13–20 rows 8–10 %
+    /// (Zen 4 guest, docs/benchmarks.md session 43). At eight rows and fewer the product is
+    /// bound by memory and the hardware keeps up (session 41 measured a prefetch there as a
+    /// loss on the same kind of guest), so a one-token step takes the same path as before.
+    const PREFETCH_ABOVE_ROWS: usize = 8;
+
+    /// How far ahead the prefetch asks: 64 steps of 64 bytes per f32 panel, 4 KB.
+    const PREFETCH_STEPS: usize = 64;
+
+    /// `tile::<rows, NP, E>(at)` for a run-time `rows` in `1..=TILE_ROWS`.
+    macro_rules! tiles {
+        ($rows:expr, $np:literal, $at:expr) => {
+            tiles!(@arms $rows, $np, $at; 1 2 3 4 5 6 7 8 9 10 11)
+        };
+        (@arms $rows:expr, $np:literal, $at:expr; $($mr:literal)*) => {
+            match $rows {
+                $($mr => tile::<$mr, $np, E>($at),)*
+                _ => tile::<TILE_ROWS, $np, E>($at),
+            }
+        };
+    }
+
+    /// One task: its panels, in pairs, times every row, in tiles of up to 12 rows.
     ///
     /// # Safety
     /// The CPU must have AVX-512F; `y` as for `block_portable`.
@@ -294,32 +321,28 @@ mod avx512 {
         panels: Panels<'_, E>,
         y: *mut f32,
     ) {
+        let prefetch = rows > PREFETCH_ABOVE_ROWS;
         let mut p = panels.first;
         while p < panels.end {
             let pair = panels.end - p >= TILE_PANELS;
             let mut r = 0;
             while r < rows {
                 let tile_rows = (rows - r).min(TILE_ROWS);
-                let at = Tile { x, panels, r, p, y };
+                let at = Tile {
+                    x,
+                    panels,
+                    r,
+                    p,
+                    y,
+                    // The later tiles find the weights in L2, brought there by the first.
+                    prefetch: prefetch && r == 0,
+                };
                 // SAFETY: the caller's contract; the tile lies inside `rows` and the task.
                 unsafe {
-                    match (tile_rows, pair) {
-                        (8, true) => tile::<8, 2, E>(at),
-                        (7, true) => tile::<7, 2, E>(at),
-                        (6, true) => tile::<6, 2, E>(at),
-                        (5, true) => tile::<5, 2, E>(at),
-                        (4, true) => tile::<4, 2, E>(at),
-                        (3, true) => tile::<3, 2, E>(at),
-                        (2, true) => tile::<2, 2, E>(at),
-                        (1, true) => tile::<1, 2, E>(at),
-                        (8, false) => tile::<8, 1, E>(at),
-                        (7, false) => tile::<7, 1, E>(at),
-                        (6, false) => tile::<6, 1, E>(at),
-                        (5, false) => tile::<5, 1, E>(at),
-                        (4, false) => tile::<4, 1, E>(at),
-                        (3, false) => tile::<3, 1, E>(at),
-                        (2, false) => tile::<2, 1, E>(at),
-                        _ => tile::<1, 1, E>(at),
+                    if pair {
+                        tiles!(tile_rows, 2, at)
+                    } else {
+                        tiles!(tile_rows, 1, at)
                     }
                 }
                 r += tile_rows;
@@ -336,6 +359,8 @@ mod avx512 {
         r: usize,
         p: usize,
         y: *mut f32,
+        /// Whether to ask for the weights [`PREFETCH_STEPS`] steps ahead.
+        prefetch: bool,
     }
 
     /// Rows `r..r + MR` times panels `p..p + NP`.
@@ -345,12 +370,27 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn tile<const MR: usize, const NP: usize, E: PanelElement>(t: Tile<'_, E>) {
-        let Tile { x, panels, r, p, y } = t;
+        let Tile {
+            x,
+            panels,
+            r,
+            p,
+            y,
+            prefetch,
+        } = t;
         let inputs = panels.inputs;
         let x_rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(r + i) * inputs..][..inputs]);
         let weights: [&[E]; NP] = std::array::from_fn(|j| panels.panel(p + j));
         let mut acc = [[_mm512_setzero_ps(); NP]; MR];
         for k in 0..inputs {
+            if prefetch {
+                for panel in &weights {
+                    // Past the panel's end this asks for the next panel's first weights, or
+                    // for an address outside the weight, which a prefetch ignores.
+                    let ahead = panel.as_ptr().wrapping_add((k + PREFETCH_STEPS) * PANEL);
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+                }
+            }
             // No closures here: they would not inherit the target features.
             let mut w = [_mm512_setzero_ps(); NP];
             for (w, panel) in w.iter_mut().zip(&weights) {
@@ -550,9 +590,9 @@ mod tests {
     #[test]
     fn every_kernel_computes_the_same_chain_of_multiply_adds_for_any_shape() {
         // Outputs that fill no panel, one, an odd number of them, a partial pair; rows across
-        // tile sizes and past one row block.
+        // tile sizes (with and without the prefetch above eight rows) and past one row block.
         for (outputs, inputs) in [(5, 3), (16, 1), (48, 17), (129, 40), (300, 64)] {
-            for rows in [1, 2, 3, 5, 6, 7, 8, 9, 18, 65, 70] {
+            for rows in [1, 2, 3, 5, 6, 7, 8, 9, 12, 13, 18, 24, 65, 70] {
                 let x = random(rows * inputs, (outputs * 1000 + rows) as u64);
                 let w = random(outputs * inputs, inputs as u64);
                 let want = bits(&chained(&x, rows, &w, outputs, inputs));
