@@ -34,6 +34,11 @@ use crate::projection::{PANEL, panel_len};
 /// balance two cores on the smallest SmolLM2 product (576 outputs).
 const PANELS_PER_TASK: usize = 8;
 
+/// How far ahead a tile that prefetches asks for its panel's weights: 64 steps of 64 bytes per
+/// f32 panel, 4 KB (32 and 128 steps were slower on the Zen 4 guest, docs/benchmarks.md session 43).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const PREFETCH_STEPS: usize = 64;
+
 /// Rows multiplied per pass over the weight: a prefill of many tokens goes through in blocks
 /// whose inputs (64 × 1,536 floats at most for SmolLM2) stay in L2 while the weight streams.
 const ROW_BLOCK: usize = 64;
@@ -226,6 +231,21 @@ impl<E> Panels<'_, E> {
     }
 }
 
+/// Where a SIMD loop's register tile works: rows `r..` of `x` times the panels from `p` on (as
+/// many as the tile takes), written into `y`.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Tile<'a, E> {
+    x: &'a [f32],
+    panels: Panels<'a, E>,
+    /// First row and first panel of the tile.
+    r: usize,
+    p: usize,
+    y: *mut f32,
+    /// Whether to ask for the weights [`PREFETCH_STEPS`] steps ahead.
+    prefetch: bool,
+}
+
 /// One task without SIMD: the same chain per element, with `mul_add`.
 ///
 /// # Safety
@@ -258,7 +278,7 @@ unsafe fn block_portable<E: PanelElement>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{PANEL, PanelElement, Panels};
+    use super::{PANEL, PREFETCH_STEPS, PanelElement, Panels, Tile};
     use std::arch::x86_64::*;
 
     /// 16 weights at `at`, as f32.
@@ -293,9 +313,6 @@ mod avx512 {
     /// bound by memory and the hardware keeps up (session 41 measured a prefetch there as a
     /// loss on the same kind of guest), so a one-token step takes the same path as before.
     const PREFETCH_ABOVE_ROWS: usize = 8;
-
-    /// How far ahead the prefetch asks: 64 steps of 64 bytes per f32 panel, 4 KB.
-    const PREFETCH_STEPS: usize = 64;
 
     /// `tile::<rows, NP, E>(at)` for a run-time `rows` in `1..=TILE_ROWS`.
     macro_rules! tiles {
@@ -349,18 +366,6 @@ mod avx512 {
             }
             p += if pair { TILE_PANELS } else { 1 };
         }
-    }
-
-    #[derive(Clone, Copy)]
-    struct Tile<'a, E> {
-        x: &'a [f32],
-        panels: Panels<'a, E>,
-        /// First row and first panel of the tile.
-        r: usize,
-        p: usize,
-        y: *mut f32,
-        /// Whether to ask for the weights [`PREFETCH_STEPS`] steps ahead.
-        prefetch: bool,
     }
 
     /// Rows `r..r + MR` times panels `p..p + NP`.
@@ -426,7 +431,7 @@ mod avx512 {
 // vector width (a panel is one AVX-512 vector, two AVX2 vectors), tile shape and tail stores.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PANEL, PanelElement, Panels};
+    use super::{PANEL, PREFETCH_STEPS, PanelElement, Panels, Tile};
     use std::arch::x86_64::*;
 
     /// 8 weights at `at`, as f32.
@@ -455,7 +460,11 @@ mod avx2 {
     const TILE_ROWS: usize = 6;
     const HALF: usize = PANEL / 2;
 
-    /// One task: its panels times every row, in tiles of up to 6 rows.
+    /// One task: its panels times every row, in tiles of up to 6 rows. With more rows than one
+    /// tile, the first tile of each panel asks for the weights [`PREFETCH_STEPS`] steps ahead
+    /// into L2, as the AVX-512 loop does above eight rows: the later tiles read the panel from L2
+    /// and the hardware prefetcher, which follows the loads, leaves the memory stream idle
+    /// meanwhile.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `y` as for `block_portable`.
@@ -466,19 +475,28 @@ mod avx2 {
         panels: Panels<'_, E>,
         y: *mut f32,
     ) {
+        let prefetch = rows > TILE_ROWS;
         for p in panels.first..panels.end {
             let mut r = 0;
             while r < rows {
                 let tile_rows = (rows - r).min(TILE_ROWS);
+                let at = Tile {
+                    x,
+                    panels,
+                    r,
+                    p,
+                    y,
+                    prefetch: prefetch && r == 0,
+                };
                 // SAFETY: the caller's contract; the tile lies inside `rows` and the task.
                 unsafe {
                     match tile_rows {
-                        6 => tile::<6, E>(x, panels, r, p, y),
-                        5 => tile::<5, E>(x, panels, r, p, y),
-                        4 => tile::<4, E>(x, panels, r, p, y),
-                        3 => tile::<3, E>(x, panels, r, p, y),
-                        2 => tile::<2, E>(x, panels, r, p, y),
-                        _ => tile::<1, E>(x, panels, r, p, y),
+                        6 => tile::<6, E>(at),
+                        5 => tile::<5, E>(at),
+                        4 => tile::<4, E>(at),
+                        3 => tile::<3, E>(at),
+                        2 => tile::<2, E>(at),
+                        _ => tile::<1, E>(at),
                     }
                 }
                 r += tile_rows;
@@ -492,18 +510,26 @@ mod avx2 {
     /// As for `block`; `r + MR <= rows`, `p < panels.end`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const MR: usize, E: PanelElement>(
-        x: &[f32],
-        panels: Panels<'_, E>,
-        r: usize,
-        p: usize,
-        y: *mut f32,
-    ) {
+    unsafe fn tile<const MR: usize, E: PanelElement>(t: Tile<'_, E>) {
+        let Tile {
+            x,
+            panels,
+            r,
+            p,
+            y,
+            prefetch,
+        } = t;
         let inputs = panels.inputs;
         let x_rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(r + i) * inputs..][..inputs]);
         let panel = panels.panel(p);
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for k in 0..inputs {
+            if prefetch {
+                // Past the panel's end: the next panel's first weights, or an address outside
+                // the weight, which a prefetch ignores.
+                let ahead = panel.as_ptr().wrapping_add((k + PREFETCH_STEPS) * PANEL);
+                _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+            }
             // SAFETY: `k · 16 + 16 <= inputs · 16`, the panel's length.
             let w = unsafe {
                 [
