@@ -36,7 +36,7 @@ const PANELS_PER_TASK: usize = 8;
 
 /// How far ahead a tile that prefetches asks for its panel's weights: 64 steps of 64 bytes per
 /// f32 panel, 4 KB (32 and 128 steps were slower on the Zen 4 guest, docs/benchmarks.md session 43).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_STEPS: usize = 64;
 
 /// Rows multiplied per pass over the weight: a prefill of many tokens goes through in blocks
@@ -234,7 +234,7 @@ impl<E> Panels<'_, E> {
 /// Where a SIMD loop's register tile works: rows `r..` of `x` times the panels from `p` on (as
 /// many as the tile takes), written into `y`.
 #[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg(target_arch = "x86_64")]
 struct Tile<'a, E> {
     x: &'a [f32],
     panels: Panels<'a, E>,
@@ -244,6 +244,19 @@ struct Tile<'a, E> {
     y: *mut f32,
     /// Whether to ask for the weights [`PREFETCH_STEPS`] steps ahead.
     prefetch: bool,
+}
+
+/// Asks for `panel`'s weights [`PREFETCH_STEPS`] steps past step `k`, into L2. Past the panel's
+/// end this names the next panel's first weights, or an address outside the weight, which a
+/// prefetch ignores.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead<E>(panel: &[E], k: usize) {
+    use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+    let ahead = panel.as_ptr().wrapping_add((k + PREFETCH_STEPS) * PANEL);
+    // SAFETY: SSE, the instruction's only requirement, is part of every x86_64 CPU, and a
+    // prefetch reads nothing and never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T1>(ahead.cast()) };
 }
 
 /// One task without SIMD: the same chain per element, with `mul_add`.
@@ -278,7 +291,7 @@ unsafe fn block_portable<E: PanelElement>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{PANEL, PREFETCH_STEPS, PanelElement, Panels, Tile};
+    use super::{PANEL, PanelElement, Panels, Tile, prefetch_ahead};
     use std::arch::x86_64::*;
 
     /// 16 weights at `at`, as f32.
@@ -307,7 +320,7 @@ mod avx512 {
 
     /// Above this many rows a tile's multiply-adds outlast its weights' trip from memory, and
     /// the hardware prefetcher, which follows the loads, no longer keeps the stream busy: the
-    /// first tile of each panel (pair) then asks for the weights [`PREFETCH_STEPS`] steps ahead
+    /// first tile of each panel (pair) then asks for the weights [`super::PREFETCH_STEPS`] steps ahead
     /// into L2 itself — SmolLM2's products at 9–12 rows ~15 % faster, at 13–20 rows 8–10 %
     /// (Zen 4 guest, docs/benchmarks.md session 43). At eight rows and fewer the product is
     /// bound by memory and the hardware keeps up (session 41 measured a prefetch there as a
@@ -390,10 +403,7 @@ mod avx512 {
         for k in 0..inputs {
             if prefetch {
                 for panel in &weights {
-                    // Past the panel's end this asks for the next panel's first weights, or
-                    // for an address outside the weight, which a prefetch ignores.
-                    let ahead = panel.as_ptr().wrapping_add((k + PREFETCH_STEPS) * PANEL);
-                    _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+                    prefetch_ahead(panel, k);
                 }
             }
             // No closures here: they would not inherit the target features.
@@ -431,7 +441,7 @@ mod avx512 {
 // vector width (a panel is one AVX-512 vector, two AVX2 vectors), tile shape and tail stores.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{PANEL, PREFETCH_STEPS, PanelElement, Panels, Tile};
+    use super::{PANEL, PanelElement, Panels, Tile, prefetch_ahead};
     use std::arch::x86_64::*;
 
     /// 8 weights at `at`, as f32.
@@ -461,7 +471,7 @@ mod avx2 {
     const HALF: usize = PANEL / 2;
 
     /// One task: its panels times every row, in tiles of up to 6 rows. With more rows than one
-    /// tile, the first tile of each panel asks for the weights [`PREFETCH_STEPS`] steps ahead
+    /// tile, the first tile of each panel asks for the weights [`super::PREFETCH_STEPS`] steps ahead
     /// into L2, as the AVX-512 loop does above eight rows: the later tiles read the panel from L2
     /// and the hardware prefetcher, which follows the loads, leaves the memory stream idle
     /// meanwhile.
@@ -525,10 +535,7 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for k in 0..inputs {
             if prefetch {
-                // Past the panel's end: the next panel's first weights, or an address outside
-                // the weight, which a prefetch ignores.
-                let ahead = panel.as_ptr().wrapping_add((k + PREFETCH_STEPS) * PANEL);
-                _mm_prefetch::<_MM_HINT_T1>(ahead.cast());
+                prefetch_ahead(panel, k);
             }
             // SAFETY: `k · 16 + 16 <= inputs · 16`, the panel's length.
             let w = unsafe {
