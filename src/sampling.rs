@@ -147,6 +147,7 @@ fn host_argmax_rows<B: Backend, const D: usize>(
 /// same maximum), then the first index holding it. The same index as [`argmax`] for every input,
 /// NaNs included (a NaN first entry wins there, as nothing compares greater; elsewhere NaNs
 /// never win).
+#[cfg(any(feature = "flex", test))]
 pub(crate) fn argmax_in_lanes(values: &[f32]) -> usize {
     const LANES: usize = 16;
     match values.first() {

@@ -6,6 +6,7 @@
 //!    spec), apply the chat template, let the target answer in large batches with
 //!    [`crate::generate()`], and write `{prompt_ids, response_ids}` records plus a manifest. The
 //!    ablation "train on the dataset's reference answers" writes tokenised answers instead.
+//!    Without a prompt file, [`synthesize`] lets the target write the prompts itself.
 //! 2. **Training** ([`trainer`]): the frozen target (on `B`) gives hidden states; the
 //!    [`RecurrentDrafter`](crate::drafter::RecurrentDrafter) trains on `Autodiff<B>` with
 //!    teacher forcing over every position and K draft steps ([`targets`], [`loss`]), AdamW and a
@@ -70,6 +71,7 @@ pub mod loss;
 pub mod prompts;
 pub mod schedule;
 pub mod state;
+pub mod synthesize;
 pub mod targets;
 pub mod trainer;
 
@@ -80,6 +82,9 @@ pub use data::{
 pub use dataset::{Sequence, TrainingData, load_training_data, split_eval};
 pub use loss::{EvalReport, SoftLabels};
 pub use prompts::{FieldSpec, PromptRecord, read_prompts};
+pub use synthesize::{
+    PromptSynthesisConfig, SynthesisCounts, SynthesizedPrompts, synthesize_prompts,
+};
 pub use trainer::{
     HiddenCache, TrainConfig, TrainEvent, TrainReport, evaluate_drafter, train_drafter,
 };
