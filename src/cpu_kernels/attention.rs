@@ -164,11 +164,15 @@ fn attend(
     let parallel = heads * len * slots >= PARALLEL_MIN_SCORES;
     // Each (batch row, KV head) pair's keys in panels, read by every tile of its group.
     let panel_floats = slots.div_ceil(LANES) * dim * LANES;
-    KEY_PANELS.with_borrow_mut(|key_panels| {
-        key_panels.resize(batch * kv_heads * panel_floats, 0.0);
-        for_each_block(key_panels, panel_floats, parallel, |pair, panels| {
-            pack_keys(k, pair / kv_heads, pair % kv_heads, slots, dim, panels)
-        });
+    // Taken out of the thread-local for the call, not borrowed across it: while this thread
+    // waits in a parallel loop below, rayon may run another decoding loop's attention on it
+    // (loops on several threads share the pool), which then finds no buffer and makes its own.
+    let mut key_panels = KEY_PANELS.take();
+    key_panels.resize(batch * kv_heads * panel_floats, 0.0);
+    for_each_block(&mut key_panels, panel_floats, parallel, |pair, panels| {
+        pack_keys(k, pair / kv_heads, pair % kv_heads, slots, dim, panels)
+    });
+    let out = {
         let key_panels = &key_panels[..];
         // Tile `i` of (batch row, KV head) pair `pair` writes rows `[4 · i, 4 · i + 4)` of the
         // pair's `[groups · len, dim]` block; they are interleaved into `[batch, len, heads ·
@@ -211,13 +215,15 @@ fn attend(
             }
         }
         out
-    })
+    };
+    KEY_PANELS.set(key_panels);
+    out
 }
 
 thread_local! {
     /// The keys in panels, reused across calls: a fresh zeroed buffer of SmolLM2's 200 KB a
     /// layer came from the kernel as new pages at every call. [`pack_keys`] writes every lane a
-    /// call reads.
+    /// call reads. A call takes the buffer and puts it back when done (see [`attend`]).
     static KEY_PANELS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -635,6 +641,47 @@ mod tests {
         for simd in Simd::available() {
             assert_eq!(run(simd), portable, "{simd:?}");
         }
+    }
+
+    /// Decoding loops on several threads share rayon's pool: a worker that waits inside one
+    /// loop's attention may run another loop's whole attention meanwhile (session 44's CI saw
+    /// the reused key buffer then borrowed twice). Each call must still see its own buffer.
+    #[test]
+    fn attention_nested_on_one_worker_by_other_threads_stays_right() {
+        let device = Default::default();
+        // Above the parallel threshold: 9 heads × 5 rows × 400 slots.
+        let (heads, kv_heads, dim, slots, len) = (9, 3, 64, 400, 5);
+        let inputs: Vec<_> = (0..4)
+            .map(|_| {
+                let q =
+                    Tensor::<B, 4>::random([1, heads, len, dim], Distribution::Default, &device);
+                let k = Tensor::<B, 4>::random(
+                    [1, kv_heads, slots, dim],
+                    Distribution::Default,
+                    &device,
+                );
+                let v = Tensor::<B, 4>::random(
+                    [1, kv_heads, slots, dim],
+                    Distribution::Default,
+                    &device,
+                );
+                let want = attention(&q, &k, &v, None)
+                    .expect("f32 on Flex")
+                    .into_data();
+                (q, k, v, want)
+            })
+            .collect();
+        std::thread::scope(|threads| {
+            for (q, k, v, want) in &inputs {
+                threads.spawn(move || {
+                    for _ in 0..200 {
+                        // From outside the pool, as `on_cpu_workers` runs a decoding loop.
+                        let got = rayon::scope(|_| attention(q, k, v, None).expect("f32 on Flex"));
+                        assert_eq!(got.into_data(), *want);
+                    }
+                });
+            }
+        });
     }
 
     #[test]
