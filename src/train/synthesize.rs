@@ -179,8 +179,7 @@ pub fn synthesize_prompts<B: Backend, M: TargetModel<B> + Sync>(
             let message = match ids.split_last() {
                 Some((last, body)) if tokenizer.is_eos(*last) => body,
                 _ => {
-                    selection.counts.sampled += 1;
-                    selection.counts.unfinished += 1;
+                    selection.reject_unfinished();
                     continue;
                 }
             };
@@ -216,6 +215,12 @@ impl PromptSelection {
             prompts: Vec::new(),
             counts: SynthesisCounts::default(),
         }
+    }
+
+    /// Counts a message that did not end its turn within the length limit.
+    fn reject_unfinished(&mut self) {
+        self.counts.sampled += 1;
+        self.counts.unfinished += 1;
     }
 
     /// Counts a finished message and keeps it if it passes.
@@ -287,13 +292,14 @@ mod tests {
     }
 
     #[test]
-    fn short_special_and_repeated_messages_are_dropped_and_counted() {
+    fn unfinished_short_special_and_repeated_messages_are_dropped_and_counted() {
         let mut selection = PromptSelection::new(10);
         selection.offer("  Write a poem about rain.\n", false);
         selection.offer("write a   POEM about rain.", false);
         selection.offer("Hi there", false);
         selection.offer("Explain photosynthesis simply.", true);
         selection.offer("Explain photosynthesis simply.", false);
+        selection.reject_unfinished();
         assert_eq!(
             selection.prompts,
             ["Write a poem about rain.", "Explain photosynthesis simply."]
@@ -301,9 +307,9 @@ mod tests {
         assert_eq!(
             selection.counts,
             SynthesisCounts {
-                sampled: 5,
+                sampled: 6,
                 kept: 2,
-                unfinished: 0,
+                unfinished: 1,
                 special: 1,
                 short: 1,
                 duplicate: 1,
